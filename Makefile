@@ -1,0 +1,81 @@
+# imapfe: an IMAP front-end, one process per client connection.
+# See README.md for the two commands that do everything, and imapfe.8.
+
+PREFIX	?= /usr/local
+SBINDIR	?= $(PREFIX)/sbin
+MANDIR	?= $(PREFIX)/share/man
+EXAMPLESDIR ?= $(PREFIX)/share/examples/imapfe
+DESTDIR	?=
+
+CC	?= cc
+PKGS	 = libsasl2 openssl
+CFLAGS	?= -O2 -g
+CFLAGS	+= -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wformat=2 \
+	   -Wstrict-prototypes -Wmissing-prototypes
+CPPFLAGS += $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+LDLIBS	+= $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lsasl2 -lssl -lcrypto)
+
+SRCS	 = imapfe.c auth.c backend.c proto.c iobuf.c
+OBJS	 = $(SRCS:.c=.o)
+HDRS	 = imapfe.h
+# The parts the C unit tests and fuzzers link without main().
+LIBSRCS	 = auth.c backend.c proto.c iobuf.c
+
+PYTHON	?= /usr/bin/python3
+PYTEST	 = $(PYTHON) -m pytest -q -p no:cacheprovider
+
+all: imapfe
+
+imapfe: $(OBJS)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $(OBJS) $(LDLIBS)
+
+$(OBJS): $(HDRS)
+
+# Debian packages the build, the tests and the demo need; installed only
+# when missing, and without starting any system service.
+deps:
+	@sh tests/install-deps.sh
+
+tests/unit: tests/unit.c $(LIBSRCS) $(HDRS)
+	$(CC) $(CFLAGS) $(CPPFLAGS) -I. -o $@ tests/unit.c $(LIBSRCS) $(LDLIBS)
+
+imapfe-asan: $(SRCS) $(HDRS)
+	$(CC) -std=c11 -D_GNU_SOURCE -O1 -g -fno-omit-frame-pointer \
+	    -fsanitize=address,undefined -fno-sanitize-recover=all \
+	    $(CPPFLAGS) -o $@ $(SRCS) $(LDLIBS)
+
+unit: tests/unit
+	./tests/unit
+
+# The whole suite three ways: plain, under ASan+UBSan, under valgrind.
+check: deps imapfe tests/unit imapfe-asan
+	./tests/unit
+	mandoc -Tlint -Wwarning imapfe.8
+	$(PYTEST) tests
+	IMAPFE_BIN=$(CURDIR)/imapfe-asan $(PYTEST) tests
+	IMAPFE_VALGRIND=1 $(PYTEST) tests
+
+check-quick: imapfe tests/unit
+	./tests/unit
+	$(PYTEST) tests
+
+demo: deps imapfe
+	$(PYTHON) tests/demo.py
+
+install: imapfe
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man8 \
+	    $(DESTDIR)$(EXAMPLESDIR)
+	install -m 755 imapfe $(DESTDIR)$(SBINDIR)/imapfe
+	install -m 644 imapfe.8 $(DESTDIR)$(MANDIR)/man8/imapfe.8
+	install -m 644 imapfe.conf.sample $(DESTDIR)$(EXAMPLESDIR)/imapfe.conf
+
+uninstall:
+	rm -f $(DESTDIR)$(SBINDIR)/imapfe $(DESTDIR)$(MANDIR)/man8/imapfe.8
+	rm -f $(DESTDIR)$(EXAMPLESDIR)/imapfe.conf
+	-rmdir $(DESTDIR)$(EXAMPLESDIR) 2>/dev/null
+
+clean:
+	rm -f imapfe imapfe-asan $(OBJS) tests/unit
+	rm -rf tests/__pycache__
+
+.PHONY: all deps unit check check-quick demo install uninstall clean

@@ -1,0 +1,494 @@
+/*
+ * Credentials: what a client's LOGIN or AUTHENTICATE yields, how it is
+ * checked, and how imapfe logs in to a back-end with it through Cyrus
+ * SASL's client library.  Secrets are wiped in the function that is done
+ * with them.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include <sasl/sasl.h>
+
+#include "imapfe.h"
+
+/* A wipe the compiler cannot remove: the store goes through a volatile. */
+static void *(*const volatile wipe_memset)(void *, int, size_t) = memset;
+
+void
+wipe(void *p, size_t len)
+{
+	if (p != NULL && len > 0)
+		wipe_memset(p, 0, len);
+}
+
+/*
+ * A credential may not hold NUL, CR or LF: no back-end protocol carries
+ * them intact, and refusing them here keeps them from ever reaching one.
+ */
+int
+credentials_acceptable(const char *s, size_t len)
+{
+	for (size_t i = 0; i < len; i++)
+		if (s[i] == '\0' || s[i] == '\r' || s[i] == '\n')
+			return 0;
+	return 1;
+}
+
+void
+credentials_clear(struct credentials *cr)
+{
+	if (cr->user != NULL) {
+		wipe(cr->user, cr->user_len);
+		free(cr->user);
+	}
+	if (cr->pass != NULL) {
+		wipe(cr->pass, cr->pass_len);
+		free(cr->pass);
+	}
+	memset(cr, 0, sizeof(*cr));
+}
+
+static char *
+memdup_z(const char *s, size_t len)
+{
+	char *p = malloc(len + 1);
+
+	if (p != NULL) {
+		memcpy(p, s, len);
+		p[len] = '\0';
+	}
+	return p;
+}
+
+int
+credentials_set(struct credentials *cr, const char *user, size_t ulen,
+    const char *pass, size_t plen)
+{
+	credentials_clear(cr);
+	cr->user = memdup_z(user, ulen);
+	cr->pass = memdup_z(pass, plen);
+	if (cr->user == NULL || cr->pass == NULL) {
+		credentials_clear(cr);
+		return -1;
+	}
+	cr->user_len = ulen;
+	cr->pass_len = plen;
+	return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* base64 (RFC 4648), strict: padding required, nothing outside the set */
+
+static const char b64chars[] =
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+static int
+b64val(unsigned char c)
+{
+	const char *p;
+
+	if (c == '\0' || (p = strchr(b64chars, c)) == NULL)
+		return -1;
+	return (int)(p - b64chars);
+}
+
+int
+base64_decode(const char *in, size_t inlen, char *out, size_t outcap,
+    size_t *outlen)
+{
+	size_t o = 0;
+
+	if (inlen % 4 != 0)
+		return -1;
+	for (size_t i = 0; i < inlen; i += 4) {
+		int v[4], pad = 0;
+		unsigned long w;
+
+		for (int k = 0; k < 4; k++) {
+			if (in[i + k] == '=' && i + 4 == inlen && k >= 2) {
+				v[k] = 0;
+				pad++;
+				continue;
+			}
+			if (pad > 0 || (v[k] = b64val((unsigned char)in[i + k])) < 0)
+				return -1;
+		}
+		w = ((unsigned long)v[0] << 18) | ((unsigned long)v[1] << 12) |
+		    ((unsigned long)v[2] << 6) | (unsigned long)v[3];
+		if (o + 3 - (size_t)pad > outcap)
+			return -1;
+		out[o++] = (char)(w >> 16);
+		if (pad < 2)
+			out[o++] = (char)(w >> 8 & 0xff);
+		if (pad < 1)
+			out[o++] = (char)(w & 0xff);
+	}
+	*outlen = o;
+	return 0;
+}
+
+/* Returns the encoded length (NUL-terminated), or 0 if out is too small. */
+size_t
+base64_encode(const unsigned char *in, size_t inlen, char *out,
+    size_t outcap)
+{
+	size_t o = 0;
+
+	if ((inlen + 2) / 3 * 4 + 1 > outcap)
+		return 0;
+	for (size_t i = 0; i < inlen; i += 3) {
+		unsigned long w = (unsigned long)in[i] << 16;
+		size_t left = inlen - i;
+
+		if (left > 1)
+			w |= (unsigned long)in[i + 1] << 8;
+		if (left > 2)
+			w |= in[i + 2];
+		out[o++] = b64chars[w >> 18 & 63];
+		out[o++] = b64chars[w >> 12 & 63];
+		out[o++] = left > 1 ? b64chars[w >> 6 & 63] : '=';
+		out[o++] = left > 2 ? b64chars[w & 63] : '=';
+	}
+	out[o] = '\0';
+	return o;
+}
+
+/*
+ * Split a SASL PLAIN message (RFC 4616): [authzid] NUL authcid NUL passwd.
+ * An authorization identity other than the user itself cannot be honoured
+ * by a pass-through login, so it is refused rather than dropped.
+ */
+enum plain_status
+sasl_plain_split(const char *msg, size_t len, struct credentials *cr)
+{
+	const char *z1, *z2, *user, *pass;
+	size_t azlen, ulen, plen;
+
+	z1 = memchr(msg, '\0', len);
+	if (z1 == NULL)
+		return PLAIN_MALFORMED;
+	azlen = (size_t)(z1 - msg);
+	user = z1 + 1;
+	z2 = memchr(user, '\0', len - azlen - 1);
+	if (z2 == NULL)
+		return PLAIN_MALFORMED;
+	ulen = (size_t)(z2 - user);
+	pass = z2 + 1;
+	plen = len - azlen - ulen - 2;
+	if (ulen == 0 || memchr(pass, '\0', plen) != NULL)
+		return PLAIN_MALFORMED;
+	if (azlen > 0 && (azlen != ulen || memcmp(msg, user, ulen) != 0))
+		return PLAIN_AUTHZID;
+	if (credentials_set(cr, user, ulen, pass, plen) != 0)
+		return PLAIN_MALFORMED;
+	return PLAIN_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* Back-end login with Cyrus SASL's client library */
+
+/* What one authentication attempt owns; released by attempt_release(). */
+struct sasl_attempt {
+	const struct credentials *cr;
+	sasl_conn_t	*conn;
+	sasl_secret_t	*secret;
+	sasl_callback_t	 callbacks[4];
+};
+
+int
+sasl_client_setup(void)
+{
+	return sasl_client_init(NULL) == SASL_OK ? 0 : -1;
+}
+
+void
+sasl_client_teardown(void)
+{
+	sasl_client_done();
+}
+
+static int
+cb_simple(void *context, int id, const char **result, unsigned *len)
+{
+	struct sasl_attempt *at = context;
+
+	switch (id) {
+	case SASL_CB_AUTHNAME:
+		*result = at->cr->user;
+		break;
+	case SASL_CB_USER:
+		*result = "";		/* no authorization identity */
+		break;
+	default:
+		return SASL_BADPARAM;
+	}
+	if (len != NULL)
+		*len = (unsigned)strlen(*result);
+	return SASL_OK;
+}
+
+static int
+cb_pass(sasl_conn_t *conn, void *context, int id, sasl_secret_t **psecret)
+{
+	struct sasl_attempt *at = context;
+	size_t len = at->cr->pass_len;
+
+	(void)conn;
+	if (id != SASL_CB_PASS)
+		return SASL_BADPARAM;
+	if (at->secret == NULL) {
+		at->secret = malloc(sizeof(sasl_secret_t) + len);
+		if (at->secret == NULL)
+			return SASL_NOMEM;
+		at->secret->len = len;
+		memcpy(at->secret->data, at->cr->pass, len);
+		at->secret->data[len] = '\0';
+	}
+	*psecret = at->secret;
+	return SASL_OK;
+}
+
+static void
+attempt_release(struct sasl_attempt *at)
+{
+	if (at->conn != NULL)
+		sasl_dispose(&at->conn);
+	if (at->secret != NULL) {
+		wipe(at->secret, sizeof(sasl_secret_t) + at->secret->len);
+		free(at->secret);
+		at->secret = NULL;
+	}
+}
+
+static int
+attempt_start(struct sasl_attempt *at, const char *host,
+    const struct credentials *cr)
+{
+	sasl_security_properties_t props = {
+		.min_ssf = 0,
+		.max_ssf = 0,	/* no security layer: TLS protects the link */
+		.maxbufsize = 0,
+		.security_flags = SASL_SEC_NOANONYMOUS,
+	};
+
+	memset(at, 0, sizeof(*at));
+	at->cr = cr;
+	at->callbacks[0] = (sasl_callback_t){ SASL_CB_AUTHNAME,
+	    (int (*)(void))(void (*)(void))cb_simple, at };
+	at->callbacks[1] = (sasl_callback_t){ SASL_CB_USER,
+	    (int (*)(void))(void (*)(void))cb_simple, at };
+	at->callbacks[2] = (sasl_callback_t){ SASL_CB_PASS,
+	    (int (*)(void))(void (*)(void))cb_pass, at };
+	at->callbacks[3] = (sasl_callback_t){ SASL_CB_LIST_END, NULL, NULL };
+	if (sasl_client_new("imap", host, NULL, NULL, at->callbacks, 0,
+	    &at->conn) != SASL_OK)
+		return -1;
+	if (sasl_setprop(at->conn, SASL_SEC_PROPS, &props) != SASL_OK)
+		return -1;
+	return 0;
+}
+
+/* Write one client response line: base64 of data, CRLF. */
+static enum io_status
+send_sasl_line(struct backend *be, const char *prefix, const char *data,
+    unsigned len)
+{
+	struct str line = { 0 };
+	size_t need = ((size_t)len + 2) / 3 * 4 + 1;
+	char *b64 = malloc(need);
+	enum io_status st = IO_ERROR;
+
+	if (b64 == NULL)
+		return IO_ERROR;
+	base64_encode((const unsigned char *)data, len, b64, need);
+	if (str_adds(&line, prefix) == 0 &&
+	    str_adds(&line, len == 0 && *prefix != '\0' ? "=" : b64) == 0 &&
+	    str_add(&line, "\r\n", 2) == 0)
+		st = iobuf_write(&be->io, line.s, line.len);
+	wipe(b64, need);
+	free(b64);
+	str_free(&line);
+	return st;
+}
+
+/*
+ * How a tagged NO from the back-end is reported to the client: a refused
+ * credential is the user's failure; anything else (the server is in
+ * trouble, or will not have us) is the service's.
+ */
+static enum login_result
+classify_no(const char *text, size_t len)
+{
+	static const char *const unavailable[] = { "[UNAVAILABLE",
+	    "[SERVERBUG", "[INUSE", "[LIMIT", "[AUTHORIZATIONFAILED",
+	    "[CONTACTADMIN" };
+
+	while (len > 0 && *text == ' ') {
+		text++;
+		len--;
+	}
+	for (size_t i = 0; i < sizeof(unavailable) / sizeof(*unavailable);
+	    i++) {
+		size_t l = strlen(unavailable[i]);
+
+		if (len >= l && strncasecmp(text, unavailable[i], l) == 0)
+			return LOGIN_UNAVAILABLE;
+	}
+	return LOGIN_BADCREDS;
+}
+
+/* Run the exchange after AUTHENTICATE was sent, to the tagged answer. */
+static enum login_result
+sasl_exchange(struct backend *be, const struct config *cfg,
+    struct sasl_attempt *at, const char *tag, int complete, char *why,
+    size_t whylen)
+{
+	char *line, *dec = NULL, clean[160];
+	size_t len, declen, rest;
+	const char *status;
+	enum login_result res = LOGIN_UNAVAILABLE;
+
+	for (;;) {
+		if (backend_read_line(be, cfg, &line, &len) != IO_OK) {
+			snprintf(why, whylen, "%s", "connection lost or timed "
+			    "out during authentication");
+			break;
+		}
+		if (len >= 1 && line[0] == '+') {
+			const char *out = NULL;
+			unsigned outlen = 0;
+			const char *chal = line + (len > 1 ? 2 : 1);
+			size_t clen = len > 1 ? len - 2 : 0;
+			int rc;
+
+			free(dec);
+			if ((dec = malloc(clen / 4 * 3 + 1)) == NULL ||
+			    base64_decode(chal, clen, dec, clen / 4 * 3 + 1,
+			    &declen) != 0) {
+				snprintf(why, whylen, "%s",
+				    "malformed base64 challenge");
+				iobuf_puts(&be->io, "*\r\n");
+				break;
+			}
+			rc = sasl_client_step(at->conn, dec, (unsigned)declen,
+			    NULL, &out, &outlen);
+			if (rc != SASL_OK && rc != SASL_CONTINUE) {
+				snprintf(why, whylen, "SASL: %s",
+				    sasl_errstring(rc, NULL, NULL));
+				iobuf_puts(&be->io, "*\r\n");
+				break;
+			}
+			complete = rc == SASL_OK;
+			if (send_sasl_line(be, "", out, outlen) != IO_OK) {
+				snprintf(why, whylen, "%s",
+				    "connection lost during authentication");
+				break;
+			}
+			continue;
+		}
+		backend_note_caps(be, line, len);
+		if ((status = resp_status(line, len, "*", &rest)) != NULL &&
+		    strcmp(status, "BYE") == 0) {
+			sanitize(clean, sizeof(clean), line, len);
+			snprintf(why, whylen, "server said: %s", clean);
+			break;
+		}
+		if ((status = resp_status(line, len, tag, &rest)) == NULL)
+			continue;	/* untagged data: CAPABILITY and such */
+		sanitize(clean, sizeof(clean), line, len);
+		if (strcmp(status, "OK") == 0) {
+			if (!complete) {
+				snprintf(why, whylen, "server said OK before "
+				    "the exchange completed: %s", clean);
+				break;
+			}
+			res = LOGIN_OK;
+			snprintf(why, whylen, "%s", clean);
+			break;
+		}
+		res = strcmp(status, "NO") == 0 ?
+		    classify_no(line + len - rest, rest) : LOGIN_UNAVAILABLE;
+		snprintf(why, whylen, "server said: %s", clean);
+		break;
+	}
+	if (dec != NULL) {
+		wipe(dec, declen);
+		free(dec);
+	}
+	return res;
+}
+
+/*
+ * Log in to the back-end with one mechanism.  Returns LOGIN_UNAVAILABLE
+ * with why "nomech" when the SASL library has no plugin for it, so the
+ * caller can try the next.
+ */
+static enum login_result
+sasl_login_mech(struct backend *be, const struct config *cfg,
+    const struct credentials *cr, const char *mech, char *why,
+    size_t whylen)
+{
+	struct sasl_attempt at;
+	struct str cmd = { 0 };
+	const char *out = NULL, *chosen = NULL, *tag;
+	unsigned outlen = 0;
+	enum login_result res = LOGIN_UNAVAILABLE;
+	int rc, ir;
+
+	if (attempt_start(&at, be->host, cr) != 0) {
+		snprintf(why, whylen, "%s", "SASL client set-up failed");
+		attempt_release(&at);
+		return LOGIN_UNAVAILABLE;
+	}
+	ir = caps_has(be->caps, "SASL-IR");
+	rc = sasl_client_start(at.conn, mech, NULL, ir ? &out : NULL,
+	    ir ? &outlen : NULL, &chosen);
+	if (rc != SASL_OK && rc != SASL_CONTINUE) {
+		snprintf(why, whylen, "%s", "nomech");
+		attempt_release(&at);
+		return LOGIN_UNAVAILABLE;
+	}
+	/* A server-first mechanism has no initial response even with SASL-IR. */
+	ir = ir && out != NULL;
+	tag = backend_next_tag(be);
+	if (str_printf(&cmd, "%s AUTHENTICATE %s", tag, chosen) == 0 &&
+	    iobuf_write(&be->io, cmd.s, cmd.len) == IO_OK &&
+	    send_sasl_line(be, ir ? " " : "", out, ir ? outlen : 0) == IO_OK)
+		res = sasl_exchange(be, cfg, &at, tag, ir && rc == SASL_OK,
+		    why, whylen);
+	else
+		snprintf(why, whylen, "%s", "connection lost");
+	str_free(&cmd);
+	attempt_release(&at);
+	return res;
+}
+
+/*
+ * Log in with the first mechanism of the configured preference list that
+ * the back-end offers and the SASL library has.  LOGIN_UNAVAILABLE with
+ * why "nomech" means there was none.
+ */
+enum login_result
+sasl_login(struct backend *be, const struct config *cfg,
+    const struct credentials *cr, char *why, size_t whylen)
+{
+	char *list, *mech, *save = NULL, cap[64];
+	enum login_result res = LOGIN_UNAVAILABLE;
+
+	snprintf(why, whylen, "%s", "nomech");
+	if ((list = strdup(cfg->backend_mechanisms)) == NULL)
+		return LOGIN_UNAVAILABLE;
+	for (mech = strtok_r(list, " ,", &save); mech != NULL;
+	    mech = strtok_r(NULL, " ,", &save)) {
+		snprintf(cap, sizeof(cap), "AUTH=%s", mech);
+		if (!caps_has(be->caps, cap))
+			continue;
+		res = sasl_login_mech(be, cfg, cr, mech, why, whylen);
+		if (res != LOGIN_UNAVAILABLE || strcmp(why, "nomech") != 0)
+			break;
+	}
+	free(list);
+	return res;
+}

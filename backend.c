@@ -1,0 +1,485 @@
+/*
+ * Back-ends: which one serves a user, how imapfe connects to it, and the
+ * login conversation, a small sequence of named steps (connect, greeting,
+ * capabilities, authenticate, post-login capabilities) each of which may
+ * end the attempt with a reason for the log.
+ */
+#include <sys/socket.h>
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+#include "imapfe.h"
+
+#define BACKEND_BUFSIZE	(64 * 1024)
+
+/* ------------------------------------------------------------------ */
+/* routing */
+
+static int
+route_matches(const char *pattern, const char *user)
+{
+	const char *at;
+
+	if (strcmp(pattern, "*") == 0)
+		return 1;
+	if (strncmp(pattern, "*@", 2) == 0) {
+		at = strrchr(user, '@');
+		return at != NULL && strcasecmp(at + 1, pattern + 2) == 0;
+	}
+	return strcmp(pattern, user) == 0;
+}
+
+/* The first route whose pattern matches the user, or NULL. */
+const struct route *
+route_lookup(const struct config *cfg, const char *user)
+{
+	for (const struct route *r = cfg->routes; r != NULL; r = r->next)
+		if (route_matches(r->pattern, user))
+			return r;
+	return NULL;
+}
+
+/* ------------------------------------------------------------------ */
+/* the connection */
+
+const char *
+backend_next_tag(struct backend *be)
+{
+	snprintf(be->tagbuf, sizeof(be->tagbuf), "F%u", ++be->tagseq);
+	return be->tagbuf;
+}
+
+static void
+set_deadline(struct backend *be, const struct config *cfg)
+{
+	be->io.deadline = now_ms() + (int64_t)cfg->backend_timeout * 1000;
+}
+
+enum io_status
+backend_read_line(struct backend *be, const struct config *cfg, char **line,
+    size_t *len)
+{
+	set_deadline(be, cfg);
+	return iobuf_getline(&be->io, MAX_BACKEND_LINE, line, len);
+}
+
+static int
+connect_one(const struct addrinfo *ai, int64_t deadline)
+{
+	struct pollfd pfd;
+	socklen_t elen = sizeof(int);
+	int fd, err = 0, one = 1;
+
+	fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK |
+	    SOCK_CLOEXEC, ai->ai_protocol);
+	if (fd < 0)
+		return -1;
+	if (connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
+		if (errno != EINPROGRESS)
+			goto fail;
+		pfd.fd = fd;
+		pfd.events = POLLOUT;
+		for (;;) {
+			int64_t left = deadline - now_ms();
+			int n;
+
+			if (left <= 0) {
+				errno = ETIMEDOUT;
+				goto fail;
+			}
+			n = poll(&pfd, 1, (int)left);
+			if (n > 0)
+				break;
+			if (n < 0 && errno != EINTR)
+				goto fail;
+		}
+		if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &elen) != 0)
+			goto fail;
+		if (err != 0) {
+			errno = err;
+			goto fail;
+		}
+	}
+	/* Commands and replies are small and interactive. */
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	return fd;
+fail:
+	err = errno;
+	close(fd);
+	errno = err;
+	return -1;
+}
+
+/* Connect to every address of host:port in turn, within connect_timeout. */
+static int
+backend_connect(const struct route *r, const struct config *cfg, char *why,
+    size_t whylen)
+{
+	struct addrinfo hints = { .ai_socktype = SOCK_STREAM }, *res, *ai;
+	int64_t deadline = now_ms() + (int64_t)cfg->connect_timeout * 1000;
+	int fd = -1, rc;
+
+	hints.ai_flags = AI_ADDRCONFIG;
+	if ((rc = getaddrinfo(r->host, r->port, &hints, &res)) != 0) {
+		snprintf(why, whylen, "cannot resolve: %s", gai_strerror(rc));
+		return -1;
+	}
+	for (ai = res; ai != NULL && fd < 0; ai = ai->ai_next)
+		fd = connect_one(ai, deadline);
+	if (fd < 0)
+		snprintf(why, whylen, "connect: %s", strerror(errno));
+	freeaddrinfo(res);
+	return fd;
+}
+
+/* ------------------------------------------------------------------ */
+/* capabilities */
+
+static char *
+dup_range(const char *s, size_t len)
+{
+	char *p = malloc(len + 1);
+
+	if (p != NULL) {
+		memcpy(p, s, len);
+		p[len] = '\0';
+	}
+	return p;
+}
+
+/*
+ * Take the capability list from an untagged CAPABILITY response or from a
+ * [CAPABILITY ...] response code, when the line has either.
+ */
+void
+backend_note_caps(struct backend *be, const char *line, size_t len)
+{
+	static const char code[] = "[CAPABILITY ";
+	static const char untagged[] = "* CAPABILITY ";
+	const char *p, *end;
+	char *caps;
+
+	if (len >= sizeof(untagged) - 1 &&
+	    strncasecmp(line, untagged, sizeof(untagged) - 1) == 0) {
+		p = line + sizeof(untagged) - 1;
+		end = line + len;
+	} else {
+		p = memchr(line, '[', len);
+		if (p == NULL || (size_t)(line + len - p) < sizeof(code) - 1 ||
+		    strncasecmp(p, code, sizeof(code) - 1) != 0)
+			return;
+		p += sizeof(code) - 1;
+		end = memchr(p, ']', (size_t)(line + len - p));
+		if (end == NULL)
+			return;
+	}
+	if ((caps = dup_range(p, (size_t)(end - p))) == NULL)
+		return;
+	free(be->caps);
+	be->caps = caps;
+	be->caps_seq++;
+}
+
+/*
+ * What the client is told after login: the back-end's capabilities less
+ * those that belong to the back-end link itself or that imapfe cannot
+ * relay (compression would hide the stream from imapfe).
+ */
+char *
+caps_for_client(const char *backend_caps)
+{
+	static const char *const drop[] = { "STARTTLS", "LOGINDISABLED",
+	    "SASL-IR", "LOGIN-REFERRALS" };
+	static const char *const drop_prefix[] = { "AUTH=", "COMPRESS=" };
+	struct str out = { 0 };
+	const char *p = backend_caps;
+
+	while (p != NULL && *p != '\0') {
+		size_t wl, i;
+		int keep = 1;
+
+		while (*p == ' ')
+			p++;
+		wl = strcspn(p, " ");
+		for (i = 0; i < sizeof(drop) / sizeof(*drop); i++)
+			if (wl == strlen(drop[i]) &&
+			    strncasecmp(p, drop[i], wl) == 0)
+				keep = 0;
+		for (i = 0; i < sizeof(drop_prefix) / sizeof(*drop_prefix); i++)
+			if (strncasecmp(p, drop_prefix[i],
+			    strlen(drop_prefix[i])) == 0)
+				keep = 0;
+		if (keep && wl > 0 && ((out.len > 0 && str_add(&out, " ", 1)) ||
+		    str_add(&out, p, wl))) {
+			str_free(&out);
+			return NULL;
+		}
+		p += wl;
+	}
+	if (out.s == NULL && str_adds(&out, "IMAP4rev1") != 0)
+		return NULL;
+	return out.s;
+}
+
+/* ------------------------------------------------------------------ */
+/* commands */
+
+/*
+ * Where the next piece of a composed command ends: after the CRLF of a
+ * synchronizing literal announcement, or at the end.  Literal data is
+ * skipped, so bytes inside a literal are never taken for an announcement.
+ */
+static const char *
+next_sync_literal(const char *p, const char *end)
+{
+	const char *line = p, *lf;
+	enum literal_kind k;
+	uint64_t n;
+
+	while ((lf = memchr(p, '\n', (size_t)(end - p))) != NULL) {
+		const char *this_line = line;
+
+		line = p = lf + 1;
+		if (lf == this_line || lf[-1] != '\r')
+			continue;
+		k = literal_at_end(this_line, (size_t)(lf - 1 - this_line), &n);
+		if (k == LIT_SYNC)
+			return p;
+		if (k == LIT_NONSYNC)
+			line = p = (uint64_t)(end - p) < n ? end : p + n;
+	}
+	return end;
+}
+
+/*
+ * Send a command composed by imapfe and read to its tagged answer.  The
+ * command may hold synchronizing literals ("{n}\r\n", which only a literal
+ * can produce, since quoted strings never hold CR or LF): each waits for
+ * the back-end's "+" before its bytes go out.  Returns the status word, or
+ * NULL when the connection failed; the tagged line, sanitized, in text.
+ */
+static const char *
+backend_run(struct backend *be, const struct config *cfg,
+    const struct str *cmd, const char *tag, char *text, size_t textlen)
+{
+	const char *p = cmd->s, *end = cmd->s + cmd->len, *status;
+	size_t len, rest;
+	char *line;
+
+	snprintf(text, textlen, "connection lost or timed out");
+	while (p < end) {
+		const char *piece_end = next_sync_literal(p, end);
+
+		set_deadline(be, cfg);
+		if (iobuf_write(&be->io, p, (size_t)(piece_end - p)) != IO_OK)
+			return NULL;
+		p = piece_end;
+		if (p == end)
+			break;
+		for (;;) {	/* wait for the continuation */
+			if (backend_read_line(be, cfg, &line, &len) != IO_OK)
+				return NULL;
+			backend_note_caps(be, line, len);
+			if (len > 0 && line[0] == '+')
+				break;
+			if ((status = resp_status(line, len, tag, &rest)) !=
+			    NULL) {
+				sanitize(text, textlen, line, len);
+				return status;
+			}
+		}
+	}
+	for (;;) {
+		if (backend_read_line(be, cfg, &line, &len) != IO_OK)
+			return NULL;
+		backend_note_caps(be, line, len);
+		if ((status = resp_status(line, len, "*", &rest)) != NULL &&
+		    strcmp(status, "BYE") == 0) {
+			sanitize(text, textlen, line, len);
+			return NULL;
+		}
+		if ((status = resp_status(line, len, tag, &rest)) != NULL) {
+			sanitize(text, textlen, line, len);
+			return status;
+		}
+	}
+}
+
+static enum login_result
+run_capability(struct backend *be, const struct config *cfg, char *why,
+    size_t whylen)
+{
+	struct str cmd = { 0 };
+	const char *tag = backend_next_tag(be), *status;
+
+	if (str_printf(&cmd, "%s CAPABILITY\r\n", tag) != 0)
+		return LOGIN_UNAVAILABLE;
+	status = backend_run(be, cfg, &cmd, tag, why, whylen);
+	str_free(&cmd);
+	if (status == NULL || strcmp(status, "OK") != 0 || be->caps == NULL)
+		return LOGIN_UNAVAILABLE;
+	return LOGIN_OK;
+}
+
+/* The LOGIN command, for back-ends that offer no usable SASL mechanism. */
+static enum login_result
+login_command(struct backend *be, const struct config *cfg,
+    const struct credentials *cr, char *why, size_t whylen)
+{
+	struct str cmd = { 0 };
+	const char *tag = backend_next_tag(be), *status;
+	int plus = caps_has(be->caps, "LITERAL+");
+	int minus = caps_has(be->caps, "LITERAL-");
+	enum login_result res = LOGIN_UNAVAILABLE;
+
+	if (str_printf(&cmd, "%s LOGIN ", tag) != 0 ||
+	    imap_append_string(&cmd, cr->user, cr->user_len,
+	    plus || (minus && cr->user_len <= 4096)) < 0 ||
+	    str_add(&cmd, " ", 1) != 0 ||
+	    imap_append_string(&cmd, cr->pass, cr->pass_len,
+	    plus || (minus && cr->pass_len <= 4096)) < 0 ||
+	    str_add(&cmd, "\r\n", 2) != 0) {
+		snprintf(why, whylen, "cannot compose LOGIN");
+		str_free(&cmd);
+		return LOGIN_UNAVAILABLE;
+	}
+	status = backend_run(be, cfg, &cmd, tag, why, whylen);
+	str_free(&cmd);		/* wipes the password */
+	if (status != NULL && strcmp(status, "OK") == 0)
+		res = LOGIN_OK;
+	else if (status != NULL && strcmp(status, "NO") == 0)
+		res = strstr(why, "[UNAVAILABLE") != NULL ?
+		    LOGIN_UNAVAILABLE : LOGIN_BADCREDS;
+	return res;
+}
+
+/* ------------------------------------------------------------------ */
+/* the login conversation */
+
+static enum login_result
+read_greeting(struct backend *be, const struct config *cfg, char *why,
+    size_t whylen)
+{
+	const char *status;
+	size_t len, rest;
+	char *line;
+
+	if (backend_read_line(be, cfg, &line, &len) != IO_OK) {
+		snprintf(why, whylen, "no greeting");
+		return LOGIN_UNAVAILABLE;
+	}
+	status = resp_status(line, len, "*", &rest);
+	if (status == NULL || strcmp(status, "OK") != 0) {
+		char clean[160];
+
+		sanitize(clean, sizeof(clean), line, len);
+		snprintf(why, whylen, "unexpected greeting: %s", clean);
+		return LOGIN_UNAVAILABLE;
+	}
+	if (memmem(line, len, IMAPFE_GREETING_MARK,
+	    strlen(IMAPFE_GREETING_MARK)) != NULL) {
+		snprintf(why, whylen, "the back-end is imapfe itself: "
+		    "configuration loop");
+		return LOGIN_LOOP;
+	}
+	backend_note_caps(be, line, len);
+	return LOGIN_OK;
+}
+
+static enum login_result
+authenticate(struct backend *be, const struct config *cfg,
+    const struct credentials *cr, char *why, size_t whylen)
+{
+	enum login_result res;
+
+	res = sasl_login(be, cfg, cr, why, whylen);
+	if (res != LOGIN_UNAVAILABLE || strcmp(why, "nomech") != 0)
+		return res;
+	if (caps_has(be->caps, "LOGINDISABLED")) {
+		snprintf(why, whylen, "no authentication mechanism in common "
+		    "and LOGIN disabled");
+		return LOGIN_UNAVAILABLE;
+	}
+	return login_command(be, cfg, cr, why, whylen);
+}
+
+static void
+backend_reset(struct backend *be)
+{
+	iobuf_free(&be->io);
+	if (be->io.rfd >= 0)
+		close(be->io.rfd);
+	free(be->host);
+	free(be->port);
+	free(be->caps);
+	memset(be, 0, sizeof(*be));
+	be->io.rfd = be->io.wfd = -1;
+}
+
+/*
+ * Connect to the route's back-end and log in as the user.  On LOGIN_OK the
+ * backend is ready for relaying with be->caps holding its post-login
+ * capabilities; on failure everything the attempt held is released.
+ */
+enum login_result
+backend_open(struct backend *be, const struct config *cfg,
+    const struct route *r, const struct credentials *cr, char *why,
+    size_t whylen)
+{
+	enum login_result res;
+	unsigned seq;
+	int fd;
+
+	memset(be, 0, sizeof(*be));
+	be->io.rfd = be->io.wfd = -1;
+	if ((be->host = strdup(r->host)) == NULL ||
+	    (be->port = strdup(r->port)) == NULL) {
+		snprintf(why, whylen, "out of memory");
+		backend_reset(be);
+		return LOGIN_UNAVAILABLE;
+	}
+	if ((fd = backend_connect(r, cfg, why, whylen)) < 0) {
+		backend_reset(be);
+		return LOGIN_UNAVAILABLE;
+	}
+	if (iobuf_init(&be->io, fd, fd, BACKEND_BUFSIZE) != 0) {
+		close(fd);
+		snprintf(why, whylen, "out of memory");
+		backend_reset(be);
+		return LOGIN_UNAVAILABLE;
+	}
+	res = read_greeting(be, cfg, why, whylen);
+	if (res == LOGIN_OK && be->caps == NULL)
+		res = run_capability(be, cfg, why, whylen);
+	seq = be->caps_seq;
+	if (res == LOGIN_OK)
+		res = authenticate(be, cfg, cr, why, whylen);
+	/* Servers may widen their capabilities after login; ask if unsaid. */
+	if (res == LOGIN_OK && be->caps_seq == seq) {
+		char text[160];
+
+		res = run_capability(be, cfg, text, sizeof(text));
+		if (res != LOGIN_OK)
+			snprintf(why, whylen, "CAPABILITY after login: %s", text);
+	}
+	if (res != LOGIN_OK)
+		backend_reset(be);
+	return res;
+}
+
+void
+backend_close(struct backend *be)
+{
+	backend_reset(be);
+}

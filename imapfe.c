@@ -1,0 +1,1361 @@
+/*
+ * imapfe: an IMAP front-end.  One process serves one client connection:
+ * greet, authenticate, find the user's back-end, log in there, relay,
+ * exit.  Started by inetd/xinetd/systemd on stdin and stdout, or by its
+ * own listener (-l), which forks one child per connection.
+ */
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netdb.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <syslog.h>
+#include <unistd.h>
+
+#include "imapfe.h"
+
+#define CLIENT_BUFSIZE		(64 * 1024)
+#define PRELOGIN_COMMAND_MAX	(64 * 1024)	/* lines and literals */
+#define ID_MAX_PAIRS		30		/* RFC 2971 */
+#define ID_MAX_FIELD		30
+#define ID_MAX_VALUE		1024
+
+volatile sig_atomic_t	shutdown_requested;
+
+/* ------------------------------------------------------------------ */
+/* logging */
+
+static char	log_session[32];
+static int	log_stderr;
+
+void
+log_msg(int prio, const char *fmt, ...)
+{
+	char msg[1024];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	if (log_session[0] != '\0')
+		syslog(prio, "session=%s %s", log_session, msg);
+	else
+		syslog(prio, "%s", msg);
+}
+
+/* ------------------------------------------------------------------ */
+/* configuration */
+
+static void
+config_defaults(struct config *cfg)
+{
+	memset(cfg, 0, sizeof(*cfg));
+	cfg->plaintext_auth = 1;
+	cfg->max_line_length = 8192;
+	cfg->max_prelogin_literal = 4096;
+	cfg->max_login_failures = 3;
+	cfg->max_bad_commands = 10;
+	cfg->login_timeout = 120;
+	cfg->idle_timeout = 1860;
+	cfg->connect_timeout = 10;
+	cfg->backend_timeout = 30;
+	cfg->max_sessions = 1000;
+	cfg->syslog_facility = LOG_MAIL;
+}
+
+/* Split a configuration line into words; "..." quotes, \ escapes. */
+static int
+split_words(char *line, char **words, int max)
+{
+	int n = 0;
+	char *p = line, *out;
+
+	for (;;) {
+		while (*p == ' ' || *p == '\t')
+			p++;
+		if (*p == '\0' || *p == '#')
+			return n;
+		if (n == max)
+			return -1;
+		if (*p != '"') {
+			words[n++] = p;
+			p += strcspn(p, " \t");
+			if (*p != '\0')
+				*p++ = '\0';
+			continue;
+		}
+		words[n++] = out = ++p;
+		while (*p != '"') {
+			if (*p == '\0')
+				return -1;
+			if (*p == '\\' && p[1] != '\0')
+				p++;
+			*out++ = *p++;
+		}
+		p++;
+		*out = '\0';
+	}
+}
+
+/* "host:port", "[v6addr]:port" */
+static int
+split_hostport(const char *s, char **host, char **port)
+{
+	const char *colon;
+	size_t hl;
+
+	if (*s == '[') {
+		const char *close = strchr(s, ']');
+
+		if (close == NULL || close[1] != ':')
+			return -1;
+		hl = (size_t)(close - s - 1);
+		s++;
+		colon = close + 1;
+	} else {
+		if ((colon = strrchr(s, ':')) == NULL)
+			return -1;
+		hl = (size_t)(colon - s);
+	}
+	if (hl == 0 || colon[1] == '\0')
+		return -1;
+	*host = strndup(s, hl);
+	*port = strdup(colon + 1);
+	if (*host == NULL || *port == NULL) {
+		free(*host);
+		free(*port);
+		return -1;
+	}
+	return 0;
+}
+
+static int
+add_route(struct config *cfg, char **w, int n, char *err, size_t errlen)
+{
+	struct route *r;
+
+	if (n != 3) {
+		snprintf(err, errlen, "route takes PATTERN HOST:PORT");
+		return -1;
+	}
+	if (strcmp(w[1], "*") != 0 && strchr(w[1], '*') != NULL &&
+	    strncmp(w[1], "*@", 2) != 0) {
+		snprintf(err, errlen, "route pattern must be a user, *@domain "
+		    "or *");
+		return -1;
+	}
+	if ((r = calloc(1, sizeof(*r))) == NULL ||
+	    (r->pattern = strdup(w[1])) == NULL ||
+	    split_hostport(w[2], &r->host, &r->port) != 0) {
+		if (r != NULL)
+			free(r->pattern);
+		free(r);
+		snprintf(err, errlen, "bad route target '%s' (HOST:PORT)", w[2]);
+		return -1;
+	}
+	if (cfg->routes_tail != NULL)
+		cfg->routes_tail->next = r;
+	else
+		cfg->routes = r;
+	cfg->routes_tail = r;
+	return 0;
+}
+
+struct int_key {
+	const char	*name;
+	size_t		 offset;
+	long		 min;
+	long		 max;
+	int		 is_size;	/* size_t field, not int */
+};
+
+static const struct int_key int_keys[] = {
+	{ "max_line_length", offsetof(struct config, max_line_length),
+	    1024, 1048576, 1 },
+	{ "max_prelogin_literal", offsetof(struct config,
+	    max_prelogin_literal), 256, 65536, 1 },
+	{ "max_login_failures", offsetof(struct config, max_login_failures),
+	    1, 100, 0 },
+	{ "max_bad_commands", offsetof(struct config, max_bad_commands),
+	    1, 1000, 0 },
+	{ "login_timeout", offsetof(struct config, login_timeout), 1, 3600,
+	    0 },
+	{ "idle_timeout", offsetof(struct config, idle_timeout), 1, 86400,
+	    0 },
+	{ "connect_timeout", offsetof(struct config, connect_timeout), 1, 600,
+	    0 },
+	{ "backend_timeout", offsetof(struct config, backend_timeout), 1,
+	    3600, 0 },
+	{ "max_sessions", offsetof(struct config, max_sessions), 1, 100000,
+	    0 },
+};
+
+static int
+set_int_key(struct config *cfg, const struct int_key *k, const char *val,
+    char *err, size_t errlen)
+{
+	char *end;
+	long v;
+
+	errno = 0;
+	v = strtol(val, &end, 10);
+	if (errno != 0 || *end != '\0' || end == val || v < k->min ||
+	    v > k->max) {
+		snprintf(err, errlen, "%s must be a number from %ld to %ld",
+		    k->name, k->min, k->max);
+		return -1;
+	}
+	if (k->is_size)
+		*(size_t *)(void *)((char *)cfg + k->offset) = (size_t)v;
+	else
+		*(int *)(void *)((char *)cfg + k->offset) = (int)v;
+	return 0;
+}
+
+static int
+set_string(char **field, const char *val)
+{
+	char *s = strdup(val);
+
+	if (s == NULL)
+		return -1;
+	free(*field);
+	*field = s;
+	return 0;
+}
+
+static int
+parse_bool(const char *v, int *out)
+{
+	if (strcmp(v, "yes") == 0 || strcmp(v, "true") == 0) {
+		*out = 1;
+		return 0;
+	}
+	if (strcmp(v, "no") == 0 || strcmp(v, "false") == 0) {
+		*out = 0;
+		return 0;
+	}
+	return -1;
+}
+
+static int
+parse_facility(const char *v, int *out)
+{
+	static const struct { const char *name; int val; } fac[] = {
+		{ "mail", LOG_MAIL }, { "daemon", LOG_DAEMON },
+		{ "auth", LOG_AUTH }, { "authpriv", LOG_AUTHPRIV },
+		{ "local0", LOG_LOCAL0 }, { "local1", LOG_LOCAL1 },
+		{ "local2", LOG_LOCAL2 }, { "local3", LOG_LOCAL3 },
+		{ "local4", LOG_LOCAL4 }, { "local5", LOG_LOCAL5 },
+		{ "local6", LOG_LOCAL6 }, { "local7", LOG_LOCAL7 },
+	};
+
+	for (size_t i = 0; i < sizeof(fac) / sizeof(*fac); i++)
+		if (strcmp(v, fac[i].name) == 0) {
+			*out = fac[i].val;
+			return 0;
+		}
+	return -1;
+}
+
+static int
+config_line(struct config *cfg, char **w, int n, char *err, size_t errlen)
+{
+	if (strcmp(w[0], "route") == 0)
+		return add_route(cfg, w, n, err, errlen);
+	if (n != 2) {
+		snprintf(err, errlen, "%s takes one value", w[0]);
+		return -1;
+	}
+	for (size_t i = 0; i < sizeof(int_keys) / sizeof(*int_keys); i++)
+		if (strcmp(w[0], int_keys[i].name) == 0)
+			return set_int_key(cfg, &int_keys[i], w[1], err, errlen);
+	if (strcmp(w[0], "greeting") == 0 || strcmp(w[0],
+	    "backend_mechanisms") == 0) {
+		char **field = w[0][0] == 'g' ? &cfg->greeting :
+		    &cfg->backend_mechanisms;
+
+		if (strpbrk(w[1], "\r\n") != NULL || set_string(field, w[1]))
+			goto bad;
+		return 0;
+	}
+	if (strcmp(w[0], "plaintext_auth") == 0) {
+		if (parse_bool(w[1], &cfg->plaintext_auth) != 0)
+			goto bad;
+		return 0;
+	}
+	if (strcmp(w[0], "syslog_facility") == 0) {
+		if (parse_facility(w[1], &cfg->syslog_facility) != 0)
+			goto bad;
+		return 0;
+	}
+	snprintf(err, errlen, "unknown directive '%s'", w[0]);
+	return -1;
+bad:
+	snprintf(err, errlen, "bad value for %s: '%s'", w[0], w[1]);
+	return -1;
+}
+
+int
+config_load(struct config *cfg, const char *path, char *err, size_t errlen)
+{
+	char line[4096], msg[256], *words[16];
+	int lineno = 0, n, rc = 0;
+	FILE *f;
+
+	config_defaults(cfg);
+	if ((f = fopen(path, "r")) == NULL) {
+		snprintf(err, errlen, "%s: %s", path, strerror(errno));
+		return -1;
+	}
+	while (rc == 0 && fgets(line, sizeof(line), f) != NULL) {
+		lineno++;
+		line[strcspn(line, "\r\n")] = '\0';
+		n = split_words(line, words, 16);
+		if (n < 0) {
+			snprintf(msg, sizeof(msg), "syntax error");
+			rc = -1;
+		} else if (n > 0)
+			rc = config_line(cfg, words, n, msg, sizeof(msg));
+		if (rc != 0)
+			snprintf(err, errlen, "%s:%d: %s", path, lineno, msg);
+	}
+	fclose(f);
+	if (rc == 0 && cfg->routes == NULL) {
+		snprintf(err, errlen, "%s: no route configured", path);
+		rc = -1;
+	}
+	if (rc == 0 && cfg->greeting == NULL &&
+	    set_string(&cfg->greeting, IMAPFE_GREETING_MARK ".") != 0)
+		rc = -1;
+	if (rc == 0 && cfg->backend_mechanisms == NULL &&
+	    set_string(&cfg->backend_mechanisms,
+	    "SCRAM-SHA-256 SCRAM-SHA-1 PLAIN LOGIN") != 0)
+		rc = -1;
+	if (rc != 0)
+		config_free(cfg);
+	return rc;
+}
+
+void
+config_free(struct config *cfg)
+{
+	struct route *r, *next;
+
+	for (r = cfg->routes; r != NULL; r = next) {
+		next = r->next;
+		free(r->pattern);
+		free(r->host);
+		free(r->port);
+		free(r);
+	}
+	free(cfg->greeting);
+	free(cfg->backend_mechanisms);
+	memset(cfg, 0, sizeof(*cfg));
+}
+
+/* ------------------------------------------------------------------ */
+/* the session */
+
+enum session_end {
+	END_NONE = 0,
+	END_LOGOUT,		/* the client logged out */
+	END_CLIENT_GONE,	/* the client closed or failed */
+	END_BACKEND_GONE,	/* the back-end closed or failed */
+	END_LIMIT,		/* a limit was reached: BYE sent */
+	END_TIMEOUT,
+	END_SHUTDOWN
+};
+
+struct session {
+	const struct config	*cfg;
+	struct iobuf		 client;
+	struct backend		 backend;
+	int			 logged_in;
+	struct credentials	 cred;
+	struct str		 cmdbuf;	/* the command being read */
+	char			 peer[80];
+	char			 user[96];	/* sanitized, for logs */
+	int			 failures;
+	int			 bad_commands;
+	int64_t			 started;
+	enum session_end	 end;
+	const char		*end_reason;
+};
+
+static const char *const end_names[] = { "none", "logout", "client-gone",
+    "backend-gone", "limit", "timeout", "shutdown" };
+
+static void
+describe_peer(int fd, char *out, size_t outlen)
+{
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof(ss);
+	char host[NI_MAXHOST], serv[NI_MAXSERV];
+
+	if (getpeername(fd, (struct sockaddr *)&ss, &sl) != 0 ||
+	    getnameinfo((struct sockaddr *)&ss, sl, host, sizeof(host), serv,
+	    sizeof(serv), NI_NUMERICHOST | NI_NUMERICSERV) != 0) {
+		snprintf(out, outlen, "local");
+		return;
+	}
+	snprintf(out, outlen, ss.ss_family == AF_INET6 ? "[%s]:%s" : "%s:%s",
+	    host, serv);
+}
+
+static void
+new_session_id(char *out, size_t outlen)
+{
+	unsigned char r[6] = { 0 };
+
+	if (getentropy(r, sizeof(r)) != 0) {
+		uint64_t t = (uint64_t)now_ms() ^ ((uint64_t)getpid() << 20);
+
+		memcpy(r, &t, sizeof(r));
+	}
+	snprintf(out, outlen, "%02x%02x%02x%02x%02x%02x", r[0], r[1], r[2],
+	    r[3], r[4], r[5]);
+}
+
+static int
+client_send(struct session *s, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* Send one formatted response line (CRLF added) to the client. */
+static int
+client_send(struct session *s, const char *fmt, ...)
+{
+	char line[2048];
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(line, sizeof(line) - 2, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return -1;
+	if ((size_t)n > sizeof(line) - 3)
+		n = (int)sizeof(line) - 3;
+	memcpy(line + n, "\r\n", 3);
+	s->client.deadline = now_ms() + (int64_t)s->cfg->idle_timeout * 1000;
+	if (iobuf_write(&s->client, line, (size_t)n + 2) != IO_OK) {
+		s->end = END_CLIENT_GONE;
+		return -1;
+	}
+	return 0;
+}
+
+/* End the session with an untagged BYE. */
+static void
+session_bye(struct session *s, enum session_end end, const char *text)
+{
+	client_send(s, "* BYE %s", text);
+	s->end = end;
+	s->end_reason = text;
+}
+
+static const char *
+prelogin_caps(const struct session *s)
+{
+	(void)s;
+	return s->cfg->plaintext_auth ?
+	    "IMAP4rev1 LITERAL- SASL-IR ID ENABLE AUTH=PLAIN AUTH=LOGIN" :
+	    "IMAP4rev1 LITERAL- SASL-IR ID ENABLE LOGINDISABLED";
+}
+
+/* ------------------------------------------------------------------ */
+/* reading a command before login */
+
+enum read_status {
+	READ_OK,
+	READ_BAD_LITERAL,	/* answered with tagged BAD; go on */
+	READ_END		/* session over; s->end says why */
+};
+
+static void
+io_end(struct session *s, enum io_status st)
+{
+	switch (st) {
+	case IO_TIMEOUT:
+		session_bye(s, END_TIMEOUT, "Disconnected for inactivity.");
+		break;
+	case IO_TOOLONG:
+		session_bye(s, END_LIMIT, "Command line too long.");
+		break;
+	default:
+		if (shutdown_requested)
+			session_bye(s, END_SHUTDOWN, "Server shutting down.");
+		else
+			s->end = END_CLIENT_GONE;
+		break;
+	}
+}
+
+/* Read exactly n more bytes of a literal into the command buffer. */
+static enum io_status
+read_literal(struct session *s, uint64_t n)
+{
+	enum io_status st;
+
+	while (n > 0) {
+		size_t avail = iobuf_pending(&s->client);
+
+		if (avail == 0) {
+			if ((st = iobuf_fill(&s->client)) != IO_OK)
+				return st;
+			continue;
+		}
+		if (avail > n)
+			avail = (size_t)n;
+		if (str_add(&s->cmdbuf, s->client.buf + s->client.start,
+		    avail) != 0)
+			return IO_ERROR;
+		iobuf_consume(&s->client, avail);
+		n -= avail;
+	}
+	return IO_OK;
+}
+
+/* The tag of a command whose line has been read, for early answers. */
+static void
+early_tag(const struct str *b, char *tag, size_t taglen)
+{
+	size_t tl = strcspn(b->s, " ");
+
+	if (!tag_is_valid(b->s, tl) || tl >= taglen)
+		tl = 0, tag[0] = '*';
+	else
+		memcpy(tag, b->s, tl);
+	tag[tl == 0 ? 1 : tl] = '\0';
+}
+
+/*
+ * Read one whole command: its lines and the literals they announce, into
+ * s->cmdbuf.  Synchronizing literals get their "+" here, once their size
+ * is known to be acceptable.
+ */
+static enum read_status
+read_command(struct session *s)
+{
+	enum io_status st;
+	enum literal_kind k;
+	uint64_t n;
+	size_t len;
+	char *line, tag[64];
+
+	str_wipe(&s->cmdbuf);
+	for (;;) {
+		st = iobuf_getline(&s->client, s->cfg->max_line_length, &line,
+		    &len);
+		if (st != IO_OK) {
+			io_end(s, st);
+			return READ_END;
+		}
+		if (s->cmdbuf.len + len + 2 > PRELOGIN_COMMAND_MAX) {
+			session_bye(s, END_LIMIT, "Command too long.");
+			return READ_END;
+		}
+		if (str_add(&s->cmdbuf, line, len) != 0) {
+			session_bye(s, END_LIMIT, "Out of memory.");
+			return READ_END;
+		}
+		k = literal_at_end(line, len, &n);
+		if (k == LIT_NONE)
+			return READ_OK;
+		if (k == LIT_INVALID) {
+			early_tag(&s->cmdbuf, tag, sizeof(tag));
+			client_send(s, "%s BAD Invalid literal size.", tag);
+			log_msg(LOG_NOTICE, "event=bad-command reason=\"invalid "
+			    "literal size\"");
+			s->bad_commands++;
+			return READ_BAD_LITERAL;
+		}
+		if (n > s->cfg->max_prelogin_literal ||
+		    s->cmdbuf.len + n + 2 > PRELOGIN_COMMAND_MAX) {
+			/* A non-synchronizing literal is on its way already. */
+			session_bye(s, END_LIMIT, "Literal too large.");
+			return READ_END;
+		}
+		if (k == LIT_SYNC && client_send(s, "+ Ready for literal "
+		    "data") != 0)
+			return READ_END;
+		if (str_add(&s->cmdbuf, "\r\n", 2) != 0 ||
+		    (st = read_literal(s, n)) != IO_OK) {
+			io_end(s, st);
+			return READ_END;
+		}
+	}
+}
+
+/* ------------------------------------------------------------------ */
+/* commands before login */
+
+static int
+is_string(const struct token *t)
+{
+	return t->type == TOK_ATOM || t->type == TOK_QUOTED ||
+	    t->type == TOK_LITERAL;
+}
+
+static void
+bad_command(struct session *s, const char *tag, const char *why)
+{
+	client_send(s, "%s BAD %s", tag, why);
+	s->bad_commands++;
+	log_msg(LOG_NOTICE, "event=bad-command reason=\"%s\"", why);
+}
+
+static void
+cmd_capability(struct session *s, const struct command *c)
+{
+	client_send(s, "* CAPABILITY %s", prelogin_caps(s));
+	client_send(s, "%s OK CAPABILITY completed.", c->tag);
+}
+
+/* ID NIL, or ID ("field" "value" ...) within RFC 2971's limits. */
+static void
+cmd_id(struct session *s, const struct command *c)
+{
+	size_t i, n = c->ntok;
+
+	if (n == 1 && c->tok[0].type == TOK_NIL)
+		goto ok;
+	if (n < 2 || c->tok[0].type != TOK_LPAREN ||
+	    c->tok[n - 1].type != TOK_RPAREN || (n - 2) % 2 != 0 ||
+	    (n - 2) / 2 > ID_MAX_PAIRS) {
+		bad_command(s, c->tag, "Invalid ID parameters.");
+		return;
+	}
+	for (i = 1; i + 1 < n; i += 2) {
+		const struct token *f = &c->tok[i], *v = &c->tok[i + 1];
+
+		if ((f->type != TOK_QUOTED && f->type != TOK_LITERAL) ||
+		    f->len > ID_MAX_FIELD ||
+		    (v->type != TOK_NIL && v->type != TOK_QUOTED &&
+		    v->type != TOK_LITERAL) || v->len > ID_MAX_VALUE) {
+			bad_command(s, c->tag, "Invalid ID parameters.");
+			return;
+		}
+	}
+ok:
+	client_send(s, "* ID NIL");
+	client_send(s, "%s OK ID completed.", c->tag);
+}
+
+static void
+login_failed(struct session *s, const char *tag, const char *code,
+    const char *text)
+{
+	s->failures++;
+	client_send(s, "%s NO [%s] %s", tag, code, text);
+	if (s->failures >= s->cfg->max_login_failures && s->end == END_NONE)
+		session_bye(s, END_LIMIT, "Too many failed logins.");
+}
+
+/*
+ * Credentials are in s->cred: find the back-end and log in there.  The
+ * client hears the same NO for an unknown user as for a wrong password.
+ */
+static void
+do_login(struct session *s, const char *tag, const char *method)
+{
+	const struct route *r;
+	enum login_result res;
+	char why[256];
+	char *caps;
+
+	sanitize(s->user, sizeof(s->user), s->cred.user, s->cred.user_len);
+	if (!credentials_acceptable(s->cred.user, s->cred.user_len) ||
+	    !credentials_acceptable(s->cred.pass, s->cred.pass_len) ||
+	    s->cred.user_len == 0) {
+		log_msg(LOG_NOTICE, "event=login-failed user=\"%s\" "
+		    "method=%s reason=\"invalid characters in credentials\"",
+		    s->user, method);
+		credentials_clear(&s->cred);
+		login_failed(s, tag, "AUTHENTICATIONFAILED",
+		    "Authentication failed.");
+		return;
+	}
+	if ((r = route_lookup(s->cfg, s->cred.user)) == NULL) {
+		log_msg(LOG_NOTICE, "event=login-failed user=\"%s\" "
+		    "method=%s reason=\"no route for user\"", s->user, method);
+		credentials_clear(&s->cred);
+		login_failed(s, tag, "AUTHENTICATIONFAILED",
+		    "Authentication failed.");
+		return;
+	}
+	res = backend_open(&s->backend, s->cfg, r, &s->cred, why,
+	    sizeof(why));
+	credentials_clear(&s->cred);
+	if (res == LOGIN_OK &&
+	    (caps = caps_for_client(s->backend.caps)) != NULL) {
+		s->logged_in = 1;
+		log_msg(LOG_INFO, "event=login user=\"%s\" method=%s "
+		    "backend=%s:%s", s->user, method, s->backend.host,
+		    s->backend.port);
+		client_send(s, "%s OK [CAPABILITY %s] Logged in.", tag, caps);
+		free(caps);
+		return;
+	}
+	if (res == LOGIN_OK) {
+		backend_close(&s->backend);
+		res = LOGIN_UNAVAILABLE;
+		snprintf(why, sizeof(why), "out of memory");
+	}
+	log_msg(res == LOGIN_BADCREDS ? LOG_NOTICE : LOG_ERR,
+	    "event=login-failed user=\"%s\" method=%s backend=%s:%s "
+	    "reason=\"%s\"", s->user, method, r->host, r->port, why);
+	if (res == LOGIN_BADCREDS)
+		login_failed(s, tag, "AUTHENTICATIONFAILED",
+		    "Authentication failed.");
+	else
+		login_failed(s, tag, "UNAVAILABLE",
+		    "Back-end server unavailable, try again later.");
+}
+
+static int
+plaintext_refused(struct session *s, const char *tag)
+{
+	if (s->cfg->plaintext_auth)
+		return 0;
+	client_send(s, "%s NO [PRIVACYREQUIRED] Plaintext authentication "
+	    "is disabled on an unencrypted connection.", tag);
+	log_msg(LOG_NOTICE, "event=login-refused reason=\"plaintext "
+	    "authentication without TLS\"");
+	return 1;
+}
+
+static void
+cmd_login(struct session *s, const struct command *c)
+{
+	if (c->ntok != 2 || !is_string(&c->tok[0]) || !is_string(&c->tok[1])) {
+		bad_command(s, c->tag, "LOGIN takes a user name and a "
+		    "password.");
+		return;
+	}
+	if (plaintext_refused(s, c->tag))
+		return;
+	if (credentials_set(&s->cred, c->tok[0].s, c->tok[0].len,
+	    c->tok[1].s, c->tok[1].len) != 0) {
+		session_bye(s, END_LIMIT, "Out of memory.");
+		return;
+	}
+	do_login(s, c->tag, "LOGIN");
+}
+
+/*
+ * One client response of an AUTHENTICATE exchange, base64-decoded into a
+ * fresh buffer the caller wipes and frees.  Returns 1 for data, 0 when the
+ * client cancelled or sent bad base64 (answered here), -1 when the
+ * session ended.
+ */
+static int
+auth_response(struct session *s, const char *tag, const char *prompt,
+    const struct token *ir, char **out, size_t *outlen)
+{
+	const char *b64;
+	size_t len;
+	char *line;
+	enum io_status st;
+
+	if (ir != NULL) {
+		b64 = ir->s;
+		len = ir->len;
+	} else {
+		if (client_send(s, "+ %s", prompt) != 0)
+			return -1;
+		st = iobuf_getline(&s->client, s->cfg->max_line_length, &line,
+		    &len);
+		if (st != IO_OK) {
+			io_end(s, st);
+			return -1;
+		}
+		b64 = line;
+	}
+	if (len == 1 && b64[0] == '*') {
+		client_send(s, "%s BAD Authentication cancelled.", tag);
+		return 0;
+	}
+	if (len == 1 && b64[0] == '=' && ir != NULL)
+		len = 0;	/* SASL-IR: "=" is an empty initial response */
+	*out = malloc(len / 4 * 3 + 1);
+	if (*out == NULL || base64_decode(b64, len, *out, len / 4 * 3 + 1,
+	    outlen) != 0) {
+		free(*out);
+		*out = NULL;
+		bad_command(s, tag, "Invalid base64 data.");
+		return 0;
+	}
+	return 1;
+}
+
+static void
+free_secret(char *p, size_t len)
+{
+	if (p != NULL) {
+		wipe(p, len);
+		free(p);
+	}
+}
+
+static void
+auth_plain(struct session *s, const char *tag, const struct token *ir)
+{
+	char *msg = NULL;
+	size_t len = 0;
+
+	if (auth_response(s, tag, "", ir, &msg, &len) != 1)
+		return;
+	switch (sasl_plain_split(msg, len, &s->cred)) {
+	case PLAIN_OK:
+		free_secret(msg, len);
+		do_login(s, tag, "PLAIN");
+		return;
+	case PLAIN_AUTHZID:
+		free_secret(msg, len);
+		log_msg(LOG_NOTICE, "event=login-failed method=PLAIN "
+		    "reason=\"authorization identity not allowed\"");
+		login_failed(s, tag, "AUTHORIZATIONFAILED",
+		    "Authorization identity not allowed.");
+		return;
+	case PLAIN_MALFORMED:
+		free_secret(msg, len);
+		bad_command(s, tag, "Malformed PLAIN message.");
+		return;
+	}
+}
+
+/* SASL LOGIN: user name, then password, each its own continuation. */
+static void
+auth_login(struct session *s, const char *tag, const struct token *ir)
+{
+	char *user = NULL, *pass = NULL;
+	size_t ulen = 0, plen = 0;
+	int rc;
+
+	/* "VXNlcm5hbWU6" and "UGFzc3dvcmQ6": "Username:" and "Password:" */
+	if (auth_response(s, tag, "VXNlcm5hbWU6", ir, &user, &ulen) != 1)
+		return;
+	rc = auth_response(s, tag, "UGFzc3dvcmQ6", NULL, &pass, &plen);
+	if (rc == 1 && credentials_set(&s->cred, user, ulen, pass, plen) != 0)
+		rc = -1;
+	free_secret(user, ulen);
+	free_secret(pass, plen);
+	if (rc == 1)
+		do_login(s, tag, "LOGIN");
+	else if (rc < 0 && s->end == END_NONE)
+		session_bye(s, END_LIMIT, "Out of memory.");
+}
+
+static void
+cmd_authenticate(struct session *s, const struct command *c)
+{
+	const struct token *ir;
+
+	if (c->ntok < 1 || c->ntok > 2 || c->tok[0].type != TOK_ATOM ||
+	    (c->ntok == 2 && c->tok[1].type != TOK_ATOM)) {
+		bad_command(s, c->tag, "AUTHENTICATE takes a mechanism and an "
+		    "optional initial response.");
+		return;
+	}
+	ir = c->ntok == 2 ? &c->tok[1] : NULL;
+	if (c->tok[0].len == 5 && strncasecmp(c->tok[0].s, "PLAIN", 5) == 0) {
+		if (!plaintext_refused(s, c->tag))
+			auth_plain(s, c->tag, ir);
+		return;
+	}
+	if (c->tok[0].len == 5 && strncasecmp(c->tok[0].s, "LOGIN", 5) == 0) {
+		if (!plaintext_refused(s, c->tag))
+			auth_login(s, c->tag, ir);
+		return;
+	}
+	client_send(s, "%s NO Unsupported authentication mechanism.", c->tag);
+}
+
+/* Commands that exist, but only after login (RFC 9051, RFC 3501). */
+static int
+needs_login(const char *name)
+{
+	static const char *const names[] = { "SELECT", "EXAMINE", "CREATE",
+	    "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB",
+	    "NAMESPACE", "STATUS", "APPEND", "IDLE", "CHECK", "CLOSE",
+	    "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE",
+	    "UID", "GETQUOTA", "GETQUOTAROOT", "SETQUOTA", "GETACL", "SETACL",
+	    "DELETEACL", "LISTRIGHTS", "MYRIGHTS", "GETMETADATA",
+	    "SETMETADATA", "SORT", "THREAD", "COMPRESS", "ENABLE" };
+
+	for (size_t i = 0; i < sizeof(names) / sizeof(*names); i++)
+		if (strcmp(name, names[i]) == 0)
+			return 1;
+	return 0;
+}
+
+static void
+dispatch_prelogin(struct session *s, const struct command *c)
+{
+	if (strcmp(c->name, "CAPABILITY") == 0 && c->ntok == 0)
+		cmd_capability(s, c);
+	else if (strcmp(c->name, "NOOP") == 0 && c->ntok == 0)
+		client_send(s, "%s OK NOOP completed.", c->tag);
+	else if (strcmp(c->name, "LOGOUT") == 0 && c->ntok == 0) {
+		client_send(s, "* BYE Logging out.");
+		client_send(s, "%s OK LOGOUT completed.", c->tag);
+		s->end = END_LOGOUT;
+	} else if (strcmp(c->name, "ID") == 0)
+		cmd_id(s, c);
+	else if (strcmp(c->name, "LOGIN") == 0)
+		cmd_login(s, c);
+	else if (strcmp(c->name, "AUTHENTICATE") == 0)
+		cmd_authenticate(s, c);
+	else if (strcmp(c->name, "STARTTLS") == 0)
+		bad_command(s, c->tag, "TLS is not configured.");
+	else if (strcmp(c->name, "CAPABILITY") == 0 ||
+	    strcmp(c->name, "NOOP") == 0 || strcmp(c->name, "LOGOUT") == 0)
+		bad_command(s, c->tag, "This command takes no arguments.");
+	else if (needs_login(c->name))
+		bad_command(s, c->tag, "Log in first.");
+	else
+		bad_command(s, c->tag, "Unknown command.");
+}
+
+/* Greet, then read and answer commands until login or the end. */
+static void
+session_prelogin(struct session *s)
+{
+	struct command *cmd;
+	const char *why;
+	enum parse_status ps;
+
+	if ((cmd = malloc(sizeof(*cmd))) == NULL) {
+		session_bye(s, END_LIMIT, "Out of memory.");
+		return;
+	}
+	client_send(s, "* OK [CAPABILITY %s] %s", prelogin_caps(s),
+	    s->cfg->greeting);
+	while (s->end == END_NONE && !s->logged_in) {
+		s->client.deadline = s->started +
+		    (int64_t)s->cfg->login_timeout * 1000;
+		if (read_command(s) != READ_OK)
+			goto next;
+		/* parse_command needs one byte past the command */
+		if (str_add(&s->cmdbuf, "", 1) != 0) {
+			session_bye(s, END_LIMIT, "Out of memory.");
+			break;
+		}
+		s->cmdbuf.len--;
+		ps = parse_command(s->cmdbuf.s, s->cmdbuf.len, cmd, &why);
+		if (ps == PARSE_NOTAG)
+			bad_command(s, "*", why);
+		else if (ps == PARSE_BAD)
+			bad_command(s, cmd->tag, why);
+		else
+			dispatch_prelogin(s, cmd);
+next:
+		if (s->end == END_NONE && s->bad_commands >=
+		    s->cfg->max_bad_commands)
+			session_bye(s, END_LIMIT, "Too many invalid commands.");
+	}
+	str_wipe(&s->cmdbuf);
+	free(cmd);
+}
+
+/* ------------------------------------------------------------------ */
+/* the relay */
+
+/* Move what is buffered on one side to the other. */
+static enum io_status
+relay_pending(struct iobuf *from, struct iobuf *to, struct resp_scanner *sc)
+{
+	size_t n = iobuf_pending(from);
+	enum io_status st;
+
+	if (n == 0)
+		return IO_OK;
+	if (sc != NULL)
+		resp_scan(sc, from->buf + from->start, n);
+	st = iobuf_write(to, from->buf + from->start, n);
+	iobuf_consume(from, n);
+	return st;
+}
+
+/*
+ * After login: bytes flow both ways until either side closes.  Only the
+ * client's silence counts towards the idle timeout; the back-end's stream
+ * is watched just enough to know whether it already said BYE.
+ */
+static void
+session_relay(struct session *s)
+{
+	struct iobuf *c = &s->client, *b = &s->backend.io;
+	struct resp_scanner sc;
+	int64_t idle = (int64_t)s->cfg->idle_timeout * 1000;
+	int64_t last_client = now_ms();
+	struct pollfd pfd[2];
+	enum io_status st;
+
+	resp_scanner_init(&sc);
+	while (s->end == END_NONE) {
+		c->deadline = b->deadline = now_ms() + idle;
+		if (relay_pending(c, b, NULL) != IO_OK) {
+			s->end = END_BACKEND_GONE;
+			break;
+		}
+		if (relay_pending(b, c, &sc) != IO_OK) {
+			s->end = END_CLIENT_GONE;
+			break;
+		}
+		pfd[0] = (struct pollfd){ .fd = c->rfd, .events = POLLIN };
+		pfd[1] = (struct pollfd){ .fd = b->rfd, .events = POLLIN };
+		int64_t left = last_client + idle - now_ms();
+		if (left <= 0) {
+			session_bye(s, END_TIMEOUT, "Disconnected for "
+			    "inactivity.");
+			break;
+		}
+		if (poll(pfd, 2, (int)(left > 3600000 ? 3600000 : left)) < 0) {
+			if (errno != EINTR)
+				s->end = END_CLIENT_GONE;
+			else if (shutdown_requested)
+				session_bye(s, END_SHUTDOWN, "Server shutting "
+				    "down.");
+			continue;
+		}
+		if (pfd[0].revents != 0) {
+			if ((st = iobuf_fill(c)) != IO_OK) {
+				s->end = END_CLIENT_GONE;
+				break;
+			}
+			last_client = now_ms();
+		}
+		if (pfd[1].revents != 0 && (st = iobuf_fill(b)) != IO_OK) {
+			relay_pending(b, c, &sc);
+			/* After its BYE (a LOGOUT, mostly) the close is due. */
+			s->end = sc.saw_bye ? END_LOGOUT : END_BACKEND_GONE;
+			if (!sc.saw_bye)
+				client_send(s, "* BYE Back-end server closed "
+				    "the connection.");
+			break;
+		}
+	}
+}
+
+/* ------------------------------------------------------------------ */
+
+static void
+nonblocking(int fd)
+{
+	int fl = fcntl(fd, F_GETFL);
+
+	if (fl >= 0)
+		fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+static void
+session_log_end(struct session *s)
+{
+	log_msg(LOG_INFO, "event=end user=\"%s\" reason=%s%s%s%s "
+	    "bytes_in=%llu bytes_out=%llu duration_ms=%lld", s->user,
+	    end_names[s->end], s->end_reason ? " detail=\"" : "",
+	    s->end_reason ? s->end_reason : "", s->end_reason ? "\"" : "",
+	    (unsigned long long)s->client.bytes_in,
+	    (unsigned long long)s->client.bytes_out,
+	    (long long)(now_ms() - s->started));
+}
+
+/* Serve one client connection on rfd/wfd, to the end.  Returns exit code. */
+static int
+session_run(const struct config *cfg, int rfd, int wfd)
+{
+	struct session s;
+	size_t bufsize = CLIENT_BUFSIZE;
+	int one = 1;
+
+	memset(&s, 0, sizeof(s));
+	s.cfg = cfg;
+	s.started = now_ms();
+	s.backend.io.rfd = s.backend.io.wfd = -1;
+	new_session_id(log_session, sizeof(log_session));
+	describe_peer(rfd, s.peer, sizeof(s.peer));
+	setsockopt(wfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	nonblocking(rfd);
+	nonblocking(wfd);
+	if (cfg->max_line_length + 2 > bufsize)
+		bufsize = cfg->max_line_length + 2;
+	if (iobuf_init(&s.client, rfd, wfd, bufsize) != 0) {
+		log_msg(LOG_ERR, "event=error reason=\"out of memory\"");
+		return 1;
+	}
+	log_msg(LOG_INFO, "event=connect client=%s", s.peer);
+	session_prelogin(&s);
+	if (s.logged_in) {
+		session_relay(&s);
+		backend_close(&s.backend);
+	}
+	session_log_end(&s);
+	credentials_clear(&s.cred);
+	str_free(&s.cmdbuf);
+	iobuf_free(&s.client);
+	return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* the listener (-l) */
+
+static volatile sig_atomic_t child_exited;
+
+static void
+on_signal(int sig)
+{
+	if (sig == SIGCHLD)
+		child_exited = 1;
+	else
+		shutdown_requested = 1;
+}
+
+static void
+install_signals(void)
+{
+	struct sigaction sa;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_signal;
+	sigemptyset(&sa.sa_mask);
+	/* No SA_RESTART: a signal must interrupt poll() and accept(). */
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGCHLD, &sa, NULL);
+	signal(SIGPIPE, SIG_IGN);
+}
+
+static int
+listen_on(const char *spec)
+{
+	struct addrinfo hints = { .ai_socktype = SOCK_STREAM,
+	    .ai_flags = AI_PASSIVE | AI_NUMERICHOST }, *res;
+	char *host = NULL, *port = NULL;
+	int fd = -1, one = 1, rc;
+
+	if (split_hostport(spec, &host, &port) != 0) {
+		fprintf(stderr, "imapfe: -l wants ADDRESS:PORT\n");
+		return -1;
+	}
+	rc = getaddrinfo(strcmp(host, "*") == 0 ? NULL : host, port, &hints,
+	    &res);
+	if (rc != 0) {
+		fprintf(stderr, "imapfe: %s: %s\n", spec, gai_strerror(rc));
+		goto out;
+	}
+	fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one,
+	    sizeof(one)) != 0 || bind(fd, res->ai_addr, res->ai_addrlen) != 0 ||
+	    listen(fd, 512) != 0) {
+		fprintf(stderr, "imapfe: %s: %s\n", spec, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		fd = -1;
+	}
+	freeaddrinfo(res);
+out:
+	free(host);
+	free(port);
+	return fd;
+}
+
+struct children {
+	pid_t	*pid;
+	int	 n;
+	int	 max;
+};
+
+static void
+children_reap(struct children *ch)
+{
+	pid_t pid;
+	int status;
+
+	child_exited = 0;
+	while ((pid = waitpid(-1, &status, WNOHANG)) > 0)
+		for (int i = 0; i < ch->n; i++)
+			if (ch->pid[i] == pid) {
+				ch->pid[i] = ch->pid[--ch->n];
+				break;
+			}
+}
+
+/* Tell every session to finish, and wait for them. */
+static void
+children_stop(struct children *ch)
+{
+	for (int i = 0; i < ch->n; i++)
+		kill(ch->pid[i], SIGTERM);
+	while (ch->n > 0) {
+		pid_t pid = waitpid(-1, NULL, 0);
+
+		if (pid < 0 && errno != EINTR)
+			break;
+		for (int i = 0; i < ch->n; i++)
+			if (ch->pid[i] == pid) {
+				ch->pid[i] = ch->pid[--ch->n];
+				break;
+			}
+	}
+}
+
+static int
+serve_listener(const struct config *cfg, int lfd)
+{
+	struct children ch = { .max = cfg->max_sessions };
+	int fd;
+	pid_t pid;
+
+	if ((ch.pid = calloc((size_t)ch.max, sizeof(pid_t))) == NULL)
+		return 1;
+	log_msg(LOG_INFO, "event=listening max_sessions=%d", ch.max);
+	while (!shutdown_requested) {
+		if (child_exited)
+			children_reap(&ch);
+		fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+		if (fd < 0) {
+			if (errno != EINTR && errno != ECONNABORTED)
+				log_msg(LOG_ERR, "event=error reason=\"accept: "
+				    "%s\"", strerror(errno));
+			continue;
+		}
+		if (ch.n >= ch.max) {
+			static const char full[] =
+			    "* BYE Too many connections, try again later.\r\n";
+
+			log_msg(LOG_WARNING, "event=refused reason=\"max_sessions "
+			    "reached\"");
+			if (write(fd, full, sizeof(full) - 1) < 0) {
+				/* the client is gone already */
+			}
+			close(fd);
+			continue;
+		}
+		if ((pid = fork()) == 0) {
+			int rc;
+
+			close(lfd);
+			free(ch.pid);
+			signal(SIGCHLD, SIG_DFL);
+			rc = session_run(cfg, fd, fd);
+			close(fd);
+			return rc | 0x100;	/* tells main it is a child */
+		}
+		if (pid < 0)
+			log_msg(LOG_ERR, "event=error reason=\"fork: %s\"",
+			    strerror(errno));
+		else
+			ch.pid[ch.n++] = pid;
+		close(fd);
+	}
+	log_msg(LOG_INFO, "event=shutdown sessions=%d", ch.n);
+	children_stop(&ch);
+	free(ch.pid);
+	return 0;
+}
+
+/* ------------------------------------------------------------------ */
+
+static void
+usage(void)
+{
+	fprintf(stderr, "usage: imapfe [-dtV] [-f config] [-l address:port]\n");
+	exit(2);
+}
+
+int
+main(int argc, char *argv[])
+{
+	const char *config_path = IMAPFE_DEFAULT_CONFIG, *listen_spec = NULL;
+	struct config cfg;
+	char err[512];
+	int ch, test_only = 0, lfd = -1, rc;
+	struct rlimit no_core = { 0, 0 };
+
+	while ((ch = getopt(argc, argv, "df:l:tV")) != -1) {
+		switch (ch) {
+		case 'd':
+			log_stderr = 1;
+			break;
+		case 'f':
+			config_path = optarg;
+			break;
+		case 'l':
+			listen_spec = optarg;
+			break;
+		case 't':
+			test_only = 1;
+			break;
+		case 'V':
+			printf("imapfe %s\n", IMAPFE_VERSION);
+			return 0;
+		default:
+			usage();
+		}
+	}
+	if (optind != argc)
+		usage();
+	/* A core dump would hold passwords. */
+	setrlimit(RLIMIT_CORE, &no_core);
+	if (config_load(&cfg, config_path, err, sizeof(err)) != 0) {
+		fprintf(stderr, "imapfe: %s\n", err);
+		if (!test_only && listen_spec == NULL && !isatty(1)) {
+			static const char bye[] = "* BYE [UNAVAILABLE] Server "
+			    "configuration error.\r\n";
+
+			if (write(1, bye, sizeof(bye) - 1) < 0) {
+				/* nothing more to be done */
+			}
+		}
+		openlog("imapfe", LOG_PID, LOG_MAIL);
+		syslog(LOG_ERR, "event=config-error reason=\"%s\"", err);
+		return 1;
+	}
+	if (test_only) {
+		printf("imapfe: %s: configuration OK\n", config_path);
+		config_free(&cfg);
+		return 0;
+	}
+	openlog("imapfe", LOG_PID | (log_stderr ? LOG_PERROR : 0),
+	    cfg.syslog_facility);
+	install_signals();
+	if (listen_spec != NULL && (lfd = listen_on(listen_spec)) < 0) {
+		config_free(&cfg);
+		return 1;
+	}
+	/* Done once here, so that forked sessions do not each pay for it. */
+	if (sasl_client_setup() != 0) {
+		log_msg(LOG_ERR, "event=error reason=\"SASL initialisation "
+		    "failed\"");
+		config_free(&cfg);
+		return 1;
+	}
+	if (lfd >= 0) {
+		rc = serve_listener(&cfg, lfd);
+		if (rc & 0x100)
+			rc &= 0xff;
+		else
+			close(lfd);
+	} else
+		rc = session_run(&cfg, 0, 1);
+	sasl_client_teardown();
+	config_free(&cfg);
+	closelog();
+	return rc;
+}

@@ -1,0 +1,267 @@
+/*
+ * imapfe: an IMAP front-end, one process per client connection.
+ *
+ * Shared declarations.  The program is split by concern:
+ *   imapfe.c   process life, configuration, the client side, the relay
+ *   auth.c     credentials: client AUTHENTICATE, base64, Cyrus SASL client
+ *   backend.c  routing, back-end connections and their login
+ *   proto.c    the IMAP grammar: command parser, string quoting, response
+ *              scanning (pure functions, shared by both sides, unit-tested
+ *              and fuzzed on their own)
+ *   iobuf.c    buffered I/O over one descriptor, with deadlines
+ */
+#ifndef IMAPFE_H
+#define IMAPFE_H
+
+#include <sys/socket.h>
+#include <sys/types.h>
+
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define IMAPFE_VERSION		"0.1"
+#define IMAPFE_DEFAULT_CONFIG	"/etc/imapfe/imapfe.conf"
+
+/* ------------------------------------------------------------------ */
+/* iobuf.c: buffered I/O over one descriptor pair */
+
+enum io_status {
+	IO_OK = 0,
+	IO_CLOSED = -1,		/* orderly end of stream */
+	IO_TIMEOUT = -2,	/* the deadline passed */
+	IO_ERROR = -3,		/* read or write failed (errno kept) */
+	IO_TOOLONG = -4		/* a line exceeded the caller's limit */
+};
+
+struct iobuf {
+	int		 rfd;
+	int		 wfd;
+	char		*buf;		/* read buffer, owned */
+	size_t		 cap;
+	size_t		 start;		/* first unconsumed byte */
+	size_t		 end;		/* one past the last buffered byte */
+	int64_t		 deadline;	/* monotonic ms; 0 = none */
+	uint64_t	 bytes_in;
+	uint64_t	 bytes_out;
+};
+
+int64_t		 now_ms(void);
+int		 iobuf_init(struct iobuf *, int rfd, int wfd, size_t cap);
+void		 iobuf_free(struct iobuf *);
+size_t		 iobuf_pending(const struct iobuf *);
+enum io_status	 iobuf_fill(struct iobuf *);
+enum io_status	 iobuf_getline(struct iobuf *, size_t max, char **line,
+		    size_t *len);
+void		 iobuf_consume(struct iobuf *, size_t);
+enum io_status	 iobuf_write(struct iobuf *, const void *, size_t);
+enum io_status	 iobuf_puts(struct iobuf *, const char *);
+void		 iobuf_discard(struct iobuf *);
+int		 wait_readable(int fd, int64_t deadline);
+
+/* Set by the SIGTERM handler: every wait gives up and the session ends. */
+extern volatile sig_atomic_t shutdown_requested;
+
+/* ------------------------------------------------------------------ */
+/* proto.c: the IMAP grammar */
+
+enum tok_type {
+	TOK_ATOM,
+	TOK_QUOTED,
+	TOK_LITERAL,
+	TOK_NIL,
+	TOK_LPAREN,
+	TOK_RPAREN
+};
+
+struct token {
+	enum tok_type	 type;
+	char		*s;		/* points into the command buffer */
+	size_t		 len;
+};
+
+#define CMD_MAX_TOKENS	128
+
+struct command {
+	char		*tag;
+	char		*name;		/* upper-cased in place */
+	size_t		 ntok;
+	struct token	 tok[CMD_MAX_TOKENS];
+};
+
+enum parse_status {
+	PARSE_OK = 0,
+	PARSE_NOTAG = -1,	/* no usable tag: answer with "* BAD" */
+	PARSE_BAD = -2		/* tag known, arguments malformed */
+};
+
+/* Literal announcement at the end of a line: "{n}" or "{n+}" (or "~{n}"). */
+enum literal_kind {
+	LIT_NONE = 0,
+	LIT_SYNC,
+	LIT_NONSYNC,
+	LIT_INVALID	/* looks like "{...}" but is not a valid literal */
+};
+
+enum parse_status parse_command(char *buf, size_t len, struct command *,
+		    const char **why);
+enum literal_kind literal_at_end(const char *line, size_t len,
+		    uint64_t *size);
+int		 is_atom_char(unsigned char);
+int		 tag_is_valid(const char *, size_t);
+
+/* A growing byte string, used to compose what imapfe sends. */
+struct str {
+	char	*s;
+	size_t	 len;
+	size_t	 cap;
+};
+
+int		 str_add(struct str *, const void *, size_t);
+int		 str_adds(struct str *, const char *);
+int		 str_printf(struct str *, const char *, ...)
+		    __attribute__((format(printf, 2, 3)));
+void		 str_wipe(struct str *);
+void		 str_free(struct str *);
+
+/*
+ * Append s as an IMAP string: a quoted string when every byte may stand
+ * in one, a literal otherwise.  Returns 1 if a literal was used, 0 for a
+ * quoted string, -1 on allocation failure or a NUL byte (never sendable).
+ */
+int		 imap_append_string(struct str *, const char *, size_t,
+		    int nonsync);
+size_t		 sanitize(char *dst, size_t dstsize, const char *src,
+		    size_t len);
+
+/* Response-line helpers for back-end replies. */
+int		 resp_is_tagged(const char *line, size_t len, const char *tag);
+const char	*resp_status(const char *line, size_t len, const char *tag,
+		    size_t *rest_len);
+int		 caps_has(const char *caps, const char *cap);
+
+/* Tracks where lines start in a stream of IMAP responses, literals skipped. */
+struct resp_scanner {
+	uint64_t	 literal_left;
+	int		 at_line_start;
+	size_t		 head_len;		/* first bytes of the line */
+	char		 head[8];
+	size_t		 tail_len;		/* last bytes of the line */
+	char		 tail[24];
+	int		 saw_bye;
+};
+
+void		 resp_scanner_init(struct resp_scanner *);
+void		 resp_scan(struct resp_scanner *, const char *, size_t);
+
+/* ------------------------------------------------------------------ */
+/* configuration (imapfe.c) */
+
+enum tls_mode { TLS_NONE = 0, TLS_STARTTLS, TLS_IMPLICIT };
+
+struct route {
+	char		*pattern;	/* "user", "*@domain" or "*" */
+	char		*host;
+	char		*port;
+	struct route	*next;
+};
+
+struct config {
+	struct route	*routes;
+	struct route	*routes_tail;
+	char		*greeting;
+	char		*backend_mechanisms;	/* preference order */
+	int		 plaintext_auth;	/* allow LOGIN/PLAIN in clear */
+	size_t		 max_line_length;
+	size_t		 max_prelogin_literal;
+	int		 max_login_failures;
+	int		 max_bad_commands;
+	int		 login_timeout;		/* seconds */
+	int		 idle_timeout;		/* seconds */
+	int		 connect_timeout;	/* seconds */
+	int		 backend_timeout;	/* seconds */
+	int		 max_sessions;
+	int		 syslog_facility;
+};
+
+int		 config_load(struct config *, const char *path, char *err,
+		    size_t errlen);
+void		 config_free(struct config *);
+
+/* ------------------------------------------------------------------ */
+/* logging (imapfe.c) */
+
+void		 log_msg(int prio, const char *fmt, ...)
+		    __attribute__((format(printf, 2, 3)));
+
+/* ------------------------------------------------------------------ */
+/* auth.c: credentials */
+
+struct credentials {
+	char	*user;		/* owned, NUL-terminated */
+	size_t	 user_len;
+	char	*pass;		/* owned, wiped before free */
+	size_t	 pass_len;
+};
+
+void		 wipe(void *, size_t);
+int		 credentials_set(struct credentials *, const char *user,
+		    size_t ulen, const char *pass, size_t plen);
+void		 credentials_clear(struct credentials *);
+int		 credentials_acceptable(const char *, size_t);
+
+int		 base64_decode(const char *in, size_t inlen, char *out,
+		    size_t outcap, size_t *outlen);
+size_t		 base64_encode(const unsigned char *in, size_t inlen,
+		    char *out, size_t outcap);
+
+enum plain_status { PLAIN_OK = 0, PLAIN_MALFORMED, PLAIN_AUTHZID };
+enum plain_status sasl_plain_split(const char *msg, size_t len,
+		    struct credentials *);
+
+int		 sasl_client_setup(void);
+void		 sasl_client_teardown(void);
+
+/* ------------------------------------------------------------------ */
+/* backend.c */
+
+struct backend {
+	struct iobuf	 io;
+	char		*host;		/* owned copies, for logging */
+	char		*port;
+	char		*caps;		/* latest capability list, owned */
+	unsigned	 caps_seq;	/* bumped whenever caps changes */
+	char		 tagbuf[16];
+	unsigned	 tagseq;
+};
+
+enum login_result {
+	LOGIN_OK = 0,
+	LOGIN_BADCREDS,		/* NO [AUTHENTICATIONFAILED] to the client */
+	LOGIN_UNAVAILABLE,	/* NO [UNAVAILABLE] to the client */
+	LOGIN_LOOP		/* the back-end is imapfe: refuse */
+};
+
+const struct route *route_lookup(const struct config *, const char *user);
+enum login_result backend_open(struct backend *, const struct config *,
+		    const struct route *, const struct credentials *,
+		    char *why, size_t whylen);
+void		 backend_close(struct backend *);
+void		 backend_note_caps(struct backend *, const char *line,
+		    size_t len);
+char		*caps_for_client(const char *backend_caps);
+
+/* auth.c, used by backend.c */
+enum login_result sasl_login(struct backend *, const struct config *,
+		    const struct credentials *, char *why, size_t whylen);
+
+/* backend.c, used by auth.c */
+const char	*backend_next_tag(struct backend *);
+enum io_status	 backend_read_line(struct backend *, const struct config *,
+		    char **line, size_t *len);
+
+#define IMAPFE_GREETING_MARK	"imapfe ready"
+#define MAX_BACKEND_LINE	65536
+
+#endif

@@ -1,0 +1,544 @@
+/*
+ * The IMAP grammar, as pure functions over byte strings: the client command
+ * parser, the one function that turns a string into an IMAP string, and the
+ * scanner that finds line starts in a stream of responses.  Nothing here
+ * does I/O, so the unit tests and the fuzzers drive it directly.
+ */
+#include <ctype.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "imapfe.h"
+
+#define IMAP_NUMBER_MAX	4294967295ULL	/* RFC 9051: number is 32 bits */
+
+/* ATOM-CHAR: any CHAR except atom-specials (RFC 9051 section 9). */
+int
+is_atom_char(unsigned char c)
+{
+	if (c <= 0x20 || c >= 0x7f)
+		return 0;
+	return strchr("(){%*\"\\]", c) == NULL;
+}
+
+/* ASTRING-CHAR, as arguments use it: ATOM-CHAR or "]". */
+static int
+is_astring_char(unsigned char c)
+{
+	return c == ']' || is_atom_char(c);
+}
+
+/* tag = 1*<any ASTRING-CHAR except "+"> */
+int
+tag_is_valid(const char *s, size_t len)
+{
+	size_t i;
+
+	if (len == 0)
+		return 0;
+	for (i = 0; i < len; i++)
+		if (s[i] == '+' || !is_astring_char((unsigned char)s[i]))
+			return 0;
+	return 1;
+}
+
+static int
+parse_number(const char *s, size_t len, uint64_t *out)
+{
+	uint64_t v = 0;
+	size_t i;
+
+	if (len == 0 || len > 10)
+		return -1;
+	for (i = 0; i < len; i++) {
+		if (s[i] < '0' || s[i] > '9')
+			return -1;
+		v = v * 10 + (uint64_t)(s[i] - '0');
+	}
+	if (v > IMAP_NUMBER_MAX)
+		return -1;
+	*out = v;
+	return 0;
+}
+
+/*
+ * Does this line (CRLF already removed) end in a literal announcement?
+ * "{n}" is synchronizing, "{n+}" (RFC 7888) is not.  Anything that ends in
+ * "}" and opens with "{" but is not a valid 32-bit number is LIT_INVALID,
+ * so that "{-1}", "{12x}" and "{4294967296}" are refused, never guessed at.
+ */
+enum literal_kind
+literal_at_end(const char *line, size_t len, uint64_t *size)
+{
+	const char *open;
+	size_t digits;
+	int nonsync;
+
+	if (len < 3 || line[len - 1] != '}')
+		return LIT_NONE;
+	open = NULL;
+	for (size_t i = len - 1; i-- > 0;) {
+		if (line[i] == '{') {
+			open = line + i;
+			break;
+		}
+		if (line[i] == ' ' || line[i] == '"' || line[i] == ')')
+			break;
+	}
+	if (open == NULL)
+		return LIT_NONE;
+	digits = (size_t)(line + len - 1 - open - 1);
+	nonsync = digits > 0 && open[digits] == '+';
+	if (nonsync)
+		digits--;
+	if (parse_number(open + 1, digits, size) != 0)
+		return LIT_INVALID;
+	return nonsync ? LIT_NONSYNC : LIT_SYNC;
+}
+
+static void
+upcase(char *s, size_t len)
+{
+	for (size_t i = 0; i < len; i++)
+		s[i] = (char)toupper((unsigned char)s[i]);
+}
+
+struct cursor {
+	char	*p;
+	char	*end;
+};
+
+static int
+add_token(struct command *cmd, enum tok_type type, char *s, size_t len)
+{
+	if (cmd->ntok == CMD_MAX_TOKENS)
+		return -1;
+	cmd->tok[cmd->ntok].type = type;
+	cmd->tok[cmd->ntok].s = s;
+	cmd->tok[cmd->ntok].len = len;
+	cmd->ntok++;
+	return 0;
+}
+
+/* A quoted string, unescaped in place (the result is never longer). */
+static int
+parse_quoted(struct cursor *c, struct command *cmd)
+{
+	char *start = ++c->p, *out = start;
+
+	while (c->p < c->end) {
+		unsigned char ch = (unsigned char)*c->p++;
+
+		if (ch == '"') {
+			*out = '\0';
+			return add_token(cmd, TOK_QUOTED, start,
+			    (size_t)(out - start));
+		}
+		if (ch == '\r' || ch == '\n' || ch == '\0')
+			return -1;
+		if (ch == '\\') {
+			if (c->p == c->end || (*c->p != '"' && *c->p != '\\'))
+				return -1;
+			ch = (unsigned char)*c->p++;
+		}
+		*out++ = (char)ch;
+	}
+	return -1;
+}
+
+/* "{n}" or "{n+}", CRLF, then n bytes, as the command reader stored it. */
+static int
+parse_literal(struct cursor *c, struct command *cmd)
+{
+	char *close = memchr(c->p, '}', (size_t)(c->end - c->p));
+	size_t digits;
+	uint64_t n;
+
+	if (close == NULL)
+		return -1;
+	digits = (size_t)(close - c->p - 1);
+	if (digits > 0 && close[-1] == '+')
+		digits--;
+	if (parse_number(c->p + 1, digits, &n) != 0)
+		return -1;
+	c->p = close + 1;
+	if (c->end - c->p < 2 || c->p[0] != '\r' || c->p[1] != '\n')
+		return -1;
+	c->p += 2;
+	if ((uint64_t)(c->end - c->p) < n)
+		return -1;
+	if (add_token(cmd, TOK_LITERAL, c->p, (size_t)n) != 0)
+		return -1;
+	c->p += n;
+	return 0;
+}
+
+static int
+parse_atom(struct cursor *c, struct command *cmd)
+{
+	char *start = c->p;
+
+	while (c->p < c->end && is_astring_char((unsigned char)*c->p))
+		c->p++;
+	if (c->p == start)
+		return -1;
+	if (c->p - start == 3 && strncasecmp(start, "NIL", 3) == 0)
+		return add_token(cmd, TOK_NIL, start, 3);
+	return add_token(cmd, TOK_ATOM, start, (size_t)(c->p - start));
+}
+
+static int
+parse_arguments(struct cursor *c, struct command *cmd, const char **why)
+{
+	int depth = 0, need_space = 1;
+
+	while (c->p < c->end) {
+		int rc;
+
+		if (*c->p == ')') {
+			if (depth == 0 || add_token(cmd, TOK_RPAREN, c->p, 1))
+				goto bad;
+			depth--;
+			c->p++;
+			need_space = 1;
+			continue;
+		}
+		if (need_space) {
+			if (*c->p != ' ')
+				goto bad;
+			c->p++;
+		}
+		need_space = 1;
+		switch (*c->p) {
+		case '(':
+			if (add_token(cmd, TOK_LPAREN, c->p++, 1) != 0)
+				goto bad;
+			depth++;
+			need_space = 0;
+			continue;
+		case '"':
+			rc = parse_quoted(c, cmd);
+			break;
+		case '{':
+			rc = parse_literal(c, cmd);
+			break;
+		default:
+			rc = parse_atom(c, cmd);
+			break;
+		}
+		if (rc != 0)
+			goto bad;
+	}
+	if (depth == 0)
+		return 0;
+bad:
+	*why = cmd->ntok == CMD_MAX_TOKENS ? "Too many arguments" :
+	    depth > 0 && c->p >= c->end ? "Unbalanced parentheses" :
+	    "Invalid arguments";
+	return -1;
+}
+
+/*
+ * Parse one complete client command held in buf (literals inline, each
+ * after its "{n}\r\n", the final CRLF removed).  buf must have room for
+ * one byte more than len.  Tokens point into buf, which is modified in
+ * place: the tag, the name and quoted strings are NUL-terminated.
+ */
+enum parse_status
+parse_command(char *buf, size_t len, struct command *cmd, const char **why)
+{
+	struct cursor c = { buf, buf + len };
+	char *sp, *name_end;
+
+	memset(cmd, 0, sizeof(*cmd));
+	*why = "Invalid command";
+	sp = memchr(buf, ' ', len);
+	if (sp == NULL || !tag_is_valid(buf, (size_t)(sp - buf))) {
+		*why = sp == NULL ? "Missing command" : "Invalid tag";
+		return PARSE_NOTAG;
+	}
+	*sp = '\0';
+	cmd->tag = buf;
+	c.p = sp + 1;
+	cmd->name = c.p;
+	while (c.p < c.end && is_atom_char((unsigned char)*c.p))
+		c.p++;
+	if (c.p == cmd->name) {
+		*why = "Missing command";
+		return PARSE_BAD;
+	}
+	upcase(cmd->name, (size_t)(c.p - cmd->name));
+	name_end = c.p;
+	if (c.p < c.end && *c.p != ' ')
+		return PARSE_BAD;
+	if (parse_arguments(&c, cmd, why) != 0)
+		return PARSE_BAD;
+	/* Only now may the space after the name become its terminator. */
+	*name_end = '\0';
+	return PARSE_OK;
+}
+
+/* ------------------------------------------------------------------ */
+
+int
+str_add(struct str *b, const void *data, size_t len)
+{
+	if (b->len + len + 1 > b->cap) {
+		size_t ncap = b->cap ? b->cap : 256;
+		char *n;
+
+		while (ncap < b->len + len + 1)
+			ncap *= 2;
+		if ((n = malloc(ncap)) == NULL)
+			return -1;
+		if (b->s != NULL) {
+			memcpy(n, b->s, b->len);
+			/* The old block may hold a credential: wipe, then free. */
+			wipe(b->s, b->cap);
+			free(b->s);
+		}
+		b->s = n;
+		b->cap = ncap;
+	}
+	memcpy(b->s + b->len, data, len);
+	b->len += len;
+	b->s[b->len] = '\0';
+	return 0;
+}
+
+int
+str_adds(struct str *b, const char *s)
+{
+	return str_add(b, s, strlen(s));
+}
+
+int
+str_printf(struct str *b, const char *fmt, ...)
+{
+	char tmp[512];
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(tmp, sizeof(tmp), fmt, ap);
+	va_end(ap);
+	if (n < 0 || (size_t)n >= sizeof(tmp))
+		return -1;
+	return str_add(b, tmp, (size_t)n);
+}
+
+void
+str_wipe(struct str *b)
+{
+	if (b->s != NULL)
+		wipe(b->s, b->cap);
+	b->len = 0;
+}
+
+void
+str_free(struct str *b)
+{
+	str_wipe(b);
+	free(b->s);
+	b->s = NULL;
+	b->cap = 0;
+}
+
+int
+imap_append_string(struct str *b, const char *s, size_t len, int nonsync)
+{
+	int literal = 0;
+	size_t i;
+
+	for (i = 0; i < len; i++) {
+		unsigned char c = (unsigned char)s[i];
+
+		if (c == '\0')
+			return -1;
+		if (c == '\r' || c == '\n' || c >= 0x80)
+			literal = 1;
+	}
+	if (literal) {
+		if (str_printf(b, nonsync ? "{%zu+}\r\n" : "{%zu}\r\n",
+		    len) != 0 || str_add(b, s, len) != 0)
+			return -1;
+		return 1;
+	}
+	if (str_add(b, "\"", 1) != 0)
+		return -1;
+	for (i = 0; i < len; i++) {
+		if ((s[i] == '"' || s[i] == '\\') && str_add(b, "\\", 1) != 0)
+			return -1;
+		if (str_add(b, s + i, 1) != 0)
+			return -1;
+	}
+	return str_add(b, "\"", 1) == 0 ? 0 : -1;
+}
+
+/*
+ * Copy remote or client text for a log line: printable ASCII only, bounded.
+ * Returns the length written (dst is always NUL-terminated).
+ */
+size_t
+sanitize(char *dst, size_t dstsize, const char *src, size_t len)
+{
+	size_t i, o = 0;
+
+	if (dstsize == 0)
+		return 0;
+	for (i = 0; i < len && o + 1 < dstsize; i++) {
+		unsigned char c = (unsigned char)src[i];
+
+		dst[o++] = (c >= 0x20 && c < 0x7f) ? (char)c : '?';
+	}
+	if (i < len && dstsize > 4) {
+		o = o > dstsize - 4 ? dstsize - 4 : o;
+		memcpy(dst + o, "...", 3);
+		o += 3;
+	}
+	dst[o] = '\0';
+	return o;
+}
+
+/* Is this response line tagged with tag (followed by a space)? */
+int
+resp_is_tagged(const char *line, size_t len, const char *tag)
+{
+	size_t tl = strlen(tag);
+
+	return len > tl && memcmp(line, tag, tl) == 0 && line[tl] == ' ';
+}
+
+/*
+ * For a tagged (tag != NULL) or untagged ("*") status response, return the
+ * status word ("OK", "NO", "BAD", "BYE", "PREAUTH") and leave *rest_len as
+ * the length of what follows it.  NULL if the line is not one.
+ */
+const char *
+resp_status(const char *line, size_t len, const char *tag, size_t *rest_len)
+{
+	static const char *const words[] = { "OK", "NO", "BAD", "BYE",
+	    "PREAUTH" };
+	const char *p = line;
+	size_t n;
+
+	if (tag == NULL)
+		tag = "*";
+	if (!resp_is_tagged(line, len, tag))
+		return NULL;
+	p += strlen(tag) + 1;
+	n = len - (size_t)(p - line);
+	for (size_t i = 0; i < sizeof(words) / sizeof(words[0]); i++) {
+		size_t wl = strlen(words[i]);
+
+		if (n >= wl && strncasecmp(p, words[i], wl) == 0 &&
+		    (n == wl || p[wl] == ' ')) {
+			*rest_len = n - wl;
+			return words[i];
+		}
+	}
+	return NULL;
+}
+
+/* Case-insensitive search for a whole word in a space-separated list. */
+int
+caps_has(const char *caps, const char *cap)
+{
+	size_t cl = strlen(cap);
+	const char *p = caps;
+
+	while (p != NULL && *p != '\0') {
+		size_t wl;
+
+		while (*p == ' ')
+			p++;
+		wl = strcspn(p, " ");
+		if (wl == cl && strncasecmp(p, cap, cl) == 0)
+			return 1;
+		p += wl;
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------------ */
+
+void
+resp_scanner_init(struct resp_scanner *sc)
+{
+	memset(sc, 0, sizeof(*sc));
+}
+
+static void
+scanner_line_end(struct resp_scanner *sc)
+{
+	enum literal_kind k;
+	uint64_t size;
+	size_t tl = sc->tail_len;
+
+	if (sc->head_len >= 5 && memcmp(sc->head, "* ", 2) == 0 &&
+	    strncasecmp(sc->head + 2, "BYE", 3) == 0 &&
+	    (sc->head_len == 5 || sc->head[5] == ' ' || sc->head[5] == '\r'))
+		sc->saw_bye = 1;
+	if (tl > 0 && sc->tail[tl - 1] == '\r')
+		tl--;
+	k = literal_at_end(sc->tail, tl, &size);
+	if (k == LIT_SYNC || k == LIT_NONSYNC)
+		sc->literal_left = size;
+	sc->head_len = sc->tail_len = 0;
+}
+
+static void
+scanner_keep(struct resp_scanner *sc, const char *p, size_t n)
+{
+	size_t k = sizeof(sc->head) - sc->head_len;
+
+	if (k > n)
+		k = n;
+	memcpy(sc->head + sc->head_len, p, k);
+	sc->head_len += k;
+	if (n >= sizeof(sc->tail)) {
+		memcpy(sc->tail, p + n - sizeof(sc->tail), sizeof(sc->tail));
+		sc->tail_len = sizeof(sc->tail);
+		return;
+	}
+	if (sc->tail_len + n > sizeof(sc->tail)) {
+		size_t drop = sc->tail_len + n - sizeof(sc->tail);
+
+		memmove(sc->tail, sc->tail + drop, sc->tail_len - drop);
+		sc->tail_len -= drop;
+	}
+	memcpy(sc->tail + sc->tail_len, p, n);
+	sc->tail_len += n;
+}
+
+/*
+ * Follow a stream of server responses chunk by chunk: skip literal bodies
+ * and notice an untagged BYE, without copying or buffering the stream.
+ */
+void
+resp_scan(struct resp_scanner *sc, const char *p, size_t n)
+{
+	while (n > 0) {
+		const char *nl;
+		size_t seg;
+
+		if (sc->literal_left > 0) {
+			seg = sc->literal_left < n ? (size_t)sc->literal_left : n;
+			sc->literal_left -= seg;
+			p += seg;
+			n -= seg;
+			continue;
+		}
+		nl = memchr(p, '\n', n);
+		seg = nl != NULL ? (size_t)(nl - p) : n;
+		scanner_keep(sc, p, seg);
+		if (nl == NULL)
+			return;
+		scanner_line_end(sc);
+		p += seg + 1;
+		n -= seg + 1;
+	}
+}

@@ -1,0 +1,454 @@
+"""Test bed for imapfe: a real Dovecot back-end, imapfe run as inetd runs
+it (one process per connection on stdin/stdout) and as its own listener,
+and a scriptable back-end for fault injection.
+
+Every imapfe process a test starts is ended by PID when the test ends, and
+its sanitizer or valgrind report, if any, fails the test.
+
+Environment:
+  IMAPFE_BIN       the binary to test (default: ../imapfe)
+  IMAPFE_VALGRIND  1 to run every imapfe process under valgrind memcheck
+"""
+import base64
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOP = os.path.dirname(HERE)
+BIN = os.environ.get("IMAPFE_BIN", os.path.join(TOP, "imapfe"))
+VALGRIND = os.environ.get("IMAPFE_VALGRIND") == "1"
+SLOW = 8 if VALGRIND else 1          # valgrind runs code ~20x slower
+
+USERS = {"alice": "secret", "bob": "hunter2", "carol": "p\u00e4ss word"}
+MAILUID = 65534                      # nobody: Dovecot refuses root mail
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout=10.0, what="condition"):
+    """Poll predicate until it is true; fail the test at timeout."""
+    deadline = time.monotonic() + timeout * SLOW
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for " + what)
+
+
+def read_greeting(port, host="127.0.0.1", timeout=2.0):
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            data = b""
+            while b"\n" not in data:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            return data
+    except OSError:
+        return b""
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().split(") ")[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Dovecot
+
+DOVECOT_CONF = """\
+base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/dovecot.log
+info_log_path = {d}/dovecot.log
+protocols = imap
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = {mechs}
+auth_verbose = yes
+auth_verbose_passwords = no
+mail_location = maildir:{d}/mail/%u
+login_trusted_networks =
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {d}/passwd
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={uid} home={d}/mail/%u
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    port = 0
+  }}
+}}
+service submission-login {{
+  inet_listener submission {{
+    port = 0
+  }}
+}}
+service lmtp {{
+  unix_listener lmtp {{
+    mode = 0666
+  }}
+}}
+"""
+
+
+class Dovecot:
+    """A real Dovecot IMAP server under a temporary directory."""
+
+    def __init__(self, mechs="plain login"):
+        self.dir = tempfile.mkdtemp(prefix="imapfe-dovecot-")
+        os.chmod(self.dir, 0o755)
+        for sub in ("run", "state", "mail"):
+            os.mkdir(os.path.join(self.dir, sub))
+        os.chown(os.path.join(self.dir, "mail"), MAILUID, MAILUID)
+        self.port = free_port()
+        self.conf = os.path.join(self.dir, "dovecot.conf")
+        self.log = os.path.join(self.dir, "dovecot.log")
+        with open(self.conf, "w") as f:
+            f.write(DOVECOT_CONF.format(d=self.dir, port=self.port,
+                                        uid=MAILUID, mechs=mechs))
+        with open(os.path.join(self.dir, "passwd"), "w",
+                  encoding="utf-8") as f:
+            for user, pw in USERS.items():
+                f.write("%s:{PLAIN}%s::::::\n" % (user, pw))
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            ["dovecot", "-F", "-c", self.conf],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        # Ready means the real greeting, not "Waiting for authentication".
+        wait_for(lambda: b"ready" in read_greeting(self.port), 20,
+                 "dovecot greeting")
+
+    def stop(self):
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+        wait_for(lambda: read_greeting(self.port, timeout=0.2) == b"", 10,
+                 "dovecot to stop")
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+    def log_text(self):
+        with open(self.log, errors="replace") as f:
+            return f.read()
+
+    def close(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def imap(self, user="alice"):
+        import imaplib
+        m = imaplib.IMAP4("127.0.0.1", self.port)
+        m.login(user, USERS[user])
+        return m
+
+
+def sample_message(i, body=None):
+    body = body or ("Message number %d.\r\n" % i)
+    return ("From: sender@example.org\r\nTo: alice@example.org\r\n"
+            "Subject: test %d\r\nMessage-ID: <%d@example.org>\r\n\r\n%s"
+            % (i, i, body)).encode()
+
+
+@pytest.fixture(scope="session")
+def dovecot():
+    d = Dovecot()
+    m = d.imap("alice")
+    for i in range(1, 4):
+        m.append("INBOX", None, None, sample_message(i))
+    m.logout()
+    yield d
+    d.close()
+
+
+# ---------------------------------------------------------------------------
+# imapfe processes
+
+class Processes:
+    """Every imapfe process a test starts, ended by PID at the end."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.reports = os.path.join(tmp, "reports")
+        os.mkdir(self.reports)
+        self.procs = []
+        self.lock = threading.Lock()
+
+    def command(self, args):
+        cmd = [BIN] + args
+        if VALGRIND:
+            cmd = ["valgrind", "--quiet", "--error-exitcode=99",
+                   "--leak-check=full",
+                   "--show-leak-kinds=definite,indirect",
+                   "--errors-for-leak-kinds=definite,indirect",
+                   "--suppressions=" + os.path.join(HERE, "valgrind.supp"),
+                   "--log-file=" + os.path.join(self.reports,
+                                                "valgrind.%p")] + cmd
+        return cmd
+
+    def env(self):
+        env = dict(os.environ)
+        env["ASAN_OPTIONS"] = ("detect_leaks=1:abort_on_error=0:"
+                               "log_path=" + os.path.join(self.reports,
+                                                          "asan"))
+        env["UBSAN_OPTIONS"] = ("print_stacktrace=1:halt_on_error=1:"
+                                "log_path=" + os.path.join(self.reports,
+                                                           "ubsan"))
+        return env
+
+    def spawn(self, args, stdin=None, stdout=None, stderr=None,
+              pass_fds=()):
+        p = subprocess.Popen(self.command(args), stdin=stdin, stdout=stdout,
+                             stderr=stderr, env=self.env(),
+                             pass_fds=pass_fds)
+        with self.lock:
+            self.procs.append(p)
+        return p
+
+    def finish(self, timeout=10):
+        """Wait for every process to end (they should on their own); end
+        the rest by PID.  Returns the PIDs that had to be killed."""
+        killed = []
+        for p in self.procs:
+            try:
+                p.wait(timeout=timeout * SLOW)
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=5 * SLOW)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                killed.append(p.pid)
+        return killed
+
+    def report_text(self):
+        text = ""
+        for path in sorted(glob.glob(os.path.join(self.reports, "*"))):
+            with open(path, errors="replace") as f:
+                content = f.read()
+            if content.strip():
+                text += "==> %s\n%s\n" % (os.path.basename(path), content)
+        return text
+
+
+class Imapfe:
+    """One imapfe configuration, started inetd-style or as a listener."""
+
+    def __init__(self, procs, tmp, config):
+        self.procs = procs
+        self.tmp = tmp
+        self.conf = os.path.join(tmp, "imapfe.conf")
+        with open(self.conf, "w") as f:
+            f.write(config)
+        self.log = os.path.join(tmp, "imapfe.log")
+        self.port = None
+        self.listener = None
+        self._server = None
+        self._logf = open(self.log, "ab", buffering=0)
+
+    def log_text(self):
+        with open(self.log, errors="replace") as f:
+            return f.read()
+
+    def wait_log(self, text, timeout=10):
+        def seen():
+            log = self.log_text()
+            return log if text in log else None
+        return wait_for(seen, timeout, "log line %r" % text)
+
+    # inetd: a small accept loop that hands each connection to a new
+    # imapfe process on its stdin and stdout, as inetd's "nowait" does.
+    def start_inetd(self, extra_args=()):
+        self._server = socket.socket()
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(64)
+        self.port = self._server.getsockname()[1]
+        args = ["-d", "-f", self.conf] + list(extra_args)
+
+        def loop():
+            while True:
+                try:
+                    conn, _ = self._server.accept()
+                except OSError:
+                    return
+                self.procs.spawn(args, stdin=conn.fileno(),
+                                 stdout=conn.fileno(), stderr=self._logf)
+                conn.close()
+        threading.Thread(target=loop, daemon=True).start()
+        return self.port
+
+    def start_listener(self, extra_args=()):
+        self.port = free_port()
+        self.listener = self.procs.spawn(
+            ["-d", "-f", self.conf, "-l", "127.0.0.1:%d" % self.port]
+            + list(extra_args), stderr=self._logf)
+        wait_for(lambda: read_greeting(self.port).startswith(b"* OK"), 10,
+                 "imapfe listener")
+        return self.port
+
+    def stop(self):
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self.listener is not None and self.listener.poll() is None:
+            self.listener.send_signal(signal.SIGTERM)
+            self.listener.wait(timeout=20 * SLOW)
+            assert self.listener.returncode == 0, \
+                "listener exit status %s" % self.listener.returncode
+
+    def run_stdio(self, data, timeout=20):
+        """Run one session on a pipe, as a super-server would; return its
+        output."""
+        p = self.procs.spawn(["-d", "-f", self.conf],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=self._logf)
+        out, _ = p.communicate(data, timeout=timeout * SLOW)
+        return out
+
+
+@pytest.fixture
+def procs(tmp_path):
+    pr = Processes(str(tmp_path))
+    yield pr
+    killed = pr.finish()
+    report = pr.report_text()
+    assert not report, "sanitizer/valgrind report:\n" + report
+    bad = [p.returncode for p in pr.procs if p.returncode not in (0,)]
+    assert not killed, "imapfe processes did not exit: %s" % killed
+    assert not bad, "imapfe exit statuses: %s" % bad
+
+
+@pytest.fixture
+def imapfe_factory(procs, tmp_path):
+    made = []
+
+    def make(config, name="fe"):
+        d = os.path.join(str(tmp_path), name)
+        os.mkdir(d)
+        fe = Imapfe(procs, d, config)
+        made.append(fe)
+        return fe
+    yield make
+    for fe in made:
+        fe.stop()
+
+
+def base_config(backend_port, extra=""):
+    return ("route * 127.0.0.1:%d\n"
+            "login_timeout %d\n" % (backend_port, 30 * SLOW)) + extra
+
+
+@pytest.fixture
+def fe(imapfe_factory, dovecot):
+    """imapfe in front of the shared Dovecot, run inetd-style."""
+    f = imapfe_factory(base_config(dovecot.port))
+    f.start_inetd()
+    return f
+
+
+# ---------------------------------------------------------------------------
+# a raw IMAP client for what imaplib will not send
+
+class Raw:
+    def __init__(self, port, timeout=10):
+        self.sock = socket.create_connection(("127.0.0.1", port),
+                                             timeout=timeout * SLOW)
+        self.buf = b""
+        self.greeting = self.line()
+
+    def send(self, data):
+        if isinstance(data, str):
+            data = data.encode()
+        self.sock.sendall(data)
+
+    def line(self):
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed; buffered %r" % self.buf)
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line.decode("utf-8", "replace")
+
+    def until_tagged(self, tag):
+        """Lines up to and including the tagged one."""
+        lines = []
+        while True:
+            ln = self.line()
+            lines.append(ln)
+            if ln.startswith(tag + " "):
+                return lines
+
+    def cmd(self, tag, text):
+        self.send("%s %s\r\n" % (tag, text))
+        return self.until_tagged(tag)
+
+    def closed(self):
+        """True once the server has closed the connection."""
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return True
+                self.buf += chunk
+        except OSError:
+            return True
+
+    def close(self):
+        self.sock.close()
+
+
+def b64(s):
+    if isinstance(s, str):
+        s = s.encode()
+    return base64.b64encode(s).decode()

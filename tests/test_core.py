@@ -1,0 +1,609 @@
+"""The core session: pre-login commands, pass-through login to a real
+Dovecot, the relay, and the limits (issue 2)."""
+import imaplib
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import (SLOW, USERS, Raw, b64, base_config, pid_alive,
+                      sample_message, wait_for)
+from fakebackend import FakeBackend, plain_server
+
+
+def caps_of(line):
+    m = re.search(r"\[CAPABILITY ([^\]]*)\]", line)
+    assert m, line
+    return m.group(1).split()
+
+
+# --- before login ---------------------------------------------------------
+
+def test_greeting_advertises_only_what_imapfe_honours(fe):
+    c = Raw(fe.port)
+    assert c.greeting.startswith("* OK [CAPABILITY ")
+    caps = caps_of(c.greeting)
+    for cap in ("IMAP4rev1", "LITERAL-", "SASL-IR", "ID", "AUTH=PLAIN",
+                "AUTH=LOGIN"):
+        assert cap in caps
+    assert "LITERAL+" not in caps and "STARTTLS" not in caps
+    c.close()
+
+
+def test_capability_noop_logout(fe):
+    c = Raw(fe.port)
+    lines = c.cmd("a1", "CAPABILITY")
+    assert lines[0].startswith("* CAPABILITY IMAP4rev1 ")
+    assert lines[-1].startswith("a1 OK")
+    assert c.cmd("a2", "NOOP")[-1].startswith("a2 OK")
+    lines = c.cmd("a3", "LOGOUT")
+    assert lines[0].startswith("* BYE") and lines[-1].startswith("a3 OK")
+    assert c.closed()
+    fe.wait_log("reason=logout")
+
+
+def test_id_command(fe):
+    c = Raw(fe.port)
+    assert c.cmd("i1", "ID NIL") == ["* ID NIL", "i1 OK ID completed."]
+    lines = c.cmd("i2", 'ID ("name" "test" "version" NIL)')
+    assert lines[-1].startswith("i2 OK")
+    assert c.cmd("i3", 'ID ("name")')[-1].startswith("i3 BAD")
+    assert c.cmd("i4", "ID (" + '"k" "v" ' * 31 + ")")[-1].startswith(
+        "i4 BAD")
+    assert c.cmd("i5", 'ID ("%s" "v")' % ("f" * 31))[-1].startswith("i5 BAD")
+    c.close()
+
+
+@pytest.mark.parametrize("command,answer", [
+    ("SELECT INBOX", "BAD"), ("LIST \"\" *", "BAD"), ("FETCH 1 FLAGS", "BAD"),
+    ("ENABLE IMAP4rev2", "BAD"), ("XYZZY", "BAD"), ("NOOP extra", "BAD"),
+    ("AUTHENTICATE CRAM-MD5", "NO"), ("LOGIN onlyuser", "BAD"),
+])
+def test_other_commands_get_rfc_answer_and_session_goes_on(fe, command,
+                                                           answer):
+    c = Raw(fe.port)
+    lines = c.cmd("t1", command)
+    assert lines[-1].startswith("t1 %s " % answer), lines
+    assert c.cmd("t2", "NOOP")[-1].startswith("t2 OK")
+    c.close()
+
+
+def test_untagged_garbage_gets_star_bad(fe):
+    c = Raw(fe.port)
+    c.send("\r\n")
+    assert c.line().startswith("* BAD")
+    c.send("+foo NOOP\r\n")
+    assert c.line().startswith("* BAD")
+    assert c.cmd("t", "NOOP")[-1].startswith("t OK")
+    c.close()
+
+
+def test_too_many_bad_commands_end_the_session(fe):
+    c = Raw(fe.port)
+    c.send("GET / HTTP/1.1\r\n" * 12)
+    lines = []
+    while not c.closed():
+        pass
+    text = c.buf.decode()
+    assert text.count(" BAD ") == 10
+    assert "* BYE Too many invalid commands." in text
+    fe.wait_log("reason=limit")
+
+
+# --- login ----------------------------------------------------------------
+
+def test_login_with_imaplib_and_read_mail(fe):
+    m = imaplib.IMAP4("127.0.0.1", fe.port)
+    typ, data = m.login("alice", "secret")
+    assert typ == "OK"
+    typ, data = m.capability()
+    caps = data[0].decode().split()
+    assert "IDLE" in caps and "UIDPLUS" in caps
+    typ, data = m.select("INBOX")
+    assert typ == "OK" and int(data[0]) >= 3
+    typ, data = m.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    assert b"Subject: test 1" in data[0][1]
+    m.logout()
+    log = fe.wait_log("reason=logout")
+    assert 'event=login user="alice" method=LOGIN' in log
+    assert "secret" not in log
+
+
+def test_post_login_capabilities_come_from_the_backend(fe):
+    c = Raw(fe.port)
+    lines = c.cmd("l", "LOGIN alice secret")
+    caps = caps_of(lines[-1])
+    assert lines[-1].startswith("l OK [CAPABILITY ")
+    assert "MOVE" in caps and "LITERAL+" in caps
+    for gone in ("AUTH=PLAIN", "SASL-IR", "STARTTLS", "LOGINDISABLED"):
+        assert gone not in caps
+    c.cmd("z", "LOGOUT")
+    c.close()
+
+
+def test_authenticate_plain_without_and_with_sasl_ir(fe):
+    c = Raw(fe.port)
+    c.send("p1 AUTHENTICATE PLAIN\r\n")
+    assert c.line().startswith("+")
+    c.send(b64("\0alice\0secret") + "\r\n")
+    assert c.until_tagged("p1")[-1].startswith("p1 OK [CAPABILITY")
+    c.cmd("z", "LOGOUT")
+    c.close()
+    c = Raw(fe.port)
+    lines = c.cmd("p2", "AUTHENTICATE PLAIN " + b64("alice\0alice\0secret"))
+    assert lines[-1].startswith("p2 OK")
+    c.cmd("z", "LOGOUT")
+    c.close()
+
+
+def test_authenticate_plain_with_imaplib(fe):
+    m = imaplib.IMAP4("127.0.0.1", fe.port)
+    typ, _ = m.authenticate("PLAIN", lambda _: b"\0bob\0hunter2")
+    assert typ == "OK"
+    assert m.select("INBOX")[0] == "OK"
+    m.logout()
+
+
+def test_authenticate_login_mechanism(fe):
+    c = Raw(fe.port)
+    c.send("q AUTHENTICATE LOGIN\r\n")
+    assert c.line() == "+ VXNlcm5hbWU6"
+    c.send(b64("alice") + "\r\n")
+    assert c.line() == "+ UGFzc3dvcmQ6"
+    c.send(b64("secret") + "\r\n")
+    assert c.until_tagged("q")[-1].startswith("q OK")
+    c.cmd("z", "LOGOUT")
+    # SASL-IR carries the user name for LOGIN.
+    c = Raw(fe.port)
+    c.send("r AUTHENTICATE LOGIN %s\r\n" % b64("bob"))
+    assert c.line() == "+ UGFzc3dvcmQ6"
+    c.send(b64("hunter2") + "\r\n")
+    assert c.until_tagged("r")[-1].startswith("r OK")
+    c.close()
+
+
+def test_authenticate_cancel_and_bad_base64(fe):
+    c = Raw(fe.port)
+    c.send("c1 AUTHENTICATE PLAIN\r\n")
+    c.line()
+    c.send("*\r\n")
+    assert c.line().startswith("c1 BAD")
+    c.send("c2 AUTHENTICATE PLAIN\r\n")
+    c.line()
+    c.send("!!notbase64!!\r\n")
+    assert c.line().startswith("c2 BAD")
+    assert c.cmd("c3", "AUTHENTICATE PLAIN A===")[-1].startswith("c3 BAD")
+    # An authorization identity pass-through cannot honour is refused.
+    lines = c.cmd("c4", "AUTHENTICATE PLAIN " + b64("bob\0alice\0secret"))
+    assert lines[-1].startswith("c4 NO [AUTHORIZATIONFAILED]")
+    assert c.cmd("c5", "LOGIN alice secret")[-1].startswith("c5 OK")
+    c.close()
+
+
+def test_curl_login_and_fetch(fe):
+    for opts in ([], ["--login-options", "AUTH=PLAIN", "--sasl-ir"],
+                 ["--login-options", "AUTH=LOGIN"]):
+        out = subprocess.run(
+            ["curl", "-s", "-S", "--max-time", str(20 * SLOW)] + opts +
+            ["-u", "alice:secret",
+             "imap://127.0.0.1:%d/INBOX;MAILINDEX=2" % fe.port],
+            capture_output=True, timeout=30 * SLOW)
+        assert out.returncode == 0, out.stderr
+        assert b"Subject: test 2" in out.stdout
+
+
+def test_wrong_password_and_unknown_user_look_the_same(fe):
+    c = Raw(fe.port)
+    wrong = c.cmd("a", "LOGIN alice wrong")[-1]
+    unknown = c.cmd("b", "LOGIN nosuchuser secret")[-1]
+    assert wrong == "a NO [AUTHENTICATIONFAILED] Authentication failed."
+    assert unknown == "b NO [AUTHENTICATIONFAILED] Authentication failed."
+    assert c.cmd("c", "LOGIN alice secret")[-1].startswith("c OK")
+    c.close()
+    log = fe.log_text()
+    assert "wrong" not in log
+
+
+def test_unrouted_user_gets_authenticationfailed(imapfe_factory, dovecot):
+    f = imapfe_factory("route alice 127.0.0.1:%d\nroute *@example.com "
+                       "127.0.0.1:%d\n" % (dovecot.port, dovecot.port))
+    f.start_inetd()
+    c = Raw(f.port)
+    assert c.cmd("a", "LOGIN bob hunter2")[-1] == \
+        "a NO [AUTHENTICATIONFAILED] Authentication failed."
+    assert c.cmd("b", "LOGIN alice secret")[-1].startswith("b OK")
+    c.close()
+    f.wait_log('user="bob" method=LOGIN reason="no route for user"')
+
+
+def test_too_many_failures_end_with_bye(fe):
+    c = Raw(fe.port)
+    for t in ("a", "b"):
+        assert c.cmd(t, "LOGIN alice nope")[-1].startswith(t + " NO")
+    c.send("c LOGIN alice nope\r\n")
+    assert c.line().startswith("c NO")
+    assert c.line() == "* BYE Too many failed logins."
+    assert c.closed()
+
+
+def test_backend_down_gives_unavailable(imapfe_factory):
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    dead = port.getsockname()[1]
+    port.close()
+    f = imapfe_factory(base_config(dead))
+    f.start_inetd()
+    c = Raw(f.port)
+    assert c.cmd("a", "LOGIN alice secret")[-1].startswith(
+        "a NO [UNAVAILABLE]")
+    c.close()
+    f.wait_log("connect: Connection refused")
+
+
+def test_literals_synchronizing_and_not(fe):
+    c = Raw(fe.port)
+    c.send("a LOGIN {5}\r\n")
+    assert c.line().startswith("+ ")
+    c.send("alice {6}\r\n")
+    assert c.line().startswith("+ ")
+    c.send("secret\r\n")
+    assert c.until_tagged("a")[-1].startswith("a OK")
+    c.cmd("z", "LOGOUT")
+    c = Raw(fe.port)
+    c.send("b LOGIN {3+}\r\nbob {7+}\r\nhunter2\r\n")
+    assert c.until_tagged("b")[-1].startswith("b OK")
+    c.close()
+
+
+def test_eight_bit_password_via_literal(fe):
+    pw = USERS["carol"].encode("utf-8")
+    c = Raw(fe.port)
+    c.send(b"a LOGIN carol {%d+}\r\n%s\r\n" % (len(pw), pw))
+    assert c.until_tagged("a")[-1].startswith("a OK")
+    c.close()
+
+
+def test_quoted_strings_with_escapes(fe):
+    c = Raw(fe.port)
+    assert c.cmd("a", r'LOGIN "alice" "secret"')[-1].startswith("a OK")
+    c.close()
+    c = Raw(fe.port)
+    assert c.cmd("b", r'LOGIN "al\ice" "x"')[-1].startswith("b BAD")
+    assert c.cmd("c", r'LOGIN "unterminated')[-1].startswith("c BAD")
+    c.close()
+
+
+# --- injection ------------------------------------------------------------
+
+def test_hostile_user_name_reaches_backend_as_one_login(imapfe_factory,
+                                                        dovecot):
+    """A user name holding a quote and a backslash is one login attempt at
+    the back-end, quoted; one with CR LF never reaches it at all."""
+    fake = FakeBackend(lambda c: plain_server(
+        c, caps="IMAP4rev1", accept=lambda u, p: False))
+    try:
+        f = imapfe_factory(base_config(fake.port, "max_login_failures 5\n"))
+        f.start_inetd()
+        c = Raw(f.port)
+        evil = b'ev"il\\ a NOOP'
+        c.send(b"a LOGIN {%d}\r\n" % len(evil))
+        c.line()
+        c.send(evil + b" pw\r\n")
+        assert c.until_tagged("a")[-1].startswith("a NO [AUTHENTICATIONFAIL")
+        crlf = b"x\r\nb DELETE INBOX"
+        c.send(b"b LOGIN {%d}\r\n" % len(crlf))
+        c.line()
+        c.send(crlf + b" pw\r\n")
+        assert c.until_tagged("b")[-1] == \
+            "b NO [AUTHENTICATIONFAILED] Authentication failed."
+        c.send(b"c AUTHENTICATE PLAIN " +
+               b64(b"\0x\r\nc DELETE INBOX\0pw").encode() + b"\r\n")
+        assert c.until_tagged("c")[-1].startswith("c NO [AUTHENTICATIONF")
+        c.cmd("z", "LOGOUT")
+        c.close()
+        wait_for(lambda: len(fake.received) == 1, 10, "one connection")
+        sent = bytes(fake.received[0])
+        # Exactly: the LOGIN (no SASL mechanism offered), quoted, and
+        # whatever imapfe sent on disconnecting; no other command.
+        lines = [l for l in sent.split(b"\r\n") if l]
+        assert lines == [b'F1 LOGIN "ev\\"il\\\\ a NOOP" "pw"'], lines
+    finally:
+        fake.close()
+    # The real Dovecot sees the same name as a single failed attempt.
+    g = imapfe_factory(base_config(dovecot.port), name="fe2")
+    g.start_inetd()
+    c = Raw(g.port)
+    c.send(b"a LOGIN {%d}\r\n" % len(evil))
+    c.line()
+    c.send(evil + b" pw\r\n")
+    assert c.until_tagged("a")[-1].startswith("a NO [AUTHENTICATIONFAILED]")
+    c.cmd("z", "LOGOUT")
+    c.close()
+    wait_for(lambda: "auth failed, 1 attempts" in dovecot.log_text() and
+             'ev"il' in dovecot.log_text(), 10, "dovecot's log line")
+
+
+def test_literal_user_name_is_sent_as_literal(imapfe_factory):
+    """Eight-bit bytes go to the back-end as a literal, waiting for its
+    continuation when it has no LITERAL+."""
+    got = {}
+
+    def script(conn):
+        conn.sendline("* OK [CAPABILITY IMAP4rev1] fake ready")
+        ln = conn.line()
+        m = re.match(r"(\S+) LOGIN \{(\d+)\}$", ln)
+        got["first"] = ln
+        conn.sendline("+ go")
+        user = conn.read_exact(int(m.group(2)))
+        got["user"] = user
+        rest = conn.line()
+        got["rest"] = rest
+        conn.sendline(m.group(1) + " OK [CAPABILITY IMAP4rev1 IDLE] in")
+        ln = conn.line()
+        if ln and "LOGOUT" in ln:
+            conn.sendline("* BYE bye")
+            conn.sendline(ln.split()[0] + " OK bye")
+
+    fake = FakeBackend(script)
+    try:
+        f = imapfe_factory(base_config(fake.port))
+        f.start_inetd()
+        c = Raw(f.port)
+        user = "j\u00fcrgen".encode()
+        c.send(b"a LOGIN {%d+}\r\n%s pw\r\n" % (len(user), user))
+        assert c.until_tagged("a")[-1].startswith("a OK")
+        c.cmd("z", "LOGOUT")
+        c.close()
+        assert got["user"] == user and got["rest"] == ' "pw"'
+    finally:
+        fake.close()
+
+
+# --- relay ----------------------------------------------------------------
+
+def test_append_and_fetch_10_mib_byte_for_byte(fe, dovecot):
+    body = bytes((i * 7 + 13) % 251 + 1 for i in range(10 * 1024 * 1024))
+    body = body.replace(b"\r", b"x").replace(b"\n", b"y")
+    lines = [body[i:i + 998] for i in range(0, len(body), 998)]
+    msg = (b"From: a@example.org\r\nSubject: big\r\n\r\n" +
+           b"\r\n".join(lines) + b"\r\n")
+    m = imaplib.IMAP4("127.0.0.1", fe.port)
+    m.login("bob", "hunter2")
+    m.create("Big")
+    typ, data = m.append("Big", None, None, msg)
+    assert typ == "OK"
+    m.select("Big")
+    typ, data = m.fetch("1", "(BODY.PEEK[])")
+    assert typ == "OK"
+    assert data[0][1] == msg
+    m.close()
+    m.delete("Big")
+    m.logout()
+    log = fe.wait_log("reason=logout")
+    assert re.search(r"bytes_in=(\d{8})", log)
+
+
+def test_idle_sees_message_appended_by_another_client(fe, dovecot):
+    c = Raw(fe.port)
+    assert c.cmd("a", "LOGIN bob hunter2")[-1].startswith("a OK")
+    c.cmd("b", "SELECT INBOX")
+    c.send("i IDLE\r\n")
+    assert c.line().startswith("+ ")
+    other = dovecot.imap("bob")
+    other.append("INBOX", None, None, sample_message(7))
+    other.logout()
+    assert re.match(r"\* \d+ EXISTS", c.line())
+    c.send("DONE\r\n")
+    assert c.until_tagged("i")[-1].startswith("i OK")
+    c.cmd("z", "LOGOUT")
+    c.close()
+
+
+def test_pipelined_commands_after_login_reach_backend(fe):
+    c = Raw(fe.port)
+    c.send("a LOGIN alice secret\r\nb SELECT INBOX\r\nc NOOP\r\n")
+    assert c.until_tagged("a")[-1].startswith("a OK")
+    assert c.until_tagged("b")[-1].startswith("b OK")
+    assert c.until_tagged("c")[-1].startswith("c OK")
+    c.close()
+
+
+def test_backend_closing_mid_session_gives_bye(imapfe_factory):
+    def script(conn):
+        plain_server(conn, after_login=lambda cn: cn.line())
+    fake = FakeBackend(script)
+    try:
+        f = imapfe_factory(base_config(fake.port))
+        f.start_inetd()
+        c = Raw(f.port)
+        assert c.cmd("a", "LOGIN alice secret")[-1].startswith("a OK")
+        c.send("b NOOP\r\n")
+        assert c.line() == "* BYE Back-end server closed the connection."
+        assert c.closed()
+        f.wait_log("reason=backend-gone")
+    finally:
+        fake.close()
+
+
+def test_client_leaving_closes_backend_at_once(imapfe_factory):
+    closed = threading.Event()
+
+    def script(conn):
+        def after(cn):
+            cn.line()
+            closed.set()
+        plain_server(conn, after_login=after)
+    fake = FakeBackend(script)
+    try:
+        f = imapfe_factory(base_config(fake.port))
+        f.start_inetd()
+        c = Raw(f.port)
+        assert c.cmd("a", "LOGIN alice secret")[-1].startswith("a OK")
+        c.close()
+        assert closed.wait(10 * SLOW)
+        f.wait_log("reason=client-gone")
+    finally:
+        fake.close()
+
+
+def test_configuration_loop_is_refused(imapfe_factory):
+    f = imapfe_factory("route * 127.0.0.1:1\n")
+    port = f.start_inetd()
+    with open(f.conf, "w") as fh:
+        fh.write("route * 127.0.0.1:%d\n" % port)
+    c = Raw(port)
+    assert c.cmd("a", "LOGIN alice secret")[-1].startswith(
+        "a NO [UNAVAILABLE]")
+    c.cmd("z", "LOGOUT")
+    c.close()
+    f.wait_log("configuration loop")
+
+
+# --- limits ---------------------------------------------------------------
+
+def test_overlong_line_ends_with_bye(imapfe_factory, dovecot):
+    f = imapfe_factory(base_config(dovecot.port, "max_line_length 1024\n"))
+    f.start_inetd()
+    c = Raw(f.port)
+    c.send("a NOOP " + "x" * 2000 + "\r\n")
+    assert c.line() == "* BYE Command line too long."
+    assert c.closed()
+    f.wait_log("reason=limit")
+
+
+def test_prelogin_literal_over_limit_ends_with_bye(fe):
+    c = Raw(fe.port)
+    c.send("a LOGIN {5000}\r\n")
+    assert c.line() == "* BYE Literal too large."
+    assert c.closed()
+    c = Raw(fe.port)
+    c.send("a LOGIN {5000+}\r\n" + "x" * 5000 + " y\r\n")
+    assert c.line() == "* BYE Literal too large."
+    assert c.closed()
+
+
+@pytest.mark.parametrize("announce", ["{4294967296}", "{-1}",
+                                      "{99999999999999999999}", "{12x}"])
+def test_invalid_literal_sizes_get_bad(fe, announce):
+    c = Raw(fe.port)
+    c.send("a LOGIN %s\r\n" % announce)
+    assert c.line() == "a BAD Invalid literal size."
+    assert c.cmd("b", "NOOP")[-1].startswith("b OK")
+    c.close()
+
+
+def test_login_timeout_ends_with_bye(imapfe_factory, dovecot):
+    f = imapfe_factory("route * 127.0.0.1:%d\nlogin_timeout %d\n"
+                       % (dovecot.port, 2 * SLOW))
+    f.start_inetd()
+    c = Raw(f.port)
+    start = time.monotonic()
+    c.send("a NOOP\r\n")
+    assert c.line().startswith("a OK")
+    assert c.line() == "* BYE Disconnected for inactivity."
+    assert c.closed()
+    assert time.monotonic() - start < 10 * SLOW
+    f.wait_log("reason=timeout")
+
+
+def test_slowloris_is_cut_at_login_timeout(imapfe_factory, dovecot):
+    f = imapfe_factory("route * 127.0.0.1:%d\nlogin_timeout %d\n"
+                       % (dovecot.port, 2 * SLOW))
+    f.start_inetd()
+    c = Raw(f.port)
+    start = time.monotonic()
+    with pytest.raises(EOFError):
+        for ch in "a LOGIN alice secret":
+            c.send(ch)
+            time.sleep(0.5)
+            c.sock.settimeout(0.01)
+            try:
+                data = c.sock.recv(100)
+                if data == b"":
+                    raise EOFError
+                c.buf += data
+            except socket.timeout:
+                pass
+            c.sock.settimeout(10)
+        c.line()
+        c.line()
+    assert b"* BYE Disconnected for inactivity." in c.buf
+    assert time.monotonic() - start < 8 * SLOW
+
+
+def test_idle_timeout_after_login(imapfe_factory, dovecot):
+    f = imapfe_factory(base_config(dovecot.port, "idle_timeout %d\n"
+                                   % (2 * SLOW)))
+    f.start_inetd()
+    c = Raw(f.port)
+    assert c.cmd("a", "LOGIN alice secret")[-1].startswith("a OK")
+    assert c.line() == "* BYE Disconnected for inactivity."
+    assert c.closed()
+
+
+# --- process model --------------------------------------------------------
+
+def test_stdio_session_like_inetd(imapfe_factory, dovecot):
+    f = imapfe_factory(base_config(dovecot.port))
+    out = f.run_stdio(b"a CAPABILITY\r\nb LOGOUT\r\n")
+    assert out.startswith(b"* OK [CAPABILITY")
+    assert b"b OK LOGOUT completed." in out
+
+
+def test_listener_forks_a_process_per_connection(imapfe_factory, dovecot):
+    f = imapfe_factory(base_config(dovecot.port))
+    f.start_listener()
+    clients = [imaplib.IMAP4("127.0.0.1", f.port) for _ in range(5)]
+    for m in clients:
+        assert m.login("alice", "secret")[0] == "OK"
+    children = wait_for(lambda: [
+        p for p in os.listdir("/proc") if p.isdigit() and
+        _ppid(int(p)) == f.listener.pid] if len([
+            p for p in os.listdir("/proc") if p.isdigit() and
+            _ppid(int(p)) == f.listener.pid]) >= 5 else None, 10,
+        "five session processes")
+    assert len(children) >= 5
+    for m in clients:
+        m.select("INBOX")
+        m.logout()
+    # Every child is reaped: none is left as a zombie.
+    wait_for(lambda: not [p for p in os.listdir("/proc") if p.isdigit()
+                          and _ppid(int(p)) == f.listener.pid], 10,
+             "children reaped")
+    f.stop()
+
+
+def test_listener_sigterm_ends_sessions_with_bye(imapfe_factory, dovecot):
+    f = imapfe_factory(base_config(dovecot.port))
+    f.start_listener()
+    c = Raw(f.port)
+    assert c.cmd("a", "LOGIN alice secret")[-1].startswith("a OK")
+    d = Raw(f.port)
+    f.listener.send_signal(signal.SIGTERM)
+    assert d.line() == "* BYE Server shutting down."
+    assert c.line() == "* BYE Server shutting down."
+    f.listener.wait(timeout=20 * SLOW)
+    assert f.listener.returncode == 0
+
+
+def test_config_check_flag(imapfe_factory, tmp_path):
+    bad = tmp_path / "bad.conf"
+    bad.write_text("route * nohostport\n")
+    r = subprocess.run([os.environ.get("IMAPFE_BIN") or
+                        os.path.join(os.path.dirname(__file__), "..",
+                                     "imapfe"), "-t", "-f", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "bad.conf:1: bad route target" in r.stderr
+
+
+def _ppid(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return int(f.read().rsplit(") ", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
