@@ -1043,14 +1043,17 @@ session_relay(struct session *s)
 		}
 		if (pfd[1].revents != 0 && (st = iobuf_fill(b)) != IO_OK) {
 			relay_pending(b, c, &sc);
-			/* After its BYE (a LOGOUT, mostly) the close is due. */
-			s->end = sc.saw_bye ? END_LOGOUT : END_BACKEND_GONE;
+			s->end = END_BACKEND_GONE;
 			if (!sc.saw_bye)
 				client_send(s, "* BYE Back-end server closed "
 				    "the connection.");
 			break;
 		}
 	}
+	/* After the back-end's BYE (a LOGOUT, mostly) either side may close. */
+	if (sc.saw_bye && (s->end == END_BACKEND_GONE ||
+	    s->end == END_CLIENT_GONE))
+		s->end = END_LOGOUT;
 }
 
 /* ------------------------------------------------------------------ */

@@ -1,0 +1,295 @@
+/*
+ * Unit tests for the pure parts of imapfe: the command parser, literal
+ * announcements, IMAP string quoting, base64, SASL PLAIN, capability
+ * filtering and the response scanner.  Ends with "N passed, N failed".
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "imapfe.h"
+
+volatile sig_atomic_t shutdown_requested;
+
+static int passed, failed;
+
+#define CHECK(cond) check((cond), #cond, __FILE__, __LINE__)
+
+static void
+check(int ok, const char *what, const char *file, int line)
+{
+	if (ok) {
+		passed++;
+		return;
+	}
+	failed++;
+	printf("FAIL %s:%d: %s\n", file, line, what);
+}
+
+void
+log_msg(int prio, const char *fmt, ...)
+{
+	(void)prio;
+	(void)fmt;
+}
+
+/* Parse text (a C string, literals inline) into cmd. */
+static enum parse_status
+parse(const char *text, size_t len, struct command *cmd, char **keep)
+{
+	const char *why;
+
+	*keep = malloc(len + 1);
+	memcpy(*keep, text, len);
+	return parse_command(*keep, len, cmd, &why);
+}
+
+static int
+tok_is(const struct token *t, enum tok_type type, const char *s)
+{
+	return t->type == type && t->len == strlen(s) &&
+	    memcmp(t->s, s, t->len) == 0;
+}
+
+static void
+test_parser(void)
+{
+	struct command *c = malloc(sizeof(*c));
+	char *b;
+
+	CHECK(parse("a1 login alice secret", 21, c, &b) == PARSE_OK);
+	CHECK(strcmp(c->tag, "a1") == 0 && strcmp(c->name, "LOGIN") == 0);
+	CHECK(c->ntok == 2 && tok_is(&c->tok[0], TOK_ATOM, "alice") &&
+	    tok_is(&c->tok[1], TOK_ATOM, "secret"));
+	free(b);
+
+	CHECK(parse("t LOGIN \"a\\\"b\\\\c\" \"\"", 20, c, &b) == PARSE_OK);
+	CHECK(c->ntok == 2 && tok_is(&c->tok[0], TOK_QUOTED, "a\"b\\c") &&
+	    tok_is(&c->tok[1], TOK_QUOTED, ""));
+	free(b);
+
+	/* a literal holding CR LF and a quote, then a non-sync literal */
+	const char lit[] = "x LOGIN {5}\r\na\r\n\"b {2+}\r\npw";
+	CHECK(parse(lit, sizeof(lit) - 1, c, &b) == PARSE_OK);
+	CHECK(c->ntok == 2 && tok_is(&c->tok[0], TOK_LITERAL, "a\r\n\"b") &&
+	    tok_is(&c->tok[1], TOK_LITERAL, "pw"));
+	free(b);
+
+	CHECK(parse("i ID (\"name\" \"x\" \"v\" NIL)", 25, c, &b) ==
+	    PARSE_OK);
+	CHECK(c->ntok == 6 && c->tok[0].type == TOK_LPAREN &&
+	    c->tok[4].type == TOK_NIL && c->tok[5].type == TOK_RPAREN);
+	free(b);
+
+	CHECK(parse("n NOOP", 6, c, &b) == PARSE_OK && c->ntok == 0 &&
+	    strcmp(c->name, "NOOP") == 0);
+	free(b);
+
+	/* malformed input */
+	CHECK(parse("NOOP", 4, c, &b) == PARSE_NOTAG);
+	free(b);
+	CHECK(parse("+x NOOP", 7, c, &b) == PARSE_NOTAG);
+	free(b);
+	CHECK(parse("a{ NOOP", 7, c, &b) == PARSE_NOTAG);
+	free(b);
+	CHECK(parse("a ", 2, c, &b) == PARSE_BAD);
+	free(b);
+	CHECK(parse("a LOGIN \"open", 13, c, &b) == PARSE_BAD);
+	free(b);
+	CHECK(parse("a LOGIN \"bad\\q\"", 15, c, &b) == PARSE_BAD);
+	free(b);
+	CHECK(parse("a ID (\"x\"", 9, c, &b) == PARSE_BAD);
+	free(b);
+	CHECK(parse("a ID \"x\")", 9, c, &b) == PARSE_BAD);
+	free(b);
+	CHECK(parse("a LOGIN  x", 10, c, &b) == PARSE_BAD);
+	free(b);
+	CHECK(parse("a LOGIN x\xff", 10, c, &b) == PARSE_BAD);
+	free(b);
+	CHECK(parse("a LOGIN x\001y", 11, c, &b) == PARSE_BAD);
+	free(b);
+	CHECK(parse("a LOGIN {5}\r\nab", 15, c, &b) == PARSE_BAD);
+	free(b);
+	CHECK(parse("a LOGIN \"x\0y\"", 13, c, &b) == PARSE_BAD);
+	free(b);
+
+	/* too many tokens */
+	{
+		size_t n = 2 + 3 * (CMD_MAX_TOKENS + 1);
+		char *many = malloc(n + 1);
+
+		memcpy(many, "a X", 3);
+		for (size_t i = 3; i + 2 < n; i += 2)
+			memcpy(many + i, " y", 2);
+		n = 3 + 2 * (CMD_MAX_TOKENS + 1);
+		CHECK(parse(many, n, c, &b) == PARSE_BAD);
+		free(b);
+		free(many);
+	}
+	free(c);
+}
+
+static void
+test_literal_at_end(void)
+{
+	uint64_t n = 0;
+
+	CHECK(literal_at_end("a LOGIN {5}", 11, &n) == LIT_SYNC && n == 5);
+	CHECK(literal_at_end("a LOGIN {5+}", 12, &n) == LIT_NONSYNC && n == 5);
+	CHECK(literal_at_end("a LOGIN {0}", 11, &n) == LIT_SYNC && n == 0);
+	CHECK(literal_at_end("a {4294967295}", 14, &n) == LIT_SYNC &&
+	    n == 4294967295ULL);
+	CHECK(literal_at_end("a {4294967296}", 14, &n) == LIT_INVALID);
+	CHECK(literal_at_end("a {-1}", 6, &n) == LIT_INVALID);
+	CHECK(literal_at_end("a {12x}", 7, &n) == LIT_INVALID);
+	CHECK(literal_at_end("a {}", 4, &n) == LIT_INVALID);
+	CHECK(literal_at_end("a {+}", 5, &n) == LIT_INVALID);
+	CHECK(literal_at_end("a {99999999999999999999}", 24, &n) ==
+	    LIT_INVALID);
+	CHECK(literal_at_end("a NOOP", 6, &n) == LIT_NONE);
+	CHECK(literal_at_end("a \"x}\"", 6, &n) == LIT_NONE);
+	CHECK(literal_at_end("}", 1, &n) == LIT_NONE);
+}
+
+static void
+test_quoting(void)
+{
+	struct str b = { 0 };
+
+	CHECK(imap_append_string(&b, "plain", 5, 0) == 0 &&
+	    strcmp(b.s, "\"plain\"") == 0);
+	str_free(&b);
+	CHECK(imap_append_string(&b, "a\"b\\c", 5, 0) == 0 &&
+	    strcmp(b.s, "\"a\\\"b\\\\c\"") == 0);
+	str_free(&b);
+	CHECK(imap_append_string(&b, "", 0, 0) == 0 && strcmp(b.s, "\"\"") == 0);
+	str_free(&b);
+	CHECK(imap_append_string(&b, "x\r\ny", 4, 0) == 1 &&
+	    strcmp(b.s, "{4}\r\nx\r\ny") == 0);
+	str_free(&b);
+	CHECK(imap_append_string(&b, "j\xc3\xbcrgen", 7, 1) == 1 &&
+	    strcmp(b.s, "{7+}\r\nj\xc3\xbcrgen") == 0);
+	str_free(&b);
+	CHECK(imap_append_string(&b, "a\0b", 3, 0) == -1);
+	str_free(&b);
+}
+
+static void
+test_base64(void)
+{
+	char out[64];
+	size_t n;
+
+	CHECK(base64_decode("AGFsaWNlAHNlY3JldA==", 20, out, sizeof(out), &n)
+	    == 0 && n == 13 && memcmp(out, "\0alice\0secret", 13) == 0);
+	CHECK(base64_decode("", 0, out, sizeof(out), &n) == 0 && n == 0);
+	CHECK(base64_decode("YQ==", 4, out, sizeof(out), &n) == 0 && n == 1);
+	CHECK(base64_decode("YWI=", 4, out, sizeof(out), &n) == 0 && n == 2);
+	CHECK(base64_decode("YQ=", 3, out, sizeof(out), &n) != 0);
+	CHECK(base64_decode("Y===", 4, out, sizeof(out), &n) != 0);
+	CHECK(base64_decode("YQ==YQ==", 8, out, sizeof(out), &n) != 0);
+	CHECK(base64_decode("Y!==", 4, out, sizeof(out), &n) != 0);
+	CHECK(base64_decode("YQ\0=", 4, out, sizeof(out), &n) != 0);
+	CHECK(base64_decode("YWJj", 4, out, 2, &n) != 0);
+	CHECK(base64_encode((const unsigned char *)"ab", 2, out, sizeof(out))
+	    == 4 && strcmp(out, "YWI=") == 0);
+	CHECK(base64_encode((const unsigned char *)"", 0, out, sizeof(out))
+	    == 0 && out[0] == '\0');
+	CHECK(base64_encode((const unsigned char *)"abc", 3, out, 4) == 0);
+}
+
+static void
+test_plain(void)
+{
+	struct credentials cr = { 0 };
+
+	CHECK(sasl_plain_split("\0alice\0secret", 13, &cr) == PLAIN_OK &&
+	    strcmp(cr.user, "alice") == 0 && strcmp(cr.pass, "secret") == 0);
+	credentials_clear(&cr);
+	CHECK(sasl_plain_split("alice\0alice\0pw", 14, &cr) == PLAIN_OK);
+	credentials_clear(&cr);
+	CHECK(sasl_plain_split("bob\0alice\0pw", 12, &cr) == PLAIN_AUTHZID);
+	CHECK(sasl_plain_split("\0alice", 6, &cr) == PLAIN_MALFORMED);
+	CHECK(sasl_plain_split("\0\0pw", 4, &cr) == PLAIN_MALFORMED);
+	CHECK(sasl_plain_split("\0a\0p\0w", 6, &cr) == PLAIN_MALFORMED);
+	CHECK(sasl_plain_split("", 0, &cr) == PLAIN_MALFORMED);
+	CHECK(credentials_acceptable("ok", 2) &&
+	    !credentials_acceptable("a\rb", 3) &&
+	    !credentials_acceptable("a\nb", 3) &&
+	    !credentials_acceptable("a\0b", 3));
+}
+
+static void
+test_caps(void)
+{
+	char *c = caps_for_client("IMAP4rev1 SASL-IR AUTH=PLAIN IDLE "
+	    "STARTTLS LOGINDISABLED COMPRESS=DEFLATE MOVE auth=login");
+
+	CHECK(c != NULL && strcmp(c, "IMAP4rev1 IDLE MOVE") == 0);
+	free(c);
+	CHECK(caps_has("IMAP4rev1 LITERAL+ IDLE", "literal+"));
+	CHECK(!caps_has("IMAP4rev1 LITERAL+X", "LITERAL+"));
+}
+
+static void
+test_scanner(void)
+{
+	struct resp_scanner sc;
+	const char *s1 = "* 1 FETCH (BODY[] {14}\r\n* BYE in body\r\n)\r\n";
+
+	resp_scanner_init(&sc);
+	resp_scan(&sc, s1, strlen(s1));
+	CHECK(!sc.saw_bye && sc.literal_left == 0);
+	/* the same, split at every byte */
+	resp_scanner_init(&sc);
+	for (size_t i = 0; i < strlen(s1); i++)
+		resp_scan(&sc, s1 + i, 1);
+	CHECK(!sc.saw_bye);
+	resp_scan(&sc, "* BYE Logging out\r\n", 19);
+	CHECK(sc.saw_bye);
+	resp_scanner_init(&sc);
+	resp_scan(&sc, "* bye\r\n", 7);
+	CHECK(sc.saw_bye);
+	resp_scanner_init(&sc);
+	resp_scan(&sc, "* BYEBYE\r\n", 10);
+	CHECK(!sc.saw_bye);
+}
+
+static void
+test_resp_status(void)
+{
+	size_t rest;
+
+	CHECK(strcmp(resp_status("F1 OK done", 10, "F1", &rest), "OK") == 0 &&
+	    rest == 5);
+	CHECK(strcmp(resp_status("* BYE", 5, NULL, &rest), "BYE") == 0);
+	CHECK(resp_status("F12 OK", 6, "F1", &rest) == NULL);
+	CHECK(resp_status("F1 OKAY", 7, "F1", &rest) == NULL);
+}
+
+static void
+test_sanitize(void)
+{
+	char out[16];
+
+	sanitize(out, sizeof(out), "a\r\nb\x01", 5);
+	CHECK(strcmp(out, "a??b?") == 0);
+	sanitize(out, sizeof(out), "0123456789abcdefghij", 20);
+	CHECK(strlen(out) == 15 && strcmp(out + 12, "...") == 0);
+}
+
+int
+main(void)
+{
+	test_parser();
+	test_literal_at_end();
+	test_quoting();
+	test_base64();
+	test_plain();
+	test_caps();
+	test_scanner();
+	test_resp_status();
+	test_sanitize();
+	printf("%d passed, %d failed\n", passed, failed);
+	return failed == 0 ? 0 : 1;
+}
