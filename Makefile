@@ -15,11 +15,11 @@ CFLAGS	+= -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wformat=2 \
 CPPFLAGS += $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 LDLIBS	+= $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lsasl2 -lssl -lcrypto)
 
-SRCS	 = imapfe.c auth.c backend.c proto.c iobuf.c
+SRCS	 = imapfe.c auth.c backend.c proto.c iobuf.c tls.c
 OBJS	 = $(SRCS:.c=.o)
 HDRS	 = imapfe.h
 # The parts the C unit tests and fuzzers link without main().
-LIBSRCS	 = auth.c backend.c proto.c iobuf.c
+LIBSRCS	 = auth.c backend.c proto.c iobuf.c tls.c
 
 PYTHON	?= /usr/bin/python3
 PYTEST	 = $(PYTHON) -m pytest -q -p no:cacheprovider

@@ -98,7 +98,7 @@ connect_one(const struct addrinfo *ai, int64_t deadline)
 				errno = ETIMEDOUT;
 				goto fail;
 			}
-			n = poll(&pfd, 1, (int)left);
+			n = poll_wait(&pfd, 1, (int)left);
 			if (n > 0)
 				break;
 			if (n < 0 && errno != EINTR)
@@ -414,9 +414,75 @@ authenticate(struct backend *be, const struct config *cfg,
 	return login_command(be, cfg, cr, why, whylen);
 }
 
+/* The TLS handshake with the back-end, certificate verified. */
+static enum login_result
+start_tls(struct backend *be, const struct config *cfg, const struct route *r,
+    char *why, size_t whylen)
+{
+	char err[200];
+	SSL *ssl;
+
+	if ((ssl = tls_backend_ssl(cfg, r, err, sizeof(err))) == NULL) {
+		snprintf(why, whylen, "TLS set-up: %s", err);
+		return LOGIN_UNAVAILABLE;
+	}
+	set_deadline(be, cfg);
+	if (iobuf_tls_handshake(&be->io, ssl, 0) != IO_OK) {
+		snprintf(why, whylen, "TLS: %s", be->io.tls_why);
+		return LOGIN_UNAVAILABLE;
+	}
+	return LOGIN_OK;
+}
+
+/*
+ * STARTTLS towards the back-end.  A back-end that does not offer it is
+ * refused rather than used in the clear, and anything it sends after its
+ * OK and before the handshake (a response-injection attempt) ends the
+ * attempt.  What it said about itself before TLS is forgotten.
+ */
+static enum login_result
+backend_starttls(struct backend *be, const struct config *cfg,
+    const struct route *r, char *why, size_t whylen)
+{
+	struct str cmd = { 0 };
+	const char *tag, *status;
+	enum login_result res;
+
+	if (be->caps == NULL &&
+	    (res = run_capability(be, cfg, why, whylen)) != LOGIN_OK)
+		return res;
+	if (!caps_has(be->caps, "STARTTLS")) {
+		snprintf(why, whylen, "the back-end does not offer STARTTLS");
+		return LOGIN_UNAVAILABLE;
+	}
+	tag = backend_next_tag(be);
+	if (str_printf(&cmd, "%s STARTTLS\r\n", tag) != 0)
+		return LOGIN_UNAVAILABLE;
+	status = backend_run(be, cfg, &cmd, tag, why, whylen);
+	str_free(&cmd);
+	if (status == NULL || strcmp(status, "OK") != 0) {
+		char text[160];
+
+		snprintf(text, sizeof(text), "%s", why);
+		snprintf(why, whylen, "STARTTLS refused: %s", text);
+		return LOGIN_UNAVAILABLE;
+	}
+	if (iobuf_pending(&be->io) > 0) {
+		snprintf(why, whylen, "the back-end sent data after its "
+		    "STARTTLS reply");
+		return LOGIN_UNAVAILABLE;
+	}
+	free(be->caps);
+	be->caps = NULL;
+	if ((res = start_tls(be, cfg, r, why, whylen)) != LOGIN_OK)
+		return res;
+	return run_capability(be, cfg, why, whylen);
+}
+
 static void
 backend_reset(struct backend *be)
 {
+	iobuf_tls_close(&be->io);
 	iobuf_free(&be->io);
 	if (be->io.rfd >= 0)
 		close(be->io.rfd);
@@ -459,7 +525,12 @@ backend_open(struct backend *be, const struct config *cfg,
 		backend_reset(be);
 		return LOGIN_UNAVAILABLE;
 	}
-	res = read_greeting(be, cfg, why, whylen);
+	res = r->tls == TLS_IMPLICIT ? start_tls(be, cfg, r, why, whylen) :
+	    LOGIN_OK;
+	if (res == LOGIN_OK)
+		res = read_greeting(be, cfg, why, whylen);
+	if (res == LOGIN_OK && r->tls == TLS_STARTTLS)
+		res = backend_starttls(be, cfg, r, why, whylen);
 	if (res == LOGIN_OK && be->caps == NULL)
 		res = run_capability(be, cfg, why, whylen);
 	seq = be->caps_seq;

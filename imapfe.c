@@ -33,6 +33,8 @@
 #define ID_MAX_PAIRS		30		/* RFC 2971 */
 #define ID_MAX_FIELD		30
 #define ID_MAX_VALUE		1024
+#define LINGER_MS		2000		/* see client_linger_close() */
+#define LINGER_MAX_BYTES	(1024 * 1024)
 
 volatile sig_atomic_t	shutdown_requested;
 
@@ -64,7 +66,10 @@ static void
 config_defaults(struct config *cfg)
 {
 	memset(cfg, 0, sizeof(*cfg));
-	cfg->plaintext_auth = 1;
+	cfg->plaintext_auth = PLAINTEXT_NO;
+	cfg->tls_min_version = TLS1_2_VERSION;
+	cfg->tls_mode = TLS_STARTTLS;
+	cfg->tls_handshake_timeout = 30;
 	cfg->max_line_length = 8192;
 	cfg->max_prelogin_literal = 4096;
 	cfg->max_login_failures = 3;
@@ -144,12 +149,85 @@ split_hostport(const char *s, char **host, char **port)
 }
 
 static int
+set_string(char **field, const char *val)
+{
+	char *s = strdup(val);
+
+	if (s == NULL)
+		return -1;
+	free(*field);
+	*field = s;
+	return 0;
+}
+
+static int
+parse_tls_mode(const char *v, enum tls_mode *out)
+{
+	if (strcmp(v, "none") == 0)
+		*out = TLS_NONE;
+	else if (strcmp(v, "starttls") == 0)
+		*out = TLS_STARTTLS;
+	else if (strcmp(v, "implicit") == 0)
+		*out = TLS_IMPLICIT;
+	else
+		return -1;
+	return 0;
+}
+
+/* One "key=value" option of a route line. */
+static int
+route_option(struct route *r, const char *opt, char *err, size_t errlen)
+{
+	static const struct { const char *key; size_t offset; } strings[] = {
+		{ "name", offsetof(struct route, verify_name) },
+		{ "ca_file", offsetof(struct route, ca_file) },
+		{ "ca_path", offsetof(struct route, ca_path) },
+		{ "client_cert", offsetof(struct route, client_cert) },
+		{ "client_key", offsetof(struct route, client_key) },
+	};
+	const char *eq = strchr(opt, '=');
+	size_t kl = eq ? (size_t)(eq - opt) : 0;
+
+	if (eq == NULL || eq[1] == '\0')
+		goto bad;
+	if (kl == 3 && strncmp(opt, "tls", 3) == 0) {
+		if (parse_tls_mode(eq + 1, &r->tls) == 0)
+			return 0;
+		snprintf(err, errlen, "tls= takes none, starttls or implicit");
+		return -1;
+	}
+	for (size_t i = 0; i < sizeof(strings) / sizeof(*strings); i++)
+		if (strlen(strings[i].key) == kl &&
+		    strncmp(opt, strings[i].key, kl) == 0)
+			return set_string((char **)(void *)((char *)r +
+			    strings[i].offset), eq + 1);
+bad:
+	snprintf(err, errlen, "unknown route option '%s'", opt);
+	return -1;
+}
+
+static void
+route_free(struct route *r)
+{
+	free(r->pattern);
+	free(r->host);
+	free(r->port);
+	free(r->verify_name);
+	free(r->ca_file);
+	free(r->ca_path);
+	free(r->client_cert);
+	free(r->client_key);
+	free(r);
+}
+
+static int
 add_route(struct config *cfg, char **w, int n, char *err, size_t errlen)
 {
 	struct route *r;
 
-	if (n != 3) {
-		snprintf(err, errlen, "route takes PATTERN HOST:PORT");
+	if (n < 3) {
+		snprintf(err, errlen, "route takes PATTERN HOST:PORT "
+		    "[OPTION=VALUE ...]");
 		return -1;
 	}
 	if (strcmp(w[1], "*") != 0 && strchr(w[1], '*') != NULL &&
@@ -165,6 +243,16 @@ add_route(struct config *cfg, char **w, int n, char *err, size_t errlen)
 			free(r->pattern);
 		free(r);
 		snprintf(err, errlen, "bad route target '%s' (HOST:PORT)", w[2]);
+		return -1;
+	}
+	for (int i = 3; i < n; i++)
+		if (route_option(r, w[i], err, errlen) != 0) {
+			route_free(r);
+			return -1;
+		}
+	if (r->client_key != NULL && r->client_cert == NULL) {
+		snprintf(err, errlen, "client_key= needs client_cert=");
+		route_free(r);
 		return -1;
 	}
 	if (cfg->routes_tail != NULL)
@@ -202,6 +290,22 @@ static const struct int_key int_keys[] = {
 	    3600, 0 },
 	{ "max_sessions", offsetof(struct config, max_sessions), 1, 100000,
 	    0 },
+	{ "tls_handshake_timeout", offsetof(struct config,
+	    tls_handshake_timeout), 1, 600, 0 },
+};
+
+/* Directives whose value is kept as given (file names, mostly). */
+static const struct { const char *name; size_t offset; } string_keys[] = {
+	{ "greeting", offsetof(struct config, greeting) },
+	{ "backend_mechanisms", offsetof(struct config, backend_mechanisms) },
+	{ "tls_cert", offsetof(struct config, tls_cert) },
+	{ "tls_key", offsetof(struct config, tls_key) },
+	{ "tls_ciphers", offsetof(struct config, tls_ciphers) },
+	{ "tls_ticket_key_file", offsetof(struct config, tls_ticket_key_file) },
+	{ "backend_ca_file", offsetof(struct config, backend_ca_file) },
+	{ "backend_ca_path", offsetof(struct config, backend_ca_path) },
+	{ "backend_client_cert", offsetof(struct config, backend_client_cert) },
+	{ "backend_client_key", offsetof(struct config, backend_client_key) },
 };
 
 static int
@@ -223,18 +327,6 @@ set_int_key(struct config *cfg, const struct int_key *k, const char *val,
 		*(size_t *)(void *)((char *)cfg + k->offset) = (size_t)v;
 	else
 		*(int *)(void *)((char *)cfg + k->offset) = (int)v;
-	return 0;
-}
-
-static int
-set_string(char **field, const char *val)
-{
-	char *s = strdup(val);
-
-	if (s == NULL)
-		return -1;
-	free(*field);
-	*field = s;
 	return 0;
 }
 
@@ -284,17 +376,38 @@ config_line(struct config *cfg, char **w, int n, char *err, size_t errlen)
 	for (size_t i = 0; i < sizeof(int_keys) / sizeof(*int_keys); i++)
 		if (strcmp(w[0], int_keys[i].name) == 0)
 			return set_int_key(cfg, &int_keys[i], w[1], err, errlen);
-	if (strcmp(w[0], "greeting") == 0 || strcmp(w[0],
-	    "backend_mechanisms") == 0) {
-		char **field = w[0][0] == 'g' ? &cfg->greeting :
-		    &cfg->backend_mechanisms;
+	for (size_t i = 0; i < sizeof(string_keys) / sizeof(*string_keys);
+	    i++)
+		if (strcmp(w[0], string_keys[i].name) == 0) {
+			if (strpbrk(w[1], "\r\n") != NULL ||
+			    set_string((char **)(void *)((char *)cfg +
+			    string_keys[i].offset), w[1]) != 0)
+				goto bad;
+			return 0;
+		}
+	if (strcmp(w[0], "plaintext_auth") == 0) {
+		int yes;
 
-		if (strpbrk(w[1], "\r\n") != NULL || set_string(field, w[1]))
+		if (strcmp(w[1], "loopback") == 0)
+			cfg->plaintext_auth = PLAINTEXT_LOOPBACK;
+		else if (parse_bool(w[1], &yes) == 0)
+			cfg->plaintext_auth = yes ? PLAINTEXT_YES : PLAINTEXT_NO;
+		else
 			goto bad;
 		return 0;
 	}
-	if (strcmp(w[0], "plaintext_auth") == 0) {
-		if (parse_bool(w[1], &cfg->plaintext_auth) != 0)
+	if (strcmp(w[0], "tls_mode") == 0) {
+		if (parse_tls_mode(w[1], &cfg->tls_mode) != 0 ||
+		    cfg->tls_mode == TLS_NONE)
+			goto bad;
+		return 0;
+	}
+	if (strcmp(w[0], "tls_min_version") == 0) {
+		if (strcmp(w[1], "TLSv1.2") == 0)
+			cfg->tls_min_version = TLS1_2_VERSION;
+		else if (strcmp(w[1], "TLSv1.3") == 0)
+			cfg->tls_min_version = TLS1_3_VERSION;
+		else
 			goto bad;
 		return 0;
 	}
@@ -307,6 +420,29 @@ config_line(struct config *cfg, char **w, int n, char *err, size_t errlen)
 	return -1;
 bad:
 	snprintf(err, errlen, "bad value for %s: '%s'", w[0], w[1]);
+	return -1;
+}
+
+/* Settings that only make sense together. */
+static int
+config_check_tls(struct config *cfg, const char *path, char *err,
+    size_t errlen)
+{
+	const char *why = NULL;
+
+	if (cfg->tls_key != NULL && cfg->tls_cert == NULL)
+		why = "tls_key needs tls_cert";
+	else if (cfg->tls_ticket_key_file != NULL && cfg->tls_cert == NULL)
+		why = "tls_ticket_key_file needs tls_cert";
+	else if (cfg->backend_client_key != NULL &&
+	    cfg->backend_client_cert == NULL)
+		why = "backend_client_key needs backend_client_cert";
+	else if (cfg->tls_cert != NULL && cfg->tls_key == NULL &&
+	    set_string(&cfg->tls_key, cfg->tls_cert) != 0)
+		why = "out of memory";
+	if (why == NULL)
+		return 0;
+	snprintf(err, errlen, "%s: %s", path, why);
 	return -1;
 }
 
@@ -339,6 +475,8 @@ config_load(struct config *cfg, const char *path, char *err, size_t errlen)
 		snprintf(err, errlen, "%s: no route configured", path);
 		rc = -1;
 	}
+	if (rc == 0)
+		rc = config_check_tls(cfg, path, err, errlen);
 	if (rc == 0 && cfg->greeting == NULL &&
 	    set_string(&cfg->greeting, IMAPFE_GREETING_MARK ".") != 0)
 		rc = -1;
@@ -358,13 +496,11 @@ config_free(struct config *cfg)
 
 	for (r = cfg->routes; r != NULL; r = next) {
 		next = r->next;
-		free(r->pattern);
-		free(r->host);
-		free(r->port);
-		free(r);
+		route_free(r);
 	}
-	free(cfg->greeting);
-	free(cfg->backend_mechanisms);
+	for (size_t i = 0; i < sizeof(string_keys) / sizeof(*string_keys);
+	    i++)
+		free(*(char **)(void *)((char *)cfg + string_keys[i].offset));
 	memset(cfg, 0, sizeof(*cfg));
 }
 
@@ -378,11 +514,15 @@ enum session_end {
 	END_BACKEND_GONE,	/* the back-end closed or failed */
 	END_LIMIT,		/* a limit was reached: BYE sent */
 	END_TIMEOUT,
-	END_SHUTDOWN
+	END_SHUTDOWN,
+	END_TLS			/* the TLS handshake failed */
 };
 
 struct session {
 	const struct config	*cfg;
+	SSL_CTX			*tls_ctx;	/* NULL: TLS not configured */
+	int			 tls_active;
+	int			 peer_loopback;
 	struct iobuf		 client;
 	struct backend		 backend;
 	int			 logged_in;
@@ -398,9 +538,26 @@ struct session {
 };
 
 static const char *const end_names[] = { "none", "logout", "client-gone",
-    "backend-gone", "limit", "timeout", "shutdown" };
+    "backend-gone", "limit", "timeout", "shutdown", "tls" };
 
-static void
+static int
+is_loopback(const struct sockaddr_storage *ss)
+{
+	if (ss->ss_family == AF_INET)
+		return (ntohl(((const struct sockaddr_in *)(const void *)ss)->
+		    sin_addr.s_addr) >> 24) == 127;
+	if (ss->ss_family == AF_INET6) {
+		const struct in6_addr *a =
+		    &((const struct sockaddr_in6 *)(const void *)ss)->sin6_addr;
+
+		return IN6_IS_ADDR_LOOPBACK(a) || (IN6_IS_ADDR_V4MAPPED(a) &&
+		    a->s6_addr[12] == 127);
+	}
+	return 0;
+}
+
+/* The peer's address for logs; returns whether it is a loopback one. */
+static int
 describe_peer(int fd, char *out, size_t outlen)
 {
 	struct sockaddr_storage ss;
@@ -411,10 +568,11 @@ describe_peer(int fd, char *out, size_t outlen)
 	    getnameinfo((struct sockaddr *)&ss, sl, host, sizeof(host), serv,
 	    sizeof(serv), NI_NUMERICHOST | NI_NUMERICSERV) != 0) {
 		snprintf(out, outlen, "local");
-		return;
+		return 0;
 	}
 	snprintf(out, outlen, ss.ss_family == AF_INET6 ? "[%s]:%s" : "%s:%s",
 	    host, serv);
+	return is_loopback(&ss);
 }
 
 static void
@@ -468,13 +626,23 @@ session_bye(struct session *s, enum session_end end, const char *text)
 	s->end_reason = text;
 }
 
+/* May the client send a password here, in the clear or inside TLS? */
+static int
+plaintext_allowed(const struct session *s)
+{
+	return s->tls_active || s->cfg->plaintext_auth == PLAINTEXT_YES ||
+	    (s->cfg->plaintext_auth == PLAINTEXT_LOOPBACK && s->peer_loopback);
+}
+
 static const char *
 prelogin_caps(const struct session *s)
 {
-	(void)s;
-	return s->cfg->plaintext_auth ?
-	    "IMAP4rev1 LITERAL- SASL-IR ID ENABLE AUTH=PLAIN AUTH=LOGIN" :
-	    "IMAP4rev1 LITERAL- SASL-IR ID ENABLE LOGINDISABLED";
+	static char caps[128];
+
+	snprintf(caps, sizeof(caps), "IMAP4rev1 LITERAL- SASL-IR ID ENABLE%s%s",
+	    s->tls_ctx != NULL && !s->tls_active ? " STARTTLS" : "",
+	    plaintext_allowed(s) ? " AUTH=PLAIN AUTH=LOGIN" : " LOGINDISABLED");
+	return caps;
 }
 
 /* ------------------------------------------------------------------ */
@@ -730,7 +898,7 @@ do_login(struct session *s, const char *tag, const char *method)
 static int
 plaintext_refused(struct session *s, const char *tag)
 {
-	if (s->cfg->plaintext_auth)
+	if (plaintext_allowed(s))
 		return 0;
 	client_send(s, "%s NO [PRIVACYREQUIRED] Plaintext authentication "
 	    "is disabled on an unencrypted connection.", tag);
@@ -904,6 +1072,61 @@ needs_login(const char *name)
 	return 0;
 }
 
+/* TLS on the client connection, for implicit TLS and after STARTTLS. */
+static int
+client_tls_start(struct session *s)
+{
+	SSL *ssl = SSL_new(s->tls_ctx);
+
+	s->client.deadline = now_ms() +
+	    (int64_t)s->cfg->tls_handshake_timeout * 1000;
+	if (ssl == NULL) {
+		tls_error_text(s->client.tls_why, sizeof(s->client.tls_why));
+		s->end = END_TLS;
+		return -1;
+	}
+	if (iobuf_tls_handshake(&s->client, ssl, 1) != IO_OK) {
+		s->end = END_TLS;
+		return -1;
+	}
+	s->tls_active = 1;
+	log_msg(LOG_INFO, "event=tls version=%s cipher=%s resumed=%s",
+	    SSL_get_version(ssl), SSL_get_cipher_name(ssl),
+	    SSL_session_reused(ssl) ? "yes" : "no");
+	return 0;
+}
+
+/*
+ * STARTTLS.  Whatever the client sent after it, before the handshake, is
+ * thrown away unread: executing it would let an attacker who can inject
+ * plaintext have it run inside the TLS session (CVE-2011-0411).
+ */
+static void
+cmd_starttls(struct session *s, const struct command *c)
+{
+	size_t pipelined;
+
+	if (c->ntok != 0) {
+		bad_command(s, c->tag, "STARTTLS takes no arguments.");
+		return;
+	}
+	if (s->tls_ctx == NULL) {
+		bad_command(s, c->tag, "TLS is not configured.");
+		return;
+	}
+	if (s->tls_active) {
+		bad_command(s, c->tag, "TLS is already active.");
+		return;
+	}
+	if (client_send(s, "%s OK Begin TLS negotiation now.", c->tag) != 0)
+		return;
+	if ((pipelined = iobuf_pending(&s->client)) > 0)
+		log_msg(LOG_NOTICE, "event=starttls-discarded bytes=%zu",
+		    pipelined);
+	iobuf_discard(&s->client);
+	client_tls_start(s);
+}
+
 static void
 dispatch_prelogin(struct session *s, const struct command *c)
 {
@@ -922,7 +1145,7 @@ dispatch_prelogin(struct session *s, const struct command *c)
 	else if (strcmp(c->name, "AUTHENTICATE") == 0)
 		cmd_authenticate(s, c);
 	else if (strcmp(c->name, "STARTTLS") == 0)
-		bad_command(s, c->tag, "TLS is not configured.");
+		cmd_starttls(s, c);
 	else if (strcmp(c->name, "CAPABILITY") == 0 ||
 	    strcmp(c->name, "NOOP") == 0 || strcmp(c->name, "LOGOUT") == 0)
 		bad_command(s, c->tag, "This command takes no arguments.");
@@ -942,6 +1165,11 @@ session_prelogin(struct session *s)
 
 	if ((cmd = malloc(sizeof(*cmd))) == NULL) {
 		session_bye(s, END_LIMIT, "Out of memory.");
+		return;
+	}
+	if (s->tls_ctx != NULL && s->cfg->tls_mode == TLS_IMPLICIT &&
+	    client_tls_start(s) != 0) {
+		free(cmd);
 		return;
 	}
 	client_send(s, "* OK [CAPABILITY %s] %s", prelogin_caps(s),
@@ -1026,7 +1254,11 @@ session_relay(struct session *s)
 			    "inactivity.");
 			break;
 		}
-		if (poll(pfd, 2, (int)(left > 3600000 ? 3600000 : left)) < 0) {
+		/* Bytes TLS already decrypted are invisible to poll(2). */
+		if (iobuf_has_decrypted(c) || iobuf_has_decrypted(b))
+			left = 0;
+		if (poll_wait(pfd, 2, (int)(left > 3600000 ? 3600000 :
+		    left)) < 0) {
 			if (errno != EINTR)
 				s->end = END_CLIENT_GONE;
 			else if (shutdown_requested)
@@ -1034,14 +1266,23 @@ session_relay(struct session *s)
 				    "down.");
 			continue;
 		}
-		if (pfd[0].revents != 0) {
-			if ((st = iobuf_fill(c)) != IO_OK) {
+		if (pfd[0].revents != 0 || iobuf_has_decrypted(c)) {
+			st = iobuf_try_fill(c);
+			if (st != IO_OK && st != IO_AGAIN) {
 				s->end = END_CLIENT_GONE;
 				break;
 			}
-			last_client = now_ms();
+			if (st == IO_OK)
+				last_client = now_ms();
 		}
-		if (pfd[1].revents != 0 && (st = iobuf_fill(b)) != IO_OK) {
+		if (pfd[1].revents != 0 || iobuf_has_decrypted(b))
+			st = iobuf_try_fill(b);
+		else
+			st = IO_AGAIN;
+		if (st != IO_OK && st != IO_AGAIN) {
+			if (b->tls_why[0] != '\0')
+				log_msg(LOG_NOTICE, "event=tls-error "
+				    "side=backend reason=\"%s\"", b->tls_why);
 			relay_pending(b, c, &sc);
 			s->end = END_BACKEND_GONE;
 			if (!sc.saw_bye)
@@ -1070,8 +1311,9 @@ nonblocking(int fd)
 static void
 session_log_end(struct session *s)
 {
-	log_msg(LOG_INFO, "event=end user=\"%s\" reason=%s%s%s%s "
-	    "bytes_in=%llu bytes_out=%llu duration_ms=%lld", s->user,
+	log_msg(LOG_INFO, "event=end%s%s%s reason=%s%s%s%s "
+	    "bytes_in=%llu bytes_out=%llu duration_ms=%lld",
+	    s->user[0] ? " user=\"" : "", s->user, s->user[0] ? "\"" : "",
 	    end_names[s->end], s->end_reason ? " detail=\"" : "",
 	    s->end_reason ? s->end_reason : "", s->end_reason ? "\"" : "",
 	    (unsigned long long)s->client.bytes_in,
@@ -1079,9 +1321,38 @@ session_log_end(struct session *s)
 	    (long long)(now_ms() - s->started));
 }
 
+/*
+ * Closing a TCP socket that still holds unread client bytes makes the
+ * kernel send a reset, and a reset can destroy our last reply (the BYE)
+ * before the client reads it.  So signal end-of-data, then read and discard
+ * what the client still sends, briefly and boundedly, as web servers do.
+ */
+static void
+client_linger_close(struct session *s)
+{
+	char sink[4096];
+	int64_t deadline = now_ms() + LINGER_MS;
+	size_t drained = 0;
+
+	if (s->end == END_CLIENT_GONE)
+		return;
+	iobuf_tls_close(&s->client);
+	if (shutdown(s->client.wfd, SHUT_WR) != 0)
+		return;
+	while (drained < LINGER_MAX_BYTES &&
+	    wait_readable(s->client.rfd, deadline)) {
+		ssize_t n = read(s->client.rfd, sink, sizeof(sink));
+
+		if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
+			break;
+		if (n > 0)
+			drained += (size_t)n;
+	}
+}
+
 /* Serve one client connection on rfd/wfd, to the end.  Returns exit code. */
 static int
-session_run(const struct config *cfg, int rfd, int wfd)
+session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 {
 	struct session s;
 	size_t bufsize = CLIENT_BUFSIZE;
@@ -1089,10 +1360,11 @@ session_run(const struct config *cfg, int rfd, int wfd)
 
 	memset(&s, 0, sizeof(s));
 	s.cfg = cfg;
+	s.tls_ctx = tls_ctx;
 	s.started = now_ms();
 	s.backend.io.rfd = s.backend.io.wfd = -1;
 	new_session_id(log_session, sizeof(log_session));
-	describe_peer(rfd, s.peer, sizeof(s.peer));
+	s.peer_loopback = describe_peer(rfd, s.peer, sizeof(s.peer));
 	setsockopt(wfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	nonblocking(rfd);
 	nonblocking(wfd);
@@ -1108,7 +1380,11 @@ session_run(const struct config *cfg, int rfd, int wfd)
 		session_relay(&s);
 		backend_close(&s.backend);
 	}
+	if (s.client.tls_why[0] != '\0')
+		log_msg(LOG_NOTICE, "event=tls-error side=client reason=\"%s\"",
+		    s.client.tls_why);
 	session_log_end(&s);
+	client_linger_close(&s);
 	credentials_clear(&s.cred);
 	str_free(&s.cmdbuf);
 	iobuf_free(&s.client);
@@ -1142,6 +1418,7 @@ install_signals(void)
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGCHLD, &sa, NULL);
 	signal(SIGPIPE, SIG_IGN);
+	signals_block_outside_waits();
 }
 
 static int
@@ -1162,7 +1439,8 @@ listen_on(const char *spec)
 		fprintf(stderr, "imapfe: %s: %s\n", spec, gai_strerror(rc));
 		goto out;
 	}
-	fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC |
+	    SOCK_NONBLOCK, 0);
 	if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one,
 	    sizeof(one)) != 0 || bind(fd, res->ai_addr, res->ai_addrlen) != 0 ||
 	    listen(fd, 512) != 0) {
@@ -1219,7 +1497,7 @@ children_stop(struct children *ch)
 }
 
 static int
-serve_listener(const struct config *cfg, int lfd)
+serve_listener(const struct config *cfg, SSL_CTX *tls_ctx, int lfd)
 {
 	struct children ch = { .max = cfg->max_sessions };
 	int fd;
@@ -1229,11 +1507,16 @@ serve_listener(const struct config *cfg, int lfd)
 		return 1;
 	log_msg(LOG_INFO, "event=listening max_sessions=%d", ch.max);
 	while (!shutdown_requested) {
+		struct pollfd pfd = { .fd = lfd, .events = POLLIN };
+
 		if (child_exited)
 			children_reap(&ch);
+		if (poll_wait(&pfd, 1, -1) <= 0)
+			continue;
 		fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
 		if (fd < 0) {
-			if (errno != EINTR && errno != ECONNABORTED)
+			if (errno != EINTR && errno != ECONNABORTED &&
+			    errno != EAGAIN)
 				log_msg(LOG_ERR, "event=error reason=\"accept: "
 				    "%s\"", strerror(errno));
 			continue;
@@ -1256,7 +1539,7 @@ serve_listener(const struct config *cfg, int lfd)
 			close(lfd);
 			free(ch.pid);
 			signal(SIGCHLD, SIG_DFL);
-			rc = session_run(cfg, fd, fd);
+			rc = session_run(cfg, tls_ctx, fd, fd);
 			close(fd);
 			return rc | 0x100;	/* tells main it is a child */
 		}
@@ -1267,6 +1550,7 @@ serve_listener(const struct config *cfg, int lfd)
 			ch.pid[ch.n++] = pid;
 		close(fd);
 	}
+	children_reap(&ch);
 	log_msg(LOG_INFO, "event=shutdown sessions=%d", ch.n);
 	children_stop(&ch);
 	free(ch.pid);
@@ -1275,10 +1559,58 @@ serve_listener(const struct config *cfg, int lfd)
 
 /* ------------------------------------------------------------------ */
 
+/*
+ * The configuration cannot be used.  Under inetd the client is already
+ * connected on stdout: tell it, so it does not wait for a greeting.
+ */
+static int
+startup_failed(const char *err, int no_client)
+{
+	fprintf(stderr, "imapfe: %s\n", err);
+	if (!no_client && !isatty(1)) {
+		static const char bye[] = "* BYE [UNAVAILABLE] Server "
+		    "configuration error.\r\n";
+
+		if (write(1, bye, sizeof(bye) - 1) < 0) {
+			/* nothing more to be done */
+		}
+	}
+	openlog("imapfe", LOG_PID, LOG_MAIL);
+	syslog(LOG_ERR, "event=config-error reason=\"%s\"", err);
+	return 1;
+}
+
+/* The client-side TLS context, when tls_cert is configured. */
+static int
+client_tls_setup(struct config *cfg, int implicit_tls, SSL_CTX **ctx,
+    char *err, size_t errlen)
+{
+	*ctx = NULL;
+	if (implicit_tls) {
+		if (cfg->tls_cert == NULL) {
+			snprintf(err, errlen, "-T needs tls_cert in the "
+			    "configuration");
+			return -1;
+		}
+		cfg->tls_mode = TLS_IMPLICIT;
+	}
+	if (cfg->tls_cert == NULL) {
+		if (cfg->tls_mode == TLS_IMPLICIT) {
+			snprintf(err, errlen, "tls_mode implicit needs "
+			    "tls_cert");
+			return -1;
+		}
+		return 0;
+	}
+	*ctx = tls_server_ctx(cfg, err, errlen);
+	return *ctx == NULL ? -1 : 0;
+}
+
 static void
 usage(void)
 {
-	fprintf(stderr, "usage: imapfe [-dtV] [-f config] [-l address:port]\n");
+	fprintf(stderr, "usage: imapfe [-dTtV] [-f config] "
+	    "[-l address:port]\n");
 	exit(2);
 }
 
@@ -1288,10 +1620,11 @@ main(int argc, char *argv[])
 	const char *config_path = IMAPFE_DEFAULT_CONFIG, *listen_spec = NULL;
 	struct config cfg;
 	char err[512];
-	int ch, test_only = 0, lfd = -1, rc;
+	int ch, test_only = 0, implicit_tls = 0, lfd = -1, rc;
+	SSL_CTX *tls_ctx = NULL;
 	struct rlimit no_core = { 0, 0 };
 
-	while ((ch = getopt(argc, argv, "df:l:tV")) != -1) {
+	while ((ch = getopt(argc, argv, "df:l:TtV")) != -1) {
 		switch (ch) {
 		case 'd':
 			log_stderr = 1;
@@ -1301,6 +1634,9 @@ main(int argc, char *argv[])
 			break;
 		case 'l':
 			listen_spec = optarg;
+			break;
+		case 'T':
+			implicit_tls = 1;
 			break;
 		case 't':
 			test_only = 1;
@@ -1316,22 +1652,16 @@ main(int argc, char *argv[])
 		usage();
 	/* A core dump would hold passwords. */
 	setrlimit(RLIMIT_CORE, &no_core);
-	if (config_load(&cfg, config_path, err, sizeof(err)) != 0) {
-		fprintf(stderr, "imapfe: %s\n", err);
-		if (!test_only && listen_spec == NULL && !isatty(1)) {
-			static const char bye[] = "* BYE [UNAVAILABLE] Server "
-			    "configuration error.\r\n";
-
-			if (write(1, bye, sizeof(bye) - 1) < 0) {
-				/* nothing more to be done */
-			}
-		}
-		openlog("imapfe", LOG_PID, LOG_MAIL);
-		syslog(LOG_ERR, "event=config-error reason=\"%s\"", err);
-		return 1;
+	if (config_load(&cfg, config_path, err, sizeof(err)) != 0)
+		return startup_failed(err, test_only || listen_spec != NULL);
+	if (client_tls_setup(&cfg, implicit_tls, &tls_ctx, err,
+	    sizeof(err)) != 0) {
+		config_free(&cfg);
+		return startup_failed(err, test_only || listen_spec != NULL);
 	}
 	if (test_only) {
 		printf("imapfe: %s: configuration OK\n", config_path);
+		tls_server_ctx_free(tls_ctx);
 		config_free(&cfg);
 		return 0;
 	}
@@ -1339,6 +1669,7 @@ main(int argc, char *argv[])
 	    cfg.syslog_facility);
 	install_signals();
 	if (listen_spec != NULL && (lfd = listen_on(listen_spec)) < 0) {
+		tls_server_ctx_free(tls_ctx);
 		config_free(&cfg);
 		return 1;
 	}
@@ -1346,18 +1677,20 @@ main(int argc, char *argv[])
 	if (sasl_client_setup() != 0) {
 		log_msg(LOG_ERR, "event=error reason=\"SASL initialisation "
 		    "failed\"");
+		tls_server_ctx_free(tls_ctx);
 		config_free(&cfg);
 		return 1;
 	}
 	if (lfd >= 0) {
-		rc = serve_listener(&cfg, lfd);
+		rc = serve_listener(&cfg, tls_ctx, lfd);
 		if (rc & 0x100)
 			rc &= 0xff;
 		else
 			close(lfd);
 	} else
-		rc = session_run(&cfg, 0, 1);
+		rc = session_run(&cfg, tls_ctx, 0, 1);
 	sasl_client_teardown();
+	tls_server_ctx_free(tls_ctx);
 	config_free(&cfg);
 	closelog();
 	return rc;

@@ -8,7 +8,9 @@
  *   proto.c    the IMAP grammar: command parser, string quoting, response
  *              scanning (pure functions, shared by both sides, unit-tested
  *              and fuzzed on their own)
- *   iobuf.c    buffered I/O over one descriptor, with deadlines
+ *   iobuf.c    buffered I/O over one descriptor, plain or TLS, with
+ *              deadlines
+ *   tls.c      TLS contexts: certificates, ticket keys, verification
  */
 #ifndef IMAPFE_H
 #define IMAPFE_H
@@ -16,10 +18,13 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#include <openssl/ssl.h>
 
 #define IMAPFE_VERSION		"0.1"
 #define IMAPFE_DEFAULT_CONFIG	"/etc/imapfe/imapfe.conf"
@@ -32,7 +37,8 @@ enum io_status {
 	IO_CLOSED = -1,		/* orderly end of stream */
 	IO_TIMEOUT = -2,	/* the deadline passed */
 	IO_ERROR = -3,		/* read or write failed (errno kept) */
-	IO_TOOLONG = -4		/* a line exceeded the caller's limit */
+	IO_TOOLONG = -4,	/* a line exceeded the caller's limit */
+	IO_AGAIN = -5		/* nothing to read yet (iobuf_try_fill) */
 };
 
 struct iobuf {
@@ -45,6 +51,9 @@ struct iobuf {
 	int64_t		 deadline;	/* monotonic ms; 0 = none */
 	uint64_t	 bytes_in;
 	uint64_t	 bytes_out;
+	SSL		*ssl;		/* owned; NULL while plain */
+	int		 tls_failed;	/* a fatal TLS error: no close_notify */
+	char		 tls_why[160];	/* what the last TLS failure was */
 };
 
 int64_t		 now_ms(void);
@@ -52,6 +61,10 @@ int		 iobuf_init(struct iobuf *, int rfd, int wfd, size_t cap);
 void		 iobuf_free(struct iobuf *);
 size_t		 iobuf_pending(const struct iobuf *);
 enum io_status	 iobuf_fill(struct iobuf *);
+enum io_status	 iobuf_try_fill(struct iobuf *);
+int		 iobuf_has_decrypted(const struct iobuf *);
+enum io_status	 iobuf_tls_handshake(struct iobuf *, SSL *, int server);
+void		 iobuf_tls_close(struct iobuf *);
 enum io_status	 iobuf_getline(struct iobuf *, size_t max, char **line,
 		    size_t *len);
 void		 iobuf_consume(struct iobuf *, size_t);
@@ -62,6 +75,25 @@ int		 wait_readable(int fd, int64_t deadline);
 
 /* Set by the SIGTERM handler: every wait gives up and the session ends. */
 extern volatile sig_atomic_t shutdown_requested;
+/*
+ * SIGTERM and SIGINT stay blocked except while a process waits in
+ * poll_wait(), so a shutdown request can never slip in between the check
+ * of shutdown_requested and the wait that would otherwise sleep through it.
+ */
+void	 signals_block_outside_waits(void);
+int	 poll_wait(struct pollfd *, nfds_t, int);
+
+/* ------------------------------------------------------------------ */
+/* tls.c */
+
+struct config;
+struct route;
+
+SSL_CTX		*tls_server_ctx(const struct config *, char *err, size_t);
+void		 tls_server_ctx_free(SSL_CTX *);
+SSL		*tls_backend_ssl(const struct config *, const struct route *,
+		    char *err, size_t);
+void		 tls_error_text(char *, size_t);
 
 /* ------------------------------------------------------------------ */
 /* proto.c: the IMAP grammar */
@@ -164,15 +196,34 @@ struct route {
 	char		*pattern;	/* "user", "*@domain" or "*" */
 	char		*host;
 	char		*port;
+	enum tls_mode	 tls;
+	char		*verify_name;	/* name the certificate must carry */
+	char		*ca_file;	/* these four: NULL = the global one */
+	char		*ca_path;
+	char		*client_cert;
+	char		*client_key;
 	struct route	*next;
 };
+
+enum plaintext_policy { PLAINTEXT_NO = 0, PLAINTEXT_YES, PLAINTEXT_LOOPBACK };
 
 struct config {
 	struct route	*routes;
 	struct route	*routes_tail;
 	char		*greeting;
 	char		*backend_mechanisms;	/* preference order */
-	int		 plaintext_auth;	/* allow LOGIN/PLAIN in clear */
+	enum plaintext_policy plaintext_auth;	/* LOGIN/PLAIN without TLS */
+	char		*tls_cert;		/* client-side TLS */
+	char		*tls_key;
+	char		*tls_ciphers;
+	char		*tls_ticket_key_file;
+	int		 tls_min_version;
+	enum tls_mode	 tls_mode;		/* STARTTLS or implicit */
+	int		 tls_handshake_timeout;	/* seconds */
+	char		*backend_ca_file;	/* back-end TLS defaults */
+	char		*backend_ca_path;
+	char		*backend_client_cert;
+	char		*backend_client_key;
 	size_t		 max_line_length;
 	size_t		 max_prelogin_literal;
 	int		 max_login_failures;

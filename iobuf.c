@@ -11,6 +11,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
 #include "imapfe.h"
 
 int64_t
@@ -35,6 +38,34 @@ poll_timeout(int64_t deadline)
 	return left > 3600000 ? 3600000 : (int)left;
 }
 
+static sigset_t wait_sigmask;
+
+void
+signals_block_outside_waits(void)
+{
+	sigset_t block;
+
+	sigemptyset(&block);
+	sigaddset(&block, SIGTERM);
+	sigaddset(&block, SIGINT);
+	sigaddset(&block, SIGCHLD);
+	sigprocmask(SIG_BLOCK, &block, &wait_sigmask);
+}
+
+/* poll(2) that is the only place the blocked signals are delivered. */
+int
+poll_wait(struct pollfd *pfd, nfds_t n, int timeout_ms)
+{
+	struct timespec ts, *tsp = NULL;
+
+	if (timeout_ms >= 0) {
+		ts.tv_sec = timeout_ms / 1000;
+		ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000;
+		tsp = &ts;
+	}
+	return ppoll(pfd, n, tsp, &wait_sigmask);
+}
+
 /* Wait until fd is ready for events or the deadline passes. */
 static enum io_status
 wait_for(int fd, short events, int64_t deadline)
@@ -43,7 +74,7 @@ wait_for(int fd, short events, int64_t deadline)
 	int n;
 
 	for (;;) {
-		n = poll(&pfd, 1, poll_timeout(deadline));
+		n = poll_wait(&pfd, 1, poll_timeout(deadline));
 		if (n > 0)
 			return IO_OK;
 		if (n == 0) {
@@ -78,6 +109,8 @@ iobuf_init(struct iobuf *io, int rfd, int wfd, size_t cap)
 void
 iobuf_free(struct iobuf *io)
 {
+	SSL_free(io->ssl);
+	io->ssl = NULL;
 	free(io->buf);
 	io->buf = NULL;
 	io->cap = io->start = io->end = 0;
@@ -104,36 +137,188 @@ iobuf_discard(struct iobuf *io)
 	io->start = io->end = 0;
 }
 
-/* Read once more into the buffer; at least one byte on IO_OK. */
-enum io_status
-iobuf_fill(struct iobuf *io)
+/* Note why TLS failed, for the session's log line. */
+static enum io_status
+tls_failure(struct iobuf *io, int err, const char *doing)
 {
-	enum io_status st;
+	char why[128];
+
+	if (err == SSL_ERROR_SYSCALL && ERR_peek_error() == 0) {
+		ERR_clear_error();
+		if (errno == 0 || errno == ECONNRESET || errno == EPIPE) {
+			snprintf(io->tls_why, sizeof(io->tls_why), "connection "
+			    "closed during %s", doing);
+			io->tls_failed = 1;
+			return IO_CLOSED;
+		}
+		snprintf(why, sizeof(why), "%s", strerror(errno));
+	} else
+		tls_error_text(why, sizeof(why));
+	snprintf(io->tls_why, sizeof(io->tls_why), "%s: %s", doing, why);
+	io->tls_failed = 1;
+	return IO_ERROR;
+}
+
+/*
+ * One read attempt into the free space of the buffer: IO_OK with at least
+ * one byte, IO_AGAIN when the descriptor (or TLS, which may need more of a
+ * record) has nothing yet, or how the stream ended.
+ */
+static enum io_status
+read_once(struct iobuf *io, short *want)
+{
+	size_t room = io->cap - io->end;
 	ssize_t n;
 
+	*want = POLLIN;
+	if (io->ssl != NULL) {
+		int rc, err;
+
+		ERR_clear_error();
+		rc = SSL_read(io->ssl, io->buf + io->end, (int)(room > INT32_MAX ?
+		    INT32_MAX : room));
+		if (rc > 0) {
+			n = rc;
+			goto got;
+		}
+		err = SSL_get_error(io->ssl, rc);
+		if (err == SSL_ERROR_WANT_READ)
+			return IO_AGAIN;
+		if (err == SSL_ERROR_WANT_WRITE) {
+			*want = POLLOUT;
+			return IO_AGAIN;
+		}
+		if (err == SSL_ERROR_ZERO_RETURN)
+			return IO_CLOSED;
+		return tls_failure(io, err, "read");
+	}
+	do
+		n = read(io->rfd, io->buf + io->end, room);
+	while (n < 0 && errno == EINTR);
+	if (n == 0)
+		return IO_CLOSED;
+	if (n < 0)
+		return errno == EAGAIN || errno == EWOULDBLOCK ? IO_AGAIN :
+		    IO_ERROR;
+got:
+	io->end += (size_t)n;
+	io->bytes_in += (uint64_t)n;
+	return IO_OK;
+}
+
+/* Make room at the end of the buffer; IO_TOOLONG when it is full. */
+static enum io_status
+make_room(struct iobuf *io)
+{
 	if (io->start > 0 && io->end == io->cap) {
 		memmove(io->buf, io->buf + io->start, io->end - io->start);
 		io->end -= io->start;
 		io->start = 0;
 	}
-	if (io->end == io->cap)
-		return IO_TOOLONG;
+	return io->end == io->cap ? IO_TOOLONG : IO_OK;
+}
+
+/* Read once more into the buffer, waiting; at least one byte on IO_OK. */
+enum io_status
+iobuf_fill(struct iobuf *io)
+{
+	enum io_status st;
+	short want;
+
+	if ((st = make_room(io)) != IO_OK)
+		return st;
+	while ((st = read_once(io, &want)) == IO_AGAIN)
+		if ((st = wait_for(io->rfd, want, io->deadline)) != IO_OK)
+			return st;
+	return st;
+}
+
+/*
+ * Read what is there without waiting for more; for the relay, which polls
+ * both sides itself.  A TLS record that is only half in yet gives IO_AGAIN.
+ */
+enum io_status
+iobuf_try_fill(struct iobuf *io)
+{
+	enum io_status st;
+	short want;
+
+	if ((st = make_room(io)) != IO_OK)
+		return st;
+	st = read_once(io, &want);
+	if (st == IO_AGAIN && want == POLLOUT) {
+		/* TLS must write before it can read (a key update): let it. */
+		if ((st = wait_for(io->wfd, POLLOUT, io->deadline)) == IO_OK)
+			st = read_once(io, &want);
+	}
+	return st;
+}
+
+/*
+ * True when TLS holds decrypted bytes that poll(2) cannot see, so the
+ * relay must read again before it waits.
+ */
+int
+iobuf_has_decrypted(const struct iobuf *io)
+{
+	return io->ssl != NULL && SSL_pending(io->ssl) > 0;
+}
+
+/*
+ * Run the TLS handshake on the connection, as server or client, within
+ * io->deadline.  The iobuf owns ssl from here on, whatever the outcome.
+ */
+enum io_status
+iobuf_tls_handshake(struct iobuf *io, SSL *ssl, int server)
+{
+	enum io_status st;
+	int rc, err;
+
+	io->ssl = ssl;
+	if (SSL_set_rfd(ssl, io->rfd) != 1 || SSL_set_wfd(ssl, io->wfd) != 1)
+		return tls_failure(io, SSL_ERROR_SSL, "handshake");
 	for (;;) {
-		n = read(io->rfd, io->buf + io->end, io->cap - io->end);
-		if (n > 0) {
-			io->end += (size_t)n;
-			io->bytes_in += (uint64_t)n;
+		ERR_clear_error();
+		rc = server ? SSL_accept(ssl) : SSL_connect(ssl);
+		if (rc == 1)
 			return IO_OK;
+		err = SSL_get_error(ssl, rc);
+		if (err == SSL_ERROR_WANT_READ)
+			st = wait_for(io->rfd, POLLIN, io->deadline);
+		else if (err == SSL_ERROR_WANT_WRITE)
+			st = wait_for(io->wfd, POLLOUT, io->deadline);
+		else {
+			st = tls_failure(io, err, "handshake");
+			if (!server && SSL_get_verify_result(ssl) != X509_V_OK)
+				snprintf(io->tls_why, sizeof(io->tls_why),
+				    "certificate verify failed: %s",
+				    X509_verify_cert_error_string(
+				    SSL_get_verify_result(ssl)));
+			return st;
 		}
-		if (n == 0)
-			return IO_CLOSED;
-		if (errno == EINTR)
-			continue;
-		if (errno != EAGAIN && errno != EWOULDBLOCK)
-			return IO_ERROR;
-		if ((st = wait_for(io->rfd, POLLIN, io->deadline)) != IO_OK)
+		if (st == IO_TIMEOUT) {
+			snprintf(io->tls_why, sizeof(io->tls_why),
+			    "handshake timed out (tls_handshake_timeout)");
+			io->tls_failed = 1;
+		}
+		if (st != IO_OK)
 			return st;
 	}
+}
+
+/* Say close_notify if the connection is still sound, and drop TLS. */
+void
+iobuf_tls_close(struct iobuf *io)
+{
+	if (io->ssl == NULL)
+		return;
+	if (!io->tls_failed && SSL_is_init_finished(io->ssl)) {
+		ERR_clear_error();
+		SSL_shutdown(io->ssl);	/* one try: never wait for the reply */
+	}
+	ERR_clear_error();
+	SSL_free(io->ssl);
+	io->ssl = NULL;
 }
 
 /*
@@ -178,15 +363,41 @@ iobuf_getline(struct iobuf *io, size_t max, char **line, size_t *len)
 	}
 }
 
+/* One write attempt: bytes written, or -1 with *want or *st set. */
+static ssize_t
+write_once(struct iobuf *io, const char *p, size_t len, short *want,
+    enum io_status *st)
+{
+	int rc, err;
+
+	*want = POLLOUT;
+	if (io->ssl == NULL)
+		return write(io->wfd, p, len);
+	ERR_clear_error();
+	rc = SSL_write(io->ssl, p, (int)(len > INT32_MAX ? INT32_MAX : len));
+	if (rc > 0)
+		return rc;
+	err = SSL_get_error(io->ssl, rc);
+	errno = EAGAIN;
+	if (err == SSL_ERROR_WANT_READ)
+		*want = POLLIN;
+	else if (err != SSL_ERROR_WANT_WRITE) {
+		*st = tls_failure(io, err, "write");
+		errno = EIO;
+	}
+	return -1;
+}
+
 enum io_status
 iobuf_write(struct iobuf *io, const void *data, size_t len)
 {
 	const char *p = data;
-	enum io_status st;
+	enum io_status st = IO_ERROR;
+	short want;
 	ssize_t n;
 
 	while (len > 0) {
-		n = write(io->wfd, p, len);
+		n = write_once(io, p, len, &want, &st);
 		if (n > 0) {
 			p += n;
 			len -= (size_t)n;
@@ -195,9 +406,13 @@ iobuf_write(struct iobuf *io, const void *data, size_t len)
 		}
 		if (n < 0 && errno == EINTR)
 			continue;
+		if (n < 0 && errno == EIO && io->ssl != NULL)
+			return st;
 		if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
-			return errno == EPIPE ? IO_CLOSED : IO_ERROR;
-		if ((st = wait_for(io->wfd, POLLOUT, io->deadline)) != IO_OK)
+			return errno == EPIPE || errno == ECONNRESET ?
+			    IO_CLOSED : IO_ERROR;
+		if ((st = wait_for(want == POLLIN ? io->rfd : io->wfd, want,
+		    io->deadline)) != IO_OK)
 			return st;
 	}
 	return IO_OK;

@@ -373,6 +373,9 @@ def imapfe_factory(procs, tmp_path):
     made = []
 
     def make(config, name="fe"):
+        # Most tests talk plaintext on loopback; the TLS tests say otherwise.
+        if "plaintext_auth" not in config:
+            config += "plaintext_auth yes\n"
         d = os.path.join(str(tmp_path), name)
         os.mkdir(d)
         fe = Imapfe(procs, d, config)

@@ -1,0 +1,310 @@
+/*
+ * TLS contexts: the one imapfe presents to clients (certificate, protocol
+ * floor, session tickets shared by every process through a key file) and
+ * the ones it uses towards back-ends (always verified).  The handshakes and
+ * the record I/O themselves live in iobuf.c, beside the plain I/O.
+ */
+#include <sys/stat.h>
+
+#include <arpa/inet.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <syslog.h>
+#include <unistd.h>
+
+#include <openssl/core_names.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
+#include "imapfe.h"
+
+/*
+ * Ticket keys: 80 bytes each, as nginx lays them out (name, HMAC secret,
+ * AES key), so one "openssl rand 80" file can serve both.  The first key
+ * seals new tickets; the others still open tickets sealed before the admin
+ * rotated the file.
+ */
+#define TICKET_KEY_LEN	80
+#define TICKET_KEYS_MAX	8
+
+struct ticket_key {
+	unsigned char	 name[16];
+	unsigned char	 hmac[32];
+	unsigned char	 aes[32];
+};
+
+static struct ticket_key ticket_keys[TICKET_KEYS_MAX];
+static int ticket_key_count;
+
+/* The most useful words OpenSSL has about what just failed, then clear. */
+void
+tls_error_text(char *buf, size_t len)
+{
+	unsigned long e = ERR_peek_last_error();
+	const char *reason = e != 0 ? ERR_reason_error_string(e) : NULL;
+
+	if (reason != NULL)
+		snprintf(buf, len, "%s", reason);
+	else if (e != 0)
+		snprintf(buf, len, "OpenSSL error %lx", e);
+	else
+		snprintf(buf, len, "unknown TLS error");
+	ERR_clear_error();
+}
+
+static void
+ticket_keys_wipe(void)
+{
+	wipe(ticket_keys, sizeof(ticket_keys));
+	ticket_key_count = 0;
+}
+
+static int
+ticket_keys_load(const char *path, char *err, size_t errlen)
+{
+	unsigned char raw[TICKET_KEY_LEN * TICKET_KEYS_MAX + 1];
+	struct stat st;
+	ssize_t n;
+	size_t got = 0;
+	int fd;
+
+	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0) {
+		snprintf(err, errlen, "%s: %s", path, strerror(errno));
+		return -1;
+	}
+	if (fstat(fd, &st) == 0 && (st.st_mode & 077) != 0)
+		syslog(LOG_WARNING, "event=warning reason=\"%s is readable by "
+		    "others: anyone who can read it can decrypt recorded "
+		    "sessions\"", path);
+	while (got < sizeof(raw) &&
+	    (n = read(fd, raw + got, sizeof(raw) - got)) != 0) {
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			break;
+		}
+		got += (size_t)n;
+	}
+	close(fd);
+	if (got == 0 || got % TICKET_KEY_LEN != 0 || got > sizeof(raw) - 1) {
+		snprintf(err, errlen, "%s: want 1 to %d keys of %d bytes "
+		    "(openssl rand %d), found %zu bytes", path,
+		    TICKET_KEYS_MAX, TICKET_KEY_LEN, TICKET_KEY_LEN, got);
+		wipe(raw, sizeof(raw));
+		return -1;
+	}
+	ticket_key_count = (int)(got / TICKET_KEY_LEN);
+	for (int i = 0; i < ticket_key_count; i++) {
+		const unsigned char *k = raw + i * TICKET_KEY_LEN;
+
+		memcpy(ticket_keys[i].name, k, 16);
+		memcpy(ticket_keys[i].hmac, k + 16, 32);
+		memcpy(ticket_keys[i].aes, k + 48, 32);
+	}
+	wipe(raw, sizeof(raw));
+	return 0;
+}
+
+static int
+ticket_mac_init(EVP_MAC_CTX *mac, const struct ticket_key *k)
+{
+	OSSL_PARAM params[] = {
+		OSSL_PARAM_construct_octet_string(OSSL_MAC_PARAM_KEY,
+		    (void *)k->hmac, sizeof(k->hmac)),
+		OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST,
+		    (char *)"SHA256", 0),
+		OSSL_PARAM_construct_end()
+	};
+
+	return EVP_MAC_CTX_set_params(mac, params);
+}
+
+/*
+ * OpenSSL asks this to seal (enc = 1) or open (enc = 0) a ticket.  Returns
+ * 1 to go on, 2 to accept a ticket but issue a fresh one (it was sealed
+ * with an older key), 0 to ignore the ticket (full handshake), -1 on error.
+ */
+static int
+ticket_cb(SSL *ssl, unsigned char name[16], unsigned char iv[16],
+    EVP_CIPHER_CTX *cipher, EVP_MAC_CTX *mac, int enc)
+{
+	(void)ssl;
+	if (enc) {
+		const struct ticket_key *k = &ticket_keys[0];
+
+		if (RAND_bytes(iv, 16) != 1 ||
+		    EVP_EncryptInit_ex(cipher, EVP_aes_256_cbc(), NULL, k->aes,
+		    iv) != 1 || ticket_mac_init(mac, k) != 1)
+			return -1;
+		memcpy(name, k->name, 16);
+		return 1;
+	}
+	for (int i = 0; i < ticket_key_count; i++) {
+		const struct ticket_key *k = &ticket_keys[i];
+
+		if (memcmp(name, k->name, 16) != 0)
+			continue;
+		if (ticket_mac_init(mac, k) != 1 ||
+		    EVP_DecryptInit_ex(cipher, EVP_aes_256_cbc(), NULL, k->aes,
+		    iv) != 1)
+			return -1;
+		return i == 0 ? 1 : 2;
+	}
+	return 0;
+}
+
+static int
+load_cert_and_key(SSL_CTX *ctx, const char *cert, const char *key,
+    char *err, size_t errlen)
+{
+	char why[160];
+
+	if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1) {
+		tls_error_text(why, sizeof(why));
+		snprintf(err, errlen, "%s: %s", cert, why);
+		return -1;
+	}
+	if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1 ||
+	    SSL_CTX_check_private_key(ctx) != 1) {
+		tls_error_text(why, sizeof(why));
+		snprintf(err, errlen, "%s: %s", key, why);
+		return -1;
+	}
+	return 0;
+}
+
+static void
+common_options(SSL_CTX *ctx)
+{
+	/*
+	 * Partial writes and moving buffers suit the non-blocking iobuf;
+	 * releasing idle buffers matters when thousands of processes each
+	 * hold a connection open.
+	 */
+	SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE |
+	    SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS);
+	/*
+	 * IMAP frames its own data, so a peer that closes TCP without a TLS
+	 * close_notify (most clients do) has truncated nothing: treat it as an
+	 * ordinary end of stream rather than an error.
+	 */
+	SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION |
+	    SSL_OP_NO_COMPRESSION | SSL_OP_IGNORE_UNEXPECTED_EOF);
+}
+
+/* The context clients handshake with; NULL and err on failure. */
+SSL_CTX *
+tls_server_ctx(const struct config *cfg, char *err, size_t errlen)
+{
+	static const unsigned char sid_ctx[] = "imapfe";
+	SSL_CTX *ctx;
+
+	if ((ctx = SSL_CTX_new(TLS_server_method())) == NULL) {
+		tls_error_text(err, errlen);
+		return NULL;
+	}
+	common_options(ctx);
+	SSL_CTX_set_options(ctx, SSL_OP_CIPHER_SERVER_PREFERENCE);
+	/* Every connection is a new process: a session cache helps nobody. */
+	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+	SSL_CTX_set_session_id_context(ctx, sid_ctx, sizeof(sid_ctx) - 1);
+	if (SSL_CTX_set_min_proto_version(ctx, cfg->tls_min_version) != 1 ||
+	    (cfg->tls_ciphers != NULL &&
+	    SSL_CTX_set_cipher_list(ctx, cfg->tls_ciphers) != 1)) {
+		tls_error_text(err, errlen);
+		goto fail;
+	}
+	if (load_cert_and_key(ctx, cfg->tls_cert, cfg->tls_key, err,
+	    errlen) != 0)
+		goto fail;
+	if (cfg->tls_ticket_key_file != NULL) {
+		if (ticket_keys_load(cfg->tls_ticket_key_file, err, errlen))
+			goto fail;
+		SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, ticket_cb);
+	} else {
+		/* Per-process random ticket keys would only waste bytes. */
+		SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+		SSL_CTX_set_num_tickets(ctx, 0);
+	}
+	return ctx;
+fail:
+	SSL_CTX_free(ctx);
+	return NULL;
+}
+
+void
+tls_server_ctx_free(SSL_CTX *ctx)
+{
+	SSL_CTX_free(ctx);
+	ticket_keys_wipe();
+}
+
+/*
+ * A connection object for the back-end of route r, with verification of
+ * the certificate against the route's CA and name already set up.
+ */
+SSL *
+tls_backend_ssl(const struct config *cfg, const struct route *r, char *err,
+    size_t errlen)
+{
+	const char *ca_file = r->ca_file ? r->ca_file : cfg->backend_ca_file;
+	const char *ca_path = r->ca_path ? r->ca_path : cfg->backend_ca_path;
+	const char *cert = r->client_cert ? r->client_cert :
+	    cfg->backend_client_cert;
+	const char *key = r->client_key ? r->client_key :
+	    cfg->backend_client_key;
+	const char *name = r->verify_name ? r->verify_name : r->host;
+	unsigned char addr[16];
+	SSL_CTX *ctx;
+	SSL *ssl = NULL;
+	int ok;
+
+	if ((ctx = SSL_CTX_new(TLS_client_method())) == NULL) {
+		tls_error_text(err, errlen);
+		return NULL;
+	}
+	common_options(ctx);
+	SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+	ok = SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) == 1;
+	if (ok && (ca_file != NULL || ca_path != NULL))
+		ok = SSL_CTX_load_verify_locations(ctx, ca_file, ca_path) == 1;
+	else if (ok)
+		ok = SSL_CTX_set_default_verify_paths(ctx) == 1;
+	if (!ok) {
+		char why[160];
+
+		tls_error_text(why, sizeof(why));
+		snprintf(err, errlen, "CA %s: %s", ca_file ? ca_file :
+		    ca_path ? ca_path : "(system default)", why);
+		goto out;
+	}
+	if (cert != NULL && load_cert_and_key(ctx, cert, key ? key : cert,
+	    err, errlen) != 0)
+		goto out;
+	if ((ssl = SSL_new(ctx)) == NULL) {
+		tls_error_text(err, errlen);
+		goto out;
+	}
+	if (inet_pton(AF_INET, name, addr) == 1 ||
+	    inet_pton(AF_INET6, name, addr) == 1)
+		ok = X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl),
+		    name) == 1;
+	else
+		ok = SSL_set1_host(ssl, name) == 1 &&
+		    SSL_set_tlsext_host_name(ssl, name) == 1;
+	if (!ok) {
+		snprintf(err, errlen, "cannot set the name to verify");
+		SSL_free(ssl);
+		ssl = NULL;
+	}
+out:
+	SSL_CTX_free(ctx);	/* the SSL keeps its own reference */
+	return ssl;
+}
