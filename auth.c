@@ -4,10 +4,14 @@
  * SASL's client library.  Secrets are wiped in the function that is done
  * with them.
  */
+#include <sys/stat.h>
+
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <syslog.h>
 
 #include <sasl/sasl.h>
 
@@ -47,7 +51,20 @@ credentials_clear(struct credentials *cr)
 		wipe(cr->pass, cr->pass_len);
 		free(cr->pass);
 	}
+	free(cr->authzid);
 	memset(cr, 0, sizeof(*cr));
+}
+
+int
+credentials_set_authzid(struct credentials *cr, const char *authzid)
+{
+	char *p = strdup(authzid);
+
+	if (p == NULL)
+		return -1;
+	free(cr->authzid);
+	cr->authzid = p;
+	return 0;
 }
 
 static char *
@@ -186,6 +203,144 @@ sasl_plain_split(const char *msg, size_t len, struct credentials *cr)
 	return PLAIN_OK;
 }
 
+/*
+ * The proxy identity's password: the first line of a file only the
+ * service user should be able to read (a warning is logged otherwise).
+ */
+int
+credentials_load_password(struct credentials *cr, const char *user,
+    const char *file, char *err, size_t errlen)
+{
+	char buf[1024];
+	struct stat st;
+	size_t len;
+	FILE *f;
+
+	if ((f = fopen(file, "re")) == NULL) {
+		snprintf(err, errlen, "%s: %s", file, strerror(errno));
+		return -1;
+	}
+	if (fstat(fileno(f), &st) == 0 && (st.st_mode & 077) != 0)
+		syslog(LOG_WARNING, "event=warning reason=\"%s is readable by "
+		    "others\"", file);
+	if (fgets(buf, sizeof(buf), f) == NULL)
+		buf[0] = '\0';
+	fclose(f);
+	len = strcspn(buf, "\r\n");
+	if (len == 0) {
+		snprintf(err, errlen, "%s: no password on the first line", file);
+		wipe(buf, sizeof(buf));
+		return -1;
+	}
+	if (credentials_set(cr, user, strlen(user), buf, len) != 0) {
+		snprintf(err, errlen, "out of memory");
+		wipe(buf, sizeof(buf));
+		return -1;
+	}
+	wipe(buf, sizeof(buf));
+	return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Client authentication with Cyrus SASL's server library (auth proxy) */
+
+/* libsasl2's own messages, into imapfe's log; its debug chatter dropped. */
+static int
+cb_server_log(void *context, int level, const char *message)
+{
+	char clean[256];
+
+	(void)context;
+	if (level > SASL_LOG_NOTE || message == NULL)
+		return SASL_OK;
+	sanitize(clean, sizeof(clean), message, strlen(message));
+	log_msg(level <= SASL_LOG_ERR ? LOG_ERR : LOG_NOTICE,
+	    "event=sasl message=\"%s\"", clean);
+	return SASL_OK;
+}
+
+static const sasl_callback_t server_callbacks[] = {
+	{ SASL_CB_LOG, (int (*)(void))(void (*)(void))cb_server_log, NULL },
+	{ SASL_CB_LIST_END, NULL, NULL }
+};
+
+/*
+ * Once per process (before the listener forks): the SASL configuration
+ * comes from sasl_config_path/<sasl_service>.conf.
+ */
+int
+sasl_server_setup(const struct config *cfg, char *err, size_t errlen)
+{
+	int rc;
+
+	if (cfg->sasl_config_path != NULL &&
+	    (rc = sasl_set_path(SASL_PATH_TYPE_CONFIG,
+	    cfg->sasl_config_path)) != SASL_OK) {
+		snprintf(err, errlen, "sasl_config_path: %s",
+		    sasl_errstring(rc, NULL, NULL));
+		return -1;
+	}
+	if ((rc = sasl_server_init(server_callbacks, cfg->sasl_service)) !=
+	    SASL_OK) {
+		snprintf(err, errlen, "SASL server initialisation: %s",
+		    sasl_errstring(rc, NULL, NULL));
+		return -1;
+	}
+	return 0;
+}
+
+void
+sasl_server_teardown(void)
+{
+	sasl_server_done();
+}
+
+/*
+ * A server connection for one authentication attempt.  No security layer
+ * is ever negotiated (TLS protects the link); mechanisms that send the
+ * password in the clear are withheld unless plaintext is allowed here.
+ */
+sasl_conn_t *
+sasl_server_conn(const struct config *cfg, int plaintext_ok)
+{
+	sasl_security_properties_t props = {
+		.min_ssf = 0,
+		.max_ssf = 0,
+		.maxbufsize = 0,
+		.security_flags = SASL_SEC_NOANONYMOUS |
+		    (plaintext_ok ? 0 : SASL_SEC_NOPLAINTEXT),
+	};
+	sasl_conn_t *conn = NULL;
+
+	if (sasl_server_new(cfg->sasl_service, NULL, NULL, NULL, NULL, NULL,
+	    0, &conn) != SASL_OK)
+		return NULL;
+	if (sasl_setprop(conn, SASL_SEC_PROPS, &props) != SASL_OK) {
+		sasl_dispose(&conn);
+		return NULL;
+	}
+	return conn;
+}
+
+/* Append " AUTH=<mech>" for every mechanism offered here. */
+int
+sasl_server_mechs(const struct config *cfg, int plaintext_ok,
+    struct str *caps)
+{
+	sasl_conn_t *conn = sasl_server_conn(cfg, plaintext_ok);
+	const char *list;
+	unsigned len;
+	int count, rc = -1;
+
+	if (conn == NULL)
+		return -1;
+	if (sasl_listmech(conn, NULL, " AUTH=", " AUTH=", "", &list, &len,
+	    &count) == SASL_OK)
+		rc = count > 0 ? str_add(caps, list, len) : 0;
+	sasl_dispose(&conn);
+	return rc;
+}
+
 /* ------------------------------------------------------------------ */
 /* Back-end login with Cyrus SASL's client library */
 
@@ -219,7 +374,8 @@ cb_simple(void *context, int id, const char **result, unsigned *len)
 		*result = at->cr->user;
 		break;
 	case SASL_CB_USER:
-		*result = "";		/* no authorization identity */
+		/* Whom to act as: the client, when logging in as the proxy. */
+		*result = at->cr->authzid != NULL ? at->cr->authzid : "";
 		break;
 	default:
 		return SASL_BADPARAM;

@@ -406,6 +406,11 @@ authenticate(struct backend *be, const struct config *cfg,
 	res = sasl_login(be, cfg, cr, why, whylen);
 	if (res != LOGIN_UNAVAILABLE || strcmp(why, "nomech") != 0)
 		return res;
+	if (cr->authzid != NULL) {
+		snprintf(why, whylen, "no SASL mechanism in common that can "
+		    "carry an authorization identity (backend_mechanisms)");
+		return LOGIN_UNAVAILABLE;
+	}
 	if (caps_has(be->caps, "LOGINDISABLED")) {
 		snprintf(why, whylen, "no authentication mechanism in common "
 		    "and LOGIN disabled");

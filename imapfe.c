@@ -277,7 +277,7 @@ static const struct int_key int_keys[] = {
 	{ "max_prelogin_literal", offsetof(struct config,
 	    max_prelogin_literal), 256, 65536, 1 },
 	{ "max_login_failures", offsetof(struct config, max_login_failures),
-	    1, 100, 0 },
+	    1, 100000, 0 },
 	{ "max_bad_commands", offsetof(struct config, max_bad_commands),
 	    1, 1000, 0 },
 	{ "login_timeout", offsetof(struct config, login_timeout), 1, 3600,
@@ -306,6 +306,10 @@ static const struct { const char *name; size_t offset; } string_keys[] = {
 	{ "backend_ca_path", offsetof(struct config, backend_ca_path) },
 	{ "backend_client_cert", offsetof(struct config, backend_client_cert) },
 	{ "backend_client_key", offsetof(struct config, backend_client_key) },
+	{ "sasl_service", offsetof(struct config, sasl_service) },
+	{ "sasl_config_path", offsetof(struct config, sasl_config_path) },
+	{ "proxy_user", offsetof(struct config, proxy_user) },
+	{ "proxy_password_file", offsetof(struct config, proxy_password_file) },
 };
 
 static int
@@ -396,6 +400,15 @@ config_line(struct config *cfg, char **w, int n, char *err, size_t errlen)
 			goto bad;
 		return 0;
 	}
+	if (strcmp(w[0], "auth") == 0) {
+		if (strcmp(w[1], "passthrough") == 0)
+			cfg->auth = AUTH_PASSTHROUGH;
+		else if (strcmp(w[1], "proxy") == 0)
+			cfg->auth = AUTH_PROXY;
+		else
+			goto bad;
+		return 0;
+	}
 	if (strcmp(w[0], "tls_mode") == 0) {
 		if (parse_tls_mode(w[1], &cfg->tls_mode) != 0 ||
 		    cfg->tls_mode == TLS_NONE)
@@ -446,6 +459,35 @@ config_check_tls(struct config *cfg, const char *path, char *err,
 	return -1;
 }
 
+/* auth proxy needs an identity and its password; load the password now. */
+static int
+config_check_auth(struct config *cfg, const char *path, char *err,
+    size_t errlen)
+{
+	char why[300];
+
+	if (cfg->sasl_service == NULL &&
+	    set_string(&cfg->sasl_service, "imap") != 0) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	if (cfg->auth != AUTH_PROXY)
+		return 0;
+	if (cfg->proxy_user == NULL || cfg->proxy_password_file == NULL) {
+		snprintf(err, errlen, "%s: auth proxy needs proxy_user and "
+		    "proxy_password_file", path);
+		return -1;
+	}
+	if ((cfg->proxy = calloc(1, sizeof(*cfg->proxy))) == NULL ||
+	    credentials_load_password(cfg->proxy, cfg->proxy_user,
+	    cfg->proxy_password_file, why, sizeof(why)) != 0) {
+		snprintf(err, errlen, "%s: proxy_password_file %s", path,
+		    cfg->proxy ? why : "out of memory");
+		return -1;
+	}
+	return 0;
+}
+
 int
 config_load(struct config *cfg, const char *path, char *err, size_t errlen)
 {
@@ -477,6 +519,8 @@ config_load(struct config *cfg, const char *path, char *err, size_t errlen)
 	}
 	if (rc == 0)
 		rc = config_check_tls(cfg, path, err, errlen);
+	if (rc == 0)
+		rc = config_check_auth(cfg, path, err, errlen);
 	if (rc == 0 && cfg->greeting == NULL &&
 	    set_string(&cfg->greeting, IMAPFE_GREETING_MARK ".") != 0)
 		rc = -1;
@@ -497,6 +541,10 @@ config_free(struct config *cfg)
 	for (r = cfg->routes; r != NULL; r = next) {
 		next = r->next;
 		route_free(r);
+	}
+	if (cfg->proxy != NULL) {
+		credentials_clear(cfg->proxy);
+		free(cfg->proxy);
 	}
 	for (size_t i = 0; i < sizeof(string_keys) / sizeof(*string_keys);
 	    i++)
@@ -634,14 +682,27 @@ plaintext_allowed(const struct session *s)
 	    (s->cfg->plaintext_auth == PLAINTEXT_LOOPBACK && s->peer_loopback);
 }
 
+/*
+ * What imapfe itself offers before login.  The AUTH= list is the SASL
+ * configuration's in proxy mode, PLAIN and LOGIN in passthrough mode (the
+ * back-end needs the password itself), and without plaintext mechanisms
+ * wherever plaintext is not allowed.
+ */
 static const char *
 prelogin_caps(const struct session *s)
 {
-	static char caps[128];
+	static char caps[1024];
+	struct str mechs = { 0 };
+	int plain = plaintext_allowed(s);
 
-	snprintf(caps, sizeof(caps), "IMAP4rev1 LITERAL- SASL-IR ID ENABLE%s%s",
+	if (s->cfg->auth == AUTH_PROXY)
+		sasl_server_mechs(s->cfg, plain, &mechs);
+	else if (plain)
+		str_adds(&mechs, " AUTH=PLAIN AUTH=LOGIN");
+	snprintf(caps, sizeof(caps), "IMAP4rev1 LITERAL- SASL-IR ID ENABLE%s%s%s",
 	    s->tls_ctx != NULL && !s->tls_active ? " STARTTLS" : "",
-	    plaintext_allowed(s) ? " AUTH=PLAIN AUTH=LOGIN" : " LOGINDISABLED");
+	    mechs.s != NULL ? mechs.s : "", plain ? "" : " LOGINDISABLED");
+	str_free(&mechs);
 	return caps;
 }
 
@@ -835,6 +896,47 @@ login_failed(struct session *s, const char *tag, const char *code,
 }
 
 /*
+ * Log in to the back-end: with the client's own credentials (passthrough),
+ * or as the proxy identity acting for the client (proxy).  In proxy mode
+ * the client is already authenticated, so a refusal is the service's
+ * fault, never the user's.
+ */
+static enum login_result
+backend_login(struct session *s, const struct route *r, char *why,
+    size_t whylen)
+{
+	static const char prefix[] = "the back-end refused the proxy "
+	    "identity or its authorization (check proxy_user and the "
+	    "back-end's proxy rules): ";
+	struct credentials proxy = { 0 };
+	enum login_result res;
+
+	if (s->cfg->auth != AUTH_PROXY)
+		return backend_open(&s->backend, s->cfg, r, &s->cred, why,
+		    whylen);
+	if (credentials_set(&proxy, s->cfg->proxy->user,
+	    s->cfg->proxy->user_len, s->cfg->proxy->pass,
+	    s->cfg->proxy->pass_len) != 0 ||
+	    credentials_set_authzid(&proxy, s->cred.user) != 0) {
+		credentials_clear(&proxy);
+		snprintf(why, whylen, "out of memory");
+		return LOGIN_UNAVAILABLE;
+	}
+	res = backend_open(&s->backend, s->cfg, r, &proxy, why, whylen);
+	credentials_clear(&proxy);
+	if (res == LOGIN_BADCREDS && whylen > sizeof(prefix)) {
+		size_t keep = strnlen(why, whylen - sizeof(prefix));
+
+		memmove(why + sizeof(prefix) - 1, why, keep);
+		memcpy(why, prefix, sizeof(prefix) - 1);
+		why[sizeof(prefix) - 1 + keep] = '\0';
+	}
+	if (res == LOGIN_BADCREDS)
+		res = LOGIN_UNAVAILABLE;
+	return res;
+}
+
+/*
  * Credentials are in s->cred: find the back-end and log in there.  The
  * client hears the same NO for an unknown user as for a wrong password.
  */
@@ -866,8 +968,7 @@ do_login(struct session *s, const char *tag, const char *method)
 		    "Authentication failed.");
 		return;
 	}
-	res = backend_open(&s->backend, s->cfg, r, &s->cred, why,
-	    sizeof(why));
+	res = backend_login(s, r, why, sizeof(why));
 	credentials_clear(&s->cred);
 	if (res == LOGIN_OK &&
 	    (caps = caps_for_client(s->backend.caps)) != NULL) {
@@ -907,6 +1008,53 @@ plaintext_refused(struct session *s, const char *tag)
 	return 1;
 }
 
+/* How a failed SASL server exchange is answered; the attempt counts. */
+static void
+sasl_server_failed(struct session *s, const char *tag, const char *method,
+    int rc)
+{
+	const char *code = "AUTHENTICATIONFAILED", *text =
+	    "Authentication failed.";
+
+	if (rc == SASL_NOAUTHZ) {
+		code = "AUTHORIZATIONFAILED";
+		text = "Authorization identity not allowed.";
+	} else if (rc == SASL_NOMEM || rc == SASL_FAIL || rc == SASL_TRYAGAIN ||
+	    rc == SASL_UNAVAIL) {
+		code = "UNAVAILABLE";
+		text = "Authentication service unavailable, try again later.";
+	}
+	log_msg(code[0] == 'U' ? LOG_ERR : LOG_NOTICE, "event=login-failed%s%s%s "
+	    "method=%s reason=\"SASL: %s\"", s->user[0] ? " user=\"" : "",
+	    s->user, s->user[0] ? "\"" : "", method,
+	    sasl_errstring(rc, NULL, NULL));
+	login_failed(s, tag, code, text);
+}
+
+/* auth proxy: LOGIN's password is checked by the SASL configuration. */
+static int
+proxy_check_password(struct session *s, const char *tag)
+{
+	sasl_conn_t *conn = sasl_server_conn(s->cfg, plaintext_allowed(s));
+	int rc = SASL_FAIL;
+
+	sanitize(s->user, sizeof(s->user), s->cred.user, s->cred.user_len);
+	if (conn != NULL && credentials_acceptable(s->cred.user,
+	    s->cred.user_len) && credentials_acceptable(s->cred.pass,
+	    s->cred.pass_len))
+		rc = sasl_checkpass(conn, s->cred.user,
+		    (unsigned)s->cred.user_len, s->cred.pass,
+		    (unsigned)s->cred.pass_len);
+	else if (conn != NULL)
+		rc = SASL_BADAUTH;
+	sasl_dispose(&conn);
+	if (rc == SASL_OK)
+		return 0;
+	credentials_clear(&s->cred);
+	sasl_server_failed(s, tag, "LOGIN", rc);
+	return -1;
+}
+
 static void
 cmd_login(struct session *s, const struct command *c)
 {
@@ -922,6 +1070,8 @@ cmd_login(struct session *s, const struct command *c)
 		session_bye(s, END_LIMIT, "Out of memory.");
 		return;
 	}
+	if (s->cfg->auth == AUTH_PROXY && proxy_check_password(s, c->tag) != 0)
+		return;
 	do_login(s, c->tag, "LOGIN");
 }
 
@@ -1029,10 +1179,102 @@ auth_login(struct session *s, const char *tag, const struct token *ir)
 		session_bye(s, END_LIMIT, "Out of memory.");
 }
 
+/* Send a SASL challenge and take the client's decoded response. */
+static int
+auth_challenge(struct session *s, const char *tag, const char *data,
+    unsigned len, char **out, size_t *outlen)
+{
+	size_t need = ((size_t)len + 2) / 3 * 4 + 1;
+	char *b64 = malloc(need);
+	int rc;
+
+	if (b64 == NULL) {
+		session_bye(s, END_LIMIT, "Out of memory.");
+		return -1;
+	}
+	base64_encode((const unsigned char *)data, len, b64, need);
+	rc = auth_response(s, tag, b64, NULL, out, outlen);
+	free(b64);
+	return rc;
+}
+
+/* Not a SASL code: the exchange ended with an answer already sent. */
+#define EXCHANGE_ANSWERED	1000
+
+/*
+ * Run a SASL server exchange to its end.  Each client response is wiped
+ * and freed as soon as the library has taken it.
+ */
+static int
+server_exchange(struct session *s, sasl_conn_t *conn, const char *tag,
+    const char *mech, const struct token *ir)
+{
+	const char *out = NULL;
+	unsigned outlen = 0;
+	char *in = NULL;
+	size_t inlen = 0;
+	int rc;
+
+	if (ir != NULL && auth_response(s, tag, "", ir, &in, &inlen) != 1)
+		return EXCHANGE_ANSWERED;
+	rc = sasl_server_start(conn, mech, in, (unsigned)inlen, &out, &outlen);
+	free_secret(in, inlen);
+	while (rc == SASL_CONTINUE) {
+		if (auth_challenge(s, tag, out, outlen, &in, &inlen) != 1)
+			return EXCHANGE_ANSWERED;
+		rc = sasl_server_step(conn, in, (unsigned)inlen, &out, &outlen);
+		free_secret(in, inlen);
+	}
+	/* Data that comes with success goes in a last continuation. */
+	if (rc == SASL_OK && outlen > 0) {
+		if (auth_challenge(s, tag, out, outlen, &in, &inlen) != 1)
+			return EXCHANGE_ANSWERED;
+		free_secret(in, inlen);
+		if (inlen != 0)
+			rc = SASL_BADPROT;
+	}
+	return rc;
+}
+
+/*
+ * auth proxy: AUTHENTICATE with any mechanism the SASL configuration
+ * offers.  Success yields the identity to act as: the authorization
+ * identity, which SASL's policy has allowed.  The connection object lives
+ * for this one attempt.
+ */
+static void
+auth_sasl_server(struct session *s, const char *tag, const char *mech,
+    const struct token *ir)
+{
+	sasl_conn_t *conn = sasl_server_conn(s->cfg, plaintext_allowed(s));
+	const char *user = NULL;
+	int rc = SASL_FAIL;
+
+	s->user[0] = '\0';
+	if (conn != NULL)
+		rc = server_exchange(s, conn, tag, mech, ir);
+	if (rc == SASL_OK && (sasl_getprop(conn, SASL_USERNAME,
+	    (const void **)&user) != SASL_OK || user == NULL))
+		rc = SASL_FAIL;
+	if (rc == SASL_OK &&
+	    credentials_set(&s->cred, user, strlen(user), "", 0) != 0)
+		rc = SASL_NOMEM;
+	sasl_dispose(&conn);
+	if (rc == SASL_OK)
+		do_login(s, tag, mech);
+	else if (rc == SASL_NOMECH)
+		client_send(s, "%s NO Unsupported authentication mechanism.",
+		    tag);
+	else if (rc != EXCHANGE_ANSWERED)
+		sasl_server_failed(s, tag, mech, rc);
+}
+
 static void
 cmd_authenticate(struct session *s, const struct command *c)
 {
 	const struct token *ir;
+	char mech[SASL_MECHNAMEMAX + 1];
+	int plaintext_mech;
 
 	if (c->ntok < 1 || c->ntok > 2 || c->tok[0].type != TOK_ATOM ||
 	    (c->ntok == 2 && c->tok[1].type != TOK_ATOM)) {
@@ -1041,17 +1283,28 @@ cmd_authenticate(struct session *s, const struct command *c)
 		return;
 	}
 	ir = c->ntok == 2 ? &c->tok[1] : NULL;
-	if (c->tok[0].len == 5 && strncasecmp(c->tok[0].s, "PLAIN", 5) == 0) {
-		if (!plaintext_refused(s, c->tag))
-			auth_plain(s, c->tag, ir);
+	if (c->tok[0].len >= sizeof(mech)) {
+		client_send(s, "%s NO Unsupported authentication mechanism.",
+		    c->tag);
 		return;
 	}
-	if (c->tok[0].len == 5 && strncasecmp(c->tok[0].s, "LOGIN", 5) == 0) {
-		if (!plaintext_refused(s, c->tag))
-			auth_login(s, c->tag, ir);
+	memcpy(mech, c->tok[0].s, c->tok[0].len);
+	mech[c->tok[0].len] = '\0';
+	for (char *p = mech; *p != '\0'; p++)
+		*p = (char)toupper((unsigned char)*p);
+	plaintext_mech = strcmp(mech, "PLAIN") == 0 ||
+	    strcmp(mech, "LOGIN") == 0;
+	if (plaintext_mech && plaintext_refused(s, c->tag))
 		return;
-	}
-	client_send(s, "%s NO Unsupported authentication mechanism.", c->tag);
+	if (s->cfg->auth == AUTH_PROXY)
+		auth_sasl_server(s, c->tag, mech, ir);
+	else if (strcmp(mech, "PLAIN") == 0)
+		auth_plain(s, c->tag, ir);
+	else if (strcmp(mech, "LOGIN") == 0)
+		auth_login(s, c->tag, ir);
+	else
+		client_send(s, "%s NO Unsupported authentication mechanism.",
+		    c->tag);
 }
 
 /* Commands that exist, but only after login (RFC 9051, RFC 3501). */
@@ -1674,9 +1927,18 @@ main(int argc, char *argv[])
 		return 1;
 	}
 	/* Done once here, so that forked sessions do not each pay for it. */
+	if (cfg.auth == AUTH_PROXY &&
+	    sasl_server_setup(&cfg, err, sizeof(err)) != 0) {
+		log_msg(LOG_ERR, "event=error reason=\"%s\"", err);
+		tls_server_ctx_free(tls_ctx);
+		config_free(&cfg);
+		return 1;
+	}
 	if (sasl_client_setup() != 0) {
 		log_msg(LOG_ERR, "event=error reason=\"SASL initialisation "
 		    "failed\"");
+		if (cfg.auth == AUTH_PROXY)
+			sasl_server_teardown();
 		tls_server_ctx_free(tls_ctx);
 		config_free(&cfg);
 		return 1;
@@ -1690,6 +1952,8 @@ main(int argc, char *argv[])
 	} else
 		rc = session_run(&cfg, tls_ctx, 0, 1);
 	sasl_client_teardown();
+	if (cfg.auth == AUTH_PROXY)
+		sasl_server_teardown();
 	tls_server_ctx_free(tls_ctx);
 	config_free(&cfg);
 	closelog();

@@ -87,6 +87,7 @@ int	 poll_wait(struct pollfd *, nfds_t, int);
 /* tls.c */
 
 struct config;
+struct credentials;
 struct route;
 
 SSL_CTX		*tls_server_ctx(const struct config *, char *err, size_t);
@@ -206,12 +207,19 @@ struct route {
 };
 
 enum plaintext_policy { PLAINTEXT_NO = 0, PLAINTEXT_YES, PLAINTEXT_LOOPBACK };
+enum auth_mode { AUTH_PASSTHROUGH = 0, AUTH_PROXY };
 
 struct config {
 	struct route	*routes;
 	struct route	*routes_tail;
 	char		*greeting;
 	char		*backend_mechanisms;	/* preference order */
+	enum auth_mode	 auth;
+	char		*sasl_service;		/* auth proxy: SASL server */
+	char		*sasl_config_path;
+	char		*proxy_user;		/* auth proxy: back-end login */
+	char		*proxy_password_file;
+	struct credentials *proxy;		/* loaded from the two above */
 	enum plaintext_policy plaintext_auth;	/* LOGIN/PLAIN without TLS */
 	char		*tls_cert;		/* client-side TLS */
 	char		*tls_key;
@@ -254,6 +262,7 @@ struct credentials {
 	size_t	 user_len;
 	char	*pass;		/* owned, wiped before free */
 	size_t	 pass_len;
+	char	*authzid;	/* owned; NULL: act as user itself */
 };
 
 void		 wipe(void *, size_t);
@@ -271,8 +280,21 @@ enum plain_status { PLAIN_OK = 0, PLAIN_MALFORMED, PLAIN_AUTHZID };
 enum plain_status sasl_plain_split(const char *msg, size_t len,
 		    struct credentials *);
 
+int		 credentials_set_authzid(struct credentials *, const char *);
+int		 credentials_load_password(struct credentials *,
+		    const char *user, const char *file, char *err, size_t);
+
 int		 sasl_client_setup(void);
 void		 sasl_client_teardown(void);
+
+/* Cyrus SASL's server side, for "auth proxy". */
+#include <sasl/sasl.h>
+
+int		 sasl_server_setup(const struct config *, char *err, size_t);
+void		 sasl_server_teardown(void);
+sasl_conn_t	*sasl_server_conn(const struct config *, int plaintext_ok);
+int		 sasl_server_mechs(const struct config *, int plaintext_ok,
+		    struct str *caps);
 
 /* ------------------------------------------------------------------ */
 /* backend.c */

@@ -25,7 +25,9 @@ def main():
         conf = os.path.join(tmp, "imapfe.conf")
         with open(conf, "w") as f:
             f.write("# the whole configuration of this demo\n"
-                    "route * 127.0.0.1:%d\n" % dovecot.port)
+                    "route * 127.0.0.1:%d\n"
+                    "# loopback only: no TLS certificate in this demo\n"
+                    "plaintext_auth loopback\n" % dovecot.port)
         port = free_port()
         print("Dovecot listens on 127.0.0.1:%d; imapfe on 127.0.0.1:%d "
               "with %s:" % (dovecot.port, port, conf))
