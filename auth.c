@@ -221,8 +221,8 @@ credentials_load_password(struct credentials *cr, const char *user,
 		return -1;
 	}
 	if (fstat(fileno(f), &st) == 0 && (st.st_mode & 077) != 0)
-		syslog(LOG_WARNING, "event=warning reason=\"%s is readable by "
-		    "others\"", file);
+		log_msg(LOG_WARNING, "event=warning reason=\"%s is accessible "
+		    "to group or others\"", file);
 	if (fgets(buf, sizeof(buf), f) == NULL)
 		buf[0] = '\0';
 	fclose(f);

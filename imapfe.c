@@ -1001,10 +1001,11 @@ plaintext_refused(struct session *s, const char *tag)
 {
 	if (plaintext_allowed(s))
 		return 0;
-	client_send(s, "%s NO [PRIVACYREQUIRED] Plaintext authentication "
-	    "is disabled on an unencrypted connection.", tag);
 	log_msg(LOG_NOTICE, "event=login-refused reason=\"plaintext "
 	    "authentication without TLS\"");
+	/* Counted like a failed login, so a client cannot retry forever. */
+	login_failed(s, tag, "PRIVACYREQUIRED", "Plaintext authentication is "
+	    "disabled on an unencrypted connection.");
 	return 1;
 }
 
@@ -1833,6 +1834,26 @@ startup_failed(const char *err, int no_client)
 	return 1;
 }
 
+/* For -t: every back-end TLS setting loads (CA, client certificate). */
+static int
+check_backend_tls(const struct config *cfg, char *err, size_t errlen)
+{
+	for (const struct route *r = cfg->routes; r != NULL; r = r->next) {
+		char why[300];
+		SSL *ssl;
+
+		if (r->tls == TLS_NONE)
+			continue;
+		if ((ssl = tls_backend_ssl(cfg, r, why, sizeof(why))) == NULL) {
+			snprintf(err, errlen, "route %s %s:%s: %s", r->pattern,
+			    r->host, r->port, why);
+			return -1;
+		}
+		SSL_free(ssl);
+	}
+	return 0;
+}
+
 /* The client-side TLS context, when tls_cert is configured. */
 static int
 client_tls_setup(struct config *cfg, int implicit_tls, SSL_CTX **ctx,
@@ -1907,19 +1928,25 @@ main(int argc, char *argv[])
 	setrlimit(RLIMIT_CORE, &no_core);
 	if (config_load(&cfg, config_path, err, sizeof(err)) != 0)
 		return startup_failed(err, test_only || listen_spec != NULL);
+	openlog("imapfe", LOG_PID | (log_stderr || test_only ? LOG_PERROR : 0),
+	    cfg.syslog_facility);
 	if (client_tls_setup(&cfg, implicit_tls, &tls_ctx, err,
-	    sizeof(err)) != 0) {
+	    sizeof(err)) != 0 || (test_only &&
+	    check_backend_tls(&cfg, err, sizeof(err)) != 0)) {
+		tls_server_ctx_free(tls_ctx);
 		config_free(&cfg);
 		return startup_failed(err, test_only || listen_spec != NULL);
 	}
+	if (tls_ctx == NULL && cfg.plaintext_auth == PLAINTEXT_NO &&
+	    cfg.auth == AUTH_PASSTHROUGH)
+		log_msg(LOG_WARNING, "event=warning reason=\"plaintext_auth is "
+		    "no and there is no tls_cert: no client can log in\"");
 	if (test_only) {
 		printf("imapfe: %s: configuration OK\n", config_path);
 		tls_server_ctx_free(tls_ctx);
 		config_free(&cfg);
 		return 0;
 	}
-	openlog("imapfe", LOG_PID | (log_stderr ? LOG_PERROR : 0),
-	    cfg.syslog_facility);
 	install_signals();
 	if (listen_spec != NULL && (lfd = listen_on(listen_spec)) < 0) {
 		tls_server_ctx_free(tls_ctx);

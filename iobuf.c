@@ -143,6 +143,14 @@ tls_failure(struct iobuf *io, int err, const char *doing)
 {
 	char why[128];
 
+	if (err == SSL_ERROR_ZERO_RETURN) {
+		/* With unexpected EOFs ignored, a bare close looks like this. */
+		ERR_clear_error();
+		snprintf(io->tls_why, sizeof(io->tls_why), "connection closed "
+		    "during %s", doing);
+		io->tls_failed = 1;
+		return IO_CLOSED;
+	}
 	if (err == SSL_ERROR_SYSCALL && ERR_peek_error() == 0) {
 		ERR_clear_error();
 		if (errno == 0 || errno == ECONNRESET || errno == EPIPE) {
@@ -298,7 +306,7 @@ iobuf_tls_handshake(struct iobuf *io, SSL *ssl, int server)
 		}
 		if (st == IO_TIMEOUT) {
 			snprintf(io->tls_why, sizeof(io->tls_why),
-			    "handshake timed out (tls_handshake_timeout)");
+			    "handshake timeout");
 			io->tls_failed = 1;
 		}
 		if (st != IO_OK)

@@ -80,9 +80,10 @@ ticket_keys_load(const char *path, char *err, size_t errlen)
 		return -1;
 	}
 	if (fstat(fd, &st) == 0 && (st.st_mode & 077) != 0)
-		syslog(LOG_WARNING, "event=warning reason=\"%s is readable by "
-		    "others: anyone who can read it can decrypt recorded "
-		    "sessions\"", path);
+		log_msg(LOG_WARNING, "event=warning reason=\"%s is accessible "
+		    "to group or others: whoever reads it can impersonate this "
+		    "server to resuming clients (and decrypt TLS 1.2 sessions "
+		    "resumed with its tickets)\"", path);
 	while (got < sizeof(raw) &&
 	    (n = read(fd, raw + got, sizeof(raw) - got)) != 0) {
 		if (n < 0) {
@@ -166,6 +167,12 @@ load_cert_and_key(SSL_CTX *ctx, const char *cert, const char *key,
 {
 	char why[160];
 
+	if (access(cert, R_OK) != 0 || access(key, R_OK) != 0) {
+		const char *f = access(cert, R_OK) != 0 ? cert : key;
+
+		snprintf(err, errlen, "%s: %s", f, strerror(errno));
+		return -1;
+	}
 	if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1) {
 		tls_error_text(why, sizeof(why));
 		snprintf(err, errlen, "%s: %s", cert, why);
@@ -218,7 +225,10 @@ tls_server_ctx(const struct config *cfg, char *err, size_t errlen)
 	if (SSL_CTX_set_min_proto_version(ctx, cfg->tls_min_version) != 1 ||
 	    (cfg->tls_ciphers != NULL &&
 	    SSL_CTX_set_cipher_list(ctx, cfg->tls_ciphers) != 1)) {
-		tls_error_text(err, errlen);
+		char why[160];
+
+		tls_error_text(why, sizeof(why));
+		snprintf(err, errlen, "tls_ciphers: %s", why);
 		goto fail;
 	}
 	if (load_cert_and_key(ctx, cfg->tls_cert, cfg->tls_key, err,
@@ -246,6 +256,19 @@ tls_server_ctx_free(SSL_CTX *ctx)
 	ticket_keys_wipe();
 }
 
+/* The name the back-end's certificate must carry; "[v6]" loses brackets. */
+static void
+verify_name(const struct route *r, char *out, size_t outlen)
+{
+	const char *name = r->verify_name ? r->verify_name : r->host;
+	size_t len = strlen(name);
+
+	if (len >= 2 && name[0] == '[' && name[len - 1] == ']')
+		snprintf(out, outlen, "%.*s", (int)(len - 2), name + 1);
+	else
+		snprintf(out, outlen, "%s", name);
+}
+
 /*
  * A connection object for the back-end of route r, with verification of
  * the certificate against the route's CA and name already set up.
@@ -254,13 +277,14 @@ SSL *
 tls_backend_ssl(const struct config *cfg, const struct route *r, char *err,
     size_t errlen)
 {
-	const char *ca_file = r->ca_file ? r->ca_file : cfg->backend_ca_file;
-	const char *ca_path = r->ca_path ? r->ca_path : cfg->backend_ca_path;
-	const char *cert = r->client_cert ? r->client_cert :
-	    cfg->backend_client_cert;
-	const char *key = r->client_key ? r->client_key :
-	    cfg->backend_client_key;
-	const char *name = r->verify_name ? r->verify_name : r->host;
+	/* A route's own CA or certificate replaces the global ones whole. */
+	int own_ca = r->ca_file != NULL || r->ca_path != NULL;
+	int own_cert = r->client_cert != NULL;
+	const char *ca_file = own_ca ? r->ca_file : cfg->backend_ca_file;
+	const char *ca_path = own_ca ? r->ca_path : cfg->backend_ca_path;
+	const char *cert = own_cert ? r->client_cert : cfg->backend_client_cert;
+	const char *key = own_cert ? r->client_key : cfg->backend_client_key;
+	char name[256];
 	unsigned char addr[16];
 	SSL_CTX *ctx;
 	SSL *ssl = NULL;
@@ -292,6 +316,7 @@ tls_backend_ssl(const struct config *cfg, const struct route *r, char *err,
 		tls_error_text(err, errlen);
 		goto out;
 	}
+	verify_name(r, name, sizeof(name));
 	if (inet_pton(AF_INET, name, addr) == 1 ||
 	    inet_pton(AF_INET6, name, addr) == 1)
 		ok = X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl),
