@@ -197,10 +197,16 @@ backend_note_caps(struct backend *be, const char *line, size_t len)
  * relay (compression would hide the stream from imapfe).
  */
 char *
-caps_for_client(const char *backend_caps)
+caps_for_client(const char *backend_caps, int routed)
 {
 	static const char *const drop[] = { "STARTTLS", "LOGINDISABLED",
 	    "SASL-IR", "LOGIN-REFERRALS" };
+	/*
+	 * With public-folder servers, extensions whose commands span
+	 * mailboxes (or name them inside URLs) would reach only one server.
+	 */
+	static const char *const drop_routed[] = { "NOTIFY", "MULTISEARCH",
+	    "CATENATE", "URL-PARTIAL", "URLAUTH", "MAILBOX-REFERRALS" };
 	static const char *const drop_prefix[] = { "AUTH=", "COMPRESS=" };
 	struct str out = { 0 };
 	const char *p = backend_caps;
@@ -215,6 +221,11 @@ caps_for_client(const char *backend_caps)
 		for (i = 0; i < sizeof(drop) / sizeof(*drop); i++)
 			if (wl == strlen(drop[i]) &&
 			    strncasecmp(p, drop[i], wl) == 0)
+				keep = 0;
+		for (i = 0; routed && i < sizeof(drop_routed) /
+		    sizeof(*drop_routed); i++)
+			if (wl == strlen(drop_routed[i]) &&
+			    strncasecmp(p, drop_routed[i], wl) == 0)
 				keep = 0;
 		for (i = 0; i < sizeof(drop_prefix) / sizeof(*drop_prefix); i++)
 			if (strncasecmp(p, drop_prefix[i],
@@ -551,6 +562,46 @@ backend_open(struct backend *be, const struct config *cfg,
 	}
 	if (res != LOGIN_OK)
 		backend_reset(be);
+	return res;
+}
+
+/*
+ * Log in to a back-end for the user: with the client's own credentials
+ * (passthrough), or as the proxy identity acting for the client (proxy).
+ * In proxy mode the client is already authenticated, so a refusal is the
+ * service's fault, never the user's.
+ */
+enum login_result
+backend_open_as(struct backend *be, const struct config *cfg,
+    const struct route *r, const struct credentials *user, char *why,
+    size_t whylen)
+{
+	static const char prefix[] = "the back-end refused the proxy "
+	    "identity or its authorization (check proxy_user and the "
+	    "back-end's proxy rules): ";
+	struct credentials proxy = { 0 };
+	enum login_result res;
+
+	if (cfg->auth != AUTH_PROXY)
+		return backend_open(be, cfg, r, user, why, whylen);
+	if (credentials_set(&proxy, cfg->proxy->user, cfg->proxy->user_len,
+	    cfg->proxy->pass, cfg->proxy->pass_len) != 0 ||
+	    credentials_set_authzid(&proxy, user->user) != 0) {
+		credentials_clear(&proxy);
+		snprintf(why, whylen, "out of memory");
+		return LOGIN_UNAVAILABLE;
+	}
+	res = backend_open(be, cfg, r, &proxy, why, whylen);
+	credentials_clear(&proxy);
+	if (res == LOGIN_BADCREDS && whylen > sizeof(prefix)) {
+		size_t keep = strnlen(why, whylen - sizeof(prefix));
+
+		memmove(why + sizeof(prefix) - 1, why, keep);
+		memcpy(why, prefix, sizeof(prefix) - 1);
+		why[sizeof(prefix) - 1 + keep] = '\0';
+	}
+	if (res == LOGIN_BADCREDS)
+		res = LOGIN_UNAVAILABLE;
 	return res;
 }
 

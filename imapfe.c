@@ -70,6 +70,7 @@ config_defaults(struct config *cfg)
 	cfg->tls_min_version = TLS1_2_VERSION;
 	cfg->tls_mode = TLS_STARTTLS;
 	cfg->tls_handshake_timeout = 30;
+	cfg->public_holddown = 30;
 	cfg->max_line_length = 8192;
 	cfg->max_prelogin_literal = 4096;
 	cfg->max_login_failures = 3;
@@ -220,17 +221,26 @@ route_free(struct route *r)
 	free(r);
 }
 
+/* "route PATTERN HOST:PORT [opt=val ...]" or "public PREFIX HOST:PORT ..." */
 static int
 add_route(struct config *cfg, char **w, int n, char *err, size_t errlen)
 {
-	struct route *r;
+	int public = strcmp(w[0], "public") == 0;
+	struct route *r, **head = public ? &cfg->publics : &cfg->routes;
+	struct route **tail = public ? &cfg->publics_tail : &cfg->routes_tail;
 
 	if (n < 3) {
-		snprintf(err, errlen, "route takes PATTERN HOST:PORT "
-		    "[OPTION=VALUE ...]");
+		snprintf(err, errlen, "%s takes %s HOST:PORT [OPTION=VALUE ...]",
+		    w[0], public ? "PREFIX" : "PATTERN");
 		return -1;
 	}
-	if (strcmp(w[1], "*") != 0 && strchr(w[1], '*') != NULL &&
+	if (public && (w[1][0] == '\0' || strcasecmp(w[1], "INBOX") == 0 ||
+	    strpbrk(w[1], "*%\r\n") != NULL)) {
+		snprintf(err, errlen, "public prefix must be a mailbox name "
+		    "prefix without wildcards, not INBOX");
+		return -1;
+	}
+	if (!public && strcmp(w[1], "*") != 0 && strchr(w[1], '*') != NULL &&
 	    strncmp(w[1], "*@", 2) != 0) {
 		snprintf(err, errlen, "route pattern must be a user, *@domain "
 		    "or *");
@@ -255,11 +265,11 @@ add_route(struct config *cfg, char **w, int n, char *err, size_t errlen)
 		route_free(r);
 		return -1;
 	}
-	if (cfg->routes_tail != NULL)
-		cfg->routes_tail->next = r;
+	if (*tail != NULL)
+		(*tail)->next = r;
 	else
-		cfg->routes = r;
-	cfg->routes_tail = r;
+		*head = r;
+	*tail = r;
 	return 0;
 }
 
@@ -292,6 +302,8 @@ static const struct int_key int_keys[] = {
 	    0 },
 	{ "tls_handshake_timeout", offsetof(struct config,
 	    tls_handshake_timeout), 1, 600, 0 },
+	{ "public_holddown", offsetof(struct config, public_holddown), 0,
+	    86400, 0 },
 };
 
 /* Directives whose value is kept as given (file names, mostly). */
@@ -371,7 +383,7 @@ parse_facility(const char *v, int *out)
 static int
 config_line(struct config *cfg, char **w, int n, char *err, size_t errlen)
 {
-	if (strcmp(w[0], "route") == 0)
+	if (strcmp(w[0], "route") == 0 || strcmp(w[0], "public") == 0)
 		return add_route(cfg, w, n, err, errlen);
 	if (n != 2) {
 		snprintf(err, errlen, "%s takes one value", w[0]);
@@ -542,6 +554,10 @@ config_free(struct config *cfg)
 		next = r->next;
 		route_free(r);
 	}
+	for (r = cfg->publics; r != NULL; r = next) {
+		next = r->next;
+		route_free(r);
+	}
 	if (cfg->proxy != NULL) {
 		credentials_clear(cfg->proxy);
 		free(cfg->proxy);
@@ -645,20 +661,14 @@ client_send(struct session *s, const char *fmt, ...)
 static int
 client_send(struct session *s, const char *fmt, ...)
 {
-	char line[2048];
+	enum io_status st;
 	va_list ap;
-	int n;
 
-	va_start(ap, fmt);
-	n = vsnprintf(line, sizeof(line) - 2, fmt, ap);
-	va_end(ap);
-	if (n < 0)
-		return -1;
-	if ((size_t)n > sizeof(line) - 3)
-		n = (int)sizeof(line) - 3;
-	memcpy(line + n, "\r\n", 3);
 	s->client.deadline = now_ms() + (int64_t)s->cfg->idle_timeout * 1000;
-	if (iobuf_write(&s->client, line, (size_t)n + 2) != IO_OK) {
+	va_start(ap, fmt);
+	st = iobuf_vline(&s->client, fmt, ap);
+	va_end(ap);
+	if (st != IO_OK) {
 		s->end = END_CLIENT_GONE;
 		return -1;
 	}
@@ -896,47 +906,6 @@ login_failed(struct session *s, const char *tag, const char *code,
 }
 
 /*
- * Log in to the back-end: with the client's own credentials (passthrough),
- * or as the proxy identity acting for the client (proxy).  In proxy mode
- * the client is already authenticated, so a refusal is the service's
- * fault, never the user's.
- */
-static enum login_result
-backend_login(struct session *s, const struct route *r, char *why,
-    size_t whylen)
-{
-	static const char prefix[] = "the back-end refused the proxy "
-	    "identity or its authorization (check proxy_user and the "
-	    "back-end's proxy rules): ";
-	struct credentials proxy = { 0 };
-	enum login_result res;
-
-	if (s->cfg->auth != AUTH_PROXY)
-		return backend_open(&s->backend, s->cfg, r, &s->cred, why,
-		    whylen);
-	if (credentials_set(&proxy, s->cfg->proxy->user,
-	    s->cfg->proxy->user_len, s->cfg->proxy->pass,
-	    s->cfg->proxy->pass_len) != 0 ||
-	    credentials_set_authzid(&proxy, s->cred.user) != 0) {
-		credentials_clear(&proxy);
-		snprintf(why, whylen, "out of memory");
-		return LOGIN_UNAVAILABLE;
-	}
-	res = backend_open(&s->backend, s->cfg, r, &proxy, why, whylen);
-	credentials_clear(&proxy);
-	if (res == LOGIN_BADCREDS && whylen > sizeof(prefix)) {
-		size_t keep = strnlen(why, whylen - sizeof(prefix));
-
-		memmove(why + sizeof(prefix) - 1, why, keep);
-		memcpy(why, prefix, sizeof(prefix) - 1);
-		why[sizeof(prefix) - 1 + keep] = '\0';
-	}
-	if (res == LOGIN_BADCREDS)
-		res = LOGIN_UNAVAILABLE;
-	return res;
-}
-
-/*
  * Credentials are in s->cred: find the back-end and log in there.  The
  * client hears the same NO for an unknown user as for a wrong password.
  */
@@ -968,10 +937,14 @@ do_login(struct session *s, const char *tag, const char *method)
 		    "Authentication failed.");
 		return;
 	}
-	res = backend_login(s, r, why, sizeof(why));
-	credentials_clear(&s->cred);
+	res = backend_open_as(&s->backend, s->cfg, r, &s->cred, why,
+	    sizeof(why));
+	/* Public-folder servers are logged in to later, as the user. */
+	if (res != LOGIN_OK || s->cfg->publics == NULL)
+		credentials_clear(&s->cred);
 	if (res == LOGIN_OK &&
-	    (caps = caps_for_client(s->backend.caps)) != NULL) {
+	    (caps = caps_for_client(s->backend.caps,
+	    s->cfg->publics != NULL)) != NULL) {
 		s->logged_in = 1;
 		log_msg(LOG_INFO, "event=login user=\"%s\" method=%s "
 		    "backend=%s:%s", s->user, method, s->backend.host,
@@ -1551,6 +1524,24 @@ session_relay(struct session *s)
 		s->end = END_LOGOUT;
 }
 
+/* With public-folder servers, commands are routed, not just relayed. */
+static void
+session_route(struct session *s)
+{
+	static const enum session_end ends[] = {
+		[ROUTER_NONE] = END_NONE,
+		[ROUTER_LOGOUT] = END_LOGOUT,
+		[ROUTER_CLIENT_GONE] = END_CLIENT_GONE,
+		[ROUTER_BACKEND_GONE] = END_BACKEND_GONE,
+		[ROUTER_LIMIT] = END_LIMIT,
+		[ROUTER_TIMEOUT] = END_TIMEOUT,
+		[ROUTER_SHUTDOWN] = END_SHUTDOWN,
+	};
+
+	s->end = ends[router_run(s->cfg, &s->client, &s->backend, &s->cred,
+	    s->user)];
+}
+
 /* ------------------------------------------------------------------ */
 
 static void
@@ -1630,10 +1621,12 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	}
 	log_msg(LOG_INFO, "event=connect client=%s", s.peer);
 	session_prelogin(&s);
-	if (s.logged_in) {
+	if (s.logged_in && cfg->publics != NULL)
+		session_route(&s);
+	else if (s.logged_in)
 		session_relay(&s);
+	if (s.logged_in)
 		backend_close(&s.backend);
-	}
 	if (s.client.tls_why[0] != '\0')
 		log_msg(LOG_NOTICE, "event=tls-error side=client reason=\"%s\"",
 		    s.client.tls_why);
@@ -1836,9 +1829,10 @@ startup_failed(const char *err, int no_client)
 
 /* For -t: every back-end TLS setting loads (CA, client certificate). */
 static int
-check_backend_tls(const struct config *cfg, char *err, size_t errlen)
+check_routes_tls(const struct config *cfg, const struct route *list,
+    char *err, size_t errlen)
 {
-	for (const struct route *r = cfg->routes; r != NULL; r = r->next) {
+	for (const struct route *r = list; r != NULL; r = r->next) {
 		char why[300];
 		SSL *ssl;
 
@@ -1852,6 +1846,14 @@ check_backend_tls(const struct config *cfg, char *err, size_t errlen)
 		SSL_free(ssl);
 	}
 	return 0;
+}
+
+static int
+check_backend_tls(const struct config *cfg, char *err, size_t errlen)
+{
+	if (check_routes_tls(cfg, cfg->routes, err, errlen) != 0)
+		return -1;
+	return check_routes_tls(cfg, cfg->publics, err, errlen);
 }
 
 /* The client-side TLS context, when tls_cert is configured. */

@@ -70,6 +70,9 @@ enum io_status	 iobuf_getline(struct iobuf *, size_t max, char **line,
 void		 iobuf_consume(struct iobuf *, size_t);
 enum io_status	 iobuf_write(struct iobuf *, const void *, size_t);
 enum io_status	 iobuf_puts(struct iobuf *, const char *);
+enum io_status	 iobuf_vline(struct iobuf *, const char *fmt, va_list)
+		    __attribute__((format(printf, 2, 0)));
+#define TAGGED_LINE_MAX	8192	/* longest status line imapfe relays whole */
 void		 iobuf_discard(struct iobuf *);
 int		 wait_readable(int fd, int64_t deadline);
 
@@ -185,6 +188,8 @@ struct resp_scanner {
 	int		 saw_bye;
 };
 
+void		 keep_tail(char *tail, size_t cap, size_t *len, const char *,
+		    size_t);
 void		 resp_scanner_init(struct resp_scanner *);
 void		 resp_scan(struct resp_scanner *, const char *, size_t);
 
@@ -212,6 +217,9 @@ enum auth_mode { AUTH_PASSTHROUGH = 0, AUTH_PROXY };
 struct config {
 	struct route	*routes;
 	struct route	*routes_tail;
+	struct route	*publics;	/* public PREFIX HOST:PORT, in order */
+	struct route	*publics_tail;
+	int		 public_holddown;	/* seconds */
 	char		*greeting;
 	char		*backend_mechanisms;	/* preference order */
 	enum auth_mode	 auth;
@@ -320,10 +328,13 @@ const struct route *route_lookup(const struct config *, const char *user);
 enum login_result backend_open(struct backend *, const struct config *,
 		    const struct route *, const struct credentials *,
 		    char *why, size_t whylen);
+enum login_result backend_open_as(struct backend *, const struct config *,
+		    const struct route *, const struct credentials *user,
+		    char *why, size_t whylen);
 void		 backend_close(struct backend *);
 void		 backend_note_caps(struct backend *, const char *line,
 		    size_t len);
-char		*caps_for_client(const char *backend_caps);
+char		*caps_for_client(const char *backend_caps, int routed);
 
 /* auth.c, used by backend.c */
 enum login_result sasl_login(struct backend *, const struct config *,
@@ -333,6 +344,21 @@ enum login_result sasl_login(struct backend *, const struct config *,
 const char	*backend_next_tag(struct backend *);
 enum io_status	 backend_read_line(struct backend *, const struct config *,
 		    char **line, size_t *len);
+
+/* router.c: after login, when public-folder servers are configured */
+enum router_end {
+	ROUTER_NONE = 0,
+	ROUTER_LOGOUT,
+	ROUTER_CLIENT_GONE,
+	ROUTER_BACKEND_GONE,
+	ROUTER_LIMIT,
+	ROUTER_TIMEOUT,
+	ROUTER_SHUTDOWN
+};
+
+enum router_end	 router_run(const struct config *, struct iobuf *client,
+		    struct backend *home, const struct credentials *,
+		    const char *user);
 
 #define IMAPFE_GREETING_MARK	"imapfe ready"
 #define MAX_BACKEND_LINE	65536

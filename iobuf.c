@@ -426,6 +426,21 @@ iobuf_write(struct iobuf *io, const void *data, size_t len)
 	return IO_OK;
 }
 
+/* Write one formatted line, CRLF added; overlong lines are cut short. */
+enum io_status
+iobuf_vline(struct iobuf *io, const char *fmt, va_list ap)
+{
+	char line[TAGGED_LINE_MAX + 2];
+	int n = vsnprintf(line, sizeof(line) - 2, fmt, ap);
+
+	if (n < 0)
+		return IO_ERROR;
+	if ((size_t)n > sizeof(line) - 3)
+		n = (int)sizeof(line) - 3;
+	memcpy(line + n, "\r\n", 3);
+	return iobuf_write(io, line, (size_t)n + 2);
+}
+
 enum io_status
 iobuf_puts(struct iobuf *io, const char *s)
 {

@@ -176,12 +176,22 @@ parse_literal(struct cursor *c, struct command *cmd)
 	return 0;
 }
 
+/*
+ * An argument word: ASTRING-CHARs, and the list wildcards, which LIST
+ * patterns (list-char) and sequence sets ("1:*") carry unquoted.
+ */
+static int
+is_word_char(unsigned char c)
+{
+	return c == '%' || c == '*' || is_astring_char(c);
+}
+
 static int
 parse_atom(struct cursor *c, struct command *cmd)
 {
 	char *start = c->p;
 
-	while (c->p < c->end && is_astring_char((unsigned char)*c->p))
+	while (c->p < c->end && is_word_char((unsigned char)*c->p))
 		c->p++;
 	if (c->p == start)
 		return -1;
@@ -499,19 +509,26 @@ scanner_keep(struct resp_scanner *sc, const char *p, size_t n)
 		k = n;
 	memcpy(sc->head + sc->head_len, p, k);
 	sc->head_len += k;
-	if (n >= sizeof(sc->tail)) {
-		memcpy(sc->tail, p + n - sizeof(sc->tail), sizeof(sc->tail));
-		sc->tail_len = sizeof(sc->tail);
+	keep_tail(sc->tail, sizeof(sc->tail), &sc->tail_len, p, n);
+}
+
+/* Keep the last cap bytes seen of a line, as chunks of it go by. */
+void
+keep_tail(char *tail, size_t cap, size_t *len, const char *p, size_t n)
+{
+	if (n >= cap) {
+		memcpy(tail, p + n - cap, cap);
+		*len = cap;
 		return;
 	}
-	if (sc->tail_len + n > sizeof(sc->tail)) {
-		size_t drop = sc->tail_len + n - sizeof(sc->tail);
+	if (*len + n > cap) {
+		size_t drop = *len + n - cap;
 
-		memmove(sc->tail, sc->tail + drop, sc->tail_len - drop);
-		sc->tail_len -= drop;
+		memmove(tail, tail + drop, *len - drop);
+		*len -= drop;
 	}
-	memcpy(sc->tail + sc->tail_len, p, n);
-	sc->tail_len += n;
+	memcpy(tail + *len, p, n);
+	*len += n;
 }
 
 /*

@@ -222,9 +222,15 @@ test_plain(void)
 static void
 test_caps(void)
 {
-	char *c = caps_for_client("IMAP4rev1 SASL-IR AUTH=PLAIN IDLE "
-	    "STARTTLS LOGINDISABLED COMPRESS=DEFLATE MOVE auth=login");
+	const char *backend = "IMAP4rev1 SASL-IR AUTH=PLAIN IDLE NOTIFY "
+	    "STARTTLS LOGINDISABLED COMPRESS=DEFLATE MOVE auth=login CATENATE";
+	char *c = caps_for_client(backend, 0);
 
+	CHECK(c != NULL && strcmp(c, "IMAP4rev1 IDLE NOTIFY MOVE CATENATE") ==
+	    0);
+	free(c);
+	/* routed: no extension that would span servers */
+	c = caps_for_client(backend, 1);
 	CHECK(c != NULL && strcmp(c, "IMAP4rev1 IDLE MOVE") == 0);
 	free(c);
 	CHECK(caps_has("IMAP4rev1 LITERAL+ IDLE", "literal+"));

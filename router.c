@@ -1,0 +1,1360 @@
+/*
+ * The command router, used after login when public-folder servers are
+ * configured.  Each client command is read at the grammar level and sent
+ * to the back-end that owns the mailbox it names; responses are streamed
+ * back, literals included, never buffered whole.  Commands run one at a
+ * time: a pipelined command waits (in the client's socket) until the one
+ * before it is answered, so no command can reach the wrong back-end.
+ *
+ * The home back-end (from "route") is link 0; public-folder servers are
+ * opened on first use, and a failed one is left alone for public_holddown
+ * seconds.  A failure of a public server costs the command that needed it
+ * a NO [UNAVAILABLE], never the session.
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <syslog.h>
+
+#include "imapfe.h"
+
+#define TAG_MAX			64
+#define SMALL_LITERAL_MAX	65536		/* buffered; larger: streamed */
+#define BUFFERED_COMMAND_MAX	(1024 * 1024)
+#define MAX_PIECES		64
+
+/* Where a link's response stream is: line starts, literals. */
+struct scan {
+	int		 at_line_start;
+	uint64_t	 literal_left;
+	char		 tail[32];	/* the end of the current line */
+	size_t		 tail_len;
+	int		 saw_bye;
+};
+
+struct link {
+	const struct route *route;	/* NULL for the home back-end */
+	struct backend	*be;		/* home: the session's; else &own */
+	struct backend	 own;
+	int		 up;
+	int64_t		 retry_after;	/* hold-down after a failure */
+	struct scan	 sc;
+};
+
+struct router {
+	const struct config	*cfg;
+	struct iobuf		*client;
+	const struct credentials *cr;
+	const char		*user;		/* sanitized, for logs */
+	struct link		*links;
+	int			 nlinks;
+	int			 selected;	/* link index, or -1 */
+	struct str		 cmd;		/* the command being read */
+	size_t			 cuts[MAX_PIECES];	/* after each "{n}\r\n" */
+	int			 ncuts;
+	size_t			 send_len;	/* bytes of cmd to send */
+	uint64_t		 stream_left;	/* literal to stream, if any */
+	int			 stream_sync;
+	char			*enabled;	/* ENABLE arguments, to replay */
+	int64_t			 last_client;
+	enum router_end		 end;
+};
+
+/* What reading from a link produced. */
+enum link_event {
+	EV_MORE,		/* the buffer is used up */
+	EV_TAGGED,		/* the tagged completion, in the caller's buffer */
+	EV_CONTINUATION,	/* a "+" line, in the caller's buffer */
+	EV_CLIENT_GONE
+};
+
+/*
+ * FORWARD: untagged responses go to the client; DISCARD: nowhere;
+ * FILTER_LIST: a public server's LIST/LSUB lines go only for names under
+ * its own prefix (it has an INBOX and more of its own to hide).
+ */
+enum mode { FORWARD, DISCARD, FILTER_LIST };
+
+/* ------------------------------------------------------------------ */
+/* the client side */
+
+static int
+client_write(struct router *rt, const char *data, size_t len)
+{
+	rt->client->deadline = now_ms() + (int64_t)rt->cfg->idle_timeout *
+	    1000;
+	if (iobuf_write(rt->client, data, len) != IO_OK) {
+		rt->end = ROUTER_CLIENT_GONE;
+		return -1;
+	}
+	return 0;
+}
+
+static int
+client_line(struct router *rt, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static int
+client_line(struct router *rt, const char *fmt, ...)
+{
+	enum io_status st;
+	va_list ap;
+
+	rt->client->deadline = now_ms() + (int64_t)rt->cfg->idle_timeout *
+	    1000;
+	va_start(ap, fmt);
+	st = iobuf_vline(rt->client, fmt, ap);
+	va_end(ap);
+	if (st != IO_OK) {
+		rt->end = ROUTER_CLIENT_GONE;
+		return -1;
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* links */
+
+static void
+link_down(struct router *rt, int i, const char *why)
+{
+	struct link *l = &rt->links[i];
+
+	if (l->up)
+		log_msg(LOG_ERR, "event=public-error user=\"%s\" prefix=\"%s\" "
+		    "backend=%s:%s reason=\"%s\"", rt->user, l->route->pattern,
+		    l->route->host, l->route->port, why);
+	backend_close(l->be);
+	l->up = 0;
+	l->retry_after = now_ms() + (int64_t)rt->cfg->public_holddown * 1000;
+	memset(&l->sc, 0, sizeof(l->sc));
+	l->sc.at_line_start = 1;
+	if (rt->selected == i)
+		rt->selected = -1;
+}
+
+/* Send a command of imapfe's own and throw away all it brings back. */
+static int
+link_internal(struct router *rt, int i, const char *verb, const char *args);
+
+/* Open public link i if it is not open and not held down. */
+static int
+link_up(struct router *rt, int i)
+{
+	struct link *l = &rt->links[i];
+	char why[256];
+	enum login_result res;
+
+	if (l->up)
+		return 0;
+	if (now_ms() < l->retry_after)
+		return -1;
+	res = backend_open_as(l->be, rt->cfg, l->route, rt->cr, why,
+	    sizeof(why));
+	if (res != LOGIN_OK) {
+		log_msg(LOG_ERR, "event=public-failed user=\"%s\" prefix=\"%s\" "
+		    "backend=%s:%s reason=\"%s\" retry_in=%d", rt->user,
+		    l->route->pattern, l->route->host, l->route->port, why,
+		    rt->cfg->public_holddown);
+		l->retry_after = now_ms() +
+		    (int64_t)rt->cfg->public_holddown * 1000;
+		return -1;
+	}
+	l->up = 1;
+	memset(&l->sc, 0, sizeof(l->sc));
+	l->sc.at_line_start = 1;
+	log_msg(LOG_INFO, "event=public-login user=\"%s\" prefix=\"%s\" "
+	    "backend=%s:%s", rt->user, l->route->pattern, l->route->host,
+	    l->route->port);
+	if (rt->enabled != NULL &&
+	    link_internal(rt, i, "ENABLE", rt->enabled) != 0)
+		return -1;
+	return 0;
+}
+
+/* The link that owns a mailbox name: the public prefix it starts with. */
+static int
+mailbox_link(const struct router *rt, const char *name, size_t len)
+{
+	for (int i = 1; i < rt->nlinks; i++) {
+		const char *p = rt->links[i].route->pattern;
+		size_t pl = strlen(p);
+
+		if (len >= pl && memcmp(name, p, pl) == 0)
+			return i;
+		/* The prefix itself, without its trailing delimiter. */
+		if (pl > 1 && len == pl - 1 && memcmp(name, p, len) == 0 &&
+		    !isalnum((unsigned char)p[pl - 1]))
+			return i;
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* reading a link's responses */
+
+/* The mailbox name of a "* LIST (flags) delim name" line, unquoted. */
+static int
+list_line_name(const char *line, size_t len, char *name, size_t namelen)
+{
+	const char *p = line + 7, *end = line + len;	/* "* LIST " */
+	size_t n = 0;
+
+	if ((p = memchr(p, ')', (size_t)(end - p))) == NULL)
+		return -1;
+	p++;
+	while (p < end && *p == ' ')
+		p++;
+	if (end - p >= 3 && strncasecmp(p, "NIL", 3) == 0)
+		p += 3;
+	else if (end - p >= 3 && *p == '"')
+		p += p[1] == '\\' ? 4 : 3;
+	else
+		return -1;
+	while (p < end && *p == ' ')
+		p++;
+	if (p < end && *p == '"') {
+		for (p++; p < end && *p != '"' && n + 1 < namelen; p++) {
+			if (*p == '\\' && p + 1 < end)
+				p++;
+			name[n++] = *p;
+		}
+	} else
+		while (p < end && *p != ' ' && n + 1 < namelen)
+			name[n++] = *p++;
+	name[n] = '\0';
+	return n > 0 ? 0 : -1;
+}
+
+/* In FILTER_LIST mode: does this whole untagged line belong to link l? */
+static int
+list_line_wanted(const struct router *rt, const struct link *l,
+    const char *p, size_t len)
+{
+	char name[1024];
+
+	if (len < 8 || (strncasecmp(p, "* LIST ", 7) != 0 &&
+	    strncasecmp(p, "* LSUB ", 7) != 0))
+		return 1;
+	if (list_line_name(p, len, name, sizeof(name)) != 0)
+		return 1;
+	return mailbox_link(rt, name, strlen(name)) == (int)(l - rt->links);
+}
+
+/* A whole line at the start of the buffer, copied out without CRLF. */
+static int
+take_line(struct iobuf *io, char *out, size_t outlen)
+{
+	const char *p = io->buf + io->start;
+	const char *lf = memchr(p, '\n', iobuf_pending(io));
+	size_t len;
+
+	if (lf == NULL)
+		return 0;
+	len = (size_t)(lf - p);
+	if (len > 0 && p[len - 1] == '\r')
+		len--;
+	snprintf(out, outlen, "%.*s", (int)(len < outlen ? len : outlen - 1),
+	    p);
+	iobuf_consume(io, (size_t)(lf - p) + 1);
+	return 1;
+}
+
+/*
+ * Move what link l has buffered: untagged responses to the client (or
+ * nowhere), up to the tagged completion for tag or a "+" continuation,
+ * which are handed to the caller in line.  tag NULL: no command is in
+ * flight, everything is untagged.
+ */
+static enum link_event
+link_input(struct router *rt, struct link *l, const char *tag, enum mode m,
+    char *line, size_t linelen)
+{
+	struct iobuf *io = &l->be->io;
+	struct scan *sc = &l->sc;
+
+	for (;;) {
+		const char *p = io->buf + io->start, *lf;
+		size_t n = iobuf_pending(io), k;
+
+		if (n == 0)
+			return EV_MORE;
+		if (sc->literal_left > 0) {
+			k = n < sc->literal_left ? n : (size_t)sc->literal_left;
+			if (m != DISCARD && client_write(rt, p, k) != 0)
+				return EV_CLIENT_GONE;
+			iobuf_consume(io, k);
+			sc->literal_left -= k;
+			continue;
+		}
+		if (sc->at_line_start) {
+			lf = memchr(p, '\n', n);
+			if (tag != NULL && p[0] != '*') {
+				size_t tl = strlen(tag);
+				int tagged = n > tl && memcmp(p, tag, tl) == 0 &&
+				    p[tl] == ' ';
+
+				if (lf == NULL && n <= TAGGED_LINE_MAX &&
+				    (tagged || p[0] == '+' || n <= tl))
+					return EV_MORE;
+				if (lf != NULL && (tagged || p[0] == '+')) {
+					take_line(io, line, linelen);
+					return tagged ? EV_TAGGED :
+					    EV_CONTINUATION;
+				}
+			}
+			if (n >= 5 && strncasecmp(p, "* BYE", 5) == 0)
+				sc->saw_bye = 1;
+			if (m == FILTER_LIST && p[0] == '*') {
+				/* whole lines only: a literal name passes */
+				if (lf == NULL && n <= TAGGED_LINE_MAX)
+					return EV_MORE;
+				if (lf != NULL && (lf == p || lf[-1] != '}') &&
+				    !list_line_wanted(rt, l, p,
+				    (size_t)(lf - p))) {
+					iobuf_consume(io, (size_t)(lf - p) + 1);
+					continue;
+				}
+			}
+			sc->at_line_start = 0;
+			sc->tail_len = 0;
+		}
+		lf = memchr(p, '\n', n);
+		k = lf != NULL ? (size_t)(lf - p) + 1 : n;
+		keep_tail(sc->tail, sizeof(sc->tail), &sc->tail_len, p, k);
+		if (m != DISCARD && client_write(rt, p, k) != 0)
+			return EV_CLIENT_GONE;
+		iobuf_consume(io, k);
+		if (lf != NULL) {
+			uint64_t size;
+			size_t tl = sc->tail_len;
+
+			while (tl > 0 && (sc->tail[tl - 1] == '\n' ||
+			    sc->tail[tl - 1] == '\r'))
+				tl--;
+			if (literal_at_end(sc->tail, tl, &size) == LIT_SYNC ||
+			    literal_at_end(sc->tail, tl, &size) == LIT_NONSYNC)
+				sc->literal_left = size;
+			else
+				sc->at_line_start = 1;
+			sc->tail_len = 0;
+		}
+	}
+}
+
+/* Outcome of waiting for a link's answer. */
+enum wait_result {
+	W_TAGGED,
+	W_CONTINUATION,
+	W_LINK_DOWN,
+	W_CLIENT_GONE,
+	W_TIMEOUT
+};
+
+/*
+ * Wait for link i's tagged answer to tag (or its continuation, when
+ * stop_at_continuation).  A continuation otherwise goes to the client,
+ * whose next line then goes to the link: that is how IDLE's DONE travels.
+ */
+static enum wait_result
+link_wait(struct router *rt, int i, const char *tag, enum mode m,
+    int stop_at_continuation, char *line, size_t linelen)
+{
+	struct link *l = &rt->links[i];
+	struct iobuf *io = &l->be->io;
+	int client_may_speak = 0;
+
+	for (;;) {
+		struct pollfd pfd[2];
+		enum link_event ev;
+		enum io_status st;
+		int64_t left;
+
+		ev = link_input(rt, l, tag, m, line, linelen);
+		if (ev == EV_TAGGED)
+			return W_TAGGED;
+		if (ev == EV_CLIENT_GONE)
+			return W_CLIENT_GONE;
+		if (ev == EV_CONTINUATION) {
+			if (stop_at_continuation)
+				return W_CONTINUATION;
+			if (client_line(rt, "%s", line) != 0)
+				return W_CLIENT_GONE;
+			client_may_speak = 1;
+			continue;
+		}
+		if (client_may_speak && iobuf_pending(rt->client) > 0) {
+			char *cl;
+			size_t cllen;
+
+			rt->client->deadline = now_ms() +
+			    (int64_t)rt->cfg->idle_timeout * 1000;
+			if (iobuf_getline(rt->client, rt->cfg->max_line_length,
+			    &cl, &cllen) != IO_OK)
+				return W_CLIENT_GONE;
+			io->deadline = now_ms() +
+			    (int64_t)rt->cfg->backend_timeout * 1000;
+			if (iobuf_write(io, cl, cllen) != IO_OK ||
+			    iobuf_write(io, "\r\n", 2) != IO_OK)
+				return W_LINK_DOWN;
+			rt->last_client = now_ms();
+			client_may_speak = 0;
+			continue;
+		}
+		if (iobuf_has_decrypted(io))
+			left = 0;
+		else
+			left = rt->last_client + (int64_t)rt->cfg->idle_timeout *
+			    1000 - now_ms();
+		if (left < 0)
+			return W_TIMEOUT;
+		pfd[0] = (struct pollfd){ .fd = io->rfd, .events = POLLIN };
+		pfd[1] = (struct pollfd){ .fd = client_may_speak ?
+		    rt->client->rfd : -1, .events = POLLIN };
+		if (client_may_speak && iobuf_has_decrypted(rt->client))
+			left = 0;
+		if (poll_wait(pfd, 2, (int)(left > 3600000 ? 3600000 :
+		    left)) < 0) {
+			if (errno == EINTR && shutdown_requested)
+				return W_CLIENT_GONE;
+			continue;
+		}
+		if (pfd[0].revents != 0 || iobuf_has_decrypted(io)) {
+			st = iobuf_try_fill(io);
+			if (st != IO_OK && st != IO_AGAIN)
+				return W_LINK_DOWN;
+		}
+		if (client_may_speak && (pfd[1].revents != 0 ||
+		    iobuf_has_decrypted(rt->client))) {
+			st = iobuf_try_fill(rt->client);
+			if (st != IO_OK && st != IO_AGAIN)
+				return W_CLIENT_GONE;
+		}
+	}
+}
+
+static int
+link_internal(struct router *rt, int i, const char *verb, const char *args)
+{
+	struct link *l = &rt->links[i];
+	const char *tag = backend_next_tag(l->be);
+	char line[TAGGED_LINE_MAX];
+	struct str cmd = { 0 };
+	int rc = -1;
+
+	if (str_printf(&cmd, "%s %s%s%s\r\n", tag, verb, args ? " " : "",
+	    args ? args : "") == 0) {
+		l->be->io.deadline = now_ms() +
+		    (int64_t)rt->cfg->backend_timeout * 1000;
+		if (iobuf_write(&l->be->io, cmd.s, cmd.len) == IO_OK &&
+		    link_wait(rt, i, tag, DISCARD, 0, line, sizeof(line)) ==
+		    W_TAGGED)
+			rc = 0;
+	}
+	str_free(&cmd);
+	if (rc != 0 && i > 0)
+		link_down(rt, i, "no answer to an internal command");
+	return rc;
+}
+
+/* ------------------------------------------------------------------ */
+/* reading a client command */
+
+enum read_result { RD_COMPLETE, RD_STREAM, RD_ANSWERED, RD_END };
+
+static void
+early_tag(const char *s, size_t len, char *tag, size_t taglen)
+{
+	size_t n = 0;
+
+	while (n < len && n + 1 < taglen && s[n] != ' ')
+		n++;
+	if (n == 0 || !tag_is_valid(s, n)) {
+		snprintf(tag, taglen, "*");
+		return;
+	}
+	memcpy(tag, s, n);
+	tag[n] = '\0';
+}
+
+static int
+read_literal_into(struct router *rt, uint64_t n)
+{
+	while (n > 0) {
+		size_t avail = iobuf_pending(rt->client);
+
+		if (avail == 0) {
+			if (iobuf_fill(rt->client) != IO_OK)
+				return -1;
+			continue;
+		}
+		if (avail > n)
+			avail = (size_t)n;
+		if (str_add(&rt->cmd, rt->client->buf + rt->client->start,
+		    avail) != 0)
+			return -1;
+		iobuf_consume(rt->client, avail);
+		n -= avail;
+	}
+	return 0;
+}
+
+/*
+ * Add one line (CRLF removed) to the command; a literal announcement at
+ * its end is rewritten synchronizing, since imapfe, not the client,
+ * decides when the back-end gets the bytes.
+ */
+static int
+add_line(struct router *rt, const char *line, size_t len, enum literal_kind k,
+    uint64_t n)
+{
+	if (k == LIT_NONSYNC) {
+		const char *open = memrchr(line, '{', len);
+
+		len = (size_t)(open - line);
+		return str_add(&rt->cmd, line, len) != 0 ||
+		    str_printf(&rt->cmd, "{%llu}\r\n",
+		    (unsigned long long)n) != 0 ? -1 : 0;
+	}
+	if (str_add(&rt->cmd, line, len) != 0 || str_add(&rt->cmd, "\r\n", 2))
+		return -1;
+	return 0;
+}
+
+static enum read_result
+read_command(struct router *rt)
+{
+	enum literal_kind k;
+	enum io_status st;
+	char *line, tag[TAG_MAX + 2];
+	size_t len;
+	uint64_t n;
+
+	str_wipe(&rt->cmd);
+	rt->ncuts = 0;
+	rt->stream_left = 0;
+	for (;;) {
+		rt->client->deadline = rt->last_client +
+		    (int64_t)rt->cfg->idle_timeout * 1000;
+		st = iobuf_getline(rt->client, rt->cfg->max_line_length, &line,
+		    &len);
+		if (st == IO_TIMEOUT) {
+			client_line(rt, "* BYE Disconnected for inactivity.");
+			rt->end = ROUTER_TIMEOUT;
+			return RD_END;
+		}
+		if (st == IO_TOOLONG) {
+			client_line(rt, "* BYE Command line too long.");
+			rt->end = ROUTER_LIMIT;
+			return RD_END;
+		}
+		if (st != IO_OK) {
+			if (shutdown_requested) {
+				client_line(rt, "* BYE Server shutting down.");
+				rt->end = ROUTER_SHUTDOWN;
+			} else
+				rt->end = ROUTER_CLIENT_GONE;
+			return RD_END;
+		}
+		rt->last_client = now_ms();
+		k = literal_at_end(line, len, &n);
+		if (k == LIT_INVALID) {
+			early_tag(rt->cmd.len ? rt->cmd.s : line, rt->cmd.len ?
+			    rt->cmd.len : len, tag, sizeof(tag));
+			client_line(rt, "%s BAD Invalid literal size.", tag);
+			return RD_ANSWERED;
+		}
+		if (rt->cmd.len + len + 32 > BUFFERED_COMMAND_MAX ||
+		    rt->ncuts == MAX_PIECES) {
+			client_line(rt, "* BYE Command too long.");
+			rt->end = ROUTER_LIMIT;
+			return RD_END;
+		}
+		if (add_line(rt, line, len, k, n) != 0)
+			goto oom;
+		rt->send_len = rt->cmd.len;
+		if (k == LIT_NONE)
+			return RD_COMPLETE;
+		rt->cuts[rt->ncuts++] = rt->cmd.len;
+		if (n > SMALL_LITERAL_MAX ||
+		    rt->cmd.len + n > BUFFERED_COMMAND_MAX) {
+			rt->stream_left = n;
+			rt->stream_sync = k == LIT_SYNC;
+			return RD_STREAM;
+		}
+		if (k == LIT_SYNC && client_line(rt, "+ Ready for literal "
+		    "data") != 0)
+			return RD_END;
+		if (read_literal_into(rt, n) != 0) {
+			rt->end = ROUTER_CLIENT_GONE;
+			return RD_END;
+		}
+	}
+oom:
+	client_line(rt, "* BYE Out of memory.");
+	rt->end = ROUTER_LIMIT;
+	return RD_END;
+}
+
+/* ------------------------------------------------------------------ */
+/* sending a command */
+
+/*
+ * Send the buffered command to link i, piece by piece: after each literal
+ * announcement the link must say "+" before the literal goes.  A tagged
+ * answer instead ends the command early; it is put in line.  Returns
+ * W_CONTINUATION when everything went.
+ */
+static enum wait_result
+send_buffered(struct router *rt, int i, const char *tag, size_t len,
+    char *line, size_t linelen)
+{
+	struct iobuf *io = &rt->links[i].be->io;
+	size_t from = 0;
+	enum wait_result w;
+
+	for (int c = 0; c <= rt->ncuts; c++) {
+		size_t to = c < rt->ncuts ? rt->cuts[c] : len;
+
+		if (to > len)
+			to = len;
+		io->deadline = now_ms() + (int64_t)rt->cfg->backend_timeout *
+		    1000;
+		if (to > from && iobuf_write(io, rt->cmd.s + from, to - from) !=
+		    IO_OK)
+			return W_LINK_DOWN;
+		from = to;
+		if (c == rt->ncuts || to == len)
+			break;
+		w = link_wait(rt, i, tag, FORWARD, 1, line, linelen);
+		if (w != W_CONTINUATION)
+			return w;
+	}
+	return W_CONTINUATION;
+}
+
+/* Copy n literal bytes from the client to link i as they arrive. */
+static int
+pump_literal(struct router *rt, int i, uint64_t n)
+{
+	struct iobuf *io = &rt->links[i].be->io;
+
+	while (n > 0) {
+		size_t avail = iobuf_pending(rt->client);
+
+		if (avail == 0) {
+			rt->client->deadline = now_ms() +
+			    (int64_t)rt->cfg->idle_timeout * 1000;
+			if (iobuf_fill(rt->client) != IO_OK) {
+				rt->end = ROUTER_CLIENT_GONE;
+				return -1;
+			}
+			continue;
+		}
+		if (avail > n)
+			avail = (size_t)n;
+		io->deadline = now_ms() + (int64_t)rt->cfg->backend_timeout *
+		    1000;
+		if (iobuf_write(io, rt->client->buf + rt->client->start,
+		    avail) != IO_OK)
+			return -2;
+		iobuf_consume(rt->client, avail);
+		n -= avail;
+	}
+	rt->last_client = now_ms();
+	return 0;
+}
+
+/*
+ * The rest of a command whose literal is too big to hold: each literal
+ * streams from the client to the link once the link said "+".
+ */
+static enum wait_result
+stream_rest(struct router *rt, int i, const char *tag, char *line,
+    size_t linelen)
+{
+	enum wait_result w;
+	enum literal_kind k;
+	char *cl;
+	size_t cllen;
+	uint64_t n;
+	int rc;
+
+	for (;;) {
+		w = link_wait(rt, i, tag, FORWARD, 1, line, linelen);
+		if (w != W_CONTINUATION)
+			return w;
+		if (rt->stream_sync && client_line(rt, "+ Ready for literal "
+		    "data") != 0)
+			return W_CLIENT_GONE;
+		if ((rc = pump_literal(rt, i, rt->stream_left)) != 0)
+			return rc == -1 ? W_CLIENT_GONE : W_LINK_DOWN;
+		if (iobuf_getline(rt->client, rt->cfg->max_line_length, &cl,
+		    &cllen) != IO_OK)
+			return W_CLIENT_GONE;
+		k = literal_at_end(cl, cllen, &n);
+		str_wipe(&rt->cmd);
+		if (k == LIT_INVALID)
+			k = LIT_NONE;	/* the back-end will refuse it */
+		if (add_line(rt, cl, cllen, k, n) != 0)
+			return W_CLIENT_GONE;
+		rt->links[i].be->io.deadline = now_ms() +
+		    (int64_t)rt->cfg->backend_timeout * 1000;
+		if (iobuf_write(&rt->links[i].be->io, rt->cmd.s, rt->cmd.len) !=
+		    IO_OK)
+			return W_LINK_DOWN;
+		if (k == LIT_NONE)
+			return W_CONTINUATION;
+		rt->stream_left = n;
+		rt->stream_sync = k == LIT_SYNC;
+	}
+}
+
+/* ------------------------------------------------------------------ */
+/* running one command on one link */
+
+static void
+command_failed_on_link(struct router *rt, int i, const char *tag,
+    enum wait_result w)
+{
+	if (w == W_CLIENT_GONE) {
+		rt->end = ROUTER_CLIENT_GONE;
+		return;
+	}
+	if (w == W_TIMEOUT) {
+		client_line(rt, "* BYE Disconnected for inactivity.");
+		rt->end = ROUTER_TIMEOUT;
+		return;
+	}
+	if (i == 0) {
+		if (!rt->links[0].sc.saw_bye)
+			client_line(rt, "* BYE Back-end server closed the "
+			    "connection.");
+		rt->end = rt->links[0].sc.saw_bye ? ROUTER_LOGOUT :
+		    ROUTER_BACKEND_GONE;
+		return;
+	}
+	link_down(rt, i, "connection lost");
+	client_line(rt, "%s NO [UNAVAILABLE] Public folder server connection "
+	    "lost.", tag);
+}
+
+enum outcome { OUT_OK, OUT_NO, OUT_BAD, OUT_FAILED };
+
+/*
+ * Send the current command to link i and relay the answer.  The tagged
+ * line goes to the client unless keep_tagged (then it is left in line).
+ */
+static enum outcome
+run_on_link_as(struct router *rt, int i, const char *tag, enum mode m,
+    int keep_tagged, char *line, size_t linelen)
+{
+	enum wait_result w;
+	const char *st;
+	size_t rest;
+
+	w = send_buffered(rt, i, tag, rt->send_len, line, linelen);
+	if (w == W_CONTINUATION && rt->stream_left > 0)
+		w = stream_rest(rt, i, tag, line, linelen);
+	if (w == W_CONTINUATION)
+		w = link_wait(rt, i, tag, m, 0, line, linelen);
+	if (w != W_TAGGED) {
+		command_failed_on_link(rt, i, tag, w);
+		return OUT_FAILED;
+	}
+	if (!keep_tagged && client_line(rt, "%s", line) != 0)
+		return OUT_FAILED;
+	st = resp_status(line, strlen(line), tag, &rest);
+	if (st != NULL && strcmp(st, "OK") == 0)
+		return OUT_OK;
+	return st != NULL && strcmp(st, "NO") == 0 ? OUT_NO : OUT_BAD;
+}
+
+static enum outcome
+run_on_link(struct router *rt, int i, const char *tag, int keep_tagged,
+    char *line, size_t linelen)
+{
+	return run_on_link_as(rt, i, tag, FORWARD, keep_tagged, line, linelen);
+}
+
+/* ------------------------------------------------------------------ */
+/* what goes where */
+
+/*
+ * Parse a copy of the command (the parser writes into its buffer, and the
+ * original bytes are what the back-end gets).  For a command whose literal
+ * streams, the part before that literal is what there is to parse.
+ */
+static enum parse_status
+parse_copy(struct router *rt, struct str *copy, struct command *c,
+    const char **why)
+{
+	size_t len = rt->send_len;
+
+	if (rt->stream_left > 0) {
+		const char *open = memrchr(rt->cmd.s, '{', len);
+
+		len = open != NULL ? (size_t)(open - rt->cmd.s) : 0;
+	} else
+		len -= 2;		/* the final CRLF */
+	while (len > 0 && rt->cmd.s[len - 1] == ' ')
+		len--;
+	str_wipe(copy);
+	if (str_add(copy, rt->cmd.s, len) != 0 || str_add(copy, "", 1) != 0)
+		return PARSE_NOTAG;
+	copy->len--;
+	return parse_command(copy->s, copy->len, c, why);
+}
+
+static int
+is_mailbox_token(const struct token *t)
+{
+	return t->type == TOK_ATOM || t->type == TOK_QUOTED ||
+	    t->type == TOK_LITERAL;
+}
+
+/* Commands whose first argument is a mailbox name. */
+static int
+names_mailbox(const char *name)
+{
+	static const char *const names[] = { "SELECT", "EXAMINE", "STATUS",
+	    "CREATE", "DELETE", "SUBSCRIBE", "UNSUBSCRIBE", "APPEND",
+	    "GETACL", "SETACL", "DELETEACL", "MYRIGHTS", "LISTRIGHTS",
+	    "GETQUOTAROOT" };
+
+	for (size_t i = 0; i < sizeof(names) / sizeof(*names); i++)
+		if (strcmp(name, names[i]) == 0)
+			return 1;
+	return 0;
+}
+
+/* The link where a mailbox is selected, or home when none is. */
+static int
+current_link(const struct router *rt)
+{
+	return rt->selected >= 0 ? rt->selected : 0;
+}
+
+/* Leave link i unselected, quietly: UNSELECT, or a SELECT bound to fail. */
+static void
+deselect(struct router *rt, int i)
+{
+	if (caps_has(rt->links[i].be->caps, "UNSELECT"))
+		link_internal(rt, i, "UNSELECT", NULL);
+	else
+		link_internal(rt, i, "EXAMINE", "\"imapfe/no such mailbox\"");
+	if (rt->selected == i)
+		rt->selected = -1;
+}
+
+static int
+public_unavailable(struct router *rt, int i, const char *tag)
+{
+	if (link_up(rt, i) == 0)
+		return 0;
+	client_line(rt, "%s NO [UNAVAILABLE] The server for \"%s\" is "
+	    "unavailable, try again later.", tag, rt->links[i].route->pattern);
+	return 1;
+}
+
+/* A command for the mailbox on link i (SELECT and friends included). */
+static void
+cmd_mailbox(struct router *rt, const struct command *c, int i)
+{
+	char line[TAGGED_LINE_MAX];
+	int selecting = strcmp(c->name, "SELECT") == 0 ||
+	    strcmp(c->name, "EXAMINE") == 0;
+	enum outcome o;
+
+	if (i > 0 && public_unavailable(rt, i, c->tag))
+		return;
+	if (selecting && rt->selected >= 0 && rt->selected != i)
+		deselect(rt, rt->selected);
+	o = run_on_link(rt, i, c->tag, 0, line, sizeof(line));
+	if (selecting)
+		rt->selected = o == OUT_OK ? i : -1;
+}
+
+/*
+ * Could a LIST pattern (reference and mailbox joined) match names under
+ * prefix?  Wildcards are taken generously: asking a server that then
+ * lists nothing costs a round trip, missing one would hide folders.
+ */
+static int
+pattern_reaches(const char *pat, size_t plen, const char *prefix)
+{
+	size_t j = 0, pl = strlen(prefix);
+
+	for (size_t i = 0; i < plen; i++, j++) {
+		if (pat[i] == '*' || pat[i] == '%')
+			return 1;
+		if (j == pl)
+			return 1;
+		if (pat[i] != prefix[j])
+			return 0;
+	}
+	return j >= pl - 1;	/* the prefix itself, or all of it */
+}
+
+/* Does the pattern stay inside prefix, so the home server has no part? */
+static int
+pattern_inside(const char *pat, size_t plen, const char *prefix)
+{
+	size_t pl = strlen(prefix);
+
+	if (plen < pl || memcmp(pat, prefix, pl) != 0)
+		return 0;
+	return 1;
+}
+
+/*
+ * LIST and LSUB: every server whose names the pattern can match answers
+ * in turn; the client sees the untagged answers of all and one tagged
+ * answer, the home server's when it took part.
+ */
+static void
+cmd_list(struct router *rt, const struct command *c)
+{
+	char line[TAGGED_LINE_MAX], home_line[TAGGED_LINE_MAX], pat[1024];
+	const struct token *ref, *mbox;
+	size_t argi = 0, plen;
+	int home = 1, asked = 0, missing = 0;
+	enum outcome o = OUT_FAILED, home_o = OUT_FAILED;
+
+	if (c->ntok > 0 && c->tok[0].type == TOK_LPAREN) {
+		/* LIST-EXTENDED selection options: skip to the reference */
+		while (argi < c->ntok && c->tok[argi].type != TOK_RPAREN)
+			argi++;
+		argi++;
+	}
+	if (argi + 1 >= c->ntok || !is_mailbox_token(&c->tok[argi]) ||
+	    !is_mailbox_token(&c->tok[argi + 1])) {
+		/* several patterns, or a malformed command: ask everyone */
+		ref = mbox = NULL;
+		plen = 0;
+	} else {
+		ref = &c->tok[argi];
+		mbox = &c->tok[argi + 1];
+		plen = (size_t)snprintf(pat, sizeof(pat), "%.*s%.*s",
+		    (int)ref->len, ref->s, (int)mbox->len, mbox->s);
+		if (plen >= sizeof(pat))
+			plen = sizeof(pat) - 1;
+	}
+	for (int i = 1; i < rt->nlinks && mbox != NULL; i++)
+		if (pattern_inside(pat, plen, rt->links[i].route->pattern))
+			home = 0;
+	if (home) {
+		home_o = run_on_link(rt, 0, c->tag, 1, home_line,
+		    sizeof(home_line));
+		if (home_o == OUT_FAILED)
+			return;
+		asked++;
+	}
+	for (int i = 1; i < rt->nlinks; i++) {
+		if (mbox != NULL && !pattern_reaches(pat, plen,
+		    rt->links[i].route->pattern))
+			continue;
+		if (link_up(rt, i) != 0) {
+			client_line(rt, "* NO [UNAVAILABLE] The server for "
+			    "\"%s\" is unavailable.", rt->links[i].route->pattern);
+			missing++;
+			continue;
+		}
+		o = run_on_link_as(rt, i, c->tag, FILTER_LIST, 1, line,
+		    sizeof(line));
+		if (rt->end != ROUTER_NONE)
+			return;
+		if (o != OUT_FAILED)
+			asked++;
+	}
+	if (home)
+		client_line(rt, "%s", home_line);
+	else if (asked > 0)
+		client_line(rt, "%s", line);
+	else
+		client_line(rt, "%s NO [UNAVAILABLE] The public folder servers "
+		    "are unavailable, try again later.", c->tag);
+	(void)missing;
+	(void)home_o;
+}
+
+/* Append the public prefixes to the shared namespace of a NAMESPACE line. */
+static int
+rewrite_namespace(struct router *rt, const char *line, size_t len,
+    struct str *out)
+{
+	const char *p = line + strlen("* NAMESPACE "), *end = line + len;
+	const char *third = NULL;
+	int item = 0;
+
+	/* find where the third top-level item starts */
+	while (p < end && item < 2) {
+		if (*p == '(') {
+			int depth = 0, quoted = 0;
+
+			for (; p < end; p++) {
+				if (quoted) {
+					if (*p == '\\' && p + 1 < end)
+						p++;
+					else if (*p == '"')
+						quoted = 0;
+				} else if (*p == '"')
+					quoted = 1;
+				else if (*p == '(')
+					depth++;
+				else if (*p == ')' && --depth == 0) {
+					p++;
+					break;
+				}
+			}
+		} else
+			p += strcspn(p, " ");
+		while (p < end && *p == ' ')
+			p++;
+		item++;
+	}
+	third = p;
+	if (item < 2 || third >= end)
+		return str_add(out, line, len);
+	if (str_add(out, line, (size_t)(third - line)) != 0 ||
+	    str_adds(out, "(") != 0)
+		return -1;
+	if (strncasecmp(third, "NIL", 3) != 0 && third[0] == '(') {
+		/* keep the server's own shared namespaces first */
+		const char *close = end;
+
+		while (close > third && close[-1] != ')')
+			close--;
+		if (close - third >= 2 &&
+		    str_add(out, third + 1, (size_t)(close - third - 2)) != 0)
+			return -1;
+	}
+	for (int i = 1; i < rt->nlinks; i++) {
+		const char *pfx = rt->links[i].route->pattern;
+		char delim = pfx[strlen(pfx) - 1];
+
+		if (isalnum((unsigned char)delim))
+			delim = '/';
+		if (str_adds(out, "(") != 0 ||
+		    imap_append_string(out, pfx, strlen(pfx), 0) < 0 ||
+		    str_printf(out, " \"%s%c\")", delim == '"' || delim == '\\' ?
+		    "\\" : "", delim) != 0)
+			return -1;
+	}
+	return str_adds(out, ")");
+}
+
+/* NAMESPACE: the home server's answer, with the public prefixes shared. */
+static void
+cmd_namespace(struct router *rt, const struct command *c)
+{
+	struct link *l = &rt->links[0];
+	size_t tl = strlen(c->tag), len;
+	char *line;
+
+	l->be->io.deadline = now_ms() + (int64_t)rt->cfg->backend_timeout *
+	    1000;
+	if (iobuf_write(&l->be->io, rt->cmd.s, rt->send_len) != IO_OK)
+		goto gone;
+	for (;;) {
+		struct str out = { 0 };
+		int rc;
+
+		l->be->io.deadline = now_ms() +
+		    (int64_t)rt->cfg->backend_timeout * 1000;
+		if (iobuf_getline(&l->be->io, MAX_BACKEND_LINE, &line, &len) !=
+		    IO_OK)
+			goto gone;
+		if (len > 12 && strncasecmp(line, "* NAMESPACE ", 12) == 0)
+			rc = rewrite_namespace(rt, line, len, &out);
+		else
+			rc = str_add(&out, line, len);
+		rc = rc != 0 || str_add(&out, "\r\n", 2) != 0 ? -1 :
+		    client_write(rt, out.s, out.len);
+		str_free(&out);
+		if (rc != 0)
+			return;
+		if (len > tl && memcmp(line, c->tag, tl) == 0 &&
+		    line[tl] == ' ')
+			return;
+	}
+gone:
+	command_failed_on_link(rt, 0, c->tag, W_LINK_DOWN);
+}
+
+/* RENAME stays on one server; across servers it cannot be done. */
+static int
+rename_link(struct router *rt, const struct command *c)
+{
+	int a, b;
+
+	if (c->ntok != 2 || !is_mailbox_token(&c->tok[0]) ||
+	    !is_mailbox_token(&c->tok[1]))
+		return 0;
+	a = mailbox_link(rt, c->tok[0].s, c->tok[0].len);
+	b = mailbox_link(rt, c->tok[1].s, c->tok[1].len);
+	if (a == b)
+		return a;
+	client_line(rt, "%s NO [CANNOT] Cannot rename a mailbox between "
+	    "servers.", c->tag);
+	return -1;
+}
+
+/*
+ * COPY and MOVE (and their UID forms) go to the selected mailbox's
+ * server; a destination on another server is not reachable from there.
+ */
+static int
+copy_link(struct router *rt, const struct command *c, size_t first_arg)
+{
+	const struct token *dst;
+	int from = current_link(rt);
+
+	if (c->ntok < first_arg + 2 ||
+	    !is_mailbox_token(&c->tok[c->ntok - 1]))
+		return from;
+	dst = &c->tok[c->ntok - 1];
+	if (mailbox_link(rt, dst->s, dst->len) == from)
+		return from;
+	client_line(rt, "%s NO [CANNOT] Copying between the home and public "
+	    "folder servers is not supported.", c->tag);
+	return -1;
+}
+
+/* LOGOUT: every public server is left politely, then the home one. */
+static void
+cmd_logout(struct router *rt, const struct command *c)
+{
+	char line[TAGGED_LINE_MAX];
+
+	for (int i = 1; i < rt->nlinks; i++)
+		if (rt->links[i].up) {
+			link_internal(rt, i, "LOGOUT", NULL);
+			backend_close(rt->links[i].be);
+			rt->links[i].up = 0;
+		}
+	if (run_on_link(rt, 0, c->tag, 0, line, sizeof(line)) != OUT_FAILED &&
+	    rt->end == ROUTER_NONE)
+		rt->end = ROUTER_LOGOUT;
+}
+
+/* ENABLE runs at home and is remembered for servers reached later. */
+static void
+cmd_enable(struct router *rt, const struct command *c)
+{
+	char line[TAGGED_LINE_MAX];
+	const char *args = rt->cmd.s + strlen(c->tag) + 1 + strlen("ENABLE");
+
+	if (run_on_link(rt, 0, c->tag, 0, line, sizeof(line)) != OUT_OK)
+		return;
+	while (*args == ' ')
+		args++;
+	free(rt->enabled);
+	rt->enabled = strndup(args, strcspn(args, "\r\n"));
+}
+
+static void
+dispatch(struct router *rt)
+{
+	char line[TAGGED_LINE_MAX];
+	struct str copy = { 0 };
+	struct command *c = malloc(sizeof(*c));
+	const char *why, *name;
+	enum parse_status ps;
+	int target = -2;
+	size_t first = 0;
+
+	if (c == NULL) {
+		client_line(rt, "* BYE Out of memory.");
+		rt->end = ROUTER_LIMIT;
+		return;
+	}
+	ps = parse_copy(rt, &copy, c, &why);
+	if (ps != PARSE_OK || strlen(c->tag) > TAG_MAX) {
+		/* the home server answers malformed commands as it would */
+		char tag[TAG_MAX + 2];
+
+		early_tag(rt->cmd.s, rt->send_len, tag, sizeof(tag));
+		if (ps == PARSE_NOTAG || strlen(tag) > TAG_MAX ||
+		    strcmp(tag, "*") == 0)
+			client_line(rt, "* BAD %s", ps == PARSE_OK ?
+			    "Tag too long." : why);
+		else
+			run_on_link(rt, current_link(rt), tag, 0, line,
+			    sizeof(line));
+		goto out;
+	}
+	name = c->name;
+	if (strcmp(name, "UID") == 0 && c->ntok > 0 &&
+	    c->tok[0].type == TOK_ATOM) {
+		name = c->tok[0].s;
+		first = 1;
+	}
+	if (names_mailbox(name) && c->ntok > first &&
+	    is_mailbox_token(&c->tok[first])) {
+		cmd_mailbox(rt, c, mailbox_link(rt, c->tok[first].s,
+		    c->tok[first].len));
+		goto out;
+	}
+	if (strcmp(name, "LIST") == 0 || strcmp(name, "LSUB") == 0)
+		cmd_list(rt, c);
+	else if (strcmp(name, "NAMESPACE") == 0)
+		cmd_namespace(rt, c);
+	else if (strcmp(name, "LOGOUT") == 0)
+		cmd_logout(rt, c);
+	else if (strcmp(name, "ENABLE") == 0)
+		cmd_enable(rt, c);
+	else if (strcmp(name, "RENAME") == 0)
+		target = rename_link(rt, c);
+	else if (strcasecmp(name, "COPY") == 0 || strcasecmp(name, "MOVE") == 0)
+		target = copy_link(rt, c, first);
+	else
+		target = current_link(rt);
+	if (target >= 0 && (target == 0 || !public_unavailable(rt, target,
+	    c->tag))) {
+		int closing = strcmp(name, "CLOSE") == 0 ||
+		    strcmp(name, "UNSELECT") == 0;
+
+		if (run_on_link(rt, target, c->tag, 0, line, sizeof(line)) ==
+		    OUT_OK && closing)
+			rt->selected = -1;
+	}
+out:
+	str_free(&copy);
+	free(c);
+}
+
+/* ------------------------------------------------------------------ */
+/* the loop */
+
+/* Unsolicited data: the selected server's goes to the client. */
+static int
+drain_links(struct router *rt)
+{
+	char line[TAGGED_LINE_MAX];
+
+	for (int i = 0; i < rt->nlinks; i++) {
+		struct link *l = &rt->links[i];
+
+		if (!l->up)
+			continue;
+		if (link_input(rt, l, NULL, i == current_link(rt) ? FORWARD :
+		    DISCARD, line, sizeof(line)) == EV_CLIENT_GONE) {
+			rt->end = ROUTER_CLIENT_GONE;
+			return -1;
+		}
+	}
+	return 0;
+}
+
+static void
+wait_for_input(struct router *rt)
+{
+	struct pollfd pfd[1 + 16];
+	int n = 0, map[1 + 16];
+	int64_t left = rt->last_client + (int64_t)rt->cfg->idle_timeout *
+	    1000 - now_ms();
+
+	if (iobuf_pending(rt->client) > 0 || iobuf_has_decrypted(rt->client))
+		return;
+	if (left <= 0) {
+		client_line(rt, "* BYE Disconnected for inactivity.");
+		rt->end = ROUTER_TIMEOUT;
+		return;
+	}
+	pfd[n] = (struct pollfd){ .fd = rt->client->rfd, .events = POLLIN };
+	map[n++] = -1;
+	for (int i = 0; i < rt->nlinks && n < 17; i++)
+		if (rt->links[i].up) {
+			if (iobuf_has_decrypted(&rt->links[i].be->io))
+				left = 0;
+			pfd[n] = (struct pollfd){ .fd = rt->links[i].be->io.rfd,
+			    .events = POLLIN };
+			map[n++] = i;
+		}
+	if (poll_wait(pfd, (nfds_t)n, (int)(left > 3600000 ? 3600000 :
+	    left)) < 0) {
+		if (errno == EINTR && shutdown_requested) {
+			client_line(rt, "* BYE Server shutting down.");
+			rt->end = ROUTER_SHUTDOWN;
+		}
+		return;
+	}
+	for (int k = 1; k < n; k++) {
+		int i = map[k];
+		enum io_status st;
+
+		if (pfd[k].revents == 0 &&
+		    !iobuf_has_decrypted(&rt->links[i].be->io))
+			continue;
+		st = iobuf_try_fill(&rt->links[i].be->io);
+		if (st == IO_OK || st == IO_AGAIN)
+			continue;
+		if (i == 0) {
+			drain_links(rt);
+			command_failed_on_link(rt, 0, "*", W_LINK_DOWN);
+			return;
+		}
+		link_down(rt, i, "connection closed");
+	}
+	if (pfd[0].revents != 0) {
+		enum io_status st = iobuf_try_fill(rt->client);
+
+		if (st != IO_OK && st != IO_AGAIN)
+			rt->end = ROUTER_CLIENT_GONE;
+	}
+}
+
+enum router_end
+router_run(const struct config *cfg, struct iobuf *client,
+    struct backend *home, const struct credentials *cr, const char *user)
+{
+	struct router rt = { .cfg = cfg, .client = client, .cr = cr,
+	    .user = user, .selected = -1, .end = ROUTER_NONE };
+	int n = 1;
+
+	for (const struct route *r = cfg->publics; r != NULL; r = r->next)
+		n++;
+	if ((rt.links = calloc((size_t)n, sizeof(*rt.links))) == NULL)
+		return ROUTER_LIMIT;
+	rt.nlinks = n;
+	rt.links[0].be = home;
+	rt.links[0].up = 1;
+	rt.links[0].sc.at_line_start = 1;
+	n = 1;
+	for (const struct route *r = cfg->publics; r != NULL; r = r->next) {
+		rt.links[n].route = r;
+		rt.links[n].be = &rt.links[n].own;
+		rt.links[n].own.io.rfd = rt.links[n].own.io.wfd = -1;
+		n++;
+	}
+	rt.last_client = now_ms();
+	while (rt.end == ROUTER_NONE) {
+		if (drain_links(&rt) != 0)
+			break;
+		if (iobuf_pending(client) == 0 &&
+		    !iobuf_has_decrypted(client)) {
+			wait_for_input(&rt);
+			continue;
+		}
+		switch (read_command(&rt)) {
+		case RD_COMPLETE:
+		case RD_STREAM:
+			dispatch(&rt);
+			break;
+		case RD_ANSWERED:
+		case RD_END:
+			break;
+		}
+	}
+	for (int i = 1; i < rt.nlinks; i++)
+		backend_close(rt.links[i].be);
+	str_wipe(&rt.cmd);
+	str_free(&rt.cmd);
+	free(rt.enabled);
+	free(rt.links);
+	return rt.end;
+}
