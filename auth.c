@@ -438,7 +438,13 @@ attempt_start(struct sasl_attempt *at, const char *host,
 	at->callbacks[2] = (sasl_callback_t){ SASL_CB_PASS,
 	    (int (*)(void))(void (*)(void))cb_pass, at };
 	at->callbacks[3] = (sasl_callback_t){ SASL_CB_LIST_END, NULL, NULL };
-	if (sasl_client_new("imap", host, NULL, NULL, at->callbacks, 0,
+	/*
+	 * Acting for someone else: a mechanism that cannot carry the
+	 * authorization identity (LOGIN, CRAM-MD5) would log in as the proxy
+	 * itself, so libsasl2 must offer only those that can.
+	 */
+	if (sasl_client_new("imap", host, NULL, NULL, at->callbacks,
+	    cr->authzid != NULL ? SASL_NEED_PROXY : 0,
 	    &at->conn) != SASL_OK)
 		return -1;
 	if (sasl_setprop(at->conn, SASL_SEC_PROPS, &props) != SASL_OK)
@@ -502,7 +508,7 @@ sasl_exchange(struct backend *be, const struct config *cfg,
     size_t whylen)
 {
 	char *line, *dec = NULL, clean[160];
-	size_t len, declen, rest;
+	size_t len, rest, deccap = 0, declen;
 	const char *status;
 	enum login_result res = LOGIN_UNAVAILABLE;
 
@@ -519,9 +525,13 @@ sasl_exchange(struct backend *be, const struct config *cfg,
 			size_t clen = len > 1 ? len - 2 : 0;
 			int rc;
 
-			free(dec);
-			if ((dec = malloc(clen / 4 * 3 + 1)) == NULL ||
-			    base64_decode(chal, clen, dec, clen / 4 * 3 + 1,
+			if (dec != NULL) {
+				wipe(dec, deccap);
+				free(dec);
+			}
+			deccap = clen / 4 * 3 + 1;
+			if ((dec = malloc(deccap)) == NULL ||
+			    base64_decode(chal, clen, dec, deccap,
 			    &declen) != 0) {
 				snprintf(why, whylen, "%s",
 				    "malformed base64 challenge");
@@ -570,7 +580,7 @@ sasl_exchange(struct backend *be, const struct config *cfg,
 		break;
 	}
 	if (dec != NULL) {
-		wipe(dec, declen);
+		wipe(dec, deccap);	/* the whole allocation, not what decoded */
 		free(dec);
 	}
 	return res;

@@ -6,6 +6,7 @@
  */
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <arpa/inet.h>
@@ -482,6 +483,17 @@ config_check_auth(struct config *cfg, const char *path, char *err,
 	    set_string(&cfg->sasl_service, "imap") != 0) {
 		snprintf(err, errlen, "out of memory");
 		return -1;
+	}
+	if (cfg->sasl_config_path != NULL) {
+		struct stat st;
+
+		/* libsasl2 would quietly fall back to its defaults. */
+		if (stat(cfg->sasl_config_path, &st) != 0 ||
+		    !S_ISDIR(st.st_mode)) {
+			snprintf(err, errlen, "%s: sasl_config_path %s is not a "
+			    "directory", path, cfg->sasl_config_path);
+			return -1;
+		}
 	}
 	if (cfg->auth != AUTH_PROXY)
 		return 0;
@@ -1191,6 +1203,12 @@ server_exchange(struct session *s, sasl_conn_t *conn, const char *tag,
 
 	if (ir != NULL && auth_response(s, tag, "", ir, &in, &inlen) != 1)
 		return EXCHANGE_ANSWERED;
+	/*
+	 * Without SASL_SUCCESS_DATA (IMAP has no success data) libsasl2 itself
+	 * turns a mechanism's final server message into one more challenge,
+	 * so every message to send comes with SASL_CONTINUE; what is left in
+	 * out after SASL_OK is stale and must not be sent.
+	 */
 	rc = sasl_server_start(conn, mech, in, (unsigned)inlen, &out, &outlen);
 	free_secret(in, inlen);
 	while (rc == SASL_CONTINUE) {
@@ -1198,14 +1216,6 @@ server_exchange(struct session *s, sasl_conn_t *conn, const char *tag,
 			return EXCHANGE_ANSWERED;
 		rc = sasl_server_step(conn, in, (unsigned)inlen, &out, &outlen);
 		free_secret(in, inlen);
-	}
-	/* Data that comes with success goes in a last continuation. */
-	if (rc == SASL_OK && outlen > 0) {
-		if (auth_challenge(s, tag, out, outlen, &in, &inlen) != 1)
-			return EXCHANGE_ANSWERED;
-		free_secret(in, inlen);
-		if (inlen != 0)
-			rc = SASL_BADPROT;
 	}
 	return rc;
 }

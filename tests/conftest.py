@@ -128,21 +128,44 @@ service lmtp {{
 """
 
 
-class Dovecot:
-    """A real Dovecot IMAP server under a temporary directory."""
+def dovecot_tls_conf(conf, imaps_port, cert, key, ca=None):
+    """DOVECOT_CONF with TLS: STARTTLS on the plain port, implicit TLS on
+    imaps_port, and with ca a client certificate the CA signed required."""
+    ssl = "ssl = yes\nssl_cert = <%s\nssl_key = <%s\n" % (cert, key)
+    if ca is not None:
+        ssl += ("ssl_ca = <%s\nssl_verify_client_cert = yes\n"
+                "ssl_require_crl = no\nauth_ssl_require_client_cert = yes\n"
+                % ca)
+    off = "  inet_listener imaps {\n    port = 0\n  }\n"
+    on = ("  inet_listener imaps {\n    address = 127.0.0.1\n"
+          "    port = %d\n  }\n" % imaps_port)
+    assert "ssl = no\n" in conf and off in conf
+    return conf.replace("ssl = no\n", ssl).replace(off, on)
 
-    def __init__(self, mechs="plain login"):
+
+class Dovecot:
+    """A real Dovecot IMAP server under a temporary directory; with
+    ssl_cert, also with TLS (STARTTLS on port, implicit on imaps_port)."""
+
+    def __init__(self, mechs="plain login", ssl_cert=None, ssl_key=None,
+                 ssl_ca=None):
         self.dir = tempfile.mkdtemp(prefix="imapfe-dovecot-")
         os.chmod(self.dir, 0o755)
         for sub in ("run", "state", "mail"):
             os.mkdir(os.path.join(self.dir, sub))
         os.chown(os.path.join(self.dir, "mail"), MAILUID, MAILUID)
         self.port = free_port()
+        self.imaps_port = None
         self.conf = os.path.join(self.dir, "dovecot.conf")
         self.log = os.path.join(self.dir, "dovecot.log")
+        conf = DOVECOT_CONF.format(d=self.dir, port=self.port,
+                                   uid=MAILUID, mechs=mechs)
+        if ssl_cert is not None:
+            self.imaps_port = free_port()
+            conf = dovecot_tls_conf(conf, self.imaps_port, ssl_cert,
+                                    ssl_key or ssl_cert, ssl_ca)
         with open(self.conf, "w") as f:
-            f.write(DOVECOT_CONF.format(d=self.dir, port=self.port,
-                                        uid=MAILUID, mechs=mechs))
+            f.write(conf)
         with open(os.path.join(self.dir, "passwd"), "w",
                   encoding="utf-8") as f:
             for user, pw in USERS.items():
@@ -205,6 +228,139 @@ def dovecot():
     for i in range(1, 4):
         m.append("INBOX", None, None, sample_message(i))
     m.logout()
+    yield d
+    d.close()
+
+
+# ---------------------------------------------------------------------------
+# TLS certificates, made with the openssl command for each test session
+
+LOCAL_SAN = "DNS:localhost,IP:127.0.0.1"
+
+
+class Certs:
+    """A test CA and what it signed, plus a second CA nobody trusts.
+    Attributes are paths: ca, ca_key, imapfe, imapfe_key, dovecot,
+    dovecot_key, wrongname, wrongname_key, untrusted, untrusted_key,
+    untrusted_ca, client, client_key, ticket_key."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="imapfe-certs-")
+        os.chmod(self.dir, 0o755)
+        try:
+            self._make()
+        except BaseException:
+            self.close()
+            raise
+
+    def _make(self):
+        self.ca, self.ca_key = self._ca("ca", "imapfe test CA")
+        self.untrusted_ca, untrusted_ca_key = self._ca(
+            "untrusted-ca", "imapfe untrusted CA")
+        self.imapfe, self.imapfe_key = self._leaf("imapfe", LOCAL_SAN)
+        self.dovecot, self.dovecot_key = self._leaf("dovecot", LOCAL_SAN)
+        self.wrongname, self.wrongname_key = self._leaf(
+            "wrongname", "DNS:wrong.example")
+        self.untrusted, self.untrusted_key = self._leaf(
+            "untrusted", LOCAL_SAN, ca=(self.untrusted_ca, untrusted_ca_key))
+        self.client, self.client_key = self._leaf(
+            "client", "DNS:client.example", usage="clientAuth")
+        self.ticket_key = self.path("ticket.key")
+        self._openssl("rand", "-out", self.ticket_key, "80")
+        os.chmod(self.ticket_key, 0o600)
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def _openssl(self, *args):
+        r = subprocess.run(["openssl"] + list(args), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+        assert r.returncode == 0, "openssl %s: %s" % (
+            " ".join(args), r.stdout.decode(errors="replace"))
+
+    def _newkey(self, name):
+        key = self.path(name + ".key")
+        self._openssl("genpkey", "-algorithm", "EC", "-pkeyopt",
+                      "ec_paramgen_curve:P-256", "-out", key)
+        return key
+
+    def _ca(self, name, cn):
+        key = self._newkey(name)
+        pem = self.path(name + ".pem")
+        self._openssl("req", "-x509", "-new", "-key", key, "-out", pem,
+                      "-days", "30", "-subj", "/CN=" + cn,
+                      "-addext", "basicConstraints=critical,CA:TRUE",
+                      "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        return pem, key
+
+    def _leaf(self, name, san, ca=None, usage="serverAuth"):
+        ca_pem, ca_key = ca or (self.ca, self.ca_key)
+        key = self._newkey(name)
+        csr, pem, ext = (self.path(name + x) for x in (".csr", ".pem",
+                                                        ".ext"))
+        with open(ext, "w") as f:
+            f.write("basicConstraints = CA:FALSE\n"
+                    "keyUsage = critical,digitalSignature\n"
+                    "extendedKeyUsage = %s\n"
+                    "subjectAltName = %s\n" % (usage, san))
+        self._openssl("req", "-new", "-key", key, "-out", csr,
+                      "-subj", "/CN=" + name)
+        self._openssl("x509", "-req", "-in", csr, "-CA", ca_pem,
+                      "-CAkey", ca_key, "-set_serial",
+                      str(int.from_bytes(os.urandom(8), "big")),
+                      "-days", "30", "-extfile", ext, "-out", pem)
+        return pem, key
+
+    def close(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def certs():
+    c = Certs()
+    yield c
+    c.close()
+
+
+def filled_dovecot(**kwargs):
+    """A Dovecot whose alice has three messages in her INBOX."""
+    d = Dovecot(**kwargs)
+    m = d.imap("alice")
+    for i in range(1, 4):
+        m.append("INBOX", None, None, sample_message(i))
+    m.logout()
+    return d
+
+
+@pytest.fixture(scope="session")
+def dovecot_tls(certs):
+    """Dovecot with the test CA's certificate for localhost, 127.0.0.1."""
+    d = filled_dovecot(ssl_cert=certs.dovecot, ssl_key=certs.dovecot_key)
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="session")
+def dovecot_wrongname(certs):
+    """Dovecot whose certificate (test CA) names only wrong.example."""
+    d = Dovecot(ssl_cert=certs.wrongname, ssl_key=certs.wrongname_key)
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="session")
+def dovecot_clientcert(certs):
+    """Dovecot that lets in only clients with a certificate from the CA."""
+    d = Dovecot(ssl_cert=certs.dovecot, ssl_key=certs.dovecot_key,
+                ssl_ca=certs.ca)
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="session")
+def dovecot_untrusted(certs):
+    """Dovecot whose certificate is for 127.0.0.1 but from another CA."""
+    d = Dovecot(ssl_cert=certs.untrusted, ssl_key=certs.untrusted_key)
     yield d
     d.close()
 
@@ -307,10 +463,10 @@ class Imapfe:
 
     # inetd: a small accept loop that hands each connection to a new
     # imapfe process on its stdin and stdout, as inetd's "nowait" does.
-    def start_inetd(self, extra_args=()):
+    def start_inetd(self, extra_args=(), host="127.0.0.1"):
         self._server = socket.socket()
         self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._server.bind(("127.0.0.1", 0))
+        self._server.bind((host, 0))
         self._server.listen(64)
         self.port = self._server.getsockname()[1]
         args = ["-d", "-f", self.conf] + list(extra_args)
@@ -327,12 +483,13 @@ class Imapfe:
         threading.Thread(target=loop, daemon=True).start()
         return self.port
 
-    def start_listener(self, extra_args=()):
+    def start_listener(self, extra_args=(), greeting=read_greeting):
+        """greeting(port) reads the greeting; implicit TLS needs its own."""
         self.port = free_port()
         self.listener = self.procs.spawn(
             ["-d", "-f", self.conf, "-l", "127.0.0.1:%d" % self.port]
             + list(extra_args), stderr=self._logf)
-        wait_for(lambda: read_greeting(self.port).startswith(b"* OK"), 10,
+        wait_for(lambda: greeting(self.port).startswith(b"* OK"), 10,
                  "imapfe listener")
         return self.port
 
@@ -403,11 +560,25 @@ def fe(imapfe_factory, dovecot):
 # a raw IMAP client for what imaplib will not send
 
 class Raw:
-    def __init__(self, port, timeout=10):
+    """Lines over a socket; with tls (an ssl.SSLContext), implicit TLS
+    from the first byte, and starttls() to switch after a STARTTLS."""
+
+    def __init__(self, port, timeout=10, tls=None, server_hostname=None):
         self.sock = socket.create_connection(("127.0.0.1", port),
                                              timeout=timeout * SLOW)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock,
+                                        server_hostname=server_hostname)
         self.buf = b""
         self.greeting = self.line()
+
+    def starttls(self, tls, server_hostname=None):
+        """The TLS handshake on this connection, after a tagged OK to
+        STARTTLS.  Bytes the server sent after its OK would be an
+        injection: there must be none."""
+        assert self.buf == b"", "data after STARTTLS OK: %r" % self.buf
+        self.sock = tls.wrap_socket(self.sock,
+                                    server_hostname=server_hostname)
 
     def send(self, data):
         if isinstance(data, str):

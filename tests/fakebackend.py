@@ -165,3 +165,158 @@ class FakeBackend:
         self.sock.close()
         for t in self.threads:
             t.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------
+# Back-ends that fail a login in one particular way, for the SASL tests.
+# Each kind is one way a back-end can go wrong during imapfe's login; what
+# the client must hear for it is in the tests.
+
+# What each kind advertises: SCRAM kinds offer only SCRAM-SHA-256 so that
+# imapfe's default backend_mechanisms must pick it.
+MISBEHAVIOUR_CAPS = {
+    "reject": "IMAP4rev1 SASL-IR AUTH=PLAIN",
+    "nomech": "IMAP4rev1 LOGINDISABLED AUTH=GSSAPI AUTH=X-UNKNOWN",
+    "badbase64": "IMAP4rev1 SASL-IR AUTH=SCRAM-SHA-256",
+    "badscram": "IMAP4rev1 SASL-IR AUTH=SCRAM-SHA-256",
+    "longline": "IMAP4rev1 SASL-IR AUTH=PLAIN",
+    "close": "IMAP4rev1 SASL-IR AUTH=PLAIN",
+    "silent": "IMAP4rev1 SASL-IR AUTH=PLAIN",
+    "earlyok": "IMAP4rev1 SASL-IR AUTH=SCRAM-SHA-256",
+    "earlyok-final": "IMAP4rev1 SASL-IR AUTH=SCRAM-SHA-256",
+    "badsignature": "IMAP4rev1 SASL-IR AUTH=SCRAM-SHA-256",
+    "bye": "IMAP4rev1 SASL-IR AUTH=PLAIN",
+    "accept": "IMAP4rev1 SASL-IR AUTH=PLAIN",
+}
+
+
+def _b64(data):
+    import base64
+    return base64.b64encode(data).decode()
+
+
+def _drain(conn, tag):
+    """After imapfe should have given up: answer its '*' cancel and a
+    LOGOUT, and return at EOF.  Returns the lines it sent."""
+    got = []
+    while True:
+        ln = conn.line()
+        if ln is None:
+            return got
+        got.append(ln)
+        if ln == "*":
+            conn.sendline(tag + " BAD Authentication cancelled")
+        elif " " in ln and ln.split(" ", 2)[1].upper() == "LOGOUT":
+            conn.sendline("* BYE bye")
+            conn.sendline(ln.split(" ")[0] + " OK bye")
+            return got
+
+
+def misbehaving_server(conn, kind, password="pw", record=None):
+    """Greet, offer the mechanisms of kind, and fail the login that way.
+    record, a dict, gets: commands (every command line), mech, initial
+    (the decoded first client message), after (what imapfe sent once the
+    failure had happened), and scram (the ScramServer, for SCRAM kinds)."""
+    import base64
+    rec = record if record is not None else {}
+    rec.setdefault("commands", [])
+    conn.sendline("* OK [CAPABILITY %s] fake ready" %
+                  MISBEHAVIOUR_CAPS[kind])
+    while True:
+        ln = conn.line()
+        if ln is None:
+            return
+        rec["commands"].append(ln)
+        tag, _, rest = ln.partition(" ")
+        cmd = rest.split(" ", 1)[0].upper()
+        if cmd == "CAPABILITY":
+            conn.sendline("* CAPABILITY " + MISBEHAVIOUR_CAPS[kind])
+            conn.sendline(tag + " OK done")
+        elif cmd == "LOGOUT":
+            conn.sendline("* BYE bye")
+            conn.sendline(tag + " OK bye")
+            return
+        elif cmd == "NOOP":
+            conn.sendline(tag + " OK noop")
+        elif cmd == "AUTHENTICATE":
+            parts = rest.split(" ")
+            rec["mech"] = parts[1].upper()
+            ir = parts[2] if len(parts) > 2 else None
+            if ir is None:
+                conn.sendline("+ ")
+                ir = conn.line()
+                if ir is None:
+                    return
+            data = b"" if ir == "=" else base64.b64decode(ir)
+            rec["initial"] = data
+            _misbehave(conn, kind, tag, data, password, rec)
+            return
+        elif cmd == "LOGIN":
+            conn.sendline(tag + " NO [AUTHENTICATIONFAILED] no")
+        else:
+            conn.sendline(tag + " BAD unknown")
+
+
+def _misbehave(conn, kind, tag, data, password, rec):
+    from saslbed import ScramServer
+    if kind == "reject":
+        conn.sendline(tag + " NO [AUTHENTICATIONFAILED] Invalid credentials")
+    elif kind == "accept":
+        conn.sendline(tag + " OK [CAPABILITY IMAP4rev1 IDLE] in")
+        rec["after"] = _drain(conn, tag)
+        return
+    elif kind == "badbase64":
+        conn.sendline("+ %%%not base64%%%")
+    elif kind == "badscram":
+        conn.sendline("+ " + _b64(b"this is no SCRAM server-first"))
+    elif kind == "longline":
+        conn.send("* OK " + "x" * (70 * 1024) + "\r\n")
+    elif kind == "close":
+        return
+    elif kind == "silent":
+        pass
+    elif kind == "earlyok":
+        conn.sendline(tag + " OK [CAPABILITY IMAP4rev1 IDLE] welcome")
+    elif kind in ("earlyok-final", "badsignature"):
+        srv = rec["scram"] = ScramServer("SCRAM-SHA-256", password)
+        conn.sendline("+ " + _b64(srv.first(data)))
+        ln = conn.line()
+        if ln is None:
+            return
+        import base64
+        final = srv.final(base64.b64decode(ln),
+                          wrong_signature=kind == "badsignature")
+        if final is None:
+            conn.sendline(tag + " NO [AUTHENTICATIONFAILED] wrong proof")
+        elif kind == "earlyok-final":
+            conn.sendline(tag + " OK [CAPABILITY IMAP4rev1 IDLE] welcome")
+        else:
+            conn.sendline("+ " + _b64(final))
+            ln = conn.line()
+            if ln is None:
+                return
+            rec["after"] = [ln]
+            if ln == "*":
+                conn.sendline(tag + " BAD Authentication cancelled")
+            else:   # imapfe took the forged signature: let it in
+                conn.sendline(tag + " OK [CAPABILITY IMAP4rev1 IDLE] in")
+    elif kind == "bye":
+        conn.sendline("* BYE [UNAVAILABLE] shutting down")
+        return
+    rec["after"] = rec.get("after", []) + _drain(conn, tag)
+
+
+class MisbehavingBackend(FakeBackend):
+    """A fake back-end whose next connections fail as .kind says (set it
+    before each login).  records holds one dict per connection."""
+
+    def __init__(self, kind="reject", password="pw"):
+        self.kind = kind
+        self.password = password
+        self.records = []
+        super().__init__(self._script)
+
+    def _script(self, conn):
+        rec = {"kind": self.kind}
+        self.records.append(rec)
+        misbehaving_server(conn, rec["kind"], self.password, rec)
