@@ -1103,24 +1103,317 @@ rename_link(struct router *rt, const struct command *c)
 	return -1;
 }
 
+/* ------------------------------------------------------------------ */
+/* COPY and MOVE between servers */
+
+#define CROSS_COPY_MAX	100000		/* messages in one command */
+
+struct msg_meta {
+	unsigned long	 uid;
+	char		 flags[256];
+	char		 date[40];
+};
+
+/* Send a command of imapfe's own to link i; its tag is returned. */
+static const char *
+internal_send(struct router *rt, int i, const char *text)
+{
+	struct iobuf *io = &rt->links[i].be->io;
+	const char *tag = backend_next_tag(rt->links[i].be);
+
+	io->deadline = now_ms() + (int64_t)rt->cfg->backend_timeout * 1000;
+	if (iobuf_write(io, tag, strlen(tag)) != IO_OK ||
+	    iobuf_write(io, " ", 1) != IO_OK ||
+	    iobuf_write(io, text, strlen(text)) != IO_OK ||
+	    iobuf_write(io, "\r\n", 2) != IO_OK)
+		return NULL;
+	return tag;
+}
+
+static enum io_status
+internal_line(struct router *rt, int i, char **line, size_t *len)
+{
+	struct iobuf *io = &rt->links[i].be->io;
+
+	io->deadline = now_ms() + (int64_t)rt->cfg->backend_timeout * 1000;
+	return iobuf_getline(io, MAX_BACKEND_LINE, line, len);
+}
+
+static int
+is_tagged(const char *line, size_t len, const char *tag)
+{
+	size_t tl = strlen(tag);
+
+	return len > tl && memcmp(line, tag, tl) == 0 && line[tl] == ' ';
+}
+
+/* The value after "NAME " or "NAME (" in a FETCH response line. */
+static void
+fetch_item(const char *line, const char *name, char open, char close,
+    char *out, size_t outlen)
+{
+	const char *p = strstr(line, name), *end;
+
+	out[0] = '\0';
+	if (p == NULL || (p = strchr(p + strlen(name), open)) == NULL)
+		return;
+	p++;
+	if ((end = strchr(p, close)) == NULL)
+		return;
+	snprintf(out, outlen, "%.*s", (int)(end - p), p);
+}
+
+/* \Recent is the server's to set; the rest of the flags travel. */
+static void
+strip_recent(char *flags)
+{
+	char *r;
+
+	while ((r = strcasestr(flags, "\\Recent")) != NULL)
+		memmove(r, r + 7, strlen(r + 7) + 1);
+}
+
 /*
- * COPY and MOVE (and their UID forms) go to the selected mailbox's
- * server; a destination on another server is not reachable from there.
+ * The messages a client's sequence set names on the source: UID, flags
+ * and arrival date, from a FETCH whose answers imapfe keeps.  Untagged
+ * answers of other kinds belong to the client's selected mailbox.
  */
 static int
-copy_link(struct router *rt, const struct command *c, size_t first_arg)
+collect_meta(struct router *rt, int from, const char *set, int uid,
+    struct msg_meta **meta, size_t *count)
+{
+	char text[4200], *line;
+	const char *tag;
+	size_t len, cap = 0;
+
+	if (snprintf(text, sizeof(text), "%sFETCH %s (UID FLAGS INTERNALDATE)",
+	    uid ? "UID " : "", set) >= (int)sizeof(text) ||
+	    (tag = internal_send(rt, from, text)) == NULL)
+		return -1;
+	for (;;) {
+		if (internal_line(rt, from, &line, &len) != IO_OK)
+			return -1;
+		if (is_tagged(line, len, tag))
+			return strstr(line + strlen(tag), " OK") == line +
+			    strlen(tag) ? 0 : -2;
+		if (strstr(line, " FETCH (") == NULL || strstr(line, "UID ") ==
+		    NULL) {
+			if (client_write(rt, line, len) != 0 ||
+			    client_write(rt, "\r\n", 2) != 0)
+				return -1;
+			continue;
+		}
+		if (*count == CROSS_COPY_MAX)
+			continue;
+		if (*count == cap) {
+			struct msg_meta *m;
+
+			cap = cap ? cap * 2 : 16;
+			if ((m = realloc(*meta, cap * sizeof(**meta))) == NULL)
+				return -1;
+			*meta = m;
+		}
+		(*meta)[*count].uid = strtoul(strstr(line, "UID ") + 4, NULL,
+		    10);
+		fetch_item(line, "FLAGS", '(', ')', (*meta)[*count].flags,
+		    sizeof((*meta)[*count].flags));
+		strip_recent((*meta)[*count].flags);
+		fetch_item(line, "INTERNALDATE", '"', '"',
+		    (*meta)[*count].date, sizeof((*meta)[*count].date));
+		(*count)++;
+	}
+}
+
+/* n bytes from one link straight into another, as they arrive. */
+static int
+pump_between(struct router *rt, int from, int to, uint64_t n)
+{
+	struct iobuf *src = &rt->links[from].be->io;
+	struct iobuf *dst = &rt->links[to].be->io;
+
+	while (n > 0) {
+		size_t avail = iobuf_pending(src);
+
+		if (avail == 0) {
+			src->deadline = now_ms() +
+			    (int64_t)rt->cfg->backend_timeout * 1000;
+			if (iobuf_fill(src) != IO_OK)
+				return -1;
+			continue;
+		}
+		if (avail > n)
+			avail = (size_t)n;
+		dst->deadline = now_ms() + (int64_t)rt->cfg->backend_timeout *
+		    1000;
+		if (iobuf_write(dst, src->buf + src->start, avail) != IO_OK)
+			return -1;
+		iobuf_consume(src, avail);
+		n -= avail;
+	}
+	return 0;
+}
+
+/*
+ * One message: FETCH its body from the source and APPEND it to the
+ * destination at the same time, the literal flowing straight through.
+ * Returns 0, 1 when the message is gone from the source, -1 on failure.
+ */
+static int
+copy_one(struct router *rt, int from, int to, const struct token *mbox,
+    const struct msg_meta *m)
+{
+	char text[64], reply[TAGGED_LINE_MAX], *line;
+	const char *ftag, *atag;
+	struct str append = { 0 };
+	uint64_t size = 0;
+	size_t len;
+	int rc = -1;
+
+	snprintf(text, sizeof(text), "UID FETCH %lu BODY.PEEK[]", m->uid);
+	if ((ftag = internal_send(rt, from, text)) == NULL)
+		return -1;
+	for (;;) {		/* up to the body literal, or the end */
+		if (internal_line(rt, from, &line, &len) != IO_OK)
+			return -1;
+		if (is_tagged(line, len, ftag))
+			return 1;
+		if (strstr(line, " FETCH (") != NULL &&
+		    literal_at_end(line, len, &size) != LIT_NONE &&
+		    literal_at_end(line, len, &size) != LIT_INVALID) {
+			break;
+		}
+	}
+	atag = backend_next_tag(rt->links[to].be);
+	if (str_printf(&append, "%s APPEND ", atag) != 0 ||
+	    imap_append_string(&append, mbox->s, mbox->len, 0) < 0 ||
+	    str_printf(&append, " (%s)%s%s%s {%llu}\r\n", m->flags,
+	    m->date[0] ? " \"" : "", m->date, m->date[0] ? "\"" : "",
+	    (unsigned long long)size) != 0)
+		goto out;
+	rt->links[to].be->io.deadline = now_ms() +
+	    (int64_t)rt->cfg->backend_timeout * 1000;
+	if (iobuf_write(&rt->links[to].be->io, append.s, append.len) != IO_OK ||
+	    link_wait(rt, to, atag, DISCARD, 1, reply, sizeof(reply)) !=
+	    W_CONTINUATION || pump_between(rt, from, to, size) != 0 ||
+	    iobuf_write(&rt->links[to].be->io, "\r\n", 2) != IO_OK)
+		goto out;
+	for (;;) {		/* the rest of the source's answer */
+		if (internal_line(rt, from, &line, &len) != IO_OK)
+			goto out;
+		if (is_tagged(line, len, ftag))
+			break;
+	}
+	if (link_wait(rt, to, atag, DISCARD, 0, reply, sizeof(reply)) ==
+	    W_TAGGED && strncmp(reply + strlen(atag), " OK", 3) == 0)
+		rc = 0;
+out:
+	str_free(&append);
+	return rc;
+}
+
+/* After a MOVE's copies: the originals go, and the client sees it. */
+static int
+remove_originals(struct router *rt, int from, const struct msg_meta *meta,
+    size_t count)
+{
+	char reply[TAGGED_LINE_MAX];
+	struct str set = { 0 }, cmd = { 0 };
+	const char *tag;
+	int rc = -1;
+
+	for (size_t k = 0; k < count; k++)
+		if (str_printf(&set, "%s%lu", k ? "," : "", meta[k].uid) != 0)
+			goto out;
+	if (count == 0) {
+		rc = 0;
+		goto out;
+	}
+	if (str_printf(&cmd, "UID STORE %s +FLAGS.SILENT (\\Deleted)",
+	    set.s) != 0 || (tag = internal_send(rt, from, cmd.s)) == NULL ||
+	    link_wait(rt, from, tag, FORWARD, 0, reply, sizeof(reply)) !=
+	    W_TAGGED)
+		goto out;
+	str_wipe(&cmd);
+	if (str_printf(&cmd, "UID EXPUNGE %s", set.s) != 0 ||
+	    (tag = internal_send(rt, from, cmd.s)) == NULL ||
+	    link_wait(rt, from, tag, FORWARD, 0, reply, sizeof(reply)) !=
+	    W_TAGGED)
+		goto out;
+	rc = strncmp(reply + strlen(tag), " OK", 3) == 0 ? 0 : -1;
+out:
+	str_free(&set);
+	str_free(&cmd);
+	return rc;
+}
+
+/*
+ * COPY or MOVE to a mailbox on another server: each message is fetched
+ * from the source and appended to the destination, body streamed; MOVE
+ * then removes the originals.  Not atomic: a failure part-way leaves the
+ * messages copied so far, and a MOVE's originals untouched.
+ */
+static void
+cross_copy(struct router *rt, const struct command *c, size_t first,
+    int from, int to, int move)
+{
+	const struct token *set = &c->tok[first], *mbox = &c->tok[c->ntok - 1];
+	struct msg_meta *meta = NULL;
+	size_t count = 0, copied = 0;
+	char setbuf[4096];
+	int rc;
+
+	if (move && !caps_has(rt->links[from].be->caps, "UIDPLUS")) {
+		client_line(rt, "%s NO [CANNOT] MOVE between servers needs "
+		    "UIDPLUS on the source server.", c->tag);
+		return;
+	}
+	if (to > 0 && public_unavailable(rt, to, c->tag))
+		return;
+	snprintf(setbuf, sizeof(setbuf), "%.*s", (int)set->len, set->s);
+	rc = collect_meta(rt, from, setbuf, first == 1, &meta, &count);
+	for (size_t k = 0; rc == 0 && k < count; k++) {
+		int one = copy_one(rt, from, to, mbox, &meta[k]);
+
+		if (one < 0)
+			rc = -1;
+		else if (one == 0)
+			copied++;
+	}
+	if (rc == 0 && move)
+		rc = remove_originals(rt, from, meta, count);
+	free(meta);
+	if (rc == -2)
+		client_line(rt, "%s NO Invalid message set.", c->tag);
+	else if (rc != 0) {
+		log_msg(LOG_ERR, "event=copy-failed user=\"%s\" copied=%zu "
+		    "of=%zu", rt->user, copied, count);
+		client_line(rt, "%s NO [UNAVAILABLE] %s between servers "
+		    "failed after %zu of %zu messages.", c->tag, move ? "MOVE" :
+		    "COPY", copied, count);
+	} else
+		client_line(rt, "%s OK %s completed.", c->tag, move ? "MOVE" :
+		    "COPY");
+}
+
+/*
+ * COPY and MOVE (and their UID forms) go to the selected mailbox's
+ * server, or are carried across when the destination lives elsewhere.
+ */
+static int
+copy_link(struct router *rt, const struct command *c, size_t first,
+    const char *name)
 {
 	const struct token *dst;
-	int from = current_link(rt);
+	int from = current_link(rt), to;
 
-	if (c->ntok < first_arg + 2 ||
-	    !is_mailbox_token(&c->tok[c->ntok - 1]))
+	if (c->ntok < first + 2 || rt->selected < 0 ||
+	    !is_mailbox_token(&c->tok[c->ntok - 1]) ||
+	    c->tok[first].type != TOK_ATOM)
 		return from;
 	dst = &c->tok[c->ntok - 1];
-	if (mailbox_link(rt, dst->s, dst->len) == from)
+	if ((to = mailbox_link(rt, dst->s, dst->len)) == from)
 		return from;
-	client_line(rt, "%s NO [CANNOT] Copying between the home and public "
-	    "folder servers is not supported.", c->tag);
+	cross_copy(rt, c, first, from, to, strcasecmp(name, "MOVE") == 0);
 	return -1;
 }
 
@@ -1163,6 +1456,7 @@ dispatch(struct router *rt)
 	struct str copy = { 0 };
 	struct command *c = malloc(sizeof(*c));
 	const char *why, *name;
+	char sub[16];
 	enum parse_status ps;
 	int target = -2;
 	size_t first = 0;
@@ -1189,8 +1483,12 @@ dispatch(struct router *rt)
 	}
 	name = c->name;
 	if (strcmp(name, "UID") == 0 && c->ntok > 0 &&
-	    c->tok[0].type == TOK_ATOM) {
-		name = c->tok[0].s;
+	    c->tok[0].type == TOK_ATOM && c->tok[0].len < sizeof(sub)) {
+		/* atoms are not NUL-terminated in the parse buffer */
+		for (size_t k = 0; k < c->tok[0].len; k++)
+			sub[k] = (char)toupper((unsigned char)c->tok[0].s[k]);
+		sub[c->tok[0].len] = '\0';
+		name = sub;
 		first = 1;
 	}
 	if (names_mailbox(name) && c->ntok > first &&
@@ -1210,7 +1508,7 @@ dispatch(struct router *rt)
 	else if (strcmp(name, "RENAME") == 0)
 		target = rename_link(rt, c);
 	else if (strcasecmp(name, "COPY") == 0 || strcasecmp(name, "MOVE") == 0)
-		target = copy_link(rt, c, first);
+		target = copy_link(rt, c, first, name);
 	else
 		target = current_link(rt);
 	if (target >= 0 && (target == 0 || !public_unavailable(rt, target,
