@@ -257,7 +257,39 @@ class MasterDovecot(Dovecot):
 # ---------------------------------------------------------------------------
 # Cyrus imapd
 
+# master and ctl_cyrusdb come from cyrus-common.  imapd is cyrus-imapd's,
+# which cannot be installed beside dovecot-imapd (it conflicts with every
+# imap-server): tests/install-deps.sh unpacks that package, uninstalled,
+# into CYRUS_IMAPD_ROOT and records its version there.
 CYRUS_BIN = "/usr/lib/cyrus/bin"
+CYRUS_IMAPD_ROOT = "/var/cache/imapfe-tests/cyrus-imapd"
+CYRUS_IMAPD = CYRUS_IMAPD_ROOT + "/usr/lib/cyrus/bin/imapd"
+
+
+def cyrus_check():
+    """Fail, saying what to do, unless cyrus-common is installed and the
+    unpacked cyrus-imapd is there in cyrus-common's version.  Never a skip:
+    install-deps.sh guarantees both, so their absence is an error."""
+    fix = "run sh tests/install-deps.sh as root"
+    r = subprocess.run(["dpkg-query", "-W", "-f=${Status} ${Version}",
+                        "cyrus-common"], capture_output=True, text=True)
+    status = r.stdout.rsplit(" ", 1)
+    assert r.returncode == 0 and status[0] == "install ok installed" and \
+        os.path.exists(os.path.join(CYRUS_BIN, "master")), \
+        "cyrus-common is not installed: " + fix
+    version = status[1]
+    assert os.access(CYRUS_IMAPD, os.X_OK), \
+        "%s is missing (cyrus-imapd %s unpacked, not installed): %s" % (
+            CYRUS_IMAPD, version, fix)
+    try:
+        with open(os.path.join(CYRUS_IMAPD_ROOT, ".imapfe-version")) as f:
+            unpacked = f.read().strip()
+    except OSError:
+        unpacked = "unknown"
+    assert unpacked == version, \
+        "%s holds cyrus-imapd %s but cyrus-common is %s: %s" % (
+            CYRUS_IMAPD_ROOT, unpacked, version, fix)
+
 
 IMAPD_CONF = """\
 configdirectory: {d}/config
@@ -281,7 +313,7 @@ START {{
   recover cmd="ctl_cyrusdb -C {d}/imapd.conf -r"
 }}
 SERVICES {{
-  imap cmd="imapd -C {d}/imapd.conf" listen="127.0.0.1:{port}" prefork=0
+  imap cmd="{imapd} -C {d}/imapd.conf" listen="127.0.0.1:{port}" prefork=0
 }}
 EVENTS {{
 }}
@@ -291,8 +323,8 @@ DAEMON {{
 
 
 class Cyrus:
-    """A real Cyrus imapd (Debian cyrus-imapd) under a temporary directory,
-    on a loopback port, with its own sasldb.  master runs in the
+    """A real Cyrus imapd (Debian's, see CYRUS_IMAPD) under a temporary
+    directory, on a loopback port, with its own sasldb.  master runs in the
     foreground (it drops to the cyrus user itself); every service is given
     -C explicitly, since master does not pass its own -C on.
 
@@ -305,6 +337,7 @@ class Cyrus:
 
     def __init__(self, users, proxyservers=("proxy",), admin="admin",
                  mechs="PLAIN LOGIN SCRAM-SHA-1 SCRAM-SHA-256"):
+        cyrus_check()
         self.dir = tempfile.mkdtemp(prefix="imapfe-cyrus-")
         os.chmod(self.dir, 0o755)
         self.users = dict(users)
@@ -319,7 +352,8 @@ class Cyrus:
                                       admin=admin, mechs=mechs,
                                       proxyservers=" ".join(proxyservers)))
         with open(os.path.join(d, "cyrus.conf"), "w") as f:
-            f.write(CYRUS_CONF.format(d=d, port=self.port))
+            f.write(CYRUS_CONF.format(d=d, port=self.port,
+                                      imapd=CYRUS_IMAPD))
         self.sasldb = os.path.join(d, "sasldb2")
         # Cyrus gives libsasl2 its servername as the server FQDN, so that
         # is the realm its users must be in.
