@@ -21,6 +21,11 @@ HDRS	 = imapfe.h
 # The parts the C unit tests and fuzzers link without main().
 LIBSRCS	 = auth.c backend.c proto.c iobuf.c tls.c
 
+FUZZERS	 = tests/fuzz_command tests/fuzz_response tests/fuzz_sasl
+FUZZ_SECONDS ?= 180
+SANFLAGS = -fno-omit-frame-pointer -fsanitize=address,undefined \
+	   -fno-sanitize-recover=all
+
 PYTHON	?= /usr/bin/python3
 PYTEST	 = $(PYTHON) -m pytest -q -p no:cacheprovider
 
@@ -39,6 +44,28 @@ deps:
 tests/unit: tests/unit.c $(LIBSRCS) $(HDRS)
 	$(CC) $(CFLAGS) $(CPPFLAGS) -I. -o $@ tests/unit.c $(LIBSRCS) $(LDLIBS)
 
+tests/unit-asan: tests/unit.c $(LIBSRCS) $(HDRS)
+	clang -std=c11 -D_GNU_SOURCE -O1 -g $(SANFLAGS) $(CPPFLAGS) -I. \
+	    -o $@ tests/unit.c $(LIBSRCS) $(LDLIBS)
+
+# libFuzzer targets, each with its seed corpus under tests/corpus/.
+tests/fuzz_%: tests/fuzz_%.c tests/fuzz_common.h $(LIBSRCS) $(HDRS)
+	clang -std=c11 -D_GNU_SOURCE -O1 -g -fsanitize=fuzzer $(SANFLAGS) \
+	    $(CPPFLAGS) -I. -o $@ $< $(LIBSRCS) $(LDLIBS)
+
+# Each target for FUZZ_SECONDS on a scratch copy of its corpus; a crash
+# leaves its input in fuzz-out/ (make it a regression test).
+fuzz: $(FUZZERS)
+	@for f in $(FUZZERS); do \
+	    n=$${f#tests/fuzz_}; mkdir -p fuzz-out/$$n && \
+	    cp tests/corpus/$$n/* fuzz-out/$$n/ && \
+	    echo "fuzz: $$n for $(FUZZ_SECONDS) s" && \
+	    ./$$f -max_total_time=$(FUZZ_SECONDS) -max_len=4096 \
+	        -artifact_prefix=fuzz-out/$$n- fuzz-out/$$n 2>fuzz-out/$$n.log \
+	    || { tail -40 fuzz-out/$$n.log; exit 1; }; \
+	    tail -1 fuzz-out/$$n.log; \
+	done
+
 imapfe-asan: $(SRCS) $(HDRS)
 	$(CC) -std=c11 -D_GNU_SOURCE -O1 -g -fno-omit-frame-pointer \
 	    -fsanitize=address,undefined -fno-sanitize-recover=all \
@@ -48,8 +75,10 @@ unit: tests/unit
 	./tests/unit
 
 # The whole suite three ways: plain, under ASan+UBSan, under valgrind.
-check: deps imapfe tests/unit imapfe-asan
+check: deps imapfe tests/unit tests/unit-asan imapfe-asan
 	./tests/unit
+	./tests/unit-asan
+	$(MAKE) fuzz FUZZ_SECONDS=45
 	mandoc -Tlint -Wwarning imapfe.8
 	$(PYTEST) tests
 	IMAPFE_BIN=$(CURDIR)/imapfe-asan $(PYTEST) tests
@@ -75,7 +104,8 @@ uninstall:
 	-rmdir $(DESTDIR)$(EXAMPLESDIR) 2>/dev/null
 
 clean:
-	rm -f imapfe imapfe-asan $(OBJS) tests/unit
+	rm -f imapfe imapfe-asan $(OBJS) tests/unit tests/unit-asan $(FUZZERS)
+	rm -rf fuzz-out
 	rm -rf tests/__pycache__
 
 .PHONY: all deps unit check check-quick demo install uninstall clean

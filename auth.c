@@ -134,6 +134,10 @@ base64_decode(const char *in, size_t inlen, char *out, size_t outcap,
 		}
 		w = ((unsigned long)v[0] << 18) | ((unsigned long)v[1] << 12) |
 		    ((unsigned long)v[2] << 6) | (unsigned long)v[3];
+		/* Bits beyond the data must be zero: one text per value. */
+		if ((pad == 1 && (w & 0xff) != 0) ||
+		    (pad == 2 && (w & 0xffff) != 0))
+			return -1;
 		if (o + 3 - (size_t)pad > outcap)
 			return -1;
 		out[o++] = (char)(w >> 16);

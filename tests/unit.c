@@ -189,6 +189,9 @@ test_base64(void)
 	CHECK(base64_decode("Y===", 4, out, sizeof(out), &n) != 0);
 	CHECK(base64_decode("YQ==YQ==", 8, out, sizeof(out), &n) != 0);
 	CHECK(base64_decode("Y!==", 4, out, sizeof(out), &n) != 0);
+	/* found by fuzz_sasl: non-zero pad bits (RFC 4648 3.5) are refused */
+	CHECK(base64_decode("AGFsWaW=", 8, out, sizeof(out), &n) != 0);
+	CHECK(base64_decode("YR==", 4, out, sizeof(out), &n) != 0);
 	CHECK(base64_decode("YQ\0=", 4, out, sizeof(out), &n) != 0);
 	CHECK(base64_decode("YWJj", 4, out, 2, &n) != 0);
 	CHECK(base64_encode((const unsigned char *)"ab", 2, out, sizeof(out))

@@ -1,0 +1,39 @@
+/*
+ * What every fuzz target links in place of imapfe.c: logging goes
+ * nowhere, and no shutdown is ever requested.  Included once per target.
+ */
+#ifndef FUZZ_COMMON_H
+#define FUZZ_COMMON_H
+
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "imapfe.h"
+
+volatile sig_atomic_t shutdown_requested;
+
+void
+log_msg(int prio, const char *fmt, ...)
+{
+	(void)prio;
+	(void)fmt;
+}
+
+/* The input as a NUL-terminated copy with one spare byte after it. */
+static char *
+fuzz_copy(const uint8_t *data, size_t size)
+{
+	char *p = malloc(size + 2);
+
+	if (p != NULL) {
+		memcpy(p, data, size);
+		p[size] = p[size + 1] = '\0';
+	}
+	return p;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *, size_t);
+
+#endif
