@@ -72,6 +72,7 @@ config_defaults(struct config *cfg)
 	cfg->tls_mode = TLS_STARTTLS;
 	cfg->tls_handshake_timeout = 30;
 	cfg->public_holddown = 30;
+	cfg->max_session_memory = 64;
 	cfg->max_line_length = 8192;
 	cfg->max_prelogin_literal = 4096;
 	cfg->max_login_failures = 3;
@@ -305,6 +306,8 @@ static const struct int_key int_keys[] = {
 	    tls_handshake_timeout), 1, 600, 0 },
 	{ "public_holddown", offsetof(struct config, public_holddown), 0,
 	    86400, 0 },
+	{ "max_session_memory", offsetof(struct config, max_session_memory),
+	    0, 65536, 0 },
 };
 
 /* Directives whose value is kept as given (file names, mostly). */
@@ -1605,6 +1608,37 @@ client_linger_close(struct session *s)
 	}
 }
 
+#if defined(__SANITIZE_ADDRESS__)
+#define UNDER_ASAN	1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define UNDER_ASAN	1
+#endif
+#endif
+
+/*
+ * Cap what this session may allocate, so that no bug and no client can
+ * make one session take the host down: past the cap, allocations fail and
+ * the session ends with "* BYE Out of memory."  (AddressSanitizer's own
+ * reservations would exceed any cap, so its builds go without.)
+ */
+static void
+cap_session_memory(const struct config *cfg)
+{
+#ifndef UNDER_ASAN
+	struct rlimit rl;
+
+	if (cfg->max_session_memory == 0)
+		return;
+	rl.rlim_cur = rl.rlim_max = (rlim_t)cfg->max_session_memory << 20;
+	if (setrlimit(RLIMIT_DATA, &rl) != 0)
+		log_msg(LOG_WARNING, "event=warning reason=\"max_session_memory: "
+		    "%s\"", strerror(errno));
+#else
+	(void)cfg;
+#endif
+}
+
 /* Serve one client connection on rfd/wfd, to the end.  Returns exit code. */
 static int
 session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
@@ -1614,6 +1648,7 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	int one = 1;
 
 	memset(&s, 0, sizeof(s));
+	cap_session_memory(cfg);
 	s.cfg = cfg;
 	s.tls_ctx = tls_ctx;
 	s.started = now_ms();

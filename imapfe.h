@@ -249,6 +249,7 @@ struct config {
 	int		 connect_timeout;	/* seconds */
 	int		 backend_timeout;	/* seconds */
 	int		 max_sessions;
+	int		 max_session_memory;	/* MiB of data; 0: no cap */
 	int		 syslog_facility;
 };
 

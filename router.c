@@ -480,6 +480,7 @@ early_tag(const char *s, size_t len, char *tag, size_t taglen)
 	tag[n] = '\0';
 }
 
+/* The literal's bytes into the command: 0, -1 client gone, -2 no memory. */
 static int
 read_literal_into(struct router *rt, uint64_t n)
 {
@@ -495,7 +496,7 @@ read_literal_into(struct router *rt, uint64_t n)
 			avail = (size_t)n;
 		if (str_add(&rt->cmd, rt->client->buf + rt->client->start,
 		    avail) != 0)
-			return -1;
+			return -2;
 		iobuf_consume(rt->client, avail);
 		n -= avail;
 	}
@@ -532,6 +533,7 @@ read_command(struct router *rt)
 	char *line, tag[TAG_MAX + 2];
 	size_t len;
 	uint64_t n;
+	int rc;
 
 	str_wipe(&rt->cmd);
 	rt->ncuts = 0;
@@ -588,7 +590,9 @@ read_command(struct router *rt)
 		if (k == LIT_SYNC && client_line(rt, "+ Ready for literal "
 		    "data") != 0)
 			return RD_END;
-		if (read_literal_into(rt, n) != 0) {
+		if ((rc = read_literal_into(rt, n)) == -2)
+			goto oom;
+		if (rc != 0) {
 			rt->end = ROUTER_CLIENT_GONE;
 			return RD_END;
 		}

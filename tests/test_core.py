@@ -610,3 +610,35 @@ def _ppid(pid):
             return int(f.read().rsplit(") ", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return -1
+
+
+# --- the memory cap ---------------------------------------------------------
+
+@pytest.mark.skipif(os.environ.get("IMAPFE_VALGRIND") == "1" or
+                    "asan" in os.environ.get("IMAPFE_BIN", ""),
+                    reason="valgrind and AddressSanitizer manage memory "
+                    "themselves; a data-size rlimit means nothing to them")
+def test_session_memory_cap_ends_session_with_bye(imapfe_factory, dovecot):
+    # With a public line the router buffers whole commands (small literals
+    # included) up to 1 MiB; a 1 MiB cap stops that growth first.
+    f = imapfe_factory(base_config(dovecot.port,
+                                   'public "Shared/" 127.0.0.1:%d\n'
+                                   "max_session_memory 1\n" % dovecot.port))
+    f.start_inetd()
+    c = Raw(f.port)
+    assert c.cmd("a", "LOGIN alice secret")[-1].startswith("a OK")
+    chunk = b"x" * 60000
+    c.send(b"b LIST \"\" (")
+    try:
+        for _ in range(17):
+            c.send(b"{60000+}\r\n" + chunk + b" ")
+        c.send(b")\r\n")
+    except OSError:
+        pass                    # the session may end before all is sent
+    assert c.line() == "* BYE Out of memory."
+    assert c.closed()
+    f.wait_log("reason=limit")
+    # and the next session is unaffected
+    d = Raw(f.port)
+    assert d.cmd("a", "LOGIN alice secret")[-1].startswith("a OK")
+    assert d.cmd("z", "LOGOUT")[-1].startswith("z OK")
