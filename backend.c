@@ -495,6 +495,51 @@ backend_starttls(struct backend *be, const struct config *cfg,
 	return run_capability(be, cfg, why, whylen);
 }
 
+/* One "field" "value" pair of an ID list, after "(" or a space. */
+static int
+id_pair(struct str *s, const char *field, const char *value)
+{
+	return (s->s[s->len - 1] != '(' && str_add(s, " ", 1) != 0) ||
+	    imap_append_string(s, field, strlen(field), 0) < 0 ||
+	    str_add(s, " ", 1) != 0 ||
+	    imap_append_string(s, value, strlen(value), 0) < 0 ? -1 : 0;
+}
+
+/*
+ * ID before login: who the client really is (a back-end on a trusted
+ * network logs and limits by it), and how many proxy hops remain.  The
+ * answer does not matter; a back-end that refuses ID still gets a login.
+ */
+static enum login_result
+send_id(struct backend *be, const struct config *cfg,
+    const struct client_info *ci, char *why, size_t whylen)
+{
+	struct str cmd = { 0 };
+	const char *tag = backend_next_tag(be), *status;
+	char ttl[16];
+	int rc;
+
+	snprintf(ttl, sizeof(ttl), "%d", ci->ttl - 1);	/* one hop: us */
+	rc = str_printf(&cmd, "%s ID (", tag) != 0 ||
+	    (ci->ip[0] && id_pair(&cmd, "x-originating-ip", ci->ip) != 0) ||
+	    (ci->port[0] && id_pair(&cmd, "x-originating-port", ci->port)) ||
+	    (ci->local_ip[0] && id_pair(&cmd, "x-connected-ip", ci->local_ip)) ||
+	    (ci->local_port[0] && id_pair(&cmd, "x-connected-port",
+	    ci->local_port) != 0) ||
+	    id_pair(&cmd, "x-session-id", ci->session) != 0 ||
+	    id_pair(&cmd, "x-proxy-ttl", ttl) != 0 ||
+	    (ci->id_fields.len > 0 && (str_add(&cmd, " ", 1) != 0 ||
+	    str_add(&cmd, ci->id_fields.s, ci->id_fields.len) != 0)) ||
+	    str_add(&cmd, ")\r\n", 3) != 0;
+	status = rc == 0 ? backend_run(be, cfg, &cmd, tag, why, whylen) : NULL;
+	str_free(&cmd);
+	if (status == NULL) {
+		snprintf(why, whylen, "no answer to ID");
+		return LOGIN_UNAVAILABLE;
+	}
+	return LOGIN_OK;
+}
+
 static void
 backend_reset(struct backend *be)
 {
@@ -516,8 +561,8 @@ backend_reset(struct backend *be)
  */
 enum login_result
 backend_open(struct backend *be, const struct config *cfg,
-    const struct route *r, const struct credentials *cr, char *why,
-    size_t whylen)
+    const struct route *r, const struct credentials *cr,
+    const struct client_info *ci, char *why, size_t whylen)
 {
 	enum login_result res;
 	unsigned seq;
@@ -549,6 +594,9 @@ backend_open(struct backend *be, const struct config *cfg,
 		res = backend_starttls(be, cfg, r, why, whylen);
 	if (res == LOGIN_OK && be->caps == NULL)
 		res = run_capability(be, cfg, why, whylen);
+	if (res == LOGIN_OK && ci != NULL && cfg->forward_id &&
+	    caps_has(be->caps, "ID"))
+		res = send_id(be, cfg, ci, why, whylen);
 	seq = be->caps_seq;
 	if (res == LOGIN_OK)
 		res = authenticate(be, cfg, cr, why, whylen);
@@ -573,8 +621,8 @@ backend_open(struct backend *be, const struct config *cfg,
  */
 enum login_result
 backend_open_as(struct backend *be, const struct config *cfg,
-    const struct route *r, const struct credentials *user, char *why,
-    size_t whylen)
+    const struct route *r, const struct credentials *user,
+    const struct client_info *ci, char *why, size_t whylen)
 {
 	static const char prefix[] = "the back-end refused the proxy "
 	    "identity or its authorization (check proxy_user and the "
@@ -583,7 +631,7 @@ backend_open_as(struct backend *be, const struct config *cfg,
 	enum login_result res;
 
 	if (cfg->auth != AUTH_PROXY)
-		return backend_open(be, cfg, r, user, why, whylen);
+		return backend_open(be, cfg, r, user, ci, why, whylen);
 	if (credentials_set(&proxy, cfg->proxy->user, cfg->proxy->user_len,
 	    cfg->proxy->pass, cfg->proxy->pass_len) != 0 ||
 	    credentials_set_authzid(&proxy, user->user) != 0) {
@@ -591,7 +639,7 @@ backend_open_as(struct backend *be, const struct config *cfg,
 		snprintf(why, whylen, "out of memory");
 		return LOGIN_UNAVAILABLE;
 	}
-	res = backend_open(be, cfg, r, &proxy, why, whylen);
+	res = backend_open(be, cfg, r, &proxy, ci, why, whylen);
 	credentials_clear(&proxy);
 	if (res == LOGIN_BADCREDS && whylen > sizeof(prefix)) {
 		size_t keep = strnlen(why, whylen - sizeof(prefix));

@@ -73,6 +73,7 @@ config_defaults(struct config *cfg)
 	cfg->tls_handshake_timeout = 30;
 	cfg->public_holddown = 30;
 	cfg->max_session_memory = 64;
+	cfg->forward_id = 1;
 	cfg->max_line_length = 8192;
 	cfg->max_prelogin_literal = 4096;
 	cfg->max_login_failures = 3;
@@ -416,6 +417,11 @@ config_line(struct config *cfg, char **w, int n, char *err, size_t errlen)
 			goto bad;
 		return 0;
 	}
+	if (strcmp(w[0], "forward_id") == 0) {
+		if (parse_bool(w[1], &cfg->forward_id) != 0)
+			goto bad;
+		return 0;
+	}
 	if (strcmp(w[0], "auth") == 0) {
 		if (strcmp(w[1], "passthrough") == 0)
 			cfg->auth = AUTH_PASSTHROUGH;
@@ -602,6 +608,7 @@ struct session {
 	SSL_CTX			*tls_ctx;	/* NULL: TLS not configured */
 	int			 tls_active;
 	int			 peer_loopback;
+	struct client_info	 ci;		/* told to back-ends with ID */
 	struct iobuf		 client;
 	struct backend		 backend;
 	int			 logged_in;
@@ -652,6 +659,34 @@ describe_peer(int fd, char *out, size_t outlen)
 	snprintf(out, outlen, ss.ss_family == AF_INET6 ? "[%s]:%s" : "%s:%s",
 	    host, serv);
 	return is_loopback(&ss);
+}
+
+static void
+numeric_address(const struct sockaddr_storage *ss, socklen_t sl, char *ip,
+    size_t iplen, char *port, size_t portlen)
+{
+	if (getnameinfo((const struct sockaddr *)ss, sl, ip, (socklen_t)iplen,
+	    port, (socklen_t)portlen, NI_NUMERICHOST | NI_NUMERICSERV) != 0)
+		ip[0] = port[0] = '\0';
+}
+
+/* Both ends of the client's connection, for the back-end's ID. */
+static void
+client_info_init(struct client_info *ci, int fd, const char *session)
+{
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof(ss);
+
+	memset(ci, 0, sizeof(*ci));
+	ci->ttl = PROXY_TTL_DEFAULT;
+	snprintf(ci->session, sizeof(ci->session), "%s", session);
+	if (getpeername(fd, (struct sockaddr *)&ss, &sl) == 0)
+		numeric_address(&ss, sl, ci->ip, sizeof(ci->ip), ci->port,
+		    sizeof(ci->port));
+	sl = sizeof(ss);
+	if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0)
+		numeric_address(&ss, sl, ci->local_ip, sizeof(ci->local_ip),
+		    ci->local_port, sizeof(ci->local_port));
 }
 
 static void
@@ -880,6 +915,45 @@ cmd_capability(struct session *s, const struct command *c)
 	client_send(s, "%s OK CAPABILITY completed.", c->tag);
 }
 
+/*
+ * Keep one of the client's ID fields for the back-end.  Fields that would
+ * let a client pose as another address or session are dropped; a hop
+ * count is believed only when it is lower than ours.
+ */
+static void
+id_keep(struct session *s, const struct token *f, const struct token *v)
+{
+	static const char *const reserved[] = { "x-originating-",
+	    "x-connected-", "x-session-", "x-proxy-ttl", "x-forward-" };
+	struct str *out = &s->ci.id_fields;
+
+	if (f->len == 11 && strncasecmp(f->s, "x-proxy-ttl", 11) == 0 &&
+	    v->type != TOK_NIL && v->len > 0 && v->len < 6) {
+		char num[8];
+		int ttl;
+
+		memcpy(num, v->s, v->len);
+		num[v->len] = '\0';
+		ttl = atoi(num);
+		if (ttl < s->ci.ttl)
+			s->ci.ttl = ttl;
+	}
+	for (size_t i = 0; i < sizeof(reserved) / sizeof(*reserved); i++)
+		if (f->len >= strlen(reserved[i]) &&
+		    strncasecmp(f->s, reserved[i], strlen(reserved[i])) == 0)
+			return;
+	if (!credentials_acceptable(f->s, f->len) ||
+	    (v->type != TOK_NIL && !credentials_acceptable(v->s, v->len)))
+		return;
+	if ((out->len > 0 && str_add(out, " ", 1) != 0) ||
+	    imap_append_string(out, f->s, f->len, 0) < 0 ||
+	    str_add(out, " ", 1) != 0)
+		str_wipe(out);
+	else if (v->type == TOK_NIL ? str_adds(out, "NIL") != 0 :
+	    imap_append_string(out, v->s, v->len, 0) < 0)
+		str_wipe(out);
+}
+
 /* ID NIL, or ID ("field" "value" ...) within RFC 2971's limits. */
 static void
 cmd_id(struct session *s, const struct command *c)
@@ -905,6 +979,9 @@ cmd_id(struct session *s, const struct command *c)
 			return;
 		}
 	}
+	str_wipe(&s->ci.id_fields);
+	for (i = 1; i + 1 < n; i += 2)
+		id_keep(s, &c->tok[i], &c->tok[i + 1]);
 ok:
 	client_send(s, "* ID NIL");
 	client_send(s, "%s OK ID completed.", c->tag);
@@ -952,7 +1029,15 @@ do_login(struct session *s, const char *tag, const char *method)
 		    "Authentication failed.");
 		return;
 	}
-	res = backend_open_as(&s->backend, s->cfg, r, &s->cred, why,
+	if (s->ci.ttl <= 0) {
+		log_msg(LOG_ERR, "event=login-failed user=\"%s\" method=%s "
+		    "reason=\"proxy loop: the client's x-proxy-ttl ran out\"",
+		    s->user, method);
+		credentials_clear(&s->cred);
+		login_failed(s, tag, "UNAVAILABLE", "Proxy loop detected.");
+		return;
+	}
+	res = backend_open_as(&s->backend, s->cfg, r, &s->cred, &s->ci, why,
 	    sizeof(why));
 	/* Public-folder servers are logged in to later, as the user. */
 	if (res != LOGIN_OK || s->cfg->publics == NULL)
@@ -1552,7 +1637,7 @@ session_route(struct session *s)
 	};
 
 	s->end = ends[router_run(s->cfg, &s->client, &s->backend, &s->cred,
-	    s->user)];
+	    &s->ci, s->user)];
 }
 
 /* ------------------------------------------------------------------ */
@@ -1655,6 +1740,7 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	s.backend.io.rfd = s.backend.io.wfd = -1;
 	new_session_id(log_session, sizeof(log_session));
 	s.peer_loopback = describe_peer(rfd, s.peer, sizeof(s.peer));
+	client_info_init(&s.ci, rfd, log_session);
 	setsockopt(wfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	nonblocking(rfd);
 	nonblocking(wfd);
@@ -1679,6 +1765,7 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	client_linger_close(&s);
 	credentials_clear(&s.cred);
 	str_free(&s.cmdbuf);
+	str_free(&s.ci.id_fields);
 	iobuf_free(&s.client);
 	return 0;
 }

@@ -250,6 +250,7 @@ struct config {
 	int		 backend_timeout;	/* seconds */
 	int		 max_sessions;
 	int		 max_session_memory;	/* MiB of data; 0: no cap */
+	int		 forward_id;		/* ID with the client's address */
 	int		 syslog_facility;
 };
 
@@ -318,6 +319,24 @@ struct backend {
 	unsigned	 tagseq;
 };
 
+/*
+ * What imapfe tells a back-end about the client with ID (RFC 2971) before
+ * logging in, as Dovecot honours from trusted networks: addresses, the
+ * session id, a hop count against proxy loops, and the client's own ID
+ * fields (minus any it might use to pose as someone else).
+ */
+#define PROXY_TTL_DEFAULT	5
+
+struct client_info {
+	char		 ip[64];
+	char		 port[8];
+	char		 local_ip[64];
+	char		 local_port[8];
+	char		 session[32];
+	int		 ttl;		/* hops left, counted down per imapfe */
+	struct str	 id_fields;	/* the client's, as "f" "v" pairs */
+};
+
 enum login_result {
 	LOGIN_OK = 0,
 	LOGIN_BADCREDS,		/* NO [AUTHENTICATIONFAILED] to the client */
@@ -328,10 +347,10 @@ enum login_result {
 const struct route *route_lookup(const struct config *, const char *user);
 enum login_result backend_open(struct backend *, const struct config *,
 		    const struct route *, const struct credentials *,
-		    char *why, size_t whylen);
+		    const struct client_info *, char *why, size_t whylen);
 enum login_result backend_open_as(struct backend *, const struct config *,
 		    const struct route *, const struct credentials *user,
-		    char *why, size_t whylen);
+		    const struct client_info *, char *why, size_t whylen);
 void		 backend_close(struct backend *);
 void		 backend_note_caps(struct backend *, const char *line,
 		    size_t len);
@@ -359,7 +378,7 @@ enum router_end {
 
 enum router_end	 router_run(const struct config *, struct iobuf *client,
 		    struct backend *home, const struct credentials *,
-		    const char *user);
+		    const struct client_info *, const char *user);
 
 #define IMAPFE_GREETING_MARK	"imapfe ready"
 #define MAX_BACKEND_LINE	65536

@@ -48,6 +48,7 @@ struct router {
 	const struct config	*cfg;
 	struct iobuf		*client;
 	const struct credentials *cr;
+	const struct client_info *ci;
 	const char		*user;		/* sanitized, for logs */
 	struct link		*links;
 	int			 nlinks;
@@ -152,7 +153,7 @@ link_up(struct router *rt, int i)
 		return 0;
 	if (now_ms() < l->retry_after)
 		return -1;
-	res = backend_open_as(l->be, rt->cfg, l->route, rt->cr, why,
+	res = backend_open_as(l->be, rt->cfg, l->route, rt->cr, rt->ci, why,
 	    sizeof(why));
 	if (res != LOGIN_OK) {
 		log_msg(LOG_ERR, "event=public-failed user=\"%s\" prefix=\"%s\" "
@@ -1612,9 +1613,10 @@ wait_for_input(struct router *rt)
 
 enum router_end
 router_run(const struct config *cfg, struct iobuf *client,
-    struct backend *home, const struct credentials *cr, const char *user)
+    struct backend *home, const struct credentials *cr,
+    const struct client_info *ci, const char *user)
 {
-	struct router rt = { .cfg = cfg, .client = client, .cr = cr,
+	struct router rt = { .cfg = cfg, .client = client, .cr = cr, .ci = ci,
 	    .user = user, .selected = -1, .end = ROUTER_NONE };
 	int n = 1;
 

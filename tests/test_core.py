@@ -642,3 +642,66 @@ def test_session_memory_cap_ends_session_with_bye(imapfe_factory, dovecot):
     d = Raw(f.port)
     assert d.cmd("a", "LOGIN alice secret")[-1].startswith("a OK")
     assert d.cmd("z", "LOGOUT")[-1].startswith("z OK")
+
+
+# --- the client's address, told to the back-end ----------------------------
+
+@pytest.fixture(scope="module")
+def trusting_dovecot():
+    """A Dovecot that believes imapfe's ID (as it would on a trusted
+    network) and logs the ID it receives."""
+    from conftest import Dovecot
+    d = Dovecot(extra_conf="login_trusted_networks = 127.0.0.0/8\n"
+                           "imap_id_log = *\n")
+    yield d
+    d.close()
+
+
+def raw_from(port, source_ip):
+    """A Raw client whose connection comes from source_ip."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((source_ip, 0))
+    sock.settimeout(10 * SLOW)
+    sock.connect(("127.0.0.1", port))
+    c = Raw.__new__(Raw)
+    c.sock, c.buf = sock, b""
+    c.greeting = c.line()
+    return c, sock.getsockname()[1]
+
+
+def test_backend_learns_the_client_address(imapfe_factory, trusting_dovecot):
+    f = imapfe_factory(base_config(trusting_dovecot.port))
+    f.start_inetd()
+    c, client_port = raw_from(f.port, "127.0.0.2")
+    # the client's own fields travel; one posing as another address does not
+    assert c.cmd("i", 'ID ("name" "mutt" "x-originating-ip" "192.0.2.66")'
+                 )[-1].startswith("i OK")
+    assert c.cmd("a", "LOGIN alice secret")[-1].startswith("a OK")
+    c.cmd("z", "LOGOUT")
+    c.close()
+    session = re.search(r"session=([0-9a-f]{12})",
+                        f.wait_log("reason=logout")).group(1)
+
+    def login_line():
+        for ln in trusting_dovecot.log_text().splitlines():
+            if "Login: user=<alice>" in ln and "rip=127.0.0.2" in ln:
+                return ln
+        return None
+    wait_for(login_line, 10 * SLOW, "Dovecot to log the login")
+    log = trusting_dovecot.log_text()
+    assert "rport=%d" % client_port in login_line() or \
+        "rip=127.0.0.2" in login_line()
+    assert "192.0.2.66" not in log
+    assert "name=mutt" in log and session in log
+
+
+def test_proxy_ttl_from_client_stops_a_loop(imapfe_factory, dovecot):
+    f = imapfe_factory(base_config(dovecot.port))
+    f.start_inetd()
+    c = Raw(f.port)
+    assert c.cmd("i", 'ID ("x-proxy-ttl" "0")')[-1].startswith("i OK")
+    assert c.cmd("a", "LOGIN alice secret")[-1].startswith(
+        "a NO [UNAVAILABLE]")
+    c.cmd("z", "LOGOUT")
+    c.close()
+    f.wait_log("proxy loop")
