@@ -55,6 +55,16 @@ credentials_clear(struct credentials *cr)
 	memset(cr, 0, sizeof(*cr));
 }
 
+void
+credentials_drop_password(struct credentials *cr)
+{
+	if (cr->pass != NULL) {
+		wipe(cr->pass, cr->pass_len);
+		cr->pass[0] = '\0';
+		cr->pass_len = 0;
+	}
+}
+
 int
 credentials_set_authzid(struct credentials *cr, const char *authzid)
 {

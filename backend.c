@@ -641,7 +641,9 @@ backend_open_as(struct backend *be, const struct config *cfg,
 	}
 	res = backend_open(be, cfg, r, &proxy, ci, why, whylen);
 	credentials_clear(&proxy);
-	if (res == LOGIN_BADCREDS && whylen > sizeof(prefix)) {
+	if (res != LOGIN_OK && (res == LOGIN_BADCREDS ||
+	    strstr(why, "AUTHORIZATIONFAILED") != NULL) &&
+	    whylen > sizeof(prefix)) {
 		size_t keep = strnlen(why, whylen - sizeof(prefix));
 
 		memmove(why + sizeof(prefix) - 1, why, keep);

@@ -237,7 +237,7 @@ add_route(struct config *cfg, char **w, int n, char *err, size_t errlen)
 		    w[0], public ? "PREFIX" : "PATTERN");
 		return -1;
 	}
-	if (public && (w[1][0] == '\0' || strcasecmp(w[1], "INBOX") == 0 ||
+	if (public && (w[1][0] == '\0' || strncasecmp(w[1], "INBOX", 5) == 0 ||
 	    strpbrk(w[1], "*%\r\n") != NULL)) {
 		snprintf(err, errlen, "public prefix must be a mailbox name "
 		    "prefix without wildcards, not INBOX");
@@ -1039,9 +1039,14 @@ do_login(struct session *s, const char *tag, const char *method)
 	}
 	res = backend_open_as(&s->backend, s->cfg, r, &s->cred, &s->ci, why,
 	    sizeof(why));
-	/* Public-folder servers are logged in to later, as the user. */
+	/*
+	 * Public-folder servers are logged in to later, as the user: with
+	 * the password in passthrough mode, by name alone in proxy mode.
+	 */
 	if (res != LOGIN_OK || s->cfg->publics == NULL)
 		credentials_clear(&s->cred);
+	else if (s->cfg->auth == AUTH_PROXY)
+		credentials_drop_password(&s->cred);
 	if (res == LOGIN_OK &&
 	    (caps = caps_for_client(s->backend.caps,
 	    s->cfg->publics != NULL)) != NULL) {

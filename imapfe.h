@@ -291,6 +291,7 @@ enum plain_status sasl_plain_split(const char *msg, size_t len,
 		    struct credentials *);
 
 int		 credentials_set_authzid(struct credentials *, const char *);
+void		 credentials_drop_password(struct credentials *);
 int		 credentials_load_password(struct credentials *,
 		    const char *user, const char *file, char *err, size_t);
 

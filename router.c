@@ -24,7 +24,7 @@
 #define TAG_MAX			64
 #define SMALL_LITERAL_MAX	65536		/* buffered; larger: streamed */
 #define BUFFERED_COMMAND_MAX	(1024 * 1024)
-#define MAX_PIECES		64
+#define MAX_PIECES		1024		/* literals in one command */
 
 /* Where a link's response stream is: line starts, literals. */
 struct scan {
@@ -36,6 +36,7 @@ struct scan {
 };
 
 struct link {
+	int64_t		 last_used;	/* for keepalives */
 	const struct route *route;	/* NULL for the home back-end */
 	struct backend	*be;		/* home: the session's; else &own */
 	struct backend	 own;
@@ -61,6 +62,7 @@ struct router {
 	int			 stream_sync;
 	char			*enabled;	/* ENABLE arguments, to replay */
 	int64_t			 last_client;
+	int			 merging;	/* a LIST over several servers */
 	enum router_end		 end;
 };
 
@@ -165,6 +167,7 @@ link_up(struct router *rt, int i)
 		return -1;
 	}
 	l->up = 1;
+	l->last_used = now_ms();
 	memset(&l->sc, 0, sizeof(l->sc));
 	l->sc.at_line_start = 1;
 	log_msg(LOG_INFO, "event=public-login user=\"%s\" prefix=\"%s\" "
@@ -197,12 +200,37 @@ mailbox_link(const struct router *rt, const char *name, size_t len)
 /* ------------------------------------------------------------------ */
 /* reading a link's responses */
 
+/* A mailbox name (quoted or atom) at p, unquoted into name. */
+static int
+name_at(const char *p, const char *end, char *name, size_t namelen)
+{
+	size_t n = 0;
+
+	if (p < end && *p == '"') {
+		for (p++; p < end && *p != '"' && n + 1 < namelen; p++) {
+			if (*p == '\\' && p + 1 < end)
+				p++;
+			name[n++] = *p;
+		}
+	} else
+		while (p < end && *p != ' ' && n + 1 < namelen)
+			name[n++] = *p++;
+	name[n] = '\0';
+	return n > 0 ? 0 : -1;
+}
+
+/* The mailbox name of a "* STATUS name (...)" line. */
+static int
+status_line_name(const char *line, size_t len, char *name, size_t namelen)
+{
+	return name_at(line + 9, line + len, name, namelen);
+}
+
 /* The mailbox name of a "* LIST (flags) delim name" line, unquoted. */
 static int
 list_line_name(const char *line, size_t len, char *name, size_t namelen)
 {
 	const char *p = line + 7, *end = line + len;	/* "* LIST " */
-	size_t n = 0;
 
 	if ((p = memchr(p, ')', (size_t)(end - p))) == NULL)
 		return -1;
@@ -217,17 +245,7 @@ list_line_name(const char *line, size_t len, char *name, size_t namelen)
 		return -1;
 	while (p < end && *p == ' ')
 		p++;
-	if (p < end && *p == '"') {
-		for (p++; p < end && *p != '"' && n + 1 < namelen; p++) {
-			if (*p == '\\' && p + 1 < end)
-				p++;
-			name[n++] = *p;
-		}
-	} else
-		while (p < end && *p != ' ' && n + 1 < namelen)
-			name[n++] = *p++;
-	name[n] = '\0';
-	return n > 0 ? 0 : -1;
+	return name_at(p, end, name, namelen);
 }
 
 /* In FILTER_LIST mode: does this whole untagged line belong to link l? */
@@ -237,10 +255,16 @@ list_line_wanted(const struct router *rt, const struct link *l,
 {
 	char name[1024];
 
-	if (len < 8 || (strncasecmp(p, "* LIST ", 7) != 0 &&
+	if (len > 0 && p[len - 1] == '\r')
+		len--;
+	if (len > 9 && strncasecmp(p, "* STATUS ", 9) == 0) {
+		/* LIST-STATUS: "* STATUS name (...)" */
+		if (status_line_name(p, len, name, sizeof(name)) != 0)
+			return 1;
+	} else if (len < 8 || (strncasecmp(p, "* LIST ", 7) != 0 &&
 	    strncasecmp(p, "* LSUB ", 7) != 0))
 		return 1;
-	if (list_line_name(p, len, name, sizeof(name)) != 0)
+	else if (list_line_name(p, len, name, sizeof(name)) != 0)
 		return 1;
 	return mailbox_link(rt, name, strlen(name)) == (int)(l - rt->links);
 }
@@ -542,8 +566,8 @@ read_command(struct router *rt)
 	for (;;) {
 		rt->client->deadline = rt->last_client +
 		    (int64_t)rt->cfg->idle_timeout * 1000;
-		st = iobuf_getline(rt->client, rt->cfg->max_line_length, &line,
-		    &len);
+		/* After login, long UID sets are normal: the buffer is the limit. */
+		st = iobuf_getline(rt->client, rt->client->cap - 2, &line, &len);
 		if (st == IO_TIMEOUT) {
 			client_line(rt, "* BYE Disconnected for inactivity.");
 			rt->end = ROUTER_TIMEOUT;
@@ -743,8 +767,12 @@ command_failed_on_link(struct router *rt, int i, const char *tag,
 		return;
 	}
 	link_down(rt, i, "connection lost");
-	client_line(rt, "%s NO [UNAVAILABLE] Public folder server connection "
-	    "lost.", tag);
+	if (rt->merging)	/* the home server's answer is still to come */
+		client_line(rt, "* NO [UNAVAILABLE] The server for \"%s\" was "
+		    "lost.", rt->links[i].route->pattern);
+	else
+		client_line(rt, "%s NO [UNAVAILABLE] Public folder server "
+		    "connection lost.", tag);
 }
 
 enum outcome { OUT_OK, OUT_NO, OUT_BAD, OUT_FAILED };
@@ -761,6 +789,7 @@ run_on_link_as(struct router *rt, int i, const char *tag, enum mode m,
 	const char *st;
 	size_t rest;
 
+	rt->links[i].last_used = now_ms();
 	w = send_buffered(rt, i, tag, rt->send_len, line, linelen);
 	if (w == W_CONTINUATION && rt->stream_left > 0)
 		w = stream_rest(rt, i, tag, line, linelen);
@@ -926,8 +955,8 @@ cmd_list(struct router *rt, const struct command *c)
 	char line[TAGGED_LINE_MAX], home_line[TAGGED_LINE_MAX], pat[1024];
 	const struct token *ref, *mbox;
 	size_t argi = 0, plen;
-	int home = 1, asked = 0, missing = 0;
-	enum outcome o = OUT_FAILED, home_o = OUT_FAILED;
+	int home = 1, asked = 0;
+	enum outcome o;
 
 	if (c->ntok > 0 && c->tok[0].type == TOK_LPAREN) {
 		/* LIST-EXTENDED selection options: skip to the reference */
@@ -952,9 +981,8 @@ cmd_list(struct router *rt, const struct command *c)
 		if (pattern_inside(pat, plen, rt->links[i].route->pattern))
 			home = 0;
 	if (home) {
-		home_o = run_on_link(rt, 0, c->tag, 1, home_line,
-		    sizeof(home_line));
-		if (home_o == OUT_FAILED)
+		if (run_on_link(rt, 0, c->tag, 1, home_line,
+		    sizeof(home_line)) == OUT_FAILED)
 			return;
 		asked++;
 	}
@@ -965,11 +993,12 @@ cmd_list(struct router *rt, const struct command *c)
 		if (link_up(rt, i) != 0) {
 			client_line(rt, "* NO [UNAVAILABLE] The server for "
 			    "\"%s\" is unavailable.", rt->links[i].route->pattern);
-			missing++;
 			continue;
 		}
+		rt->merging = 1;
 		o = run_on_link_as(rt, i, c->tag, FILTER_LIST, 1, line,
 		    sizeof(line));
+		rt->merging = 0;
 		if (rt->end != ROUTER_NONE)
 			return;
 		if (o != OUT_FAILED)
@@ -982,8 +1011,6 @@ cmd_list(struct router *rt, const struct command *c)
 	else
 		client_line(rt, "%s NO [UNAVAILABLE] The public folder servers "
 		    "are unavailable, try again later.", c->tag);
-	(void)missing;
-	(void)home_o;
 }
 
 /* Append the public prefixes to the shared namespace of a NAMESPACE line. */
@@ -1052,9 +1079,33 @@ rewrite_namespace(struct router *rt, const char *line, size_t len,
 	return str_adds(out, ")");
 }
 
-/* NAMESPACE: the home server's answer, with the public prefixes shared. */
+/* CAPABILITY after login: what the router can honour, as at login. */
+static int
+rewrite_capability(struct router *rt, const char *line, size_t len,
+    struct str *out)
+{
+	char *caps, *list = strndup(line + 13, len - 13);
+	int rc;
+
+	(void)rt;
+	if (list == NULL)
+		return -1;
+	caps = caps_for_client(list, 1);
+	free(list);
+	if (caps == NULL)
+		return -1;
+	rc = str_printf(out, "* CAPABILITY %s", caps);
+	free(caps);
+	return rc;
+}
+
+/*
+ * Run a command on the home server, its untagged answers line by line,
+ * those starting with "match" rewritten.  For small answers only.
+ */
 static void
-cmd_namespace(struct router *rt, const struct command *c)
+run_rewriting(struct router *rt, const struct command *c, const char *match,
+    int (*rewrite)(struct router *, const char *, size_t, struct str *))
 {
 	struct link *l = &rt->links[0];
 	size_t tl = strlen(c->tag), len;
@@ -1073,8 +1124,9 @@ cmd_namespace(struct router *rt, const struct command *c)
 		if (iobuf_getline(&l->be->io, MAX_BACKEND_LINE, &line, &len) !=
 		    IO_OK)
 			goto gone;
-		if (len > 12 && strncasecmp(line, "* NAMESPACE ", 12) == 0)
-			rc = rewrite_namespace(rt, line, len, &out);
+		if (len > strlen(match) && strncasecmp(line, match,
+		    strlen(match)) == 0)
+			rc = rewrite(rt, line, len, &out);
 		else
 			rc = str_add(&out, line, len);
 		rc = rc != 0 || str_add(&out, "\r\n", 2) != 0 ? -1 :
@@ -1184,23 +1236,29 @@ strip_recent(char *flags)
  * answers of other kinds belong to the client's selected mailbox.
  */
 static int
-collect_meta(struct router *rt, int from, const char *set, int uid,
+collect_meta(struct router *rt, int from, const struct token *set, int uid,
     struct msg_meta **meta, size_t *count)
 {
-	char text[4200], *line;
-	const char *tag;
+	struct str text = { 0 };
+	const char *tag = NULL;
 	size_t len, cap = 0;
+	int over = 0;
+	char *line;
 
-	if (snprintf(text, sizeof(text), "%sFETCH %s (UID FLAGS INTERNALDATE)",
-	    uid ? "UID " : "", set) >= (int)sizeof(text) ||
-	    (tag = internal_send(rt, from, text)) == NULL)
+	if (str_printf(&text, "%sFETCH %.*s (UID FLAGS INTERNALDATE)",
+	    uid ? "UID " : "", (int)set->len, set->s) == 0)
+		tag = internal_send(rt, from, text.s);
+	str_free(&text);
+	if (tag == NULL)
 		return -1;
 	for (;;) {
 		if (internal_line(rt, from, &line, &len) != IO_OK)
 			return -1;
-		if (is_tagged(line, len, tag))
-			return strstr(line + strlen(tag), " OK") == line +
-			    strlen(tag) ? 0 : -2;
+		if (is_tagged(line, len, tag)) {
+			if (strncmp(line + strlen(tag), " OK", 3) != 0)
+				return -2;
+			return over ? -3 : 0;
+		}
 		if (strstr(line, " FETCH (") == NULL || strstr(line, "UID ") ==
 		    NULL) {
 			if (client_write(rt, line, len) != 0 ||
@@ -1208,8 +1266,10 @@ collect_meta(struct router *rt, int from, const char *set, int uid,
 				return -1;
 			continue;
 		}
-		if (*count == CROSS_COPY_MAX)
+		if (*count == CROSS_COPY_MAX) {
+			over = 1;
 			continue;
+		}
 		if (*count == cap) {
 			struct msg_meta *m;
 
@@ -1229,12 +1289,12 @@ collect_meta(struct router *rt, int from, const char *set, int uid,
 	}
 }
 
-/* n bytes from one link straight into another, as they arrive. */
+/* n bytes from one link straight into another (to -1: nowhere). */
 static int
 pump_between(struct router *rt, int from, int to, uint64_t n)
 {
 	struct iobuf *src = &rt->links[from].be->io;
-	struct iobuf *dst = &rt->links[to].be->io;
+	struct iobuf *dst = to >= 0 ? &rt->links[to].be->io : NULL;
 
 	while (n > 0) {
 		size_t avail = iobuf_pending(src);
@@ -1248,14 +1308,32 @@ pump_between(struct router *rt, int from, int to, uint64_t n)
 		}
 		if (avail > n)
 			avail = (size_t)n;
-		dst->deadline = now_ms() + (int64_t)rt->cfg->backend_timeout *
-		    1000;
-		if (iobuf_write(dst, src->buf + src->start, avail) != IO_OK)
-			return -1;
+		if (dst != NULL) {
+			dst->deadline = now_ms() +
+			    (int64_t)rt->cfg->backend_timeout * 1000;
+			if (iobuf_write(dst, src->buf + src->start, avail) !=
+			    IO_OK)
+				return -1;
+		}
 		iobuf_consume(src, avail);
 		n -= avail;
 	}
 	return 0;
+}
+
+/* The rest of the source's answer to an internal FETCH, up to its tag. */
+static int
+finish_fetch(struct router *rt, int from, const char *ftag)
+{
+	size_t len;
+	char *line;
+
+	for (;;) {
+		if (internal_line(rt, from, &line, &len) != IO_OK)
+			return -1;
+		if (is_tagged(line, len, ftag))
+			return 0;
+	}
 }
 
 /*
@@ -1265,9 +1343,9 @@ pump_between(struct router *rt, int from, int to, uint64_t n)
  */
 static int
 copy_one(struct router *rt, int from, int to, const struct token *mbox,
-    const struct msg_meta *m)
+    const struct msg_meta *m, char *reply, size_t replylen)
 {
-	char text[64], reply[TAGGED_LINE_MAX], *line;
+	char text[64], *line;
 	const char *ftag, *atag;
 	struct str append = { 0 };
 	uint64_t size = 0;
@@ -1297,55 +1375,72 @@ copy_one(struct router *rt, int from, int to, const struct token *mbox,
 		goto out;
 	rt->links[to].be->io.deadline = now_ms() +
 	    (int64_t)rt->cfg->backend_timeout * 1000;
-	if (iobuf_write(&rt->links[to].be->io, append.s, append.len) != IO_OK ||
-	    link_wait(rt, to, atag, DISCARD, 1, reply, sizeof(reply)) !=
-	    W_CONTINUATION || pump_between(rt, from, to, size) != 0 ||
+	if (iobuf_write(&rt->links[to].be->io, append.s, append.len) != IO_OK)
+		goto out;
+	switch (link_wait(rt, to, atag, DISCARD, 1, reply, replylen)) {
+	case W_CONTINUATION:
+		break;
+	case W_TAGGED:
+		/* refused: the body on its way from the source goes nowhere */
+		if (pump_between(rt, from, -1, size) == 0 &&
+		    finish_fetch(rt, from, ftag) == 0)
+			rc = -3;
+		goto out;
+	default:
+		goto out;
+	}
+	if (pump_between(rt, from, to, size) != 0 ||
 	    iobuf_write(&rt->links[to].be->io, "\r\n", 2) != IO_OK)
 		goto out;
-	for (;;) {		/* the rest of the source's answer */
-		if (internal_line(rt, from, &line, &len) != IO_OK)
-			goto out;
-		if (is_tagged(line, len, ftag))
-			break;
-	}
-	if (link_wait(rt, to, atag, DISCARD, 0, reply, sizeof(reply)) ==
-	    W_TAGGED && strncmp(reply + strlen(atag), " OK", 3) == 0)
-		rc = 0;
+	if (finish_fetch(rt, from, ftag) != 0)
+		goto out;
+	if (link_wait(rt, to, atag, DISCARD, 0, reply, replylen) ==
+	    W_TAGGED)
+		rc = strncmp(reply + strlen(atag), " OK", 3) == 0 ? 0 : -3;
 out:
 	str_free(&append);
 	return rc;
 }
+
+/* One internal command on the source, its untagged answers to the client. */
+static int
+source_command(struct router *rt, int from, const char *text)
+{
+	char reply[TAGGED_LINE_MAX];
+	const char *tag = internal_send(rt, from, text);
+
+	if (tag == NULL || link_wait(rt, from, tag, FORWARD, 0, reply,
+	    sizeof(reply)) != W_TAGGED)
+		return -1;
+	return strncmp(reply + strlen(tag), " OK", 3) == 0 ? 0 : -1;
+}
+
+#define UIDS_PER_COMMAND	200	/* keeps each line well under limits */
 
 /* After a MOVE's copies: the originals go, and the client sees it. */
 static int
 remove_originals(struct router *rt, int from, const struct msg_meta *meta,
     size_t count)
 {
-	char reply[TAGGED_LINE_MAX];
 	struct str set = { 0 }, cmd = { 0 };
-	const char *tag;
-	int rc = -1;
+	int rc = 0;
 
-	for (size_t k = 0; k < count; k++)
-		if (str_printf(&set, "%s%lu", k ? "," : "", meta[k].uid) != 0)
-			goto out;
-	if (count == 0) {
-		rc = 0;
-		goto out;
+	for (size_t k = 0; rc == 0 && k < count; k += UIDS_PER_COMMAND) {
+		str_wipe(&set);
+		for (size_t j = k; j < count && j < k + UIDS_PER_COMMAND; j++)
+			if (str_printf(&set, "%s%lu", j > k ? "," : "",
+			    meta[j].uid) != 0)
+				rc = -1;
+		str_wipe(&cmd);
+		if (rc == 0 && (str_printf(&cmd, "UID STORE %s +FLAGS.SILENT "
+		    "(\\Deleted)", set.s) != 0 ||
+		    source_command(rt, from, cmd.s) != 0))
+			rc = -1;
+		str_wipe(&cmd);
+		if (rc == 0 && (str_printf(&cmd, "UID EXPUNGE %s", set.s) != 0 ||
+		    source_command(rt, from, cmd.s) != 0))
+			rc = -1;
 	}
-	if (str_printf(&cmd, "UID STORE %s +FLAGS.SILENT (\\Deleted)",
-	    set.s) != 0 || (tag = internal_send(rt, from, cmd.s)) == NULL ||
-	    link_wait(rt, from, tag, FORWARD, 0, reply, sizeof(reply)) !=
-	    W_TAGGED)
-		goto out;
-	str_wipe(&cmd);
-	if (str_printf(&cmd, "UID EXPUNGE %s", set.s) != 0 ||
-	    (tag = internal_send(rt, from, cmd.s)) == NULL ||
-	    link_wait(rt, from, tag, FORWARD, 0, reply, sizeof(reply)) !=
-	    W_TAGGED)
-		goto out;
-	rc = strncmp(reply + strlen(tag), " OK", 3) == 0 ? 0 : -1;
-out:
 	str_free(&set);
 	str_free(&cmd);
 	return rc;
@@ -1361,10 +1456,11 @@ static void
 cross_copy(struct router *rt, const struct command *c, size_t first,
     int from, int to, int move)
 {
-	const struct token *set = &c->tok[first], *mbox = &c->tok[c->ntok - 1];
+	const struct token *mbox = &c->tok[c->ntok - 1];
+	const char *what = move ? "MOVE" : "COPY";
+	char reply[TAGGED_LINE_MAX] = "";
 	struct msg_meta *meta = NULL;
 	size_t count = 0, copied = 0;
-	char setbuf[4096];
 	int rc;
 
 	if (move && !caps_has(rt->links[from].be->caps, "UIDPLUS")) {
@@ -1374,30 +1470,35 @@ cross_copy(struct router *rt, const struct command *c, size_t first,
 	}
 	if (to > 0 && public_unavailable(rt, to, c->tag))
 		return;
-	snprintf(setbuf, sizeof(setbuf), "%.*s", (int)set->len, set->s);
-	rc = collect_meta(rt, from, setbuf, first == 1, &meta, &count);
+	rc = collect_meta(rt, from, &c->tok[first], first == 1, &meta, &count);
 	for (size_t k = 0; rc == 0 && k < count; k++) {
-		int one = copy_one(rt, from, to, mbox, &meta[k]);
-
-		if (one < 0)
-			rc = -1;
-		else if (one == 0)
+		rc = copy_one(rt, from, to, mbox, &meta[k], reply,
+		    sizeof(reply));
+		if (rc == 0)
 			copied++;
+		else if (rc == 1)
+			rc = 0;		/* expunged meanwhile: nothing to copy */
 	}
 	if (rc == 0 && move)
 		rc = remove_originals(rt, from, meta, count);
 	free(meta);
 	if (rc == -2)
 		client_line(rt, "%s NO Invalid message set.", c->tag);
+	else if (rc == -3 && count > CROSS_COPY_MAX - 1 && copied == 0)
+		client_line(rt, "%s NO [LIMIT] At most %d messages can be "
+		    "copied between servers at once.", c->tag, CROSS_COPY_MAX);
+	else if (rc == -3 && strstr(reply, "[TRYCREATE]") != NULL &&
+	    copied == 0)
+		client_line(rt, "%s NO [TRYCREATE] The destination mailbox does "
+		    "not exist.", c->tag);
 	else if (rc != 0) {
 		log_msg(LOG_ERR, "event=copy-failed user=\"%s\" copied=%zu "
 		    "of=%zu", rt->user, copied, count);
-		client_line(rt, "%s NO [UNAVAILABLE] %s between servers "
-		    "failed after %zu of %zu messages.", c->tag, move ? "MOVE" :
-		    "COPY", copied, count);
+		client_line(rt, "%s NO [%s] %s between servers failed after %zu "
+		    "of %zu messages.", c->tag, rc == -3 ? "CANNOT" :
+		    "UNAVAILABLE", what, copied, count);
 	} else
-		client_line(rt, "%s OK %s completed.", c->tag, move ? "MOVE" :
-		    "COPY");
+		client_line(rt, "%s OK %s completed.", c->tag, what);
 }
 
 /*
@@ -1452,6 +1553,9 @@ cmd_enable(struct router *rt, const struct command *c)
 		args++;
 	free(rt->enabled);
 	rt->enabled = strndup(args, strcspn(args, "\r\n"));
+	for (int i = 1; i < rt->nlinks && rt->enabled != NULL; i++)
+		if (rt->links[i].up)
+			link_internal(rt, i, "ENABLE", rt->enabled);
 }
 
 static void
@@ -1505,7 +1609,9 @@ dispatch(struct router *rt)
 	if (strcmp(name, "LIST") == 0 || strcmp(name, "LSUB") == 0)
 		cmd_list(rt, c);
 	else if (strcmp(name, "NAMESPACE") == 0)
-		cmd_namespace(rt, c);
+		run_rewriting(rt, c, "* NAMESPACE ", rewrite_namespace);
+	else if (strcmp(name, "CAPABILITY") == 0)
+		run_rewriting(rt, c, "* CAPABILITY ", rewrite_capability);
 	else if (strcmp(name, "LOGOUT") == 0)
 		cmd_logout(rt, c);
 	else if (strcmp(name, "ENABLE") == 0)
@@ -1553,6 +1659,36 @@ drain_links(struct router *rt)
 	return 0;
 }
 
+/*
+ * A server that is not in use still must not time the session out: each
+ * gets a NOOP after KEEPALIVE_MS of quiet (servers wait 30 minutes at the
+ * least, RFC 9051).
+ */
+#define KEEPALIVE_MS	(5 * 60 * 1000)
+
+static int64_t
+keepalives(struct router *rt)
+{
+	int64_t now = now_ms(), next = now + KEEPALIVE_MS;
+
+	for (int i = 0; i < rt->nlinks && rt->end == ROUTER_NONE; i++) {
+		struct link *l = &rt->links[i];
+
+		if (!l->up || i == current_link(rt))
+			continue;
+		if (now - l->last_used >= KEEPALIVE_MS) {
+			if (link_internal(rt, i, "NOOP", NULL) != 0 && i == 0) {
+				command_failed_on_link(rt, 0, "*", W_LINK_DOWN);
+				return 0;
+			}
+			l->last_used = now;
+		}
+		if (l->last_used + KEEPALIVE_MS < next)
+			next = l->last_used + KEEPALIVE_MS;
+	}
+	return next - now;
+}
+
 static void
 wait_for_input(struct router *rt)
 {
@@ -1561,6 +1697,8 @@ wait_for_input(struct router *rt)
 	int64_t left = rt->last_client + (int64_t)rt->cfg->idle_timeout *
 	    1000 - now_ms();
 
+	int64_t keep;
+
 	if (iobuf_pending(rt->client) > 0 || iobuf_has_decrypted(rt->client))
 		return;
 	if (left <= 0) {
@@ -1568,6 +1706,10 @@ wait_for_input(struct router *rt)
 		rt->end = ROUTER_TIMEOUT;
 		return;
 	}
+	if ((keep = keepalives(rt)) < left)
+		left = keep;
+	if (rt->end != ROUTER_NONE)
+		return;
 	pfd[n] = (struct pollfd){ .fd = rt->client->rfd, .events = POLLIN };
 	map[n++] = -1;
 	for (int i = 0; i < rt->nlinks && n < 17; i++)
@@ -1627,6 +1769,7 @@ router_run(const struct config *cfg, struct iobuf *client,
 	rt.nlinks = n;
 	rt.links[0].be = home;
 	rt.links[0].up = 1;
+	rt.links[0].last_used = now_ms();
 	rt.links[0].sc.at_line_start = 1;
 	n = 1;
 	for (const struct route *r = cfg->publics; r != NULL; r = r->next) {
