@@ -177,13 +177,14 @@ parse_literal(struct cursor *c, struct command *cmd)
 }
 
 /*
- * An argument word: ASTRING-CHARs, and the list wildcards, which LIST
- * patterns (list-char) and sequence sets ("1:*") carry unquoted.
+ * An argument word: ASTRING-CHARs, the list wildcards, which LIST
+ * patterns (list-char) and sequence sets ("1:*") carry unquoted, and the
+ * backslash that starts a flag ("\Seen").
  */
 static int
 is_word_char(unsigned char c)
 {
-	return c == '%' || c == '*' || is_astring_char(c);
+	return c == '%' || c == '*' || c == '\\' || is_astring_char(c);
 }
 
 static int
@@ -328,16 +329,27 @@ str_adds(struct str *b, const char *s)
 int
 str_printf(struct str *b, const char *fmt, ...)
 {
-	char tmp[512];
+	char tmp[512], *big;
 	va_list ap;
-	int n;
+	int n, rc;
 
 	va_start(ap, fmt);
 	n = vsnprintf(tmp, sizeof(tmp), fmt, ap);
 	va_end(ap);
-	if (n < 0 || (size_t)n >= sizeof(tmp))
+	if (n < 0)
 		return -1;
-	return str_add(b, tmp, (size_t)n);
+	if ((size_t)n < sizeof(tmp))
+		return str_add(b, tmp, (size_t)n);
+	/* Longer than the stack buffer (UID sets, say): format again. */
+	if ((big = malloc((size_t)n + 1)) == NULL)
+		return -1;
+	va_start(ap, fmt);
+	vsnprintf(big, (size_t)n + 1, fmt, ap);
+	va_end(ap);
+	rc = str_add(b, big, (size_t)n);
+	wipe(big, (size_t)n);
+	free(big);
+	return rc;
 }
 
 void

@@ -63,6 +63,7 @@ struct router {
 	char			*enabled;	/* ENABLE arguments, to replay */
 	int64_t			 last_client;
 	int			 merging;	/* a LIST over several servers */
+	int			 selection_lost;	/* its server went away */
 	enum router_end		 end;
 };
 
@@ -135,8 +136,9 @@ link_down(struct router *rt, int i, const char *why)
 	l->retry_after = now_ms() + (int64_t)rt->cfg->public_holddown * 1000;
 	memset(&l->sc, 0, sizeof(l->sc));
 	l->sc.at_line_start = 1;
+	/* The client still thinks a mailbox is selected: keep saying why not. */
 	if (rt->selected == i)
-		rt->selected = -1;
+		rt->selection_lost = 1;
 }
 
 /* Send a command of imapfe's own and throw away all it brings back. */
@@ -331,12 +333,27 @@ link_input(struct router *rt, struct link *l, const char *tag, enum mode m,
 					    EV_CONTINUATION;
 				}
 			}
-			if (n >= 5 && strncasecmp(p, "* BYE", 5) == 0)
+			if (n >= 5 && strncasecmp(p, "* BYE", 5) == 0) {
 				sc->saw_bye = 1;
+				/*
+				 * A public server's BYE ends only its own
+				 * link; the client's session goes on.
+				 */
+				if (l != rt->links && m != DISCARD) {
+					if (lf == NULL && n <= TAGGED_LINE_MAX)
+						return EV_MORE;
+					if (lf != NULL) {
+						iobuf_consume(io, (size_t)(lf -
+						    p) + 1);
+						continue;
+					}
+				}
+			}
 			if (m == FILTER_LIST && p[0] == '*') {
 				/* whole lines only: a literal name passes */
 				if (lf == NULL && n <= TAGGED_LINE_MAX)
 					return EV_MORE;
+				/* (a name sent as a literal passes unfiltered) */
 				if (lf != NULL && (lf == p || lf[-1] != '}') &&
 				    !list_line_wanted(rt, l, p,
 				    (size_t)(lf - p))) {
@@ -884,6 +901,23 @@ deselect(struct router *rt, int i)
 		rt->selected = -1;
 }
 
+/*
+ * Leave the selected mailbox before selecting on another server.  The new
+ * server has nothing to close, so a QRESYNC client hears [CLOSED] from
+ * imapfe (RFC 7162 3.2.11), as it would from one server.
+ */
+static void
+leave_selected(struct router *rt)
+{
+	int i = rt->selected;
+
+	if (rt->links[i].up)
+		deselect(rt, i);
+	rt->selected = -1;
+	if (rt->enabled != NULL && strcasestr(rt->enabled, "QRESYNC") != NULL)
+		client_line(rt, "* OK [CLOSED] Previous mailbox closed.");
+}
+
 static int
 public_unavailable(struct router *rt, int i, const char *tag)
 {
@@ -903,10 +937,15 @@ cmd_mailbox(struct router *rt, const struct command *c, int i)
 	    strcmp(c->name, "EXAMINE") == 0;
 	enum outcome o;
 
+	if (selecting) {
+		/* Even a failed SELECT leaves nothing selected (RFC 9051). */
+		if (rt->selected >= 0 && (rt->selected != i ||
+		    rt->selection_lost))
+			leave_selected(rt);
+		rt->selection_lost = 0;
+	}
 	if (i > 0 && public_unavailable(rt, i, c->tag))
 		return;
-	if (selecting && rt->selected >= 0 && rt->selected != i)
-		deselect(rt, rt->selected);
 	o = run_on_link(rt, i, c->tag, 0, line, sizeof(line));
 	if (selecting)
 		rt->selected = o == OUT_OK ? i : -1;
@@ -1577,7 +1616,7 @@ dispatch(struct router *rt)
 	}
 	ps = parse_copy(rt, &copy, c, &why);
 	if (ps != PARSE_OK || strlen(c->tag) > TAG_MAX) {
-		/* the home server answers malformed commands as it would */
+		/* the current server answers malformed commands as it would */
 		char tag[TAG_MAX + 2];
 
 		early_tag(rt->cmd.s, rt->send_len, tag, sizeof(tag));
@@ -1622,6 +1661,17 @@ dispatch(struct router *rt)
 		target = copy_link(rt, c, first, name);
 	else
 		target = current_link(rt);
+	if (target >= 0 && rt->selection_lost && target == rt->selected) {
+		if (strcmp(name, "CLOSE") == 0 || strcmp(name, "UNSELECT") == 0) {
+			rt->selected = -1;
+			rt->selection_lost = 0;
+			client_line(rt, "%s OK %s completed.", c->tag, name);
+		} else
+			client_line(rt, "%s NO [UNAVAILABLE] The server of the "
+			    "selected mailbox was lost; select a mailbox "
+			    "again.", c->tag);
+		target = -1;
+	}
 	if (target >= 0 && (target == 0 || !public_unavailable(rt, target,
 	    c->tag))) {
 		int closing = strcmp(name, "CLOSE") == 0 ||

@@ -148,7 +148,11 @@ class Dovecot:
     ssl_cert, also with TLS (STARTTLS on port, implicit on imaps_port)."""
 
     def __init__(self, mechs="plain login", ssl_cert=None, ssl_key=None,
-                 ssl_ca=None):
+                 ssl_ca=None, extra_conf="", passwd=None):
+        """extra_conf: text appended to the configuration (namespaces,
+        say), or a function of the server's directory returning it, called
+        before the server starts; passwd: the passwd-file's text instead
+        of USERS' lines."""
         self.dir = tempfile.mkdtemp(prefix="imapfe-dovecot-")
         os.chmod(self.dir, 0o755)
         for sub in ("run", "state", "mail"):
@@ -164,12 +168,16 @@ class Dovecot:
             self.imaps_port = free_port()
             conf = dovecot_tls_conf(conf, self.imaps_port, ssl_cert,
                                     ssl_key or ssl_cert, ssl_ca)
+        conf += extra_conf(self.dir) if callable(extra_conf) else extra_conf
         with open(self.conf, "w") as f:
             f.write(conf)
         with open(os.path.join(self.dir, "passwd"), "w",
                   encoding="utf-8") as f:
-            for user, pw in USERS.items():
-                f.write("%s:{PLAIN}%s::::::\n" % (user, pw))
+            if passwd is not None:
+                f.write(passwd)
+            else:
+                for user, pw in USERS.items():
+                    f.write("%s:{PLAIN}%s::::::\n" % (user, pw))
         self.proc = None
         self.start()
 
