@@ -97,10 +97,12 @@ install: imapfe
 	install -m 755 imapfe $(DESTDIR)$(SBINDIR)/imapfe
 	install -m 644 imapfe.8 $(DESTDIR)$(MANDIR)/man8/imapfe.8
 	install -m 644 imapfe.conf.sample $(DESTDIR)$(EXAMPLESDIR)/imapfe.conf
+	install -m 644 imapfe.xinetd $(DESTDIR)$(EXAMPLESDIR)/imapfe.xinetd
 
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/imapfe $(DESTDIR)$(MANDIR)/man8/imapfe.8
 	rm -f $(DESTDIR)$(EXAMPLESDIR)/imapfe.conf
+	rm -f $(DESTDIR)$(EXAMPLESDIR)/imapfe.xinetd
 	-rmdir $(DESTDIR)$(EXAMPLESDIR) 2>/dev/null
 
 clean:
