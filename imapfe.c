@@ -785,6 +785,9 @@ io_end(struct session *s, enum io_status st)
 	case IO_TOOLONG:
 		session_bye(s, END_LIMIT, "Command line too long.");
 		break;
+	case IO_NOMEM:
+		session_bye(s, END_LIMIT, "Out of memory.");
+		break;
 	default:
 		if (shutdown_requested)
 			session_bye(s, END_SHUTDOWN, "Server shutting down.");
@@ -792,44 +795,6 @@ io_end(struct session *s, enum io_status st)
 			s->end = END_CLIENT_GONE;
 		break;
 	}
-}
-
-/* Read exactly n more bytes of a literal into the command buffer. */
-static enum io_status
-read_literal(struct session *s, uint64_t n)
-{
-	enum io_status st;
-
-	while (n > 0) {
-		size_t avail = iobuf_pending(&s->client);
-
-		if (avail == 0) {
-			if ((st = iobuf_fill(&s->client)) != IO_OK)
-				return st;
-			continue;
-		}
-		if (avail > n)
-			avail = (size_t)n;
-		if (str_add(&s->cmdbuf, s->client.buf + s->client.start,
-		    avail) != 0)
-			return IO_ERROR;
-		iobuf_consume(&s->client, avail);
-		n -= avail;
-	}
-	return IO_OK;
-}
-
-/* The tag of a command whose line has been read, for early answers. */
-static void
-early_tag(const struct str *b, char *tag, size_t taglen)
-{
-	size_t tl = strcspn(b->s, " ");
-
-	if (!tag_is_valid(b->s, tl) || tl >= taglen)
-		tl = 0, tag[0] = '*';
-	else
-		memcpy(tag, b->s, tl);
-	tag[tl == 0 ? 1 : tl] = '\0';
 }
 
 /*
@@ -866,7 +831,7 @@ read_command(struct session *s)
 		if (k == LIT_NONE)
 			return READ_OK;
 		if (k == LIT_INVALID) {
-			early_tag(&s->cmdbuf, tag, sizeof(tag));
+			early_tag(s->cmdbuf.s, s->cmdbuf.len, tag, sizeof(tag));
 			client_send(s, "%s BAD Invalid literal size.", tag);
 			log_msg(LOG_NOTICE, "event=bad-command reason=\"invalid "
 			    "literal size\"");
@@ -883,7 +848,7 @@ read_command(struct session *s)
 		    "data") != 0)
 			return READ_END;
 		if (str_add(&s->cmdbuf, "\r\n", 2) != 0 ||
-		    (st = read_literal(s, n)) != IO_OK) {
+		    (st = iobuf_read_into(&s->client, n, &s->cmdbuf)) != IO_OK) {
 			io_end(s, st);
 			return READ_END;
 		}

@@ -38,7 +38,8 @@ enum io_status {
 	IO_TIMEOUT = -2,	/* the deadline passed */
 	IO_ERROR = -3,		/* read or write failed (errno kept) */
 	IO_TOOLONG = -4,	/* a line exceeded the caller's limit */
-	IO_AGAIN = -5		/* nothing to read yet (iobuf_try_fill) */
+	IO_AGAIN = -5,		/* nothing to read yet (iobuf_try_fill) */
+	IO_NOMEM = -6		/* the destination could not grow */
 };
 
 struct iobuf {
@@ -62,6 +63,8 @@ void		 iobuf_free(struct iobuf *);
 size_t		 iobuf_pending(const struct iobuf *);
 enum io_status	 iobuf_fill(struct iobuf *);
 enum io_status	 iobuf_try_fill(struct iobuf *);
+struct str;
+enum io_status	 iobuf_read_into(struct iobuf *, uint64_t n, struct str *);
 int		 iobuf_has_decrypted(const struct iobuf *);
 enum io_status	 iobuf_tls_handshake(struct iobuf *, SSL *, int server);
 void		 iobuf_tls_close(struct iobuf *);
@@ -146,6 +149,7 @@ enum literal_kind literal_at_end(const char *line, size_t len,
 		    uint64_t *size);
 int		 is_atom_char(unsigned char);
 int		 tag_is_valid(const char *, size_t);
+void		 early_tag(const char *, size_t, char *tag, size_t taglen);
 
 /* A growing byte string, used to compose what imapfe sends. */
 struct str {

@@ -329,6 +329,30 @@ iobuf_tls_close(struct iobuf *io)
 	io->ssl = NULL;
 }
 
+/* Read exactly n bytes, as they arrive, onto the end of out. */
+enum io_status
+iobuf_read_into(struct iobuf *io, uint64_t n, struct str *out)
+{
+	enum io_status st;
+
+	while (n > 0) {
+		size_t avail = iobuf_pending(io);
+
+		if (avail == 0) {
+			if ((st = iobuf_fill(io)) != IO_OK)
+				return st;
+			continue;
+		}
+		if (avail > n)
+			avail = (size_t)n;
+		if (str_add(out, io->buf + io->start, avail) != 0)
+			return IO_NOMEM;
+		iobuf_consume(io, avail);
+		n -= avail;
+	}
+	return IO_OK;
+}
+
 /*
  * Return the next line (without CRLF; a bare LF ends a line too) in
  * line and len, NUL-terminated in place.  The line stays valid until the

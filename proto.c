@@ -31,6 +31,25 @@ is_astring_char(unsigned char c)
 	return c == ']' || is_atom_char(c);
 }
 
+/*
+ * The tag of a command not yet parsed (or not parseable), for an early
+ * answer: its first word if that is a valid tag, else "*".
+ */
+void
+early_tag(const char *s, size_t len, char *tag, size_t taglen)
+{
+	size_t n = 0;
+
+	while (n < len && n + 1 < taglen && s[n] != ' ')
+		n++;
+	if (n == 0 || !tag_is_valid(s, n)) {
+		snprintf(tag, taglen, "*");
+		return;
+	}
+	memcpy(tag, s, n);
+	tag[n] = '\0';
+}
+
 /* tag = 1*<any ASTRING-CHAR except "+"> */
 int
 tag_is_valid(const char *s, size_t len)

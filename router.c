@@ -478,25 +478,37 @@ link_wait(struct router *rt, int i, const char *tag, enum mode m,
 	}
 }
 
+/* Send a command of imapfe's own to link i, in one write; its tag. */
+static const char *
+internal_send(struct router *rt, int i, const char *text)
+{
+	struct iobuf *io = &rt->links[i].be->io;
+	const char *tag = backend_next_tag(rt->links[i].be);
+	struct str cmd = { 0 };
+	enum io_status st = IO_ERROR;
+
+	io->deadline = now_ms() + (int64_t)rt->cfg->backend_timeout * 1000;
+	if (str_printf(&cmd, "%s %s\r\n", tag, text) == 0)
+		st = iobuf_write(io, cmd.s, cmd.len);
+	str_free(&cmd);
+	return st == IO_OK ? tag : NULL;
+}
+
 static int
 link_internal(struct router *rt, int i, const char *verb, const char *args)
 {
-	struct link *l = &rt->links[i];
-	const char *tag = backend_next_tag(l->be);
 	char line[TAGGED_LINE_MAX];
-	struct str cmd = { 0 };
+	struct str text = { 0 };
+	const char *tag = NULL;
 	int rc = -1;
 
-	if (str_printf(&cmd, "%s %s%s%s\r\n", tag, verb, args ? " " : "",
-	    args ? args : "") == 0) {
-		l->be->io.deadline = now_ms() +
-		    (int64_t)rt->cfg->backend_timeout * 1000;
-		if (iobuf_write(&l->be->io, cmd.s, cmd.len) == IO_OK &&
-		    link_wait(rt, i, tag, DISCARD, 0, line, sizeof(line)) ==
-		    W_TAGGED)
-			rc = 0;
-	}
-	str_free(&cmd);
+	if (str_printf(&text, "%s%s%s", verb, args ? " " : "",
+	    args ? args : "") == 0)
+		tag = internal_send(rt, i, text.s);
+	if (tag != NULL && link_wait(rt, i, tag, DISCARD, 0, line,
+	    sizeof(line)) == W_TAGGED)
+		rc = 0;
+	str_free(&text);
 	if (rc != 0 && i > 0)
 		link_down(rt, i, "no answer to an internal command");
 	return rc;
@@ -506,44 +518,6 @@ link_internal(struct router *rt, int i, const char *verb, const char *args)
 /* reading a client command */
 
 enum read_result { RD_COMPLETE, RD_STREAM, RD_ANSWERED, RD_END };
-
-static void
-early_tag(const char *s, size_t len, char *tag, size_t taglen)
-{
-	size_t n = 0;
-
-	while (n < len && n + 1 < taglen && s[n] != ' ')
-		n++;
-	if (n == 0 || !tag_is_valid(s, n)) {
-		snprintf(tag, taglen, "*");
-		return;
-	}
-	memcpy(tag, s, n);
-	tag[n] = '\0';
-}
-
-/* The literal's bytes into the command: 0, -1 client gone, -2 no memory. */
-static int
-read_literal_into(struct router *rt, uint64_t n)
-{
-	while (n > 0) {
-		size_t avail = iobuf_pending(rt->client);
-
-		if (avail == 0) {
-			if (iobuf_fill(rt->client) != IO_OK)
-				return -1;
-			continue;
-		}
-		if (avail > n)
-			avail = (size_t)n;
-		if (str_add(&rt->cmd, rt->client->buf + rt->client->start,
-		    avail) != 0)
-			return -2;
-		iobuf_consume(rt->client, avail);
-		n -= avail;
-	}
-	return 0;
-}
 
 /*
  * Add one line (CRLF removed) to the command; a literal announcement at
@@ -575,7 +549,6 @@ read_command(struct router *rt)
 	char *line, tag[TAG_MAX + 2];
 	size_t len;
 	uint64_t n;
-	int rc;
 
 	str_wipe(&rt->cmd);
 	rt->ncuts = 0;
@@ -632,9 +605,9 @@ read_command(struct router *rt)
 		if (k == LIT_SYNC && client_line(rt, "+ Ready for literal "
 		    "data") != 0)
 			return RD_END;
-		if ((rc = read_literal_into(rt, n)) == -2)
+		if ((st = iobuf_read_into(rt->client, n, &rt->cmd)) == IO_NOMEM)
 			goto oom;
-		if (rc != 0) {
+		if (st != IO_OK) {
 			rt->end = ROUTER_CLIENT_GONE;
 			return RD_END;
 		}
@@ -682,35 +655,36 @@ send_buffered(struct router *rt, int i, const char *tag, size_t len,
 	return W_CONTINUATION;
 }
 
-/* Copy n literal bytes from the client to link i as they arrive. */
+/*
+ * Copy n bytes from src to dst (NULL: nowhere) as they arrive, waiting up
+ * to wait_s seconds for each piece.  Returns 0, -1 when src failed, -2
+ * when dst did.
+ */
 static int
-pump_literal(struct router *rt, int i, uint64_t n)
+pump(struct router *rt, struct iobuf *src, int wait_s, struct iobuf *dst,
+    uint64_t n)
 {
-	struct iobuf *io = &rt->links[i].be->io;
-
 	while (n > 0) {
-		size_t avail = iobuf_pending(rt->client);
+		size_t avail = iobuf_pending(src);
 
 		if (avail == 0) {
-			rt->client->deadline = now_ms() +
-			    (int64_t)rt->cfg->idle_timeout * 1000;
-			if (iobuf_fill(rt->client) != IO_OK) {
-				rt->end = ROUTER_CLIENT_GONE;
+			src->deadline = now_ms() + (int64_t)wait_s * 1000;
+			if (iobuf_fill(src) != IO_OK)
 				return -1;
-			}
 			continue;
 		}
 		if (avail > n)
 			avail = (size_t)n;
-		io->deadline = now_ms() + (int64_t)rt->cfg->backend_timeout *
-		    1000;
-		if (iobuf_write(io, rt->client->buf + rt->client->start,
-		    avail) != IO_OK)
-			return -2;
-		iobuf_consume(rt->client, avail);
+		if (dst != NULL) {
+			dst->deadline = now_ms() +
+			    (int64_t)rt->cfg->backend_timeout * 1000;
+			if (iobuf_write(dst, src->buf + src->start, avail) !=
+			    IO_OK)
+				return -2;
+		}
+		iobuf_consume(src, avail);
 		n -= avail;
 	}
-	rt->last_client = now_ms();
 	return 0;
 }
 
@@ -736,8 +710,11 @@ stream_rest(struct router *rt, int i, const char *tag, char *line,
 		if (rt->stream_sync && client_line(rt, "+ Ready for literal "
 		    "data") != 0)
 			return W_CLIENT_GONE;
-		if ((rc = pump_literal(rt, i, rt->stream_left)) != 0)
+		rc = pump(rt, rt->client, rt->cfg->idle_timeout,
+		    &rt->links[i].be->io, rt->stream_left);
+		if (rc != 0)
 			return rc == -1 ? W_CLIENT_GONE : W_LINK_DOWN;
+		rt->last_client = now_ms();
 		if (iobuf_getline(rt->client, rt->cfg->max_line_length, &cl,
 		    &cllen) != IO_OK)
 			return W_CLIENT_GONE;
@@ -1210,22 +1187,6 @@ struct msg_meta {
 	char		 date[40];
 };
 
-/* Send a command of imapfe's own to link i; its tag is returned. */
-static const char *
-internal_send(struct router *rt, int i, const char *text)
-{
-	struct iobuf *io = &rt->links[i].be->io;
-	const char *tag = backend_next_tag(rt->links[i].be);
-
-	io->deadline = now_ms() + (int64_t)rt->cfg->backend_timeout * 1000;
-	if (iobuf_write(io, tag, strlen(tag)) != IO_OK ||
-	    iobuf_write(io, " ", 1) != IO_OK ||
-	    iobuf_write(io, text, strlen(text)) != IO_OK ||
-	    iobuf_write(io, "\r\n", 2) != IO_OK)
-		return NULL;
-	return tag;
-}
-
 static enum io_status
 internal_line(struct router *rt, int i, char **line, size_t *len)
 {
@@ -1328,38 +1289,6 @@ collect_meta(struct router *rt, int from, const struct token *set, int uid,
 	}
 }
 
-/* n bytes from one link straight into another (to -1: nowhere). */
-static int
-pump_between(struct router *rt, int from, int to, uint64_t n)
-{
-	struct iobuf *src = &rt->links[from].be->io;
-	struct iobuf *dst = to >= 0 ? &rt->links[to].be->io : NULL;
-
-	while (n > 0) {
-		size_t avail = iobuf_pending(src);
-
-		if (avail == 0) {
-			src->deadline = now_ms() +
-			    (int64_t)rt->cfg->backend_timeout * 1000;
-			if (iobuf_fill(src) != IO_OK)
-				return -1;
-			continue;
-		}
-		if (avail > n)
-			avail = (size_t)n;
-		if (dst != NULL) {
-			dst->deadline = now_ms() +
-			    (int64_t)rt->cfg->backend_timeout * 1000;
-			if (iobuf_write(dst, src->buf + src->start, avail) !=
-			    IO_OK)
-				return -1;
-		}
-		iobuf_consume(src, avail);
-		n -= avail;
-	}
-	return 0;
-}
-
 /* The rest of the source's answer to an internal FETCH, up to its tag. */
 static int
 finish_fetch(struct router *rt, int from, const char *ftag)
@@ -1421,14 +1350,16 @@ copy_one(struct router *rt, int from, int to, const struct token *mbox,
 		break;
 	case W_TAGGED:
 		/* refused: the body on its way from the source goes nowhere */
-		if (pump_between(rt, from, -1, size) == 0 &&
+		if (pump(rt, &rt->links[from].be->io, rt->cfg->backend_timeout,
+		    NULL, size) == 0 &&
 		    finish_fetch(rt, from, ftag) == 0)
 			rc = -3;
 		goto out;
 	default:
 		goto out;
 	}
-	if (pump_between(rt, from, to, size) != 0 ||
+	if (pump(rt, &rt->links[from].be->io, rt->cfg->backend_timeout,
+	    &rt->links[to].be->io, size) != 0 ||
 	    iobuf_write(&rt->links[to].be->io, "\r\n", 2) != IO_OK)
 		goto out;
 	if (finish_fetch(rt, from, ftag) != 0)

@@ -229,13 +229,18 @@ def sample_message(i, body=None):
             % (i, i, body)).encode()
 
 
-@pytest.fixture(scope="session")
-def dovecot():
-    d = Dovecot()
+def fill_inbox(d):
+    """Three messages in alice's INBOX on Dovecot d."""
     m = d.imap("alice")
     for i in range(1, 4):
         m.append("INBOX", None, None, sample_message(i))
     m.logout()
+
+
+@pytest.fixture(scope="session")
+def dovecot():
+    d = Dovecot()
+    fill_inbox(d)
     yield d
     d.close()
 
@@ -333,10 +338,7 @@ def certs():
 def filled_dovecot(**kwargs):
     """A Dovecot whose alice has three messages in her INBOX."""
     d = Dovecot(**kwargs)
-    m = d.imap("alice")
-    for i in range(1, 4):
-        m.append("INBOX", None, None, sample_message(i))
-    m.logout()
+    fill_inbox(d)
     return d
 
 

@@ -8,8 +8,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import (BIN, USERS, Dovecot, free_port, read_greeting,  # noqa
-                      sample_message, wait_for)
+from conftest import (BIN, USERS, Dovecot, fill_inbox, free_port,  # noqa
+                      read_greeting, wait_for)
 
 
 def main():
@@ -18,10 +18,7 @@ def main():
     fe = None
     tmp = tempfile.mkdtemp(prefix="imapfe-demo-")
     try:
-        m = dovecot.imap("alice")
-        for i in range(1, 4):
-            m.append("INBOX", None, None, sample_message(i))
-        m.logout()
+        fill_inbox(dovecot)
         conf = os.path.join(tmp, "imapfe.conf")
         with open(conf, "w") as f:
             f.write("# the whole configuration of this demo\n"

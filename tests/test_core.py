@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import (SLOW, USERS, Raw, b64, base_config, pid_alive,
+from conftest import (SLOW, USERS, Raw, b64, base_config,
                       sample_message, wait_for)
 from fakebackend import FakeBackend, plain_server
 
@@ -86,7 +86,6 @@ def test_untagged_garbage_gets_star_bad(fe):
 def test_too_many_bad_commands_end_the_session(fe):
     c = Raw(fe.port)
     c.send("GET / HTTP/1.1\r\n" * 12)
-    lines = []
     while not c.closed():
         pass
     text = c.buf.decode()

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import (BIN, SLOW, VALGRIND, Raw, b64, base_config,
-                      sample_message, wait_for)
+                      fill_inbox, wait_for)
 from fakebackend import FakeBackend, MisbehavingBackend
 from saslbed import (FRONT_MECHS, Cyrus, FrontSasl, MasterDovecot,
                      ScramClient, cram_md5_response, sasldb_add,
@@ -117,10 +117,7 @@ def master_dovecot():
     """A Dovecot of its own where "proxy" is a master user; alice's INBOX
     holds three messages."""
     d = MasterDovecot({"proxy": DOVECOT_PROXY_PW})
-    m = d.imap("alice")
-    for i in range(1, 4):
-        m.append("INBOX", None, None, sample_message(i))
-    m.logout()
+    fill_inbox(d)
     yield d
     d.close()
 
