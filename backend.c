@@ -50,6 +50,43 @@ route_lookup(const struct config *cfg, const char *user)
 	return NULL;
 }
 
+/* "143" and "0143" are one port; service names compare as written. */
+static int
+same_port(const char *a, const char *b)
+{
+	char *enda, *endb;
+	long pa = strtol(a, &enda, 10), pb = strtol(b, &endb, 10);
+
+	if (*a != '\0' && *enda == '\0' && *b != '\0' && *endb == '\0')
+		return pa == pb;
+	return strcmp(a, b) == 0;
+}
+
+static const struct route *
+find_in(const struct route *r, const char *host, const char *port)
+{
+	for (; r != NULL; r = r->next)
+		if (strcasecmp(r->host, host) == 0 && same_port(r->port, port))
+			return r;
+	return NULL;
+}
+
+/*
+ * The configured back-end at HOST:PORT (a route, public or server line),
+ * or NULL.  Anything imapfe learns at run time (a referral, a directory
+ * answer) may lead only to a server found here, with that line's options.
+ */
+const struct route *
+listed_server(const struct config *cfg, const char *host, const char *port)
+{
+	const struct route *r;
+
+	if ((r = find_in(cfg->routes, host, port)) != NULL ||
+	    (r = find_in(cfg->publics, host, port)) != NULL)
+		return r;
+	return find_in(cfg->servers, host, port);
+}
+
 /* ------------------------------------------------------------------ */
 /* the connection */
 

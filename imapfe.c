@@ -224,41 +224,75 @@ route_free(struct route *r)
 	free(r);
 }
 
-/* "route PATTERN HOST:PORT [opt=val ...]" or "public PREFIX HOST:PORT ..." */
-static int
-add_route(struct config *cfg, char **w, int n, char *err, size_t errlen)
+/* Which list a route, public or server line goes to. */
+static void
+route_lists(struct config *cfg, const char *kind, struct route ***head,
+    struct route ***tail)
 {
-	int public = strcmp(w[0], "public") == 0;
-	struct route *r, **head = public ? &cfg->publics : &cfg->routes;
-	struct route **tail = public ? &cfg->publics_tail : &cfg->routes_tail;
-
-	if (n < 3) {
-		snprintf(err, errlen, "%s takes %s HOST:PORT [OPTION=VALUE ...]",
-		    w[0], public ? "PREFIX" : "PATTERN");
-		return -1;
+	if (strcmp(kind, "public") == 0) {
+		*head = &cfg->publics;
+		*tail = &cfg->publics_tail;
+	} else if (strcmp(kind, "server") == 0) {
+		*head = &cfg->servers;
+		*tail = &cfg->servers_tail;
+	} else {
+		*head = &cfg->routes;
+		*tail = &cfg->routes_tail;
 	}
-	if (public && (w[1][0] == '\0' || strncasecmp(w[1], "INBOX", 5) == 0 ||
-	    strpbrk(w[1], "*%\r\n") != NULL)) {
+}
+
+static int
+check_route_key(const char *kind, const char *key, char *err, size_t errlen)
+{
+	if (strcmp(kind, "public") == 0 && (key[0] == '\0' ||
+	    strncasecmp(key, "INBOX", 5) == 0 ||
+	    strpbrk(key, "*%\r\n") != NULL)) {
 		snprintf(err, errlen, "public prefix must be a mailbox name "
 		    "prefix without wildcards, not INBOX");
 		return -1;
 	}
-	if (!public && strcmp(w[1], "*") != 0 && strchr(w[1], '*') != NULL &&
-	    strncmp(w[1], "*@", 2) != 0) {
+	if (strcmp(kind, "route") == 0 && strcmp(key, "*") != 0 &&
+	    strchr(key, '*') != NULL && strncmp(key, "*@", 2) != 0) {
 		snprintf(err, errlen, "route pattern must be a user, *@domain "
 		    "or *");
 		return -1;
 	}
+	return 0;
+}
+
+/*
+ * "route PATTERN HOST:PORT [opt=val ...]", "public PREFIX HOST:PORT ..."
+ * or "server HOST:PORT ...": the last names a back-end that no line routes
+ * to but that a referral or a directory answer may lead to.
+ */
+static int
+add_route(struct config *cfg, char **w, int n, char *err, size_t errlen)
+{
+	int server = strcmp(w[0], "server") == 0;
+	int target = server ? 1 : 2;
+	const char *key = server ? "" : w[1];
+	struct route *r, **head, **tail;
+
+	route_lists(cfg, w[0], &head, &tail);
+	if (n < target + 1) {
+		snprintf(err, errlen, "%s takes %sHOST:PORT [OPTION=VALUE ...]",
+		    w[0], server ? "" : strcmp(w[0], "public") == 0 ?
+		    "PREFIX " : "PATTERN ");
+		return -1;
+	}
+	if (check_route_key(w[0], key, err, errlen) != 0)
+		return -1;
 	if ((r = calloc(1, sizeof(*r))) == NULL ||
-	    (r->pattern = strdup(w[1])) == NULL ||
-	    split_hostport(w[2], &r->host, &r->port) != 0) {
+	    (r->pattern = strdup(key)) == NULL ||
+	    split_hostport(w[target], &r->host, &r->port) != 0) {
 		if (r != NULL)
 			free(r->pattern);
 		free(r);
-		snprintf(err, errlen, "bad route target '%s' (HOST:PORT)", w[2]);
+		snprintf(err, errlen, "bad route target '%s' (HOST:PORT)",
+		    w[target]);
 		return -1;
 	}
-	for (int i = 3; i < n; i++)
+	for (int i = target + 1; i < n; i++)
 		if (route_option(r, w[i], err, errlen) != 0) {
 			route_free(r);
 			return -1;
@@ -388,7 +422,8 @@ parse_facility(const char *v, int *out)
 static int
 config_line(struct config *cfg, char **w, int n, char *err, size_t errlen)
 {
-	if (strcmp(w[0], "route") == 0 || strcmp(w[0], "public") == 0)
+	if (strcmp(w[0], "route") == 0 || strcmp(w[0], "public") == 0 ||
+	    strcmp(w[0], "server") == 0)
 		return add_route(cfg, w, n, err, errlen);
 	if (n != 2) {
 		snprintf(err, errlen, "%s takes one value", w[0]);
@@ -576,6 +611,10 @@ config_free(struct config *cfg)
 		route_free(r);
 	}
 	for (r = cfg->publics; r != NULL; r = next) {
+		next = r->next;
+		route_free(r);
+	}
+	for (r = cfg->servers; r != NULL; r = next) {
 		next = r->next;
 		route_free(r);
 	}
@@ -1953,7 +1992,8 @@ check_routes_tls(const struct config *cfg, const struct route *list,
 static int
 check_backend_tls(const struct config *cfg, char *err, size_t errlen)
 {
-	if (check_routes_tls(cfg, cfg->routes, err, errlen) != 0)
+	if (check_routes_tls(cfg, cfg->routes, err, errlen) != 0 ||
+	    check_routes_tls(cfg, cfg->servers, err, errlen) != 0)
 		return -1;
 	return check_routes_tls(cfg, cfg->publics, err, errlen);
 }

@@ -223,6 +223,8 @@ struct config {
 	struct route	*routes_tail;
 	struct route	*publics;	/* public PREFIX HOST:PORT, in order */
 	struct route	*publics_tail;
+	struct route	*servers;	/* server HOST:PORT: reachable, unrouted */
+	struct route	*servers_tail;
 	int		 public_holddown;	/* seconds */
 	char		*greeting;
 	char		*backend_mechanisms;	/* preference order */
@@ -350,6 +352,8 @@ enum login_result {
 };
 
 const struct route *route_lookup(const struct config *, const char *user);
+const struct route *listed_server(const struct config *, const char *host,
+		    const char *port);
 enum login_result backend_open(struct backend *, const struct config *,
 		    const struct route *, const struct credentials *,
 		    const struct client_info *, char *why, size_t whylen);
