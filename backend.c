@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <syslog.h>
 #include <unistd.h>
 
 #include "imapfe.h"
@@ -690,6 +691,88 @@ backend_open_as(struct backend *be, const struct config *cfg,
 	if (res == LOGIN_BADCREDS)
 		res = LOGIN_UNAVAILABLE;
 	return res;
+}
+
+/*
+ * The configured server that a referral in a back-end's answer (text)
+ * points to.  NULL when there is no referral, or one imapfe must not
+ * follow: that is logged, and the answer's URL never is (it may name
+ * users), only the server it points to.
+ */
+const struct route *
+referral_target(const struct config *cfg, const char *text,
+    struct referral *ref, const char *user)
+{
+	const struct route *r;
+	int rc = referral_parse(text, ref);
+
+	if (rc == -1)
+		return NULL;
+	if (rc == -2)
+		log_msg(LOG_WARNING, "event=referral-refused user=\"%s\" "
+		    "reason=\"not an IMAP URL imapfe can follow\"", user);
+	else if ((r = listed_server(cfg, ref->host, ref->port)) == NULL)
+		log_msg(LOG_WARNING, "event=referral-refused user=\"%s\" "
+		    "target=%s:%s reason=\"not a configured server\"", user,
+		    ref->host, ref->port);
+	else if (cfg->referral_hops == 0)
+		log_msg(LOG_WARNING, "event=referral-refused user=\"%s\" "
+		    "target=%s:%s reason=\"referral_hops is 0\"", user,
+		    ref->host, ref->port);
+	else
+		return r;
+	return NULL;
+}
+
+/*
+ * Log in as backend_open_as does, following login referrals (RFC 2221:
+ * "NO [REFERRAL imap://...]" to the login, or "* BYE [REFERRAL ...]" as
+ * the greeting) to configured servers, at most referral_hops in a row
+ * and never to a server already tried.  A referral not followed fails
+ * the login as UNAVAILABLE: the user exists, just not here.
+ */
+enum login_result
+backend_login(struct backend *be, const struct config *cfg,
+    const struct route *r, const struct credentials *user,
+    const struct client_info *ci, const char *who, char *why, size_t whylen)
+{
+	const struct route *tried[REFERRAL_HOPS_MAX + 1] = { r };
+	struct referral ref;
+	enum login_result res;
+	int hops = 0;
+
+	for (;;) {
+		const struct route *next;
+
+		res = backend_open_as(be, cfg, r, user, ci, why, whylen);
+		if (res == LOGIN_OK || res == LOGIN_LOOP)
+			return res;
+		if (strcasestr(why, "[REFERRAL ") == NULL)
+			return res;
+		if ((next = referral_target(cfg, why, &ref, who)) == NULL) {
+			snprintf(why, whylen, "login referral not followed");
+			return LOGIN_UNAVAILABLE;
+		}
+		for (int k = 0; k <= hops; k++)
+			if (tried[k] == next) {
+				log_msg(LOG_WARNING, "event=referral-refused "
+				    "user=\"%s\" target=%s:%s reason=\"loop\"",
+				    who, ref.host, ref.port);
+				snprintf(why, whylen, "login referral loop");
+				return LOGIN_UNAVAILABLE;
+			}
+		if (hops == cfg->referral_hops) {
+			log_msg(LOG_WARNING, "event=referral-refused "
+			    "user=\"%s\" target=%s:%s reason=\"more than %d "
+			    "hops\"", who, ref.host, ref.port, hops);
+			snprintf(why, whylen, "too many login referrals");
+			return LOGIN_UNAVAILABLE;
+		}
+		log_msg(LOG_INFO, "event=referral kind=login user=\"%s\" "
+		    "from=%s:%s to=%s:%s", who, r->host, r->port, next->host,
+		    next->port);
+		tried[++hops] = r = next;
+	}
 }
 
 void

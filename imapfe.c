@@ -72,6 +72,7 @@ config_defaults(struct config *cfg)
 	cfg->tls_mode = TLS_STARTTLS;
 	cfg->tls_handshake_timeout = 30;
 	cfg->public_holddown = 30;
+	cfg->referral_hops = 3;
 	cfg->max_session_memory = 64;
 	cfg->forward_id = 1;
 	cfg->max_line_length = 8192;
@@ -339,6 +340,9 @@ static const struct int_key int_keys[] = {
 	    0 },
 	{ "tls_handshake_timeout", offsetof(struct config,
 	    tls_handshake_timeout), 1, 600, 0 },
+	{ "referral_hops", offsetof(struct config, referral_hops), 0,
+	    REFERRAL_HOPS_MAX,
+	    0 },
 	{ "public_holddown", offsetof(struct config, public_holddown), 0,
 	    86400, 0 },
 	{ "max_session_memory", offsetof(struct config, max_session_memory),
@@ -1041,19 +1045,19 @@ do_login(struct session *s, const char *tag, const char *method)
 		login_failed(s, tag, "UNAVAILABLE", "Proxy loop detected.");
 		return;
 	}
-	res = backend_open_as(&s->backend, s->cfg, r, &s->cred, &s->ci, why,
-	    sizeof(why));
+	res = backend_login(&s->backend, s->cfg, r, &s->cred, &s->ci, s->user,
+	    why, sizeof(why));
 	/*
 	 * Public-folder servers are logged in to later, as the user: with
 	 * the password in passthrough mode, by name alone in proxy mode.
 	 */
-	if (res != LOGIN_OK || s->cfg->publics == NULL)
+	if (res != LOGIN_OK || !config_routed(s->cfg))
 		credentials_clear(&s->cred);
 	else if (s->cfg->auth == AUTH_PROXY)
 		credentials_drop_password(&s->cred);
 	if (res == LOGIN_OK &&
 	    (caps = caps_for_client(s->backend.caps,
-	    s->cfg->publics != NULL)) != NULL) {
+	    config_routed(s->cfg))) != NULL) {
 		s->logged_in = 1;
 		log_msg(LOG_INFO, "event=login user=\"%s\" method=%s "
 		    "backend=%s:%s", s->user, method, s->backend.host,
@@ -1761,7 +1765,7 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	}
 	log_msg(LOG_INFO, "event=connect client=%s", s.peer);
 	session_prelogin(&s);
-	if (s.logged_in && cfg->publics != NULL)
+	if (s.logged_in && config_routed(cfg))
 		session_route(&s);
 	else if (s.logged_in)
 		session_relay(&s);

@@ -181,6 +181,16 @@ const char	*resp_status(const char *line, size_t len, const char *tag,
 		    size_t *rest_len);
 int		 caps_has(const char *caps, const char *cap);
 
+/* Where a referral (RFC 2193, RFC 2221) points. */
+struct referral {
+	char		 host[256];
+	char		 port[6];
+	char		 user[256];	/* decoded; "" when the URL names none */
+	char		 mailbox[1024];	/* decoded; "" for a login referral */
+};
+
+int		 referral_parse(const char *text, struct referral *);
+
 /* Tracks where lines start in a stream of IMAP responses, literals skipped. */
 struct resp_scanner {
 	uint64_t	 literal_left;
@@ -226,6 +236,7 @@ struct config {
 	struct route	*servers;	/* server HOST:PORT: reachable, unrouted */
 	struct route	*servers_tail;
 	int		 public_holddown;	/* seconds */
+	int		 referral_hops;		/* referrals followed in a row */
 	char		*greeting;
 	char		*backend_mechanisms;	/* preference order */
 	enum auth_mode	 auth;
@@ -351,12 +362,29 @@ enum login_result {
 	LOGIN_LOOP		/* the back-end is imapfe: refuse */
 };
 
+/*
+ * Sessions are routed command by command when public folders or referral
+ * targets are configured; otherwise their bytes are relayed unread.
+ */
+static inline int
+config_routed(const struct config *cfg)
+{
+	return cfg->publics != NULL || cfg->servers != NULL;
+}
+
 const struct route *route_lookup(const struct config *, const char *user);
 const struct route *listed_server(const struct config *, const char *host,
 		    const char *port);
+const struct route *referral_target(const struct config *, const char *text,
+		    struct referral *, const char *user);
 enum login_result backend_open(struct backend *, const struct config *,
 		    const struct route *, const struct credentials *,
 		    const struct client_info *, char *why, size_t whylen);
+#define REFERRAL_HOPS_MAX	10	/* the most referral_hops may say */
+enum login_result backend_login(struct backend *, const struct config *,
+		    const struct route *, const struct credentials *,
+		    const struct client_info *, const char *who, char *why,
+		    size_t whylen);
 enum login_result backend_open_as(struct backend *, const struct config *,
 		    const struct route *, const struct credentials *user,
 		    const struct client_info *, char *why, size_t whylen);

@@ -590,3 +590,142 @@ resp_scan(struct resp_scanner *sc, const char *p, size_t n)
 		n -= seg + 1;
 	}
 }
+
+/* ------------------------------------------------------------------ */
+/* referrals (RFC 2193, RFC 2221): IMAP URLs (RFC 5092), the parts used */
+
+static int
+hex_value(int c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	c = tolower(c);
+	return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/*
+ * Percent-decode [p, end) into out.  Refuses what no mailbox or host name
+ * may hold once decoded: control characters, NUL among them.
+ */
+static int
+url_decode(const char *p, const char *end, char *out, size_t outsize)
+{
+	size_t n = 0;
+
+	for (; p < end; p++) {
+		int c = (unsigned char)*p;
+
+		if (c == '%') {
+			int hi, lo;
+
+			if (end - p < 3 || (hi = hex_value(p[1])) < 0 ||
+			    (lo = hex_value(p[2])) < 0)
+				return -1;
+			c = hi << 4 | lo;
+			p += 2;
+		}
+		if (c < 0x20 || c == 0x7f || n + 1 >= outsize)
+			return -1;
+		out[n++] = (char)c;
+	}
+	out[n] = '\0';
+	return 0;
+}
+
+static int
+host_char(int c, int bracketed)
+{
+	return isalnum(c) || c == '-' || c == '.' || (bracketed && c == ':');
+}
+
+/* host [":" port], host possibly "[v6]"; [p, end) holds nothing else. */
+static int
+parse_url_hostport(const char *p, const char *end, struct referral *ref)
+{
+	const char *h = p, *he;
+	int bracketed = p < end && *p == '[';
+	size_t hl;
+
+	if (bracketed) {
+		h = ++p;
+		while (p < end && *p != ']')
+			p++;
+		if (p == end)
+			return -1;
+		he = p++;
+	} else {
+		while (p < end && *p != ':')
+			p++;
+		he = p;
+	}
+	hl = (size_t)(he - h);
+	if (hl == 0 || hl >= sizeof(ref->host))
+		return -1;
+	for (const char *q = h; q < he; q++)
+		if (!host_char((unsigned char)*q, bracketed))
+			return -1;
+	memcpy(ref->host, h, hl);
+	ref->host[hl] = '\0';
+	snprintf(ref->port, sizeof(ref->port), "143");
+	if (p == end)
+		return 0;
+	if (*p++ != ':' || p == end || end - p > 5)
+		return -1;
+	for (const char *q = p; q < end; q++)
+		if (!isdigit((unsigned char)*q))
+			return -1;
+	if (strtol(p, NULL, 10) < 1 || strtol(p, NULL, 10) > 65535)
+		return -1;
+	memcpy(ref->port, p, (size_t)(end - p));
+	ref->port[end - p] = '\0';
+	return 0;
+}
+
+/*
+ * The first "[REFERRAL imap://...]" in a response's text: server, user
+ * and mailbox of its first URL.  Returns 0, -1 when there is no referral,
+ * -2 when there is one imapfe cannot use (not imap://, malformed).
+ */
+int
+referral_parse(const char *text, struct referral *ref)
+{
+	const char *p = strcasestr(text, "[REFERRAL "), *auth, *at, *end;
+
+	memset(ref, 0, sizeof(*ref));
+	if (p == NULL)
+		return -1;
+	p += strlen("[REFERRAL ");
+	if (strncasecmp(p, "imap://", 7) != 0)
+		return -2;
+	auth = p += 7;
+	for (at = NULL; *p != '\0' && *p != '/' && *p != ' ' && *p != ']';
+	    p++) {
+		if (*p == '@')
+			at = p;
+		if (*p == '[') {	/* an IPv6 literal, "]" and all */
+			while (*p != '\0' && *p != ']')
+				p++;
+			if (*p == '\0')
+				return -2;
+		}
+	}
+	end = p;
+	if (at != NULL) {
+		const char *ue = auth;
+
+		while (ue < at && strncasecmp(ue, ";AUTH=", 6) != 0)
+			ue++;
+		if (memchr(auth, ':', (size_t)(ue - auth)) != NULL ||
+		    url_decode(auth, ue, ref->user, sizeof(ref->user)) != 0)
+			return -2;	/* a password has no place here */
+	}
+	if (parse_url_hostport(at != NULL ? at + 1 : auth, end, ref) != 0)
+		return -2;
+	if (*p != '/')
+		return 0;
+	for (end = ++p; *end != '\0' && *end != ';' && *end != '?' &&
+	    *end != ']' && *end != ' '; end++)
+		;
+	return url_decode(p, end, ref->mailbox, sizeof(ref->mailbox)) == 0 ?
+	    0 : -2;
+}

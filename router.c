@@ -25,6 +25,7 @@
 #define SMALL_LITERAL_MAX	65536		/* buffered; larger: streamed */
 #define BUFFERED_COMMAND_MAX	(1024 * 1024)
 #define MAX_PIECES		1024		/* literals in one command */
+#define REFERRAL_LINKS_MAX	4		/* servers reached by referral */
 
 /* Where a link's response stream is: line starts, literals. */
 struct scan {
@@ -38,6 +39,7 @@ struct scan {
 struct link {
 	int64_t		 last_used;	/* for keepalives */
 	const struct route *route;	/* NULL for the home back-end */
+	int		 public;	/* a public line's, not a referral's */
 	struct backend	*be;		/* home: the session's; else &own */
 	struct backend	 own;
 	int		 up;
@@ -51,8 +53,10 @@ struct router {
 	const struct credentials *cr;
 	const struct client_info *ci;
 	const char		*user;		/* sanitized, for logs */
-	struct link		*links;
+	struct link		*links;	/* never moved: links point into it */
 	int			 nlinks;
+	int			 npublic;	/* links[1 .. npublic-1] */
+	int			 maxlinks;
 	int			 selected;	/* link index, or -1 */
 	struct str		 cmd;		/* the command being read */
 	size_t			 cuts[MAX_PIECES];	/* after each "{n}\r\n" */
@@ -123,14 +127,35 @@ client_line(struct router *rt, const char *fmt, ...)
 /* links */
 
 static void
+link_init(struct link *l, const struct route *r)
+{
+	l->route = r;
+	l->be = &l->own;
+	l->own.io.rfd = l->own.io.wfd = -1;
+}
+
+/* For logs: a public line's link, or one opened to follow a referral. */
+static const char *
+link_kind(const struct link *l)
+{
+	return l->public ? "public" : "referral";
+}
+
+static const char *
+link_prefix(const struct link *l)
+{
+	return l->public ? l->route->pattern : "";
+}
+
+static void
 link_down(struct router *rt, int i, const char *why)
 {
 	struct link *l = &rt->links[i];
 
 	if (l->up)
-		log_msg(LOG_ERR, "event=public-error user=\"%s\" prefix=\"%s\" "
-		    "backend=%s:%s reason=\"%s\"", rt->user, l->route->pattern,
-		    l->route->host, l->route->port, why);
+		log_msg(LOG_ERR, "event=%s-error user=\"%s\" prefix=\"%s\" "
+		    "backend=%s:%s reason=\"%s\"", link_kind(l), rt->user,
+		    link_prefix(l), l->route->host, l->route->port, why);
 	backend_close(l->be);
 	l->up = 0;
 	l->retry_after = now_ms() + (int64_t)rt->cfg->public_holddown * 1000;
@@ -157,13 +182,13 @@ link_up(struct router *rt, int i)
 		return 0;
 	if (now_ms() < l->retry_after)
 		return -1;
-	res = backend_open_as(l->be, rt->cfg, l->route, rt->cr, rt->ci, why,
-	    sizeof(why));
+	res = backend_login(l->be, rt->cfg, l->route, rt->cr, rt->ci, rt->user,
+	    why, sizeof(why));
 	if (res != LOGIN_OK) {
-		log_msg(LOG_ERR, "event=public-failed user=\"%s\" prefix=\"%s\" "
-		    "backend=%s:%s reason=\"%s\" retry_in=%d", rt->user,
-		    l->route->pattern, l->route->host, l->route->port, why,
-		    rt->cfg->public_holddown);
+		log_msg(LOG_ERR, "event=%s-failed user=\"%s\" prefix=\"%s\" "
+		    "backend=%s:%s reason=\"%s\" retry_in=%d", link_kind(l),
+		    rt->user, link_prefix(l), l->route->host, l->route->port,
+		    why, rt->cfg->public_holddown);
 		l->retry_after = now_ms() +
 		    (int64_t)rt->cfg->public_holddown * 1000;
 		return -1;
@@ -172,9 +197,9 @@ link_up(struct router *rt, int i)
 	l->last_used = now_ms();
 	memset(&l->sc, 0, sizeof(l->sc));
 	l->sc.at_line_start = 1;
-	log_msg(LOG_INFO, "event=public-login user=\"%s\" prefix=\"%s\" "
-	    "backend=%s:%s", rt->user, l->route->pattern, l->route->host,
-	    l->route->port);
+	log_msg(LOG_INFO, "event=%s-login user=\"%s\" prefix=\"%s\" "
+	    "backend=%s:%s", link_kind(l), rt->user, link_prefix(l),
+	    l->be->host, l->be->port);
 	if (rt->enabled != NULL &&
 	    link_internal(rt, i, "ENABLE", rt->enabled) != 0)
 		return -1;
@@ -185,7 +210,7 @@ link_up(struct router *rt, int i)
 static int
 mailbox_link(const struct router *rt, const char *name, size_t len)
 {
-	for (int i = 1; i < rt->nlinks; i++) {
+	for (int i = 1; i < rt->npublic; i++) {
 		const char *p = rt->links[i].route->pattern;
 		size_t pl = strlen(p);
 
@@ -769,6 +794,26 @@ command_failed_on_link(struct router *rt, int i, const char *tag,
 		    "connection lost.", tag);
 }
 
+/* "tag NO [REFERRAL url] text" becomes "tag NO text": a plain NO. */
+static void
+strip_referral(char *line)
+{
+	char *code = strcasestr(line, "[REFERRAL "), *p;
+
+	if (code == NULL)
+		return;
+	for (p = code + strlen("[REFERRAL "); *p != '\0' && *p != ']'; p++)
+		if (*p == '[' && (p = strchr(p, ']')) == NULL) {
+			*code = '\0';		/* cut short: drop the rest */
+			return;
+		}
+	if (*p == ']')
+		p++;
+	while (*p == ' ')
+		p++;
+	memmove(code, p, strlen(p) + 1);
+}
+
 enum outcome { OUT_OK, OUT_NO, OUT_BAD, OUT_FAILED };
 
 /*
@@ -793,8 +838,11 @@ run_on_link_as(struct router *rt, int i, const char *tag, enum mode m,
 		command_failed_on_link(rt, i, tag, w);
 		return OUT_FAILED;
 	}
-	if (!keep_tagged && client_line(rt, "%s", line) != 0)
-		return OUT_FAILED;
+	if (!keep_tagged) {
+		strip_referral(line);	/* referrals only reach imapfe */
+		if (client_line(rt, "%s", line) != 0)
+			return OUT_FAILED;
+	}
 	st = resp_status(line, strlen(line), tag, &rest);
 	if (st != NULL && strcmp(st, "OK") == 0)
 		return OUT_OK;
@@ -905,9 +953,163 @@ public_unavailable(struct router *rt, int i, const char *tag)
 	return 1;
 }
 
+/* ------------------------------------------------------------------ */
+/* mailbox referrals (RFC 2193) */
+
+/* Where the mailbox argument t ends in the command as the client sent it. */
+static size_t
+raw_token_end(const struct router *rt, const struct str *copy,
+    const struct token *t)
+{
+	size_t at = (size_t)(t->s - copy->s);
+
+	if (t->type != TOK_QUOTED)
+		return at + t->len;
+	for (; at < rt->send_len; at++) {	/* from the opening quote on */
+		if (rt->cmd.s[at] == '\\')
+			at++;
+		else if (rt->cmd.s[at] == '"')
+			return at + 1;
+	}
+	return rt->send_len;
+}
+
+/* The link for a server reached by referral: its open one, or a new one. */
+static int
+referral_link(struct router *rt, const struct route *r)
+{
+	for (int i = 1; i < rt->nlinks; i++)
+		if (rt->links[i].route == r)
+			return i;
+	if (rt->nlinks == rt->maxlinks)
+		return -1;
+	link_init(&rt->links[rt->nlinks], r);
+	return rt->nlinks++;
+}
+
+static int
+is_home(const struct router *rt, const struct route *r)
+{
+	const struct backend *be = rt->links[0].be;
+
+	return strcasecmp(be->host, r->host) == 0 &&
+	    strcmp(be->port, r->port) == 0;
+}
+
+static int
+printable_ascii(const char *s)
+{
+	for (; *s != '\0'; s++)
+		if ((unsigned char)*s < 0x20 || (unsigned char)*s > 0x7e)
+			return 0;
+	return 1;
+}
+
+/*
+ * Why a mailbox referral to r cannot be followed, or NULL.  Re-issuing
+ * the command needs all of it at hand (no literal), a mailbox name that
+ * needs no conversion, and a server other than the one that referred.
+ */
+static const char *
+referral_unfollowable(const struct router *rt, const struct referral *ref,
+    const struct route *r, int hops)
+{
+	if (hops == rt->cfg->referral_hops)
+		return "too many hops";
+	if (ref->mailbox[0] == '\0' || !printable_ascii(ref->mailbox))
+		return "no mailbox name, or not ASCII";
+	if (rt->ncuts > 0 || rt->stream_left > 0)
+		return "the command carries a literal";
+	if (is_home(rt, r))
+		return "loop";
+	return NULL;
+}
+
+/* Run the command on link j for the mailbox a referral names. */
+static enum outcome
+run_referred(struct router *rt, const struct command *c, size_t name_end,
+    int j, const char *mailbox, char *line, size_t linelen)
+{
+	struct iobuf *io = &rt->links[j].be->io;
+	struct str cmd = { 0 };
+	enum wait_result w = W_LINK_DOWN;
+	const char *st;
+	size_t rest;
+
+	rt->links[j].last_used = now_ms();
+	io->deadline = now_ms() + (int64_t)rt->cfg->backend_timeout * 1000;
+	if (str_printf(&cmd, "%s %s ", c->tag, c->name) == 0 &&
+	    imap_append_string(&cmd, mailbox, strlen(mailbox), 0) == 0 &&
+	    str_add(&cmd, rt->cmd.s + name_end, rt->send_len - name_end) ==
+	    0 && iobuf_write(io, cmd.s, cmd.len) == IO_OK)
+		w = link_wait(rt, j, c->tag, FORWARD, 0, line, linelen);
+	str_free(&cmd);
+	if (w != W_TAGGED) {
+		command_failed_on_link(rt, j, c->tag, w);
+		return OUT_FAILED;
+	}
+	st = resp_status(line, strlen(line), c->tag, &rest);
+	if (st != NULL && strcmp(st, "OK") == 0)
+		return OUT_OK;
+	return st != NULL && strcmp(st, "NO") == 0 ? OUT_NO : OUT_BAD;
+}
+
+/*
+ * A mailbox command that link *at answered "NO [REFERRAL imap://server/
+ * mailbox]": run it there, if the server is configured, for clients that
+ * know nothing of referrals, and so on for a few hops.  *at becomes the
+ * link that answered last; its tagged line is in line.
+ */
+static enum outcome
+follow_mailbox_referral(struct router *rt, const struct command *c,
+    size_t name_end, int *at, char *line, size_t linelen)
+{
+	int tried[REFERRAL_HOPS_MAX + 1] = { *at }, hops = 0;
+	enum outcome o = OUT_NO;
+
+	while (o == OUT_NO && strcasestr(line, "[REFERRAL ") != NULL) {
+		const struct route *r;
+		struct referral ref;
+		const char *why;
+		int j;
+
+		if ((r = referral_target(rt->cfg, line, &ref, rt->user)) ==
+		    NULL)
+			break;
+		why = referral_unfollowable(rt, &ref, r, hops);
+		j = why == NULL ? referral_link(rt, r) : -1;
+		if (why == NULL && j < 0)
+			why = "too many servers reached by referral";
+		for (int k = 0; why == NULL && k <= hops; k++)
+			if (tried[k] == j)
+				why = "loop";
+		if (why != NULL) {
+			log_msg(LOG_WARNING, "event=referral-refused user=\"%s\" "
+			    "target=%s:%s reason=\"%s\"", rt->user, ref.host,
+			    ref.port, why);
+			break;
+		}
+		if (link_up(rt, j) != 0) {
+			snprintf(line, linelen, "%s NO [UNAVAILABLE] The server "
+			    "holding this mailbox is unavailable.", c->tag);
+			return OUT_NO;
+		}
+		log_msg(LOG_INFO, "event=referral kind=mailbox user=\"%s\" "
+		    "to=%s:%s", rt->user, r->host, r->port);
+		o = run_referred(rt, c, name_end, j, ref.mailbox, line,
+		    linelen);
+		tried[++hops] = *at = j;
+	}
+	return o;
+}
+
+/* ------------------------------------------------------------------ */
+/* commands */
+
 /* A command for the mailbox on link i (SELECT and friends included). */
 static void
-cmd_mailbox(struct router *rt, const struct command *c, int i)
+cmd_mailbox(struct router *rt, const struct command *c, int i,
+    size_t name_end)
 {
 	char line[TAGGED_LINE_MAX];
 	int selecting = strcmp(c->name, "SELECT") == 0 ||
@@ -923,7 +1125,14 @@ cmd_mailbox(struct router *rt, const struct command *c, int i)
 	}
 	if (i > 0 && public_unavailable(rt, i, c->tag))
 		return;
-	o = run_on_link(rt, i, c->tag, 0, line, sizeof(line));
+	o = run_on_link(rt, i, c->tag, 1, line, sizeof(line));
+	if (o == OUT_NO && strcmp(c->name, "APPEND") != 0)
+		o = follow_mailbox_referral(rt, c, name_end, &i, line,
+		    sizeof(line));
+	if (o != OUT_FAILED) {
+		strip_referral(line);
+		client_line(rt, "%s", line);
+	}
 	if (selecting)
 		rt->selected = o == OUT_OK ? i : -1;
 }
@@ -993,7 +1202,7 @@ cmd_list(struct router *rt, const struct command *c)
 		if (plen >= sizeof(pat))
 			plen = sizeof(pat) - 1;
 	}
-	for (int i = 1; i < rt->nlinks && mbox != NULL; i++)
+	for (int i = 1; i < rt->npublic && mbox != NULL; i++)
 		if (pattern_inside(pat, plen, rt->links[i].route->pattern))
 			home = 0;
 	if (home) {
@@ -1002,7 +1211,7 @@ cmd_list(struct router *rt, const struct command *c)
 			return;
 		asked++;
 	}
-	for (int i = 1; i < rt->nlinks; i++) {
+	for (int i = 1; i < rt->npublic; i++) {
 		if (mbox != NULL && !pattern_reaches(pat, plen,
 		    rt->links[i].route->pattern))
 			continue;
@@ -1080,7 +1289,7 @@ rewrite_namespace(struct router *rt, const char *line, size_t len,
 		    str_add(out, third + 1, (size_t)(close - third - 2)) != 0)
 			return -1;
 	}
-	for (int i = 1; i < rt->nlinks; i++) {
+	for (int i = 1; i < rt->npublic; i++) {
 		const char *pfx = rt->links[i].route->pattern;
 		char delim = pfx[strlen(pfx) - 1];
 
@@ -1573,7 +1782,8 @@ dispatch(struct router *rt)
 	if (names_mailbox(name) && c->ntok > first &&
 	    is_mailbox_token(&c->tok[first])) {
 		cmd_mailbox(rt, c, mailbox_link(rt, c->tok[first].s,
-		    c->tok[first].len));
+		    c->tok[first].len), raw_token_end(rt, &copy,
+		    &c->tok[first]));
 		goto out;
 	}
 	if (strcmp(name, "LIST") == 0 || strcmp(name, "LSUB") == 0)
@@ -1745,19 +1955,19 @@ router_run(const struct config *cfg, struct iobuf *client,
 
 	for (const struct route *r = cfg->publics; r != NULL; r = r->next)
 		n++;
-	if ((rt.links = calloc((size_t)n, sizeof(*rt.links))) == NULL)
+	rt.maxlinks = n + REFERRAL_LINKS_MAX;
+	if ((rt.links = calloc((size_t)rt.maxlinks, sizeof(*rt.links))) ==
+	    NULL)
 		return ROUTER_LIMIT;
-	rt.nlinks = n;
+	rt.nlinks = rt.npublic = n;
 	rt.links[0].be = home;
 	rt.links[0].up = 1;
 	rt.links[0].last_used = now_ms();
 	rt.links[0].sc.at_line_start = 1;
 	n = 1;
 	for (const struct route *r = cfg->publics; r != NULL; r = r->next) {
-		rt.links[n].route = r;
-		rt.links[n].be = &rt.links[n].own;
-		rt.links[n].own.io.rfd = rt.links[n].own.io.wfd = -1;
-		n++;
+		rt.links[n].public = 1;
+		link_init(&rt.links[n++], r);
 	}
 	rt.last_client = now_ms();
 	while (rt.end == ROUTER_NONE) {

@@ -1,7 +1,7 @@
 /*
  * Fuzz target: what back-ends send.  The stream scanner (lines, literals,
  * BYE) over the input cut in two at a point the input chooses, status
- * parsing of each line, and capability handling.
+ * parsing of each line, referral URLs, and capability handling.
  */
 #include "fuzz_common.h"
 
@@ -10,6 +10,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	struct backend be;
 	struct resp_scanner sc;
+	struct referral ref;
 	char *buf = fuzz_copy(data, size), *caps;
 	size_t cut = size > 0 ? data[0] % (size + 1) : 0, rest;
 	const char *p, *end;
@@ -19,6 +20,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	resp_scanner_init(&sc);
 	resp_scan(&sc, buf, cut);
 	resp_scan(&sc, buf + cut, size - cut);
+	(void)referral_parse(buf, &ref);	/* fuzz_copy ends buf with NUL */
 	memset(&be, 0, sizeof(be));
 	for (p = buf, end = buf + size; p < end;) {
 		const char *lf = memchr(p, '\n', (size_t)(end - p));

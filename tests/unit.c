@@ -287,6 +287,42 @@ test_sanitize(void)
 	CHECK(strlen(out) == 15 && strcmp(out + 12, "...") == 0);
 }
 
+static void
+test_referral(void)
+{
+	struct referral r;
+
+	CHECK(referral_parse("a NO [REFERRAL imap://;AUTH=*@SERVER2/] Try "
+	    "SERVER2.", &r) == 0);
+	CHECK(strcmp(r.host, "SERVER2") == 0 && strcmp(r.port, "143") == 0 &&
+	    r.user[0] == '\0' && r.mailbox[0] == '\0');
+	CHECK(referral_parse("a NO [REFERRAL imap://fred;AUTH=PLAIN@10.0.0.2:"
+	    "1143/] x", &r) == 0);
+	CHECK(strcmp(r.host, "10.0.0.2") == 0 && strcmp(r.port, "1143") == 0 &&
+	    strcmp(r.user, "fred") == 0);
+	CHECK(referral_parse("a NO [referral IMAP://[::1]:993/Public%20Folders"
+	    "/News;UIDVALIDITY=7] Remote", &r) == 0);
+	CHECK(strcmp(r.host, "::1") == 0 && strcmp(r.port, "993") == 0 &&
+	    strcmp(r.mailbox, "Public Folders/News") == 0);
+	CHECK(referral_parse("a NO [REFERRAL imap://h/Foo] Remote", &r) == 0 &&
+	    strcmp(r.mailbox, "Foo") == 0);
+	CHECK(referral_parse("a NO [REFERRAL imap://h] x", &r) == 0 &&
+	    strcmp(r.host, "h") == 0);
+	CHECK(referral_parse("a NO nothing to see", &r) == -1);
+	/* what imapfe cannot or must not use */
+	CHECK(referral_parse("a NO [REFERRAL http://h/] x", &r) == -2);
+	CHECK(referral_parse("a NO [REFERRAL imap://u:pw@h/] x", &r) == -2);
+	CHECK(referral_parse("a NO [REFERRAL imap://h:0/] x", &r) == -2);
+	CHECK(referral_parse("a NO [REFERRAL imap://h:65536/] x", &r) == -2);
+	CHECK(referral_parse("a NO [REFERRAL imap://h:14x/] x", &r) == -2);
+	CHECK(referral_parse("a NO [REFERRAL imap://h/a%0D%0AX] x", &r) == -2);
+	CHECK(referral_parse("a NO [REFERRAL imap://h/a%00] x", &r) == -2);
+	CHECK(referral_parse("a NO [REFERRAL imap://h/a%4] x", &r) == -2);
+	CHECK(referral_parse("a NO [REFERRAL imap://h\"x/] x", &r) == -2);
+	CHECK(referral_parse("a NO [REFERRAL imap://[::1/] x", &r) == -2);
+	CHECK(referral_parse("a NO [REFERRAL imap:///] x", &r) == -2);
+}
+
 int
 main(void)
 {
@@ -299,6 +335,7 @@ main(void)
 	test_scanner();
 	test_resp_status();
 	test_sanitize();
+	test_referral();
 	printf("%d passed, %d failed\n", passed, failed);
 	return failed == 0 ? 0 : 1;
 }
