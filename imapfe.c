@@ -4,6 +4,7 @@
  * exit.  Started by inetd/xinetd/systemd on stdin and stdout, or by its
  * own listener (-l), which forks one child per connection.
  */
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -16,9 +17,11 @@
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <limits.h>
 #include <netdb.h>
 #include <poll.h>
+#include <pwd.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -222,6 +225,7 @@ route_free(struct route *r)
 	free(r->ca_path);
 	free(r->client_cert);
 	free(r->client_key);
+	SSL_CTX_free(r->ssl_ctx);
 	free(r);
 }
 
@@ -365,6 +369,9 @@ static const struct { const char *name; size_t offset; } string_keys[] = {
 	{ "sasl_config_path", offsetof(struct config, sasl_config_path) },
 	{ "proxy_user", offsetof(struct config, proxy_user) },
 	{ "proxy_password_file", offsetof(struct config, proxy_password_file) },
+	{ "user", offsetof(struct config, run_user) },
+	{ "group", offsetof(struct config, run_group) },
+	{ "chroot", offsetof(struct config, chroot_dir) },
 };
 
 static int
@@ -1955,51 +1962,147 @@ serve_listener(const struct config *cfg, SSL_CTX *tls_ctx, int lfd)
  * The configuration cannot be used.  Under inetd the client is already
  * connected on stdout: tell it, so it does not wait for a greeting.
  */
+/* The client of an inetd-style start hears why there is no session. */
+static void
+bye_unavailable(void)
+{
+	static const char bye[] = "* BYE [UNAVAILABLE] Server configuration "
+	    "error.\r\n";
+
+	if (!isatty(1) && write(1, bye, sizeof(bye) - 1) < 0) {
+		/* nothing more to be done */
+	}
+}
+
 static int
 startup_failed(const char *err, int no_client)
 {
 	fprintf(stderr, "imapfe: %s\n", err);
-	if (!no_client && !isatty(1)) {
-		static const char bye[] = "* BYE [UNAVAILABLE] Server "
-		    "configuration error.\r\n";
-
-		if (write(1, bye, sizeof(bye) - 1) < 0) {
-			/* nothing more to be done */
-		}
-	}
+	if (!no_client)
+		bye_unavailable();
 	openlog("imapfe", LOG_PID, LOG_MAIL);
 	syslog(LOG_ERR, "event=config-error reason=\"%s\"", err);
 	return 1;
 }
 
-/* For -t: every back-end TLS setting loads (CA, client certificate). */
+/*
+ * Started as root, imapfe has read its keys and secrets by now: sessions
+ * run as the configured user and group, inside chroot when set, and never
+ * as root.  Started as anyone else, there is nothing to give up.
+ */
+/* The ids of the user and group directives; neither may be root's. */
 static int
-check_routes_tls(const struct config *cfg, const struct route *list,
-    char *err, size_t errlen)
+lookup_run_ids(const struct config *cfg, uid_t *uid, gid_t *gid, char *err,
+    size_t errlen)
 {
-	for (const struct route *r = list; r != NULL; r = r->next) {
-		char why[300];
-		SSL *ssl;
+	const struct passwd *pw;
+	const struct group *gr;
 
-		if (r->tls == TLS_NONE)
-			continue;
-		if ((ssl = tls_backend_ssl(cfg, r, why, sizeof(why))) == NULL) {
-			snprintf(err, errlen, "route %s %s:%s: %s", r->pattern,
-			    r->host, r->port, why);
+	if ((pw = getpwnam(cfg->run_user)) == NULL || pw->pw_uid == 0) {
+		snprintf(err, errlen, "user %s: %s", cfg->run_user,
+		    pw == NULL ? "no such user" : "must not be root");
+		return -1;
+	}
+	*uid = pw->pw_uid;
+	*gid = pw->pw_gid;
+	if (cfg->run_group != NULL) {
+		if ((gr = getgrnam(cfg->run_group)) == NULL || gr->gr_gid == 0) {
+			snprintf(err, errlen, "group %s: %s", cfg->run_group,
+			    gr == NULL ? "no such group" : "must not be root");
 			return -1;
 		}
-		SSL_free(ssl);
+		*gid = gr->gr_gid;
 	}
 	return 0;
 }
 
 static int
-check_backend_tls(const struct config *cfg, char *err, size_t errlen)
+drop_privileges(const struct config *cfg, char *err, size_t errlen)
 {
-	if (check_routes_tls(cfg, cfg->routes, err, errlen) != 0 ||
-	    check_routes_tls(cfg, cfg->servers, err, errlen) != 0)
+	uid_t uid;
+	gid_t gid;
+
+	if (geteuid() != 0)
+		return 0;
+	if (cfg->run_user == NULL) {
+		snprintf(err, errlen, "started as root without a user directive: "
+		    "imapfe never runs a session as root");
 		return -1;
-	return check_routes_tls(cfg, cfg->publics, err, errlen);
+	}
+	if (lookup_run_ids(cfg, &uid, &gid, err, errlen) != 0)
+		return -1;
+	tzset();	/* syslog's time stamps, read before a chroot hides it */
+	if (cfg->chroot_dir != NULL && (chroot(cfg->chroot_dir) != 0 ||
+	    chdir("/") != 0)) {
+		snprintf(err, errlen, "chroot %s: %s", cfg->chroot_dir,
+		    strerror(errno));
+		return -1;
+	}
+	if (setgroups(1, &gid) != 0 || setresgid(gid, gid, gid) != 0 ||
+	    setresuid(uid, uid, uid) != 0) {
+		snprintf(err, errlen, "cannot become %s: %s", cfg->run_user,
+		    strerror(errno));
+		return -1;
+	}
+	if (setuid(0) == 0) {
+		snprintf(err, errlen, "root could be regained after dropping it");
+		return -1;
+	}
+	/* A setuid process is not dumpable; say so for the rest too. */
+	prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+	return 0;
+}
+
+/* A context already loaded for another route with the same files. */
+static SSL_CTX *
+loaded_ctx_like(const struct config *cfg, const struct route *r)
+{
+	const struct route *lists[] = { cfg->routes, cfg->publics,
+	    cfg->servers };
+
+	for (size_t i = 0; i < sizeof(lists) / sizeof(*lists); i++)
+		for (const struct route *o = lists[i]; o != NULL; o = o->next)
+			if (o != r && o->ssl_ctx != NULL &&
+			    tls_backend_ctx_shareable(o, r))
+				return o->ssl_ctx;
+	return NULL;
+}
+
+static int
+preload_list_tls(const struct config *cfg, struct route *list, char *err,
+    size_t errlen)
+{
+	for (struct route *r = list; r != NULL; r = r->next) {
+		char why[300];
+
+		if (r->tls == TLS_NONE || r->ssl_ctx != NULL)
+			continue;
+		if ((r->ssl_ctx = loaded_ctx_like(cfg, r)) != NULL) {
+			SSL_CTX_up_ref(r->ssl_ctx);
+			continue;
+		}
+		if ((r->ssl_ctx = tls_backend_ctx(cfg, r, why, sizeof(why))) ==
+		    NULL) {
+			snprintf(err, errlen, "%s%s%s:%s: %s", r->pattern,
+			    r->pattern[0] ? " " : "", r->host, r->port, why);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+/*
+ * Load every back-end's CA and client certificate now: for -t, to check
+ * them, and before dropping root, since the files may be root's alone.
+ * Otherwise each session loads only what its own back-ends need.
+ */
+static int
+preload_backend_tls(struct config *cfg, char *err, size_t errlen)
+{
+	if (preload_list_tls(cfg, cfg->routes, err, errlen) != 0 ||
+	    preload_list_tls(cfg, cfg->servers, err, errlen) != 0)
+		return -1;
+	return preload_list_tls(cfg, cfg->publics, err, errlen);
 }
 
 /* The client-side TLS context, when tls_cert is configured. */
@@ -2076,11 +2179,13 @@ main(int argc, char *argv[])
 	setrlimit(RLIMIT_CORE, &no_core);
 	if (config_load(&cfg, config_path, err, sizeof(err)) != 0)
 		return startup_failed(err, test_only || listen_spec != NULL);
-	openlog("imapfe", LOG_PID | (log_stderr || test_only ? LOG_PERROR : 0),
+	/* LOG_NDELAY: the log socket is opened before a chroot hides it. */
+	openlog("imapfe", LOG_PID | LOG_NDELAY |
+	    (log_stderr || test_only ? LOG_PERROR : 0),
 	    cfg.syslog_facility);
 	if (client_tls_setup(&cfg, implicit_tls, &tls_ctx, err,
-	    sizeof(err)) != 0 || (test_only &&
-	    check_backend_tls(&cfg, err, sizeof(err)) != 0)) {
+	    sizeof(err)) != 0 || ((test_only || geteuid() == 0) &&
+	    preload_backend_tls(&cfg, err, sizeof(err)) != 0)) {
 		tls_server_ctx_free(tls_ctx);
 		config_free(&cfg);
 		return startup_failed(err, test_only || listen_spec != NULL);
@@ -2089,6 +2194,16 @@ main(int argc, char *argv[])
 	    cfg.auth == AUTH_PASSTHROUGH)
 		log_msg(LOG_WARNING, "event=warning reason=\"plaintext_auth is "
 		    "no and there is no tls_cert: no client can log in\"");
+	if (test_only && cfg.run_user != NULL) {
+		uid_t uid;
+		gid_t gid;
+
+		if (lookup_run_ids(&cfg, &uid, &gid, err, sizeof(err)) != 0) {
+			tls_server_ctx_free(tls_ctx);
+			config_free(&cfg);
+			return startup_failed(err, 1);
+		}
+	}
 	if (test_only) {
 		printf("imapfe: %s: configuration OK\n", config_path);
 		tls_server_ctx_free(tls_ctx);
@@ -2118,7 +2233,14 @@ main(int argc, char *argv[])
 		config_free(&cfg);
 		return 1;
 	}
-	if (lfd >= 0) {
+	if (drop_privileges(&cfg, err, sizeof(err)) != 0) {
+		log_msg(LOG_ERR, "event=config-error reason=\"%s\"", err);
+		if (lfd < 0)
+			bye_unavailable();
+		else
+			close(lfd);
+		rc = 1;
+	} else if (lfd >= 0) {
 		rc = serve_listener(&cfg, tls_ctx, lfd);
 		if (rc & 0x100)
 			rc &= 0xff;

@@ -98,6 +98,10 @@ struct route;
 
 SSL_CTX		*tls_server_ctx(const struct config *, char *err, size_t);
 void		 tls_server_ctx_free(SSL_CTX *);
+SSL_CTX		*tls_backend_ctx(const struct config *, const struct route *,
+		    char *err, size_t);
+int		 tls_backend_ctx_shareable(const struct route *,
+		    const struct route *);
 SSL		*tls_backend_ssl(const struct config *, const struct route *,
 		    char *err, size_t);
 void		 tls_error_text(char *, size_t);
@@ -222,6 +226,7 @@ struct route {
 	char		*ca_path;
 	char		*client_cert;
 	char		*client_key;
+	SSL_CTX		*ssl_ctx;	/* preloaded, or NULL: load when used */
 	struct route	*next;
 };
 
@@ -238,6 +243,9 @@ struct config {
 	int		 public_holddown;	/* seconds */
 	int		 referral_hops;		/* referrals followed in a row */
 	char		*greeting;
+	char		*run_user;	/* user, group, chroot: after start-up */
+	char		*run_group;
+	char		*chroot_dir;
 	char		*backend_mechanisms;	/* preference order */
 	enum auth_mode	 auth;
 	char		*sasl_service;		/* auth proxy: SASL server */

@@ -270,11 +270,11 @@ verify_name(const struct route *r, char *out, size_t outlen)
 }
 
 /*
- * A connection object for the back-end of route r, with verification of
- * the certificate against the route's CA and name already set up.
+ * The TLS context for connections to route r's back-end: the CA to verify
+ * it with and the client certificate to show it, loaded from their files.
  */
-SSL *
-tls_backend_ssl(const struct config *cfg, const struct route *r, char *err,
+SSL_CTX *
+tls_backend_ctx(const struct config *cfg, const struct route *r, char *err,
     size_t errlen)
 {
 	/* A route's own CA or certificate replaces the global ones whole. */
@@ -284,10 +284,7 @@ tls_backend_ssl(const struct config *cfg, const struct route *r, char *err,
 	const char *ca_path = own_ca ? r->ca_path : cfg->backend_ca_path;
 	const char *cert = own_cert ? r->client_cert : cfg->backend_client_cert;
 	const char *key = own_cert ? r->client_key : cfg->backend_client_key;
-	char name[256];
-	unsigned char addr[16];
 	SSL_CTX *ctx;
-	SSL *ssl = NULL;
 	int ok;
 
 	if ((ctx = SSL_CTX_new(TLS_client_method())) == NULL) {
@@ -307,11 +304,56 @@ tls_backend_ssl(const struct config *cfg, const struct route *r, char *err,
 		tls_error_text(why, sizeof(why));
 		snprintf(err, errlen, "CA %s: %s", ca_file ? ca_file :
 		    ca_path ? ca_path : "(system default)", why);
-		goto out;
+		SSL_CTX_free(ctx);
+		return NULL;
 	}
 	if (cert != NULL && load_cert_and_key(ctx, cert, key ? key : cert,
-	    err, errlen) != 0)
-		goto out;
+	    err, errlen) != 0) {
+		SSL_CTX_free(ctx);
+		return NULL;
+	}
+	return ctx;
+}
+
+/*
+ * Do routes a and b load the same files for their back-end contexts?
+ * Then they can share one.
+ */
+static int
+same_string(const char *a, const char *b)
+{
+	return a == b || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
+int
+tls_backend_ctx_shareable(const struct route *a, const struct route *b)
+{
+	return same_string(a->ca_file, b->ca_file) &&
+	    same_string(a->ca_path, b->ca_path) &&
+	    same_string(a->client_cert, b->client_cert) &&
+	    same_string(a->client_key, b->client_key);
+}
+
+/*
+ * A connection object for the back-end of route r, with verification of
+ * the certificate against the route's CA and name already set up.  The
+ * context is the route's preloaded one (files read before privileges were
+ * dropped), or is loaded now.
+ */
+SSL *
+tls_backend_ssl(const struct config *cfg, const struct route *r, char *err,
+    size_t errlen)
+{
+	char name[256];
+	unsigned char addr[16];
+	SSL_CTX *ctx = r->ssl_ctx;
+	SSL *ssl;
+	int ok;
+
+	if (ctx != NULL)
+		SSL_CTX_up_ref(ctx);
+	else if ((ctx = tls_backend_ctx(cfg, r, err, errlen)) == NULL)
+		return NULL;
 	if ((ssl = SSL_new(ctx)) == NULL) {
 		tls_error_text(err, errlen);
 		goto out;

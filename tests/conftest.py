@@ -12,6 +12,7 @@ Environment:
 import base64
 import glob
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,6 +31,7 @@ SLOW = 8 if VALGRIND else 1          # valgrind runs code ~20x slower
 
 USERS = {"alice": "secret", "bob": "hunter2", "carol": "p\u00e4ss word"}
 MAILUID = 65534                      # nobody: Dovecot refuses root mail
+RUN_AS = "user nobody\ngroup nogroup\n"   # imapfe's sessions, never root
 
 
 def free_port():
@@ -383,15 +385,17 @@ class Processes:
 
     def __init__(self, tmp):
         self.tmp = tmp
-        self.reports = os.path.join(tmp, "reports")
-        os.mkdir(self.reports)
+        # Sanitizers write their reports after imapfe gave up root: the
+        # directory must take files from RUN_AS's user, and be reachable.
+        self.reports = tempfile.mkdtemp(prefix="imapfe-reports-")
+        os.chmod(self.reports, 0o1777)
         self.procs = []
         self.lock = threading.Lock()
 
     def command(self, args):
         cmd = [BIN] + args
         if VALGRIND:
-            cmd = ["valgrind", "--quiet", "--error-exitcode=99",
+            cmd = ["valgrind", "--quiet", "--error-exitcode=99", "--vgdb=no",
                    "--leak-check=full",
                    "--show-leak-kinds=definite,indirect",
                    "--errors-for-leak-kinds=definite,indirect",
@@ -529,6 +533,7 @@ def procs(tmp_path):
     yield pr
     killed = pr.finish()
     report = pr.report_text()
+    shutil.rmtree(pr.reports, ignore_errors=True)
     assert not report, "sanitizer/valgrind report:\n" + report
     bad = [p.returncode for p in pr.procs if p.returncode not in (0,)]
     assert not killed, "imapfe processes did not exit: %s" % killed
@@ -543,6 +548,9 @@ def imapfe_factory(procs, tmp_path):
         # Most tests talk plaintext on loopback; the TLS tests say otherwise.
         if "plaintext_auth" not in config:
             config += "plaintext_auth yes\n"
+        # Started as root, imapfe runs sessions only as a user of its own.
+        if not re.search(r"^user ", config, re.M):
+            config += RUN_AS
         d = os.path.join(str(tmp_path), name)
         os.mkdir(d)
         fe = Imapfe(procs, d, config)

@@ -24,7 +24,9 @@ def main():
             f.write("# the whole configuration of this demo\n"
                     "route * 127.0.0.1:%d\n"
                     "# loopback only: no TLS certificate in this demo\n"
-                    "plaintext_auth loopback\n" % dovecot.port)
+                    "plaintext_auth loopback\n"
+                    "# started as root, sessions run as this user\n"
+                    "user nobody\ngroup nogroup\n" % dovecot.port)
         port = free_port()
         print("Dovecot listens on 127.0.0.1:%d; imapfe on 127.0.0.1:%d "
               "with %s:" % (dovecot.port, port, conf))

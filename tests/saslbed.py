@@ -14,6 +14,7 @@ Facts about Debian 12's libsasl2 (2.1.28) these helpers rely on:
     in SERVICE.conf narrows that.
 """
 import base64
+import grp
 import hashlib
 import hmac
 import os
@@ -56,13 +57,19 @@ class FrontSasl:
     """A directory holding SERVICE.conf for imapfe's sasl_config_path and
     the sasldb it points to."""
 
-    def __init__(self, base, users, service="imap", mechs=FRONT_MECHS,
+    def __init__(self, users, service="imap", mechs=FRONT_MECHS,
                  extra=""):
-        self.dir = os.path.join(base, "sasl")
-        os.mkdir(self.dir)
+        # imapfe opens the sasldb after it gave up root: as an admin would,
+        # let the group imapfe runs as (RUN_AS) read it, and nobody else.
+        self.dir = tempfile.mkdtemp(prefix="imapfe-sasl-")
+        gid = grp.getgrnam("nogroup").gr_gid
+        os.chown(self.dir, 0, gid)
+        os.chmod(self.dir, 0o750)
         self.service = service
         self.sasldb = os.path.join(self.dir, "sasldb2")
         sasldb_add(self.sasldb, users)
+        os.chown(self.sasldb, 0, gid)
+        os.chmod(self.sasldb, 0o640)
         self.conf = os.path.join(self.dir, service + ".conf")
         with open(self.conf, "w") as f:
             f.write("pwcheck_method: auxprop\n"
@@ -71,6 +78,9 @@ class FrontSasl:
             if mechs:
                 f.write("mech_list: %s\n" % mechs)
             f.write(extra)
+
+    def close(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def config(self):
         """The imapfe directives that use this configuration."""

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import (SLOW, USERS, Raw, b64, base_config,
+from conftest import (RUN_AS, SLOW, USERS, Raw, b64, base_config,
                       sample_message, wait_for)
 from fakebackend import FakeBackend, plain_server
 
@@ -454,7 +454,8 @@ def test_configuration_loop_is_refused(imapfe_factory):
     f = imapfe_factory("route * 127.0.0.1:1\n")
     port = f.start_inetd()
     with open(f.conf, "w") as fh:
-        fh.write("route * 127.0.0.1:%d\nplaintext_auth yes\n" % port)
+        fh.write("route * 127.0.0.1:%d\nplaintext_auth yes\n%s"
+                 % (port, RUN_AS))
     c = Raw(port)
     assert c.cmd("a", "LOGIN alice secret")[-1].startswith(
         "a NO [UNAVAILABLE]")

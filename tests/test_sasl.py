@@ -134,9 +134,11 @@ def cyrus():
 
 
 @pytest.fixture
-def front(tmp_path):
+def front():
     """imapfe's own SASL configuration and sasldb."""
-    return FrontSasl(str(tmp_path), FRONT_USERS)
+    sasl = FrontSasl(FRONT_USERS)
+    yield sasl
+    sasl.close()
 
 
 @pytest.fixture
@@ -179,10 +181,10 @@ def test_capabilities_are_the_sasl_configurations(connect, proxy_fe,
 
 
 def test_sasl_service_name_and_mech_list_are_honoured(
-        connect, proxy_fe, tmp_path, master_dovecot):
-    os.mkdir(str(tmp_path / "other"))
-    sasl = FrontSasl(str(tmp_path / "other"), FRONT_USERS,
-                     service="imapfe-test", mechs="SCRAM-SHA-256 PLAIN")
+        connect, proxy_fe, request, master_dovecot):
+    sasl = FrontSasl(FRONT_USERS, service="imapfe-test",
+                     mechs="SCRAM-SHA-256 PLAIN")
+    request.addfinalizer(sasl.close)
     fe = proxy_fe([("*", master_dovecot.port)], sasl=sasl)
     c = connect(fe.port)
     assert auth_mechs(c.greeting)[1] == {"PLAIN", "SCRAM-SHA-256"}

@@ -603,10 +603,12 @@ def test_backend_tls_login_select_fetch(imapfe_factory, dovecot_tls, certs,
     elif ca == "ca_file=":
         opts, extra = "tls=%s ca_file=%s" % (tls, certs.ca), ""
     else:
-        cadir = tmp_path / "cadir"
-        cadir.mkdir()
-        shutil.copy(certs.ca, str(cadir / "ca.pem"))
-        subprocess.run(["openssl", "rehash", str(cadir)], check=True)
+        # a CA directory is read as certificates are verified, after imapfe
+        # gave up root: it lives where its user can read it
+        cadir = os.path.join(certs.dir, "cadir")
+        os.makedirs(cadir, exist_ok=True)
+        shutil.copy(certs.ca, os.path.join(cadir, "ca.pem"))
+        subprocess.run(["openssl", "rehash", cadir], check=True)
         opts, extra = "tls=%s ca_path=%s" % (tls, cadir), ""
     f = imapfe_factory(fe_config(backend_port(dovecot_tls, tls),
                                  route_opts=opts, extra=extra))

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import SLOW, base_config, free_port, read_greeting, wait_for
+from conftest import RUN_AS, SLOW, base_config, free_port, read_greeting, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 XINETD = "/usr/sbin/xinetd"
@@ -33,7 +33,8 @@ def test_sessions_through_xinetd(tmp_path, dovecot):
     binary = os.environ.get("IMAPFE_BIN") or \
         os.path.abspath(os.path.join(HERE, "..", "imapfe"))
     conf = tmp_path / "imapfe.conf"
-    conf.write_text(base_config(dovecot.port, "plaintext_auth yes\n"))
+    conf.write_text(base_config(dovecot.port, "plaintext_auth yes\n" +
+                                RUN_AS))
     port = free_port()
     xconf = tmp_path / "xinetd.conf"
     xconf.write_text(xinetd_conf(binary, str(conf), port,
