@@ -83,6 +83,8 @@ check: deps imapfe tests/unit tests/unit-asan imapfe-asan
 	$(PYTEST) tests
 	IMAPFE_BIN=$(CURDIR)/imapfe-asan $(PYTEST) tests
 	IMAPFE_VALGRIND=1 $(PYTEST) tests
+	IMAPFE_ROUTED=1 $(PYTEST) tests/test_core.py tests/test_tls.py \
+	    tests/test_sasl.py
 
 check-quick: imapfe tests/unit
 	./tests/unit

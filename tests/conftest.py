@@ -27,6 +27,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
 BIN = os.environ.get("IMAPFE_BIN", os.path.join(TOP, "imapfe"))
 VALGRIND = os.environ.get("IMAPFE_VALGRIND") == "1"
+# IMAPFE_ROUTED=1: every configuration gets a server line that nothing
+# refers to, so every session after login goes through the router instead
+# of the byte relay -- the whole suite, to show the router changes nothing.
+ROUTED = os.environ.get("IMAPFE_ROUTED") == "1"
 SLOW = 8 if VALGRIND else 1          # valgrind runs code ~20x slower
 
 USERS = {"alice": "secret", "bob": "hunter2", "carol": "p\u00e4ss word"}
@@ -551,6 +555,8 @@ def imapfe_factory(procs, tmp_path):
         # Started as root, imapfe runs sessions only as a user of its own.
         if not re.search(r"^user ", config, re.M):
             config += RUN_AS
+        if ROUTED and not re.search(r"^(public|server) ", config, re.M):
+            config += "server 127.0.0.1:9\n"
         d = os.path.join(str(tmp_path), name)
         os.mkdir(d)
         fe = Imapfe(procs, d, config)
