@@ -2008,6 +2008,37 @@ serve_listener(const struct config *cfg, SSL_CTX *tls_ctx, int lfd)
 	return 0;
 }
 
+/*
+ * A listening socket handed over instead of a connection: systemd's
+ * Accept=no (LISTEN_FDS/LISTEN_PID, the first descriptor from 3 on; the
+ * sd_listen_fds protocol, without libsystemd), or a super-server's "wait"
+ * service with the socket on stdin.  Returns it, or -1 for an ordinary
+ * connection (or pipe) on stdin.
+ */
+static int
+inherited_listener(void)
+{
+	const char *fds = getenv("LISTEN_FDS"), *pid = getenv("LISTEN_PID");
+	int fd = -1, listening = 0;
+	socklen_t sl = sizeof(listening);
+
+	if (fds != NULL && pid != NULL && atol(fds) >= 1 &&
+	    atol(pid) == (long)getpid())
+		fd = 3;
+	/* Not for children: the variables were meant for this process. */
+	unsetenv("LISTEN_FDS");
+	unsetenv("LISTEN_PID");
+	unsetenv("LISTEN_FDNAMES");
+	if (fd < 0)
+		fd = 0;
+	if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &sl) != 0 ||
+	    !listening)
+		return -1;
+	fcntl(fd, F_SETFD, FD_CLOEXEC);
+	nonblocking(fd);
+	return fd;
+}
+
 /* ------------------------------------------------------------------ */
 
 /*
@@ -2154,7 +2185,9 @@ main(int argc, char *argv[])
 		return 0;
 	}
 	install_signals();
-	if (listen_spec != NULL && (lfd = listen_on(listen_spec)) < 0) {
+	if (listen_spec == NULL)
+		lfd = inherited_listener();
+	else if ((lfd = listen_on(listen_spec)) < 0) {
 		tls_server_ctx_free(tls_ctx);
 		config_free(&cfg);
 		return 1;
