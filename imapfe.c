@@ -808,6 +808,18 @@ client_send(struct session *s, const char *fmt, ...)
 	va_list ap;
 
 	s->client.deadline = now_ms() + (int64_t)s->cfg->idle_timeout * 1000;
+	if (protocol_trace) {
+		char line[512];
+		int n;
+
+		va_start(ap, fmt);
+		n = vsnprintf(line, sizeof(line), fmt, ap);
+		va_end(ap);
+		/* "+ ..." may be a SASL challenge: its payload is not shown */
+		trace_data("to", "client", line, strncmp(line, "+ ", 2) == 0 ?
+		    1 : n < 0 ? 0 : (size_t)n < sizeof(line) ? (size_t)n :
+		    sizeof(line) - 1, 0);
+	}
 	va_start(ap, fmt);
 	st = iobuf_vline(&s->client, fmt, ap);
 	va_end(ap);
@@ -1239,6 +1251,8 @@ auth_response(struct session *s, const char *tag, const char *prompt,
 			io_end(s, st);
 			return -1;
 		}
+		if (protocol_trace)
+			trace_data("from", "client", "<masked>", 8, 0);
 		b64 = line;
 	}
 	if (len == 1 && b64[0] == '*') {
@@ -1567,6 +1581,7 @@ session_prelogin(struct session *s)
 		    (int64_t)s->cfg->login_timeout * 1000;
 		if (read_command(s) != READ_OK)
 			goto next;
+		trace_data("from", "client", s->cmdbuf.s, s->cmdbuf.len, 0);
 		/* parse_command needs one byte past the command */
 		if (str_add(&s->cmdbuf, "", 1) != 0) {
 			session_bye(s, END_LIMIT, "Out of memory.");
@@ -1803,6 +1818,7 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	s.started = now_ms();
 	s.backend.io.rfd = s.backend.io.wfd = -1;
 	new_session_id(log_session, sizeof(log_session));
+	trace_session = log_session;
 	endpoints_from_socket(&ep, rfd);
 	nonblocking(rfd);
 	if (endpoints_apply_proxy(&ep, cfg, rfd, &loopback_ok) != 0)
@@ -2117,10 +2133,19 @@ client_tls_setup(struct config *cfg, int implicit_tls, SSL_CTX **ctx,
 	return *ctx == NULL ? -1 : 0;
 }
 
+static int
+stderr_is_stdin(void)
+{
+	struct stat in, err;
+
+	return fstat(0, &in) == 0 && fstat(2, &err) == 0 &&
+	    in.st_dev == err.st_dev && in.st_ino == err.st_ino;
+}
+
 static void
 usage(void)
 {
-	fprintf(stderr, "usage: imapfe [-dTtV] [-f config] "
+	fprintf(stderr, "usage: imapfe [-DdTtV] [-f config] "
 	    "[-l address:port]\n");
 	exit(2);
 }
@@ -2135,8 +2160,11 @@ main(int argc, char *argv[])
 	SSL_CTX *tls_ctx = NULL;
 	struct rlimit no_core = { 0, 0 };
 
-	while ((ch = getopt(argc, argv, "df:l:TtV")) != -1) {
+	while ((ch = getopt(argc, argv, "Ddf:l:TtV")) != -1) {
 		switch (ch) {
+		case 'D':
+			protocol_trace = 1;
+			/* FALLTHROUGH */
 		case 'd':
 			log_stderr = 1;
 			break;
@@ -2178,6 +2206,12 @@ main(int argc, char *argv[])
 	    cfg.auth == AUTH_PASSTHROUGH)
 		log_msg(LOG_WARNING, "event=warning reason=\"plaintext_auth is "
 		    "no and there is no tls_cert: no client can log in\"");
+	if (protocol_trace && stderr_is_stdin()) {
+		/* inetd hands the connection over as stderr too */
+		protocol_trace = 0;
+		log_msg(LOG_WARNING, "event=warning reason=\"-D ignored: stderr "
+		    "is the client's connection\"");
+	}
 	if (test_only) {
 		printf("imapfe: %s: configuration OK\n", config_path);
 		tls_server_ctx_free(tls_ctx);

@@ -56,6 +56,8 @@ struct iobuf {
 	SSL		*ssl;		/* owned; NULL while plain */
 	int		 tls_failed;	/* a fatal TLS error: no close_notify */
 	char		 tls_why[160];	/* what the last TLS failure was */
+	const char	*trace_name;	/* traced under -D as this peer */
+	int		 trace_secret;	/* a login is under way: mask */
 };
 
 int64_t		 now_ms(void);
@@ -79,6 +81,13 @@ enum io_status	 iobuf_vline(struct iobuf *, const char *fmt, va_list)
 #define TAGGED_LINE_MAX	8192	/* longest status line imapfe relays whole */
 void		 iobuf_discard(struct iobuf *);
 int		 wait_readable(int fd, int64_t deadline);
+
+/* The protocol trace on stderr (-D), credentials masked. */
+extern int	 protocol_trace;
+extern const char *trace_session;
+size_t		 trace_credential_prefix(const char *line, size_t len);
+void		 trace_data(const char *dir, const char *who, const void *,
+		    size_t, int secret);
 
 /* Set by the SIGTERM handler: every wait gives up and the session ends. */
 extern volatile sig_atomic_t shutdown_requested;
