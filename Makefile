@@ -15,11 +15,15 @@ CFLAGS	+= -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wformat=2 \
 CPPFLAGS += $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 LDLIBS	+= $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lsasl2 -lssl -lcrypto)
 
-SRCS	 = imapfe.c auth.c backend.c proto.c iobuf.c tls.c router.c
+SRCS	 = imapfe.c auth.c backend.c proto.c iobuf.c tls.c router.c proxyproto.c
 OBJS	 = $(SRCS:.c=.o)
 HDRS	 = imapfe.h
 # The parts the C unit tests and fuzzers link without main().
-LIBSRCS	 = auth.c backend.c proto.c iobuf.c tls.c
+LIBSRCS	 = auth.c backend.c proto.c iobuf.c tls.c proxyproto.c
+
+# Super-server and systemd files, installed as examples (nothing enabled)
+# with the binary's installed path.
+SERVICE_FILES = imapfe.xinetd imapfe.inetd imapfe.socket imapfe@.service
 
 FUZZERS	 = tests/fuzz_command tests/fuzz_response tests/fuzz_sasl
 FUZZ_SECONDS ?= 180
@@ -99,12 +103,16 @@ install: imapfe
 	install -m 755 imapfe $(DESTDIR)$(SBINDIR)/imapfe
 	install -m 644 imapfe.8 $(DESTDIR)$(MANDIR)/man8/imapfe.8
 	install -m 644 imapfe.conf.sample $(DESTDIR)$(EXAMPLESDIR)/imapfe.conf
-	install -m 644 imapfe.xinetd $(DESTDIR)$(EXAMPLESDIR)/imapfe.xinetd
+	for f in $(SERVICE_FILES); do \
+	    sed 's|/usr/local/sbin/imapfe|$(SBINDIR)/imapfe|' $$f \
+	        > $(DESTDIR)$(EXAMPLESDIR)/$$f && \
+	    chmod 644 $(DESTDIR)$(EXAMPLESDIR)/$$f || exit 1; \
+	done
 
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/imapfe $(DESTDIR)$(MANDIR)/man8/imapfe.8
 	rm -f $(DESTDIR)$(EXAMPLESDIR)/imapfe.conf
-	rm -f $(DESTDIR)$(EXAMPLESDIR)/imapfe.xinetd
+	for f in $(SERVICE_FILES); do rm -f $(DESTDIR)$(EXAMPLESDIR)/$$f; done
 	-rmdir $(DESTDIR)$(EXAMPLESDIR) 2>/dev/null
 
 clean:

@@ -447,7 +447,7 @@ read_greeting(struct backend *be, const struct config *cfg, char *why,
 }
 
 static enum login_result
-authenticate(struct backend *be, const struct config *cfg,
+authenticate_masked(struct backend *be, const struct config *cfg,
     const struct credentials *cr, char *why, size_t whylen)
 {
 	enum login_result res;
@@ -466,6 +466,19 @@ authenticate(struct backend *be, const struct config *cfg,
 		return LOGIN_UNAVAILABLE;
 	}
 	return login_command(be, cfg, cr, why, whylen);
+}
+
+/* Log in; under -D the trace hides everything imapfe sends meanwhile. */
+static enum login_result
+authenticate(struct backend *be, const struct config *cfg,
+    const struct credentials *cr, char *why, size_t whylen)
+{
+	enum login_result res;
+
+	be->io.trace_secret = 1;	/* until the login's answer is read */
+	res = authenticate_masked(be, cfg, cr, why, whylen);
+	be->io.trace_secret = 0;
+	return res;
 }
 
 /* The TLS handshake with the back-end, certificate verified. */
@@ -624,6 +637,7 @@ backend_open(struct backend *be, const struct config *cfg,
 		backend_reset(be);
 		return LOGIN_UNAVAILABLE;
 	}
+	be->io.trace_name = be->host;
 	res = r->tls == TLS_IMPLICIT ? start_tls(be, cfg, r, why, whylen) :
 	    LOGIN_OK;
 	if (res == LOGIN_OK)

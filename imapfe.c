@@ -88,6 +88,7 @@ config_defaults(struct config *cfg)
 	cfg->backend_timeout = 30;
 	cfg->max_sessions = 1000;
 	cfg->syslog_facility = LOG_MAIL;
+	cfg->proxy_protocol_timeout = 10;
 }
 
 /* Split a configuration line into words; "..." quotes, \ escapes. */
@@ -351,6 +352,8 @@ static const struct int_key int_keys[] = {
 	    86400, 0 },
 	{ "max_session_memory", offsetof(struct config, max_session_memory),
 	    0, 65536, 0 },
+	{ "proxy_protocol_timeout", offsetof(struct config,
+	    proxy_protocol_timeout), 1, 600, 0 },
 };
 
 /* Directives whose value is kept as given (file names, mostly). */
@@ -430,12 +433,43 @@ parse_facility(const char *v, int *out)
 	return -1;
 }
 
+/* proxy_protocol_trusted CIDR...: may repeat; each line adds blocks. */
+static int
+add_proxy_trusted(struct config *cfg, char **w, int n, char *err,
+    size_t errlen)
+{
+	struct cidr *grown;
+
+	if (n < 2) {
+		snprintf(err, errlen, "%s takes one or more ADDRESS/BITS", w[0]);
+		return -1;
+	}
+	grown = realloc(cfg->proxy_trusted, (cfg->proxy_trusted_n +
+	    (size_t)n - 1) * sizeof(*grown));
+	if (grown == NULL) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	cfg->proxy_trusted = grown;
+	for (int i = 1; i < n; i++) {
+		if (cidr_parse(w[i], &grown[cfg->proxy_trusted_n]) != 0) {
+			snprintf(err, errlen, "bad address block for %s: '%s'",
+			    w[0], w[i]);
+			return -1;
+		}
+		cfg->proxy_trusted_n++;
+	}
+	return 0;
+}
+
 static int
 config_line(struct config *cfg, char **w, int n, char *err, size_t errlen)
 {
 	if (strcmp(w[0], "route") == 0 || strcmp(w[0], "public") == 0 ||
 	    strcmp(w[0], "server") == 0)
 		return add_route(cfg, w, n, err, errlen);
+	if (strcmp(w[0], "proxy_protocol_trusted") == 0)
+		return add_proxy_trusted(cfg, w, n, err, errlen);
 	if (n != 2) {
 		snprintf(err, errlen, "%s takes one value", w[0]);
 		return -1;
@@ -636,6 +670,7 @@ config_free(struct config *cfg)
 	for (size_t i = 0; i < sizeof(string_keys) / sizeof(*string_keys);
 	    i++)
 		free(*(char **)(void *)((char *)cfg + string_keys[i].offset));
+	free(cfg->proxy_trusted);
 	memset(cfg, 0, sizeof(*cfg));
 }
 
@@ -692,50 +727,108 @@ is_loopback(const struct sockaddr_storage *ss)
 	return 0;
 }
 
-/* The peer's address for logs; returns whether it is a loopback one. */
-static int
-describe_peer(int fd, char *out, size_t outlen)
-{
-	struct sockaddr_storage ss;
-	socklen_t sl = sizeof(ss);
-	char host[NI_MAXHOST], serv[NI_MAXSERV];
+/* Both ends of the client's connection, as the kernel or a proxy says. */
+struct endpoints {
+	struct sockaddr_storage	 peer;
+	struct sockaddr_storage	 local;
+	int			 have_peer;	/* 0: a pipe, or unknown */
+	int			 have_local;
+	char			 proxy[80];	/* set when a PROXY header spoke */
+};
 
-	if (getpeername(fd, (struct sockaddr *)&ss, &sl) != 0 ||
-	    getnameinfo((struct sockaddr *)&ss, sl, host, sizeof(host), serv,
-	    sizeof(serv), NI_NUMERICHOST | NI_NUMERICSERV) != 0) {
-		snprintf(out, outlen, "local");
-		return 0;
-	}
-	snprintf(out, outlen, ss.ss_family == AF_INET6 ? "[%s]:%s" : "%s:%s",
-	    host, serv);
-	return is_loopback(&ss);
+static socklen_t
+sockaddr_len(const struct sockaddr_storage *ss)
+{
+	return ss->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) :
+	    sizeof(struct sockaddr_in);
 }
 
 static void
-numeric_address(const struct sockaddr_storage *ss, socklen_t sl, char *ip,
-    size_t iplen, char *port, size_t portlen)
+numeric_address(const struct sockaddr_storage *ss, char *ip, size_t iplen,
+    char *port, size_t portlen)
 {
-	if (getnameinfo((const struct sockaddr *)ss, sl, ip, (socklen_t)iplen,
-	    port, (socklen_t)portlen, NI_NUMERICHOST | NI_NUMERICSERV) != 0)
+	if (getnameinfo((const struct sockaddr *)ss, sockaddr_len(ss), ip,
+	    (socklen_t)iplen, port, (socklen_t)portlen,
+	    NI_NUMERICHOST | NI_NUMERICSERV) != 0)
 		ip[0] = port[0] = '\0';
 }
 
-/* Both ends of the client's connection, for the back-end's ID. */
+/* "1.2.3.4:143" or "[::1]:143" for logs. */
 static void
-client_info_init(struct client_info *ci, int fd, const char *session)
+format_address(const struct sockaddr_storage *ss, char *out, size_t outlen)
 {
-	struct sockaddr_storage ss;
-	socklen_t sl = sizeof(ss);
+	char host[NI_MAXHOST], serv[NI_MAXSERV];
 
+	numeric_address(ss, host, sizeof(host), serv, sizeof(serv));
+	if (host[0] == '\0')
+		snprintf(out, outlen, "local");
+	else
+		snprintf(out, outlen, ss->ss_family == AF_INET6 ? "[%s]:%s" :
+		    "%s:%s", host, serv);
+}
+
+static void
+endpoints_from_socket(struct endpoints *ep, int fd)
+{
+	socklen_t sl = sizeof(ep->peer);
+
+	memset(ep, 0, sizeof(*ep));
+	ep->have_peer = getpeername(fd, (struct sockaddr *)&ep->peer, &sl) == 0
+	    && (ep->peer.ss_family == AF_INET || ep->peer.ss_family == AF_INET6);
+	sl = sizeof(ep->local);
+	ep->have_local = getsockname(fd, (struct sockaddr *)&ep->local, &sl) ==
+	    0 && (ep->local.ss_family == AF_INET ||
+	    ep->local.ss_family == AF_INET6);
+}
+
+/*
+ * A trusted load balancer names the real client in a PROXY header; from
+ * here on that is the client, for logs, plaintext_auth and the back-end's
+ * ID.  A header without addresses (a health check) leaves the proxy's own,
+ * but never counts as loopback.  Connections from anyone else are not
+ * looked at: a PROXY line from them is just a bad IMAP command.
+ */
+static int
+endpoints_apply_proxy(struct endpoints *ep, const struct config *cfg, int fd,
+    int *loopback_ok)
+{
+	struct proxy_header ph;
+	const char *why;
+
+	*loopback_ok = 1;
+	if (cfg->proxy_trusted_n == 0 || !ep->have_peer ||
+	    !cidr_list_match(cfg->proxy_trusted, cfg->proxy_trusted_n,
+	    &ep->peer))
+		return 0;
+	format_address(&ep->peer, ep->proxy, sizeof(ep->proxy));
+	if (proxy_header_read(fd, cfg->proxy_protocol_timeout, &ph, &why) != 0) {
+		log_msg(LOG_NOTICE, "event=proxy-error proxy=%s reason=\"%s\"",
+		    ep->proxy, why);
+		return -1;
+	}
+	if (ph.local) {
+		*loopback_ok = 0;
+		return 0;
+	}
+	ep->peer = ph.src;
+	ep->local = ph.dst;
+	ep->have_local = 1;
+	return 0;
+}
+
+/* The client's address and port, and the address it connected to. */
+static void
+client_info_init(struct client_info *ci, const struct endpoints *ep,
+    const char *session)
+{
 	memset(ci, 0, sizeof(*ci));
 	ci->ttl = PROXY_TTL_DEFAULT;
 	snprintf(ci->session, sizeof(ci->session), "%s", session);
-	if (getpeername(fd, (struct sockaddr *)&ss, &sl) == 0)
-		numeric_address(&ss, sl, ci->ip, sizeof(ci->ip), ci->port,
+	if (ep->have_peer)
+		numeric_address(&ep->peer, ci->ip, sizeof(ci->ip), ci->port,
 		    sizeof(ci->port));
-	sl = sizeof(ss);
-	if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0)
-		numeric_address(&ss, sl, ci->local_ip, sizeof(ci->local_ip),
+	if (ep->have_local)
+		numeric_address(&ep->local, ci->local_ip, sizeof(ci->local_ip),
 		    ci->local_port, sizeof(ci->local_port));
 }
 
@@ -765,6 +858,18 @@ client_send(struct session *s, const char *fmt, ...)
 	va_list ap;
 
 	s->client.deadline = now_ms() + (int64_t)s->cfg->idle_timeout * 1000;
+	if (protocol_trace) {
+		char line[512];
+		int n;
+
+		va_start(ap, fmt);
+		n = vsnprintf(line, sizeof(line), fmt, ap);
+		va_end(ap);
+		/* "+ ..." may be a SASL challenge: its payload is not shown */
+		trace_data("to", "client", line, strncmp(line, "+ ", 2) == 0 ?
+		    1 : n < 0 ? 0 : (size_t)n < sizeof(line) ? (size_t)n :
+		    sizeof(line) - 1, 0);
+	}
 	va_start(ap, fmt);
 	st = iobuf_vline(&s->client, fmt, ap);
 	va_end(ap);
@@ -1196,6 +1301,8 @@ auth_response(struct session *s, const char *tag, const char *prompt,
 			io_end(s, st);
 			return -1;
 		}
+		if (protocol_trace)
+			trace_data("from", "client", "<masked>", 8, 0);
 		b64 = line;
 	}
 	if (len == 1 && b64[0] == '*') {
@@ -1524,6 +1631,7 @@ session_prelogin(struct session *s)
 		    (int64_t)s->cfg->login_timeout * 1000;
 		if (read_command(s) != READ_OK)
 			goto next;
+		trace_data("from", "client", s->cmdbuf.s, s->cmdbuf.len, 0);
 		/* parse_command needs one byte past the command */
 		if (str_add(&s->cmdbuf, "", 1) != 0) {
 			session_bye(s, END_LIMIT, "Out of memory.");
@@ -1749,8 +1857,9 @@ static int
 session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 {
 	struct session s;
+	struct endpoints ep;
 	size_t bufsize = CLIENT_BUFSIZE;
-	int one = 1;
+	int one = 1, loopback_ok;
 
 	memset(&s, 0, sizeof(s));
 	cap_session_memory(cfg);
@@ -1759,10 +1868,18 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	s.started = now_ms();
 	s.backend.io.rfd = s.backend.io.wfd = -1;
 	new_session_id(log_session, sizeof(log_session));
-	s.peer_loopback = describe_peer(rfd, s.peer, sizeof(s.peer));
-	client_info_init(&s.ci, rfd, log_session);
-	setsockopt(wfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	trace_session = log_session;
+	endpoints_from_socket(&ep, rfd);
 	nonblocking(rfd);
+	if (endpoints_apply_proxy(&ep, cfg, rfd, &loopback_ok) != 0)
+		return 0;
+	if (ep.have_peer)
+		format_address(&ep.peer, s.peer, sizeof(s.peer));
+	else
+		snprintf(s.peer, sizeof(s.peer), "local");
+	s.peer_loopback = loopback_ok && ep.have_peer && is_loopback(&ep.peer);
+	client_info_init(&s.ci, &ep, log_session);
+	setsockopt(wfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	nonblocking(wfd);
 	if (cfg->max_line_length + 2 > bufsize)
 		bufsize = cfg->max_line_length + 2;
@@ -1770,7 +1887,8 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 		log_msg(LOG_ERR, "event=error reason=\"out of memory\"");
 		return 1;
 	}
-	log_msg(LOG_INFO, "event=connect client=%s", s.peer);
+	log_msg(LOG_INFO, "event=connect client=%s%s%s", s.peer,
+	    ep.proxy[0] ? " proxy=" : "", ep.proxy);
 	session_prelogin(&s);
 	if (s.logged_in && config_routed(cfg))
 		session_route(&s);
@@ -1956,6 +2074,37 @@ serve_listener(const struct config *cfg, SSL_CTX *tls_ctx, int lfd)
 	return 0;
 }
 
+/*
+ * A listening socket handed over instead of a connection: systemd's
+ * Accept=no (LISTEN_FDS/LISTEN_PID, the first descriptor from 3 on; the
+ * sd_listen_fds protocol, without libsystemd), or a super-server's "wait"
+ * service with the socket on stdin.  Returns it, or -1 for an ordinary
+ * connection (or pipe) on stdin.
+ */
+static int
+inherited_listener(void)
+{
+	const char *fds = getenv("LISTEN_FDS"), *pid = getenv("LISTEN_PID");
+	int fd = -1, listening = 0;
+	socklen_t sl = sizeof(listening);
+
+	if (fds != NULL && pid != NULL && atol(fds) >= 1 &&
+	    atol(pid) == (long)getpid())
+		fd = 3;
+	/* Not for children: the variables were meant for this process. */
+	unsetenv("LISTEN_FDS");
+	unsetenv("LISTEN_PID");
+	unsetenv("LISTEN_FDNAMES");
+	if (fd < 0)
+		fd = 0;
+	if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &sl) != 0 ||
+	    !listening)
+		return -1;
+	fcntl(fd, F_SETFD, FD_CLOEXEC);
+	nonblocking(fd);
+	return fd;
+}
+
 /* ------------------------------------------------------------------ */
 
 /*
@@ -2131,10 +2280,19 @@ client_tls_setup(struct config *cfg, int implicit_tls, SSL_CTX **ctx,
 	return *ctx == NULL ? -1 : 0;
 }
 
+static int
+stderr_is_stdin(void)
+{
+	struct stat in, err;
+
+	return fstat(0, &in) == 0 && fstat(2, &err) == 0 &&
+	    in.st_dev == err.st_dev && in.st_ino == err.st_ino;
+}
+
 static void
 usage(void)
 {
-	fprintf(stderr, "usage: imapfe [-dTtV] [-f config] "
+	fprintf(stderr, "usage: imapfe [-DdTtV] [-f config] "
 	    "[-l address:port]\n");
 	exit(2);
 }
@@ -2149,8 +2307,11 @@ main(int argc, char *argv[])
 	SSL_CTX *tls_ctx = NULL;
 	struct rlimit no_core = { 0, 0 };
 
-	while ((ch = getopt(argc, argv, "df:l:TtV")) != -1) {
+	while ((ch = getopt(argc, argv, "Ddf:l:TtV")) != -1) {
 		switch (ch) {
+		case 'D':
+			protocol_trace = 1;
+			/* FALLTHROUGH */
 		case 'd':
 			log_stderr = 1;
 			break;
@@ -2204,6 +2365,12 @@ main(int argc, char *argv[])
 			return startup_failed(err, 1);
 		}
 	}
+	if (protocol_trace && stderr_is_stdin()) {
+		/* inetd hands the connection over as stderr too */
+		protocol_trace = 0;
+		log_msg(LOG_WARNING, "event=warning reason=\"-D ignored: stderr "
+		    "is the client's connection\"");
+	}
 	if (test_only) {
 		printf("imapfe: %s: configuration OK\n", config_path);
 		tls_server_ctx_free(tls_ctx);
@@ -2211,7 +2378,9 @@ main(int argc, char *argv[])
 		return 0;
 	}
 	install_signals();
-	if (listen_spec != NULL && (lfd = listen_on(listen_spec)) < 0) {
+	if (listen_spec == NULL)
+		lfd = inherited_listener();
+	else if ((lfd = listen_on(listen_spec)) < 0) {
 		tls_server_ctx_free(tls_ctx);
 		config_free(&cfg);
 		return 1;

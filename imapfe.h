@@ -11,6 +11,7 @@
  *   iobuf.c    buffered I/O over one descriptor, plain or TLS, with
  *              deadlines
  *   tls.c      TLS contexts: certificates, ticket keys, verification
+ *   proxyproto.c  HAProxy's PROXY protocol header from a load balancer
  */
 #ifndef IMAPFE_H
 #define IMAPFE_H
@@ -55,6 +56,8 @@ struct iobuf {
 	SSL		*ssl;		/* owned; NULL while plain */
 	int		 tls_failed;	/* a fatal TLS error: no close_notify */
 	char		 tls_why[160];	/* what the last TLS failure was */
+	const char	*trace_name;	/* traced under -D as this peer */
+	int		 trace_secret;	/* a login is under way: mask */
 };
 
 int64_t		 now_ms(void);
@@ -78,6 +81,13 @@ enum io_status	 iobuf_vline(struct iobuf *, const char *fmt, va_list)
 #define TAGGED_LINE_MAX	8192	/* longest status line imapfe relays whole */
 void		 iobuf_discard(struct iobuf *);
 int		 wait_readable(int fd, int64_t deadline);
+
+/* The protocol trace on stderr (-D), credentials masked. */
+extern int	 protocol_trace;
+extern const char *trace_session;
+size_t		 trace_credential_prefix(const char *line, size_t len);
+void		 trace_data(const char *dir, const char *who, const void *,
+		    size_t, int secret);
 
 /* Set by the SIGTERM handler: every wait gives up and the session ends. */
 extern volatile sig_atomic_t shutdown_requested;
@@ -230,6 +240,13 @@ struct route {
 	struct route	*next;
 };
 
+/* An address block, for proxy_protocol_trusted. */
+struct cidr {
+	int		 family;	/* AF_INET or AF_INET6 */
+	unsigned char	 addr[16];
+	int		 bits;
+};
+
 enum plaintext_policy { PLAINTEXT_NO = 0, PLAINTEXT_YES, PLAINTEXT_LOOPBACK };
 enum auth_mode { AUTH_PASSTHROUGH = 0, AUTH_PROXY };
 
@@ -277,11 +294,34 @@ struct config {
 	int		 max_session_memory;	/* MiB of data; 0: no cap */
 	int		 forward_id;		/* ID with the client's address */
 	int		 syslog_facility;
+	struct cidr	*proxy_trusted;		/* must send a PROXY header */
+	size_t		 proxy_trusted_n;
+	int		 proxy_protocol_timeout;	/* seconds */
 };
 
 int		 config_load(struct config *, const char *path, char *err,
 		    size_t errlen);
 void		 config_free(struct config *);
+
+/* ------------------------------------------------------------------ */
+/* proxyproto.c */
+
+struct proxy_header {
+	int			 local;	/* no addresses: keep the connection's */
+	struct sockaddr_storage	 src;	/* the real client */
+	struct sockaddr_storage	 dst;	/* where it connected to */
+};
+
+int		 cidr_parse(const char *, struct cidr *);
+int		 cidr_list_match(const struct cidr *, size_t,
+		    const struct sockaddr_storage *);
+int		 proxy_v1_parse(const char *line, size_t len,
+		    struct proxy_header *, const char **why);
+long		 proxy_v2_length(const unsigned char *head16, const char **why);
+int		 proxy_v2_parse(const unsigned char *hdr, size_t len,
+		    struct proxy_header *, const char **why);
+int		 proxy_header_read(int fd, int timeout_s, struct proxy_header *,
+		    const char **why);
 
 /* ------------------------------------------------------------------ */
 /* logging (imapfe.c) */

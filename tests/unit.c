@@ -3,6 +3,9 @@
  * announcements, IMAP string quoting, base64, SASL PLAIN, capability
  * filtering and the response scanner.  Ends with "N passed, N failed".
  */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -323,6 +326,112 @@ test_referral(void)
 	CHECK(referral_parse("a NO [REFERRAL imap:///] x", &r) == -2);
 }
 
+static int
+v1(const char *line, struct proxy_header *ph)
+{
+	const char *why;
+
+	return proxy_v1_parse(line, strlen(line), ph, &why);
+}
+
+static void
+test_proxy_v1(void)
+{
+	struct proxy_header ph;
+	const struct sockaddr_in *src =
+	    (const struct sockaddr_in *)(const void *)&ph.src;
+
+	CHECK(v1("PROXY TCP4 192.0.2.1 198.51.100.2 40000 143\r\n", &ph) == 0);
+	CHECK(src->sin_family == AF_INET && ntohs(src->sin_port) == 40000 &&
+	    ntohl(src->sin_addr.s_addr) == 0xc0000201 && !ph.local);
+	CHECK(v1("PROXY TCP6 2001:db8::1 ::1 1 2\r\n", &ph) == 0);
+	CHECK(ph.src.ss_family == AF_INET6);
+	CHECK(v1("PROXY UNKNOWN\r\n", &ph) == 0 && ph.local);
+	CHECK(v1("PROXY UNKNOWN ffff::1 ::1 1 2\r\n", &ph) == 0 && ph.local);
+	CHECK(v1("PROXY TCP4 192.0.2.1 198.51.100.2 40000 143\n", &ph) != 0);
+	CHECK(v1("PROXY TCP4 192.0.2.1 198.51.100.2 040000 143\r\n", &ph) != 0);
+	CHECK(v1("PROXY TCP4 192.0.2.1 198.51.100.2 65536 143\r\n", &ph) != 0);
+	CHECK(v1("PROXY TCP4 192.0.2.1 198.51.100.2 -1 143\r\n", &ph) != 0);
+	CHECK(v1("PROXY TCP4 ::1 ::1 1 143\r\n", &ph) != 0);
+	CHECK(v1("PROXY TCP4 192.0.2.1 198.51.100.2 1\r\n", &ph) != 0);
+	CHECK(v1("PROXY TCP4 192.0.2.1 198.51.100.2 1 2 3\r\n", &ph) != 0);
+	CHECK(v1("PROXY TCP4 192.0.2.1  198.51.100.2 1 2\r\n", &ph) != 0);
+	CHECK(v1("PROXY UDP4 192.0.2.1 198.51.100.2 1 2\r\n", &ph) != 0);
+}
+
+static void
+test_proxy_v2(void)
+{
+	unsigned char h[16 + 36] = "\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c"
+	    "\xc0\x00\x02\x01\x7f\x00\x00\x01\x9c\x40\x00\x8f";
+	struct proxy_header ph;
+	const char *why;
+
+	CHECK(proxy_v2_length(h, &why) == 28);
+	CHECK(proxy_v2_parse(h, 28, &ph, &why) == 0 &&
+	    ph.src.ss_family == AF_INET && !ph.local &&
+	    ntohs(((struct sockaddr_in *)(void *)&ph.src)->sin_port) == 40000);
+	CHECK(proxy_v2_parse(h, 27, &ph, &why) != 0);	/* length lies */
+	h[15] = 4;					/* too short for TCP4 */
+	CHECK(proxy_v2_parse(h, 20, &ph, &why) != 0);
+	h[12] = 0x20;					/* LOCAL */
+	CHECK(proxy_v2_parse(h, 20, &ph, &why) == 0 && ph.local);
+	h[12] = 0x22;					/* no such command */
+	CHECK(proxy_v2_parse(h, 20, &ph, &why) != 0);
+	h[12] = 0x21;
+	h[14] = 0xff;					/* over the bound */
+	CHECK(proxy_v2_length(h, &why) < 0);
+	h[14] = 0;
+	h[0] = 'X';
+	CHECK(proxy_v2_length(h, &why) < 0);
+}
+
+static void
+test_cidr(void)
+{
+	struct cidr c[2];
+	struct sockaddr_storage ss;
+	struct sockaddr_in *in = (struct sockaddr_in *)(void *)&ss;
+	struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)(void *)&ss;
+
+	CHECK(cidr_parse("10.1.0.0/15", &c[0]) == 0);
+	CHECK(cidr_parse("2001:db8::/32", &c[1]) == 0);
+	CHECK(cidr_parse("10.0.0.0/33", &c[0]) != 0);
+	CHECK(cidr_parse("10.0.0.0/", &c[0]) != 0);
+	CHECK(cidr_parse("host", &c[0]) != 0);
+	CHECK(cidr_parse("10.1.0.0/15", &c[0]) == 0);
+	memset(&ss, 0, sizeof(ss));
+	in->sin_family = AF_INET;
+	inet_pton(AF_INET, "10.1.255.1", &in->sin_addr);
+	CHECK(cidr_list_match(c, 2, &ss));
+	inet_pton(AF_INET, "10.2.0.1", &in->sin_addr);
+	CHECK(!cidr_list_match(c, 2, &ss));
+	memset(&ss, 0, sizeof(ss));
+	in6->sin6_family = AF_INET6;
+	inet_pton(AF_INET6, "::ffff:10.0.0.9", &in6->sin6_addr);
+	CHECK(cidr_list_match(c, 2, &ss));		/* v4-mapped */
+	inet_pton(AF_INET6, "2001:db8:ffff::1", &in6->sin6_addr);
+	CHECK(cidr_list_match(c, 2, &ss));
+	inet_pton(AF_INET6, "2001:db9::1", &in6->sin6_addr);
+	CHECK(!cidr_list_match(c, 2, &ss));
+}
+
+static void
+test_trace_mask(void)
+{
+	const char *l = "a1 LOGIN alice secret";
+
+	CHECK(trace_credential_prefix(l, strlen(l)) == 8);
+	l = "a1 authenticate PLAIN AGFsaWNl";
+	CHECK(trace_credential_prefix(l, strlen(l)) == 21);
+	l = "a1 AUTHENTICATE PLAIN";
+	CHECK(trace_credential_prefix(l, strlen(l)) == 0);
+	l = "a1 SELECT INBOX";
+	CHECK(trace_credential_prefix(l, strlen(l)) == 0);
+	l = "a1 LOGINX alice";
+	CHECK(trace_credential_prefix(l, strlen(l)) == 0);
+}
+
 int
 main(void)
 {
@@ -336,6 +445,10 @@ main(void)
 	test_resp_status();
 	test_sanitize();
 	test_referral();
+	test_proxy_v1();
+	test_proxy_v2();
+	test_cidr();
+	test_trace_mask();
 	printf("%d passed, %d failed\n", passed, failed);
 	return failed == 0 ? 0 : 1;
 }
