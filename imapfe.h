@@ -11,6 +11,7 @@
  *   iobuf.c    buffered I/O over one descriptor, plain or TLS, with
  *              deadlines
  *   tls.c      TLS contexts: certificates, ticket keys, verification
+ *   ldap.c     directory lookups: which server holds a user's mailbox
  */
 #ifndef IMAPFE_H
 #define IMAPFE_H
@@ -215,6 +216,20 @@ struct route {
 	struct route	*next;
 };
 
+/*
+ * Where route_find() looks for a user's server, in the order the admin
+ * sets with route_order: route lines in file order, or only those naming
+ * the user, a *@domain, or "*"; and the directory.
+ */
+enum route_source {
+	SRC_ROUTES = 0,
+	SRC_USER,
+	SRC_DOMAIN,
+	SRC_DEFAULT,
+	SRC_LDAP
+};
+#define ROUTE_SOURCES_MAX	5
+
 enum plaintext_policy { PLAINTEXT_NO = 0, PLAINTEXT_YES, PLAINTEXT_LOOPBACK };
 enum auth_mode { AUTH_PASSTHROUGH = 0, AUTH_PROXY };
 
@@ -258,6 +273,20 @@ struct config {
 	int		 max_session_memory;	/* MiB of data; 0: no cap */
 	int		 forward_id;		/* ID with the client's address */
 	int		 syslog_facility;
+	enum route_source route_order[ROUTE_SOURCES_MAX];
+	size_t		 route_order_len;	/* 0 until config_load ends */
+	char		*ldap_uri;		/* URIs, space-separated */
+	char		*ldap_bind_dn;
+	char		*ldap_bind_password_file;
+	char		*ldap_sasl_mech;	/* instead of a simple bind */
+	char		*ldap_search_base;
+	char		*ldap_filter;		/* template: %u, %n, %d */
+	char		*ldap_host_attribute;
+	char		*ldap_port_attribute;
+	char		*ldap_ca_file;		/* NULL: backend_ca_file */
+	int		 ldap_starttls;
+	int		 ldap_timeout;		/* seconds, per server */
+	struct credentials *ldap_bind;		/* DN and password */
 };
 
 int		 config_load(struct config *, const char *path, char *err,
@@ -351,7 +380,15 @@ enum login_result {
 	LOGIN_LOOP		/* the back-end is imapfe: refuse */
 };
 
+enum route_status {
+	ROUTE_FOUND = 0,
+	ROUTE_UNKNOWN,		/* no source knows the user */
+	ROUTE_UNAVAILABLE	/* a source failed, or named an unlisted server */
+};
+
 const struct route *route_lookup(const struct config *, const char *user);
+enum route_status route_find(const struct config *, const char *user,
+		    const struct route **, char *why, size_t whylen);
 const struct route *listed_server(const struct config *, const char *host,
 		    const char *port);
 enum login_result backend_open(struct backend *, const struct config *,
@@ -388,6 +425,27 @@ enum router_end {
 enum router_end	 router_run(const struct config *, struct iobuf *client,
 		    struct backend *home, const struct credentials *,
 		    const struct client_info *, const char *user);
+
+/* ------------------------------------------------------------------ */
+/* ldap.c: directory lookups */
+
+enum dir_status {
+	DIR_FOUND = 0,
+	DIR_UNKNOWN,		/* no entry, or one without the host */
+	DIR_UNAVAILABLE		/* every server failed, or answered garbage */
+};
+
+#define DIR_HOST_MAX	256
+#define DIR_PORT_MAX	8
+
+enum dir_status	 directory_lookup(const struct config *, const char *user,
+		    char host[DIR_HOST_MAX], char port[DIR_PORT_MAX],
+		    char *why, size_t whylen);
+int		 ldap_filter_escape(struct str *, const char *, size_t);
+int		 ldap_filter_compose(struct str *, const char *tmpl,
+		    const char *user, size_t len);
+int		 directory_check_config(struct config *, char *err,
+		    size_t errlen);
 
 #define IMAPFE_GREETING_MARK	"imapfe ready"
 #define MAX_BACKEND_LINE	65536
