@@ -416,6 +416,24 @@ uri_is_plain(const char *uri)
 	return strncasecmp(uri, "ldap://", 7) == 0;
 }
 
+/* The step, libldap's message, and its diagnostic (a TLS error, say). */
+static void
+describe_failure(LDAP *ld, const char *step, int rc, char *why,
+    size_t whylen)
+{
+	char *diag = NULL, clean[160];
+
+	if (ld != NULL)
+		ldap_get_option(ld, LDAP_OPT_DIAGNOSTIC_MESSAGE, &diag);
+	if (diag != NULL && *diag != '\0') {
+		sanitize(clean, sizeof(clean), diag, strlen(diag));
+		snprintf(why, whylen, "%s: %s: %s", step, ldap_err2string(rc),
+		    clean);
+	} else
+		snprintf(why, whylen, "%s: %s", step, ldap_err2string(rc));
+	ldap_memfree(diag);
+}
+
 static enum dir_status
 lookup_at(const struct config *cfg, const char *uri, const char *filter,
     char *host, char *port, char *why, size_t whylen)
@@ -442,7 +460,7 @@ lookup_at(const struct config *cfg, const char *uri, const char *filter,
 	ldap_unbind_ext_s(ld, NULL, NULL);
 	return st;
 fail:
-	snprintf(why, whylen, "%s: %s", step, ldap_err2string(rc));
+	describe_failure(ld, step, rc, why, whylen);
 	if (ld != NULL)
 		ldap_unbind_ext_s(ld, NULL, NULL);
 	return st;
