@@ -470,11 +470,13 @@ set_ldap_uri(struct config *cfg, char **w, int n, char *err, size_t errlen)
 
 	for (int i = 1; ok && i < n; i++)
 		ok = (strncasecmp(w[i], "ldap://", 7) == 0 ||
-		    strncasecmp(w[i], "ldaps://", 8) == 0) &&
+		    strncasecmp(w[i], "ldaps://", 8) == 0 ||
+		    strncasecmp(w[i], "ldapi://", 8) == 0) &&
 		    str_printf(&all, "%s%s", i > 1 ? " " : "", w[i]) == 0;
 	if (!ok) {
 		str_free(&all);
-		snprintf(err, errlen, "ldap_uri takes ldap:// or ldaps:// URIs");
+		snprintf(err, errlen, "ldap_uri takes ldap://, ldaps:// or "
+		    "ldapi:// URIs");
 		return -1;
 	}
 	free(cfg->ldap_uri);

@@ -33,6 +33,7 @@ pidfile {d}/slapd.pid
 modulepath /usr/lib/ldap
 moduleload back_mdb
 {tls}
+{acl}
 database mdb
 suffix "dc=example,dc=org"
 rootdn "cn=admin,dc=example,dc=org"
@@ -58,7 +59,7 @@ class Slapd:
     """Debian's slapd under a temporary directory, on a loopback port;
     with certs, also StartTLS on that port and ldaps on ldaps_port."""
 
-    def __init__(self, entries, certs=None):
+    def __init__(self, entries, certs=None, acl=""):
         self.dir = tempfile.mkdtemp(prefix="imapfe-slapd-")
         os.mkdir(os.path.join(self.dir, "db"))
         self.port = free_port()
@@ -70,7 +71,8 @@ class Slapd:
                    % (certs.ca, certs.dovecot, certs.dovecot_key))
         self.conf = os.path.join(self.dir, "slapd.conf")
         with open(self.conf, "w") as f:
-            f.write(SLAPD_CONF.format(d=self.dir, tls=tls, rootpw=ROOTPW))
+            f.write(SLAPD_CONF.format(d=self.dir, tls=tls, acl=acl,
+                                      rootpw=ROOTPW))
         ldif = ("dn: dc=example,dc=org\nobjectClass: dcObject\n"
                 "objectClass: organization\no: example\ndc: example\n\n"
                 "dn: %s\nobjectClass: organizationalUnit\nou: people\n\n"
@@ -82,8 +84,12 @@ class Slapd:
         self.proc = None
         self.start()
 
+    def ldapi(self):
+        return "ldapi://" + os.path.join(self.dir, "ldapi").replace("/",
+                                                                   "%2F")
+
     def urls(self):
-        u = "ldap://127.0.0.1:%d/" % self.port
+        u = "ldap://127.0.0.1:%d/ %s" % (self.port, self.ldapi())
         if self.ldaps_port:
             u += " ldaps://127.0.0.1:%d/" % self.ldaps_port
         return u
@@ -101,11 +107,13 @@ class Slapd:
         wait_for(self.answers, 20, "slapd")
 
     def answers(self):
+        """Whatever an anonymous search gets (an ACL may refuse it),
+        rather than no server (255)."""
         r = subprocess.run(
             ["ldapsearch", "-x", "-H", self.uri(), "-b", BASE, "-s",
              "base", "-o", "nettimeout=2", "dn"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return r.returncode == 0
+        return r.returncode != 255
 
     def log_text(self):
         with open(self.log, errors="replace") as f:
@@ -402,6 +410,25 @@ def test_simple_bind_with_password_file(imapfe_factory, slapd, two_dovecots,
         assert line.startswith("a OK" if ok else "a NO [UNAVAILABLE]"), line
     assert ROOTPW not in fe.log_text()
     fe.wait_log('reason="bind: Invalid credentials"')
+
+
+def test_sasl_external_bind_over_ldapi(imapfe_factory, two_dovecots,
+                                      unlisted):
+    """Only root, as slapd sees it over ldapi with SASL EXTERNAL, may read
+    the directory; an anonymous search finds nothing."""
+    a, b = two_dovecots
+    root = "gidNumber=0+uidNumber=0,cn=peercred,cn=external,cn=auth"
+    s = Slapd(entries(a, b, unlisted.getsockname()[1]),
+              acl='access to * by dn.exact="%s" read by * none' % root)
+    try:
+        for mech, ok in (("ldap_sasl_mech EXTERNAL\n", True), ("", False)):
+            fe = imapfe_factory(ldap_config(two_dovecots, s.ldapi(), mech),
+                                name="fe%d" % len(mech))
+            line, _ = login(fe.start_inetd(), "alice", USERS["alice"])
+            assert line.startswith("a OK") == ok, line
+        assert "BIND dn=\"%s\" mech=EXTERNAL" % root in s.log_text()
+    finally:
+        s.close()
 
 
 @pytest.mark.parametrize("conf,why", [
