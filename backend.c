@@ -75,12 +75,12 @@ route_lookup_kind(const struct config *cfg, const char *user,
  * back-end: a directory entry cannot send imapfe anywhere else.
  */
 static enum route_status
-route_from_directory(const struct config *cfg, const char *user,
-    const struct route **out, char *why, size_t whylen)
+route_from_directory(const struct config *cfg, const char *tmpl,
+    const char *key, const struct route **out, char *why, size_t whylen)
 {
 	char host[DIR_HOST_MAX], port[DIR_PORT_MAX], clean[DIR_HOST_MAX];
 
-	switch (directory_lookup(cfg, user, host, port, why, whylen)) {
+	switch (directory_lookup(cfg, tmpl, key, host, port, why, whylen)) {
 	case DIR_UNKNOWN:
 		return ROUTE_UNKNOWN;
 	case DIR_UNAVAILABLE:
@@ -112,7 +112,8 @@ route_find(const struct config *cfg, const char *user,
 		enum route_status st;
 
 		if (src == SRC_LDAP) {
-			st = route_from_directory(cfg, user, out, why, whylen);
+			st = route_from_directory(cfg, cfg->ldap_filter, user,
+			    out, why, whylen);
 			if (st != ROUTE_UNKNOWN)
 				return st;
 			continue;
@@ -123,6 +124,30 @@ route_find(const struct config *cfg, const char *user,
 			return ROUTE_FOUND;
 	}
 	return ROUTE_UNKNOWN;
+}
+
+/*
+ * The server of a "public PREFIX ldap" line, as the directory names it
+ * now: the listed server's line, with the public line's prefix.  *out is
+ * a copy that borrows every string from the configuration.
+ */
+enum route_status
+public_from_directory(const struct config *cfg, const struct route *pub,
+    struct route *out, char *why, size_t whylen)
+{
+	const struct route *listed;
+	enum route_status st;
+
+	st = route_from_directory(cfg, cfg->ldap_public_filter, pub->pattern,
+	    &listed, why, whylen);
+	if (st == ROUTE_UNKNOWN)
+		return ROUTE_UNAVAILABLE;	/* the prefix still has no server */
+	if (st == ROUTE_FOUND) {
+		*out = *listed;
+		out->pattern = pub->pattern;
+		out->next = NULL;
+	}
+	return st;
 }
 
 /* "143" and "0143" are one port; service names compare as written. */
@@ -141,7 +166,8 @@ static const struct route *
 find_in(const struct route *r, const char *host, const char *port)
 {
 	for (; r != NULL; r = r->next)
-		if (strcasecmp(r->host, host) == 0 && same_port(r->port, port))
+		if (!r->from_directory && strcasecmp(r->host, host) == 0 &&
+		    same_port(r->port, port))
 			return r;
 	return NULL;
 }

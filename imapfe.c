@@ -262,6 +262,24 @@ check_route_key(const char *kind, const char *key, char *err, size_t errlen)
 }
 
 /*
+ * HOST:PORT, or for "public PREFIX ldap" (no options: the server the
+ * directory names brings its own) a placeholder for the logs, never
+ * connected to and never matched by listed_server().
+ */
+static int
+route_target(struct route *r, const char *kind, const char *word,
+    int noptions)
+{
+	if (strcmp(kind, "public") != 0 || strcmp(word, "ldap") != 0)
+		return split_hostport(word, &r->host, &r->port);
+	if (noptions != 0 || (r->host = strdup("directory")) == NULL ||
+	    (r->port = strdup("0")) == NULL)
+		return -1;
+	r->from_directory = 1;
+	return 0;
+}
+
+/*
  * "route PATTERN HOST:PORT [opt=val ...]", "public PREFIX HOST:PORT ..."
  * or "server HOST:PORT ...": the last names a back-end that no line routes
  * to but that a referral or a directory answer may lead to.
@@ -285,12 +303,13 @@ add_route(struct config *cfg, char **w, int n, char *err, size_t errlen)
 		return -1;
 	if ((r = calloc(1, sizeof(*r))) == NULL ||
 	    (r->pattern = strdup(key)) == NULL ||
-	    split_hostport(w[target], &r->host, &r->port) != 0) {
+	    route_target(r, w[0], w[target], n - target - 1) != 0) {
 		if (r != NULL)
 			free(r->pattern);
 		free(r);
-		snprintf(err, errlen, "bad route target '%s' (HOST:PORT)",
-		    w[target]);
+		snprintf(err, errlen, "bad route target '%s' (HOST:PORT%s)",
+		    w[target], strcmp(w[0], "public") == 0 ?
+		    ", or ldap without options" : "");
 		return -1;
 	}
 	for (int i = target + 1; i < n; i++)
@@ -370,6 +389,7 @@ static const struct { const char *name; size_t offset; } string_keys[] = {
 	{ "ldap_sasl_mech", offsetof(struct config, ldap_sasl_mech) },
 	{ "ldap_search_base", offsetof(struct config, ldap_search_base) },
 	{ "ldap_filter", offsetof(struct config, ldap_filter) },
+	{ "ldap_public_filter", offsetof(struct config, ldap_public_filter) },
 	{ "ldap_host_attribute", offsetof(struct config, ldap_host_attribute) },
 	{ "ldap_port_attribute", offsetof(struct config, ldap_port_attribute) },
 	{ "ldap_ca_file", offsetof(struct config, ldap_ca_file) },
@@ -612,6 +632,12 @@ config_check_routing(struct config *cfg, const char *path, char *err,
 	}
 	for (size_t i = 0; i < cfg->route_order_len; i++)
 		uses_ldap |= cfg->route_order[i] == SRC_LDAP;
+	for (const struct route *r = cfg->publics; r != NULL; r = r->next)
+		if (r->from_directory && cfg->ldap_uri == NULL) {
+			snprintf(err, errlen, "%s: public %s ldap needs ldap_uri",
+			    path, r->pattern);
+			return -1;
+		}
 	if (uses_ldap && cfg->ldap_uri == NULL) {
 		snprintf(err, errlen, "%s: route_order ldap needs ldap_uri",
 		    path);

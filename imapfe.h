@@ -213,6 +213,7 @@ struct route {
 	char		*ca_path;
 	char		*client_cert;
 	char		*client_key;
+	int		 from_directory;	/* "public PREFIX ldap" */
 	struct route	*next;
 };
 
@@ -281,6 +282,7 @@ struct config {
 	char		*ldap_sasl_mech;	/* instead of a simple bind */
 	char		*ldap_search_base;
 	char		*ldap_filter;		/* template: %u, %n, %d */
+	char		*ldap_public_filter;	/* %u: a public prefix */
 	char		*ldap_host_attribute;
 	char		*ldap_port_attribute;
 	char		*ldap_ca_file;		/* NULL: backend_ca_file */
@@ -389,6 +391,9 @@ enum route_status {
 const struct route *route_lookup(const struct config *, const char *user);
 enum route_status route_find(const struct config *, const char *user,
 		    const struct route **, char *why, size_t whylen);
+enum route_status public_from_directory(const struct config *,
+		    const struct route *pub, struct route *out, char *why,
+		    size_t whylen);
 const struct route *listed_server(const struct config *, const char *host,
 		    const char *port);
 enum login_result backend_open(struct backend *, const struct config *,
@@ -438,7 +443,8 @@ enum dir_status {
 #define DIR_HOST_MAX	256
 #define DIR_PORT_MAX	8
 
-enum dir_status	 directory_lookup(const struct config *, const char *user,
+enum dir_status	 directory_lookup(const struct config *, const char *tmpl,
+		    const char *key,
 		    char host[DIR_HOST_MAX], char port[DIR_PORT_MAX],
 		    char *why, size_t whylen);
 int		 ldap_filter_escape(struct str *, const char *, size_t);

@@ -130,6 +130,7 @@ directory_check_config(struct config *cfg, char *err, size_t errlen)
 	int bad;
 
 	if (set_default(&cfg->ldap_filter, "(uid=%u)") != 0 ||
+	    set_default(&cfg->ldap_public_filter, "(cn=%u)") != 0 ||
 	    set_default(&cfg->ldap_host_attribute, "mailHost") != 0) {
 		snprintf(err, errlen, "out of memory");
 		return -1;
@@ -470,11 +471,12 @@ fail:
 /* the lookup */
 
 /*
- * The server holding user's mailbox, from the first directory server
+ * The server for key (a user, or a public prefix) as the filter template
+ * tmpl finds it, from the first directory server
  * that answers.  A server that fails is logged and the next one tried.
  */
 enum dir_status
-directory_lookup(const struct config *cfg, const char *user,
+directory_lookup(const struct config *cfg, const char *tmpl, const char *key,
     char host[DIR_HOST_MAX], char port[DIR_PORT_MAX], char *why,
     size_t whylen)
 {
@@ -483,8 +485,7 @@ directory_lookup(const struct config *cfg, const char *user,
 	char *uris, *uri, *save = NULL;
 
 	snprintf(why, whylen, "no ldap_uri");
-	if (ldap_filter_compose(&filter, cfg->ldap_filter, user,
-	    strlen(user)) != 0 || (uris = strdup(cfg->ldap_uri)) == NULL) {
+	if (ldap_filter_compose(&filter, tmpl, key, strlen(key)) != 0 || (uris = strdup(cfg->ldap_uri)) == NULL) {
 		str_free(&filter);
 		snprintf(why, whylen, "out of memory");
 		return DIR_UNAVAILABLE;

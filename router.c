@@ -38,6 +38,8 @@ struct scan {
 struct link {
 	int64_t		 last_used;	/* for keepalives */
 	const struct route *route;	/* NULL for the home back-end */
+	const struct route *conf;	/* the public line */
+	struct route	 found;		/* what the directory named for it */
 	struct backend	*be;		/* home: the session's; else &own */
 	struct backend	 own;
 	int		 up;
@@ -122,6 +124,13 @@ client_line(struct router *rt, const char *fmt, ...)
 /* ------------------------------------------------------------------ */
 /* links */
 
+/* A public server that failed is left alone for public_holddown. */
+static void
+hold_down(struct router *rt, struct link *l)
+{
+	l->retry_after = now_ms() + (int64_t)rt->cfg->public_holddown * 1000;
+}
+
 static void
 link_down(struct router *rt, int i, const char *why)
 {
@@ -133,7 +142,7 @@ link_down(struct router *rt, int i, const char *why)
 		    l->route->host, l->route->port, why);
 	backend_close(l->be);
 	l->up = 0;
-	l->retry_after = now_ms() + (int64_t)rt->cfg->public_holddown * 1000;
+	hold_down(rt, l);
 	memset(&l->sc, 0, sizeof(l->sc));
 	l->sc.at_line_start = 1;
 	/* The client still thinks a mailbox is selected: keep saying why not. */
@@ -157,6 +166,17 @@ link_up(struct router *rt, int i)
 		return 0;
 	if (now_ms() < l->retry_after)
 		return -1;
+	if (l->conf->from_directory &&
+	    public_from_directory(rt->cfg, l->conf, &l->found, why,
+	    sizeof(why)) != ROUTE_FOUND) {
+		log_msg(LOG_ERR, "event=public-failed user=\"%s\" prefix=\"%s\" "
+		    "reason=\"%s\" retry_in=%d", rt->user, l->conf->pattern, why,
+		    rt->cfg->public_holddown);
+		hold_down(rt, l);
+		return -1;
+	}
+	if (l->conf->from_directory)
+		l->route = &l->found;
 	res = backend_open_as(l->be, rt->cfg, l->route, rt->cr, rt->ci, why,
 	    sizeof(why));
 	if (res != LOGIN_OK) {
@@ -164,8 +184,7 @@ link_up(struct router *rt, int i)
 		    "backend=%s:%s reason=\"%s\" retry_in=%d", rt->user,
 		    l->route->pattern, l->route->host, l->route->port, why,
 		    rt->cfg->public_holddown);
-		l->retry_after = now_ms() +
-		    (int64_t)rt->cfg->public_holddown * 1000;
+		hold_down(rt, l);
 		return -1;
 	}
 	l->up = 1;
@@ -1754,7 +1773,7 @@ router_run(const struct config *cfg, struct iobuf *client,
 	rt.links[0].sc.at_line_start = 1;
 	n = 1;
 	for (const struct route *r = cfg->publics; r != NULL; r = r->next) {
-		rt.links[n].route = r;
+		rt.links[n].route = rt.links[n].conf = r;
 		rt.links[n].be = &rt.links[n].own;
 		rt.links[n].own.io.rfd = rt.links[n].own.io.wfd = -1;
 		n++;

@@ -431,6 +431,42 @@ def test_sasl_external_bind_over_ldapi(imapfe_factory, two_dovecots,
         s.close()
 
 
+def test_public_folder_server_from_directory(imapfe_factory, two_dovecots,
+                                            slapd):
+    """public PREFIX ldap: the directory names the public-folder server,
+    looked up when the session first needs it."""
+    from test_public import NEWS, PREFIX, public_server, q
+    a, b = two_dovecots
+    pub = public_server()
+    s = Slapd([person("alice", "127.0.0.1:%d" % a.port),
+               person("public-folders", "127.0.0.1:%d" % pub.port,
+                      cn=PREFIX)])
+    try:
+        public = 'public "%s" ldap\nserver 127.0.0.1:%d\n' % (PREFIX,
+                                                               pub.port)
+        for d, ok in ((s, True), (slapd, False)):
+            fe = imapfe_factory(ldap_config(two_dovecots, d.uri(), public),
+                                name="fe%d" % ok)
+            c = Raw(fe.start_inetd(), timeout=30)
+            assert c.cmd("a", "LOGIN alice secret")[-1].startswith("a OK")
+            sel = c.cmd("b", "SELECT %s" % q(NEWS))
+            c.cmd("z", "LOGOUT")
+            c.close()
+            if ok:
+                assert "* 3 EXISTS" in sel and sel[-1].startswith("b OK")
+                fe.wait_log('event=public-login user="alice" prefix="%s" '
+                            'backend=127.0.0.1:%d' % (PREFIX, pub.port))
+            else:
+                assert sel[-1].startswith("b NO [UNAVAILABLE]"), sel
+                fe.wait_log('event=public-failed user="alice" prefix="%s" '
+                            'reason="no entry"' % PREFIX)
+        # slapd logs filters normalized, in lower case.
+        assert 'filter="(cn=%s)"' % PREFIX.lower() in s.log_text()
+    finally:
+        s.close()
+        pub.close()
+
+
 @pytest.mark.parametrize("conf,why", [
     ("route_order ldap\nroute * 127.0.0.1:143\n", "needs ldap_uri"),
     ("ldap_uri ldap://127.0.0.1/\nroute * 127.0.0.1:143\n",
@@ -444,6 +480,9 @@ def test_sasl_external_bind_over_ldapi(imapfe_factory, two_dovecots,
      "route_order ldap ldap\nroute * 127.0.0.1:143\n", "route_order takes"),
     ("ldap_uri ldap://127.0.0.1/\nldap_search_base o=x\n"
      "route_order ldap\n", "configured servers"),
+    ("public P/ ldap\nroute * 127.0.0.1:143\n", "public P/ ldap needs"),
+    ("ldap_uri ldap://127.0.0.1/\nldap_search_base o=x\n"
+     "public P/ ldap tls=implicit\nroute * 127.0.0.1:143\n", "or ldap"),
 ])
 def test_config_errors(tmp_path, conf, why):
     from conftest import BIN
