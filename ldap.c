@@ -100,14 +100,24 @@ filter_is_plausible(const char *f)
 	if (*f != '(')
 		return 0;
 	for (; *f != '\0'; f++) {
-		if (depth == 0 && f[0] != '(')
-			return 0;	/* text after the closing parenthesis */
 		if (*f == '(')
 			depth++;
-		else if (*f == ')')
-			depth--;
+		else if (*f == ')' && --depth == 0 && f[1] != '\0')
+			return 0;	/* text after the closing parenthesis */
 	}
 	return depth == 0;
+}
+
+/* A template that composes into a plausible filter. */
+static int
+template_is_usable(const char *tmpl)
+{
+	struct str probe = { 0 };
+	int ok = ldap_filter_compose(&probe, tmpl, "u@d", 3) == 0 &&
+	    filter_is_plausible(probe.s);
+
+	str_free(&probe);
+	return ok;
 }
 
 static int
@@ -119,15 +129,13 @@ set_default(char **field, const char *val)
 }
 
 /*
- * Fill in the defaults, check the filter template, and load the bind
- * password now, while the configuration file's reader may still read it.
+ * Fill in the defaults, check the filter templates, and load the bind
+ * password once at start, as proxy_password_file is.
  */
 int
 directory_check_config(struct config *cfg, char *err, size_t errlen)
 {
-	struct str probe = { 0 };
 	char why[300];
-	int bad;
 
 	if (set_default(&cfg->ldap_filter, "(uid=%u)") != 0 ||
 	    set_default(&cfg->ldap_public_filter, "(cn=%u)") != 0 ||
@@ -141,12 +149,10 @@ directory_check_config(struct config *cfg, char *err, size_t errlen)
 		snprintf(err, errlen, "ldap_uri needs ldap_search_base");
 		return -1;
 	}
-	bad = ldap_filter_compose(&probe, cfg->ldap_filter, "u@d", 3) != 0 ||
-	    !filter_is_plausible(probe.s);
-	str_free(&probe);
-	if (bad) {
-		snprintf(err, errlen, "ldap_filter is not a filter template "
-		    "(%%u, %%n, %%d, %%%%)");
+	if (!template_is_usable(cfg->ldap_filter) ||
+	    !template_is_usable(cfg->ldap_public_filter)) {
+		snprintf(err, errlen, "ldap_filter or ldap_public_filter is not "
+		    "a filter template (%%u, %%n, %%d, %%%%)");
 		return -1;
 	}
 	if ((cfg->ldap_bind_dn == NULL) != (cfg->ldap_bind_password_file ==

@@ -477,6 +477,9 @@ def test_public_folder_server_from_directory(imapfe_factory, two_dovecots,
     ("ldap_uri ldap://127.0.0.1/\nldap_search_base o=x\n"
      "ldap_filter (uid=%x)\nroute * 127.0.0.1:143\n", "ldap_filter"),
     ("ldap_uri ldap://127.0.0.1/\nldap_search_base o=x\n"
+     "ldap_public_filter (cn=%u)(x=y)\nroute * 127.0.0.1:143\n",
+     "ldap_public_filter"),
+    ("ldap_uri ldap://127.0.0.1/\nldap_search_base o=x\n"
      "route_order ldap ldap\nroute * 127.0.0.1:143\n", "route_order takes"),
     ("ldap_uri ldap://127.0.0.1/\nldap_search_base o=x\n"
      "route_order ldap\n", "configured servers"),
