@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 
 import pytest
@@ -341,6 +342,31 @@ def test_directory_that_never_answers(imapfe_factory, two_dovecots):
     assert line.startswith("a NO [UNAVAILABLE]"), line
     fe.wait_log("event=ldap-failed")
     assert 1.5 <= took < 2 * 2 * SLOW + 5, took
+
+
+def test_directory_that_answers_garbage(imapfe_factory, two_dovecots,
+                                       slapd):
+    """A first server that answers every connection with bytes that are
+    not LDAP, then the real slapd: the login still succeeds."""
+    with socket.socket() as bad:
+        bad.bind(("127.0.0.1", 0))
+        bad.listen(8)
+
+        def answer_garbage():
+            conn, _ = bad.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"\x30\x84\xff\xff\xff\xff" + b"junk" * 64)
+        t = threading.Thread(target=answer_garbage, daemon=True)
+        t.start()
+        uri = "ldap://127.0.0.1:%d/" % bad.getsockname()[1]
+        fe = imapfe_factory(ldap_config(two_dovecots,
+                                        "%s %s" % (uri, slapd.uri())))
+        line, took = login(fe.start_inetd(), "alice", USERS["alice"])
+        t.join(10 * SLOW)
+    assert line.startswith("a OK"), line
+    fe.wait_log('event=ldap-failed uri="%s" reason="search: ' % uri)
+    assert took < 2 * SLOW + 5, took
 
 
 def test_failover_to_second_slapd(imapfe_factory, two_dovecots, unlisted,
