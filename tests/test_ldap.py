@@ -5,10 +5,11 @@ port, holding test users and their mailHost.
 Covers routing to two Dovecots by directory entry, route_order with the
 route lines, the RFC 4515 escaping of user names (checked in slapd's own
 log of the filters it received), a directory that is down, one that
-accepts and never answers, one that is stopped (SIGSTOP), failover to a
-second slapd, StartTLS and ldaps with verified certificates, a simple bind
-with a password file, and directory answers that name an unlisted server
-or garbage.
+accepts and never answers, one that answers garbage, one that is stopped
+(SIGSTOP), failover to a second slapd, StartTLS and ldaps with verified
+certificates, a simple bind with a password file, SASL EXTERNAL over
+ldapi, directory answers that name an unlisted server or garbage, a
+public-folder server named by the directory, and configuration errors.
 """
 import os
 import shutil
