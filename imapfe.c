@@ -456,6 +456,7 @@ static int
 set_route_order(struct config *cfg, char **w, int n, char *err,
     size_t errlen)
 {
+	/* In enum route_source's order. */
 	static const char *const names[] = { "routes", "user", "domain",
 	    "default", "ldap" };
 	unsigned seen = 0;
@@ -624,9 +625,10 @@ config_check_routing(struct config *cfg, const char *path, char *err,
 	char why[200];
 	int uses_ldap = 0;
 
-	if (cfg->route_order_len == 0 && cfg->ldap_uri == NULL)
-		cfg->route_order_len = 1;	/* SRC_ROUTES */
-	else if (cfg->route_order_len == 0) {
+	if (cfg->route_order_len == 0 && cfg->ldap_uri == NULL) {
+		cfg->route_order[0] = SRC_ROUTES;
+		cfg->route_order_len = 1;
+	} else if (cfg->route_order_len == 0) {
 		memcpy(cfg->route_order, with_ldap, sizeof(with_ldap));
 		cfg->route_order_len = sizeof(with_ldap) / sizeof(*with_ldap);
 	}
