@@ -9,7 +9,11 @@
  * answers decides, unless it fails.  The caller checks that the answer
  * names a configured back-end.
  */
+#include <sys/socket.h>
+
 #include <ctype.h>
+#include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -200,16 +204,113 @@ set_tls_options(LDAP *ld, const struct config *cfg)
 	return ldap_set_option(ld, LDAP_OPT_X_TLS_NEWCTX, &server);
 }
 
-static int
-set_options(LDAP *ld, const struct config *cfg)
+/*
+ * libldap's timeouts cover the TCP connect and each wait for an answer,
+ * but its TLS handshake (ldaps://, StartTLS) retries a read that would
+ * block without waiting or giving up: a server that accepts and never
+ * speaks TLS would hold the login, and a CPU, until it closed.  A layer
+ * under TLS makes every read and write wait at most ldap_timeout for the
+ * socket and then fail for good.
+ */
+static ber_slen_t
+wait_then(Sockbuf_IO_Desc *sbiod, void *buf, ber_len_t len, int writing)
 {
-	struct timeval tv = { cfg->ldap_timeout, 0 };
+	const struct timeval *tv = sbiod->sbiod_pvt;
+	int64_t deadline = now_ms() + (int64_t)tv->tv_sec * 1000;
+	struct pollfd pfd = { .events = writing ? POLLOUT : POLLIN };
+	ber_socket_t fd;
+
+	if (ber_sockbuf_ctrl(sbiod->sbiod_sb, LBER_SB_OPT_GET_FD, &fd) != 1)
+		fd = -1;
+	pfd.fd = fd;
+	for (;;) {
+		ber_slen_t n = writing ? LBER_SBIOD_WRITE_NEXT(sbiod, buf, len) :
+		    LBER_SBIOD_READ_NEXT(sbiod, buf, len);
+		int64_t left = deadline - now_ms();
+
+		if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK) ||
+		    fd < 0)
+			return n;
+		if (left <= 0 || poll(&pfd, 1, (int)left) == 0) {
+			errno = ETIMEDOUT;
+			return -1;
+		}
+	}
+}
+
+static ber_slen_t
+timed_read(Sockbuf_IO_Desc *sbiod, void *buf, ber_len_t len)
+{
+	return wait_then(sbiod, buf, len, 0);
+}
+
+static ber_slen_t
+timed_write(Sockbuf_IO_Desc *sbiod, void *buf, ber_len_t len)
+{
+	return wait_then(sbiod, buf, len, 1);
+}
+
+static int
+timed_setup(Sockbuf_IO_Desc *sbiod, void *arg)
+{
+	sbiod->sbiod_pvt = arg;
+	return 0;
+}
+
+static int
+timed_ctrl(Sockbuf_IO_Desc *sbiod, int opt, void *arg)
+{
+	return LBER_SBIOD_CTRL_NEXT(sbiod, opt, arg);
+}
+
+static Sockbuf_IO timed_io = {
+	.sbi_setup = timed_setup,
+	.sbi_ctrl = timed_ctrl,
+	.sbi_read = timed_read,
+	.sbi_write = timed_write,
+};
+
+/* Each new connection gets the layer, just above the socket's own. */
+static int
+on_connect(LDAP *ld, Sockbuf *sb, LDAPURLDesc *srv, struct sockaddr *addr,
+    struct ldap_conncb *cb)
+{
+	(void)ld;
+	(void)srv;
+	(void)addr;
+	return ber_sockbuf_add_io(sb, &timed_io, LBER_SBIOD_LEVEL_PROVIDER + 1,
+	    cb->lc_arg) == 0 ? 0 : -1;
+}
+
+static void
+on_close(LDAP *ld, Sockbuf *sb, struct ldap_conncb *cb)
+{
+	(void)ld;
+	(void)sb;
+	(void)cb;
+}
+
+/* What a handle needs to time out: owned by the caller, outlives it. */
+struct timeouts {
+	struct timeval	 tv;
+	ldap_conncb	 cb;
+};
+
+static int
+set_options(LDAP *ld, const struct config *cfg, struct timeouts *t)
+{
 	int v3 = LDAP_VERSION3;
 
+	t->tv.tv_sec = cfg->ldap_timeout;
+	t->tv.tv_usec = 0;
+	t->cb.lc_add = on_connect;
+	t->cb.lc_del = on_close;
+	t->cb.lc_arg = &t->tv;
 	if (ldap_set_option(ld, LDAP_OPT_PROTOCOL_VERSION, &v3) != 0 ||
 	    ldap_set_option(ld, LDAP_OPT_REFERRALS, LDAP_OPT_OFF) != 0 ||
-	    ldap_set_option(ld, LDAP_OPT_NETWORK_TIMEOUT, &tv) != 0 ||
-	    ldap_set_option(ld, LDAP_OPT_TIMEOUT, &tv) != 0)
+	    ldap_set_option(ld, LDAP_OPT_NETWORK_TIMEOUT, &t->tv) != 0 ||
+	    ldap_set_option(ld, LDAP_OPT_TIMEOUT, &t->tv) != 0 ||
+	    ldap_set_option(ld, LDAP_OPT_CONNECT_CB, &t->cb) != 0)
 		return -1;
 	return set_tls_options(ld, cfg);
 }
@@ -447,12 +548,13 @@ lookup_at(const struct config *cfg, const char *uri, const char *filter,
 {
 	enum dir_status st = DIR_UNAVAILABLE;
 	const char *step = "setup";
+	struct timeouts t;
 	LDAP *ld = NULL;
 	int rc;
 
 	if ((rc = ldap_initialize(&ld, uri)) != LDAP_SUCCESS)
 		goto fail;
-	if (set_options(ld, cfg) != 0) {
+	if (set_options(ld, cfg, &t) != 0) {
 		rc = LDAP_OTHER;
 		goto fail;
 	}

@@ -331,13 +331,20 @@ def test_directory_down(imapfe_factory, two_dovecots):
     assert took < 10 * SLOW
 
 
-def test_directory_that_never_answers(imapfe_factory, two_dovecots):
-    """A server that accepts (the kernel's backlog) and never answers."""
+@pytest.mark.parametrize("scheme,extra", [("ldap", ""),
+                                          ("ldap", "ldap_starttls yes\n"),
+                                          ("ldaps", "")])
+def test_directory_that_never_answers(imapfe_factory, two_dovecots, scheme,
+                                      extra):
+    """A server that accepts (the kernel's backlog) and never answers: not
+    the search, nor StartTLS, nor the TLS handshake."""
     with socket.socket() as mute:
         mute.bind(("127.0.0.1", 0))
         mute.listen(8)
         fe = imapfe_factory(ldap_config(
-            two_dovecots, "ldap://127.0.0.1:%d/" % mute.getsockname()[1]))
+            two_dovecots, "%s://127.0.0.1:%d/" % (scheme,
+                                                 mute.getsockname()[1]),
+            extra))
         port = fe.start_inetd()
         line, took = login(port, "alice", USERS["alice"])
     assert line.startswith("a NO [UNAVAILABLE]"), line
