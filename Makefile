@@ -8,18 +8,19 @@ EXAMPLESDIR ?= $(PREFIX)/share/examples/imapfe
 DESTDIR	?=
 
 CC	?= cc
-PKGS	 = libsasl2 openssl
+PKGS	 = libsasl2 openssl ldap
 CFLAGS	?= -O2 -g
 CFLAGS	+= -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wformat=2 \
 	   -Wstrict-prototypes -Wmissing-prototypes
 CPPFLAGS += $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-LDLIBS	+= $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lsasl2 -lssl -lcrypto)
+LDLIBS	+= $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lsasl2 -lssl -lcrypto -lldap)
 
-SRCS	 = imapfe.c auth.c backend.c proto.c iobuf.c tls.c router.c proxyproto.c
+SRCS	 = imapfe.c auth.c backend.c proto.c iobuf.c tls.c router.c \
+	   proxyproto.c ldap.c
 OBJS	 = $(SRCS:.c=.o)
 HDRS	 = imapfe.h
 # The parts the C unit tests and fuzzers link without main().
-LIBSRCS	 = auth.c backend.c proto.c iobuf.c tls.c proxyproto.c
+LIBSRCS	 = auth.c backend.c proto.c iobuf.c tls.c proxyproto.c ldap.c
 
 # Super-server and systemd files, installed as examples (nothing enabled)
 # with the binary's installed path.

@@ -51,6 +51,106 @@ route_lookup(const struct config *cfg, const char *user)
 	return NULL;
 }
 
+/* Which kind of route line a pattern is, for route_order. */
+static enum route_source
+route_kind(const char *pattern)
+{
+	if (strcmp(pattern, "*") == 0)
+		return SRC_DEFAULT;
+	return strncmp(pattern, "*@", 2) == 0 ? SRC_DOMAIN : SRC_USER;
+}
+
+static const struct route *
+route_lookup_kind(const struct config *cfg, const char *user,
+    enum route_source kind)
+{
+	for (const struct route *r = cfg->routes; r != NULL; r = r->next)
+		if (route_kind(r->pattern) == kind &&
+		    route_matches(r->pattern, user))
+			return r;
+	return NULL;
+}
+
+/*
+ * The directory's answer, allowed only when it names a configured
+ * back-end: a directory entry cannot send imapfe anywhere else.
+ */
+static enum route_status
+route_from_directory(const struct config *cfg, const char *tmpl,
+    const char *key, const struct route **out, char *why, size_t whylen)
+{
+	char host[DIR_HOST_MAX], port[DIR_PORT_MAX], clean[DIR_HOST_MAX];
+
+	switch (directory_lookup(cfg, tmpl, key, host, port, why, whylen)) {
+	case DIR_UNKNOWN:
+		return ROUTE_UNKNOWN;
+	case DIR_UNAVAILABLE:
+		return ROUTE_UNAVAILABLE;
+	case DIR_FOUND:
+		break;
+	}
+	if ((*out = listed_server(cfg, host, port)) != NULL)
+		return ROUTE_FOUND;
+	sanitize(clean, sizeof(clean), host, strlen(host));
+	snprintf(why, whylen, "directory names %s:%s, which is not a "
+	    "configured server", clean, port);
+	return ROUTE_UNAVAILABLE;
+}
+
+/*
+ * The user's back-end from the sources in route_order; the first that
+ * knows the user decides.  A failing source ends the search: answering
+ * from a later one (a "*" default, say) would send the user to a server
+ * that does not hold the mailbox.
+ */
+enum route_status
+route_find(const struct config *cfg, const char *user,
+    const struct route **out, char *why, size_t whylen)
+{
+	snprintf(why, whylen, "no route for user");
+	for (size_t i = 0; i < cfg->route_order_len; i++) {
+		enum route_source src = cfg->route_order[i];
+		enum route_status st;
+
+		if (src == SRC_LDAP) {
+			st = route_from_directory(cfg, cfg->ldap_filter, user,
+			    out, why, whylen);
+			if (st != ROUTE_UNKNOWN)
+				return st;
+			continue;
+		}
+		*out = src == SRC_ROUTES ? route_lookup(cfg, user) :
+		    route_lookup_kind(cfg, user, src);
+		if (*out != NULL)
+			return ROUTE_FOUND;
+	}
+	return ROUTE_UNKNOWN;
+}
+
+/*
+ * The server of a "public PREFIX ldap" line, as the directory names it
+ * now: the listed server's line, with the public line's prefix.  *out is
+ * a copy that borrows every string from the configuration.
+ */
+enum route_status
+public_from_directory(const struct config *cfg, const struct route *pub,
+    struct route *out, char *why, size_t whylen)
+{
+	const struct route *listed;
+	enum route_status st;
+
+	st = route_from_directory(cfg, cfg->ldap_public_filter, pub->pattern,
+	    &listed, why, whylen);
+	if (st == ROUTE_UNKNOWN)
+		return ROUTE_UNAVAILABLE;	/* the prefix still has no server */
+	if (st == ROUTE_FOUND) {
+		*out = *listed;
+		out->pattern = pub->pattern;
+		out->next = NULL;
+	}
+	return st;
+}
+
 /* "143" and "0143" are one port; service names compare as written. */
 static int
 same_port(const char *a, const char *b)
@@ -67,7 +167,8 @@ static const struct route *
 find_in(const struct route *r, const char *host, const char *port)
 {
 	for (; r != NULL; r = r->next)
-		if (strcasecmp(r->host, host) == 0 && same_port(r->port, port))
+		if (!r->from_directory && strcasecmp(r->host, host) == 0 &&
+		    same_port(r->port, port))
 			return r;
 	return NULL;
 }

@@ -89,6 +89,7 @@ config_defaults(struct config *cfg)
 	cfg->max_sessions = 1000;
 	cfg->syslog_facility = LOG_MAIL;
 	cfg->proxy_protocol_timeout = 10;
+	cfg->ldap_timeout = 5;
 }
 
 /* Split a configuration line into words; "..." quotes, \ escapes. */
@@ -267,6 +268,24 @@ check_route_key(const char *kind, const char *key, char *err, size_t errlen)
 }
 
 /*
+ * HOST:PORT, or for "public PREFIX ldap" (no options: the server the
+ * directory names brings its own) a placeholder for the logs, never
+ * connected to and never matched by listed_server().
+ */
+static int
+route_target(struct route *r, const char *kind, const char *word,
+    int noptions)
+{
+	if (strcmp(kind, "public") != 0 || strcmp(word, "ldap") != 0)
+		return split_hostport(word, &r->host, &r->port);
+	if (noptions != 0 || (r->host = strdup("directory")) == NULL ||
+	    (r->port = strdup("0")) == NULL)
+		return -1;
+	r->from_directory = 1;
+	return 0;
+}
+
+/*
  * "route PATTERN HOST:PORT [opt=val ...]", "public PREFIX HOST:PORT ..."
  * or "server HOST:PORT ...": the last names a back-end that no line routes
  * to but that a referral or a directory answer may lead to.
@@ -290,12 +309,13 @@ add_route(struct config *cfg, char **w, int n, char *err, size_t errlen)
 		return -1;
 	if ((r = calloc(1, sizeof(*r))) == NULL ||
 	    (r->pattern = strdup(key)) == NULL ||
-	    split_hostport(w[target], &r->host, &r->port) != 0) {
+	    route_target(r, w[0], w[target], n - target - 1) != 0) {
 		if (r != NULL)
 			free(r->pattern);
 		free(r);
-		snprintf(err, errlen, "bad route target '%s' (HOST:PORT)",
-		    w[target]);
+		snprintf(err, errlen, "bad route target '%s' (HOST:PORT%s)",
+		    w[target], strcmp(w[0], "public") == 0 ?
+		    ", or ldap without options" : "");
 		return -1;
 	}
 	for (int i = target + 1; i < n; i++)
@@ -354,6 +374,7 @@ static const struct int_key int_keys[] = {
 	    0, 65536, 0 },
 	{ "proxy_protocol_timeout", offsetof(struct config,
 	    proxy_protocol_timeout), 1, 600, 0 },
+	{ "ldap_timeout", offsetof(struct config, ldap_timeout), 1, 300, 0 },
 };
 
 /* Directives whose value is kept as given (file names, mostly). */
@@ -375,6 +396,17 @@ static const struct { const char *name; size_t offset; } string_keys[] = {
 	{ "user", offsetof(struct config, run_user) },
 	{ "group", offsetof(struct config, run_group) },
 	{ "chroot", offsetof(struct config, chroot_dir) },
+	{ "ldap_uri", offsetof(struct config, ldap_uri) },
+	{ "ldap_bind_dn", offsetof(struct config, ldap_bind_dn) },
+	{ "ldap_bind_password_file", offsetof(struct config,
+	    ldap_bind_password_file) },
+	{ "ldap_sasl_mech", offsetof(struct config, ldap_sasl_mech) },
+	{ "ldap_search_base", offsetof(struct config, ldap_search_base) },
+	{ "ldap_filter", offsetof(struct config, ldap_filter) },
+	{ "ldap_public_filter", offsetof(struct config, ldap_public_filter) },
+	{ "ldap_host_attribute", offsetof(struct config, ldap_host_attribute) },
+	{ "ldap_port_attribute", offsetof(struct config, ldap_port_attribute) },
+	{ "ldap_ca_file", offsetof(struct config, ldap_ca_file) },
 };
 
 static int
@@ -462,6 +494,60 @@ add_proxy_trusted(struct config *cfg, char **w, int n, char *err,
 	return 0;
 }
 
+/* "route_order SOURCE ...": each source at most once. */
+static int
+set_route_order(struct config *cfg, char **w, int n, char *err,
+    size_t errlen)
+{
+	/* In enum route_source's order. */
+	static const char *const names[] = { "routes", "user", "domain",
+	    "default", "ldap" };
+	unsigned seen = 0;
+
+	if (n < 2 || n - 1 > ROUTE_SOURCES_MAX)
+		goto bad;
+	for (int i = 1; i < n; i++) {
+		size_t k = 0;
+
+		while (k < sizeof(names) / sizeof(*names) &&
+		    strcmp(w[i], names[k]) != 0)
+			k++;
+		if (k == sizeof(names) / sizeof(*names) || (seen & (1u << k)))
+			goto bad;
+		seen |= 1u << k;
+		cfg->route_order[i - 1] = (enum route_source)k;
+	}
+	cfg->route_order_len = (size_t)(n - 1);
+	return 0;
+bad:
+	snprintf(err, errlen, "route_order takes routes, user, domain, "
+	    "default and ldap, each at most once");
+	return -1;
+}
+
+/* "ldap_uri URI [URI ...]": kept space-separated, in order. */
+static int
+set_ldap_uri(struct config *cfg, char **w, int n, char *err, size_t errlen)
+{
+	struct str all = { 0 };
+	int ok = n >= 2;
+
+	for (int i = 1; ok && i < n; i++)
+		ok = (strncasecmp(w[i], "ldap://", 7) == 0 ||
+		    strncasecmp(w[i], "ldaps://", 8) == 0 ||
+		    strncasecmp(w[i], "ldapi://", 8) == 0) &&
+		    str_printf(&all, "%s%s", i > 1 ? " " : "", w[i]) == 0;
+	if (!ok) {
+		str_free(&all);
+		snprintf(err, errlen, "ldap_uri takes ldap://, ldaps:// or "
+		    "ldapi:// URIs");
+		return -1;
+	}
+	free(cfg->ldap_uri);
+	cfg->ldap_uri = all.s;
+	return 0;
+}
+
 static int
 config_line(struct config *cfg, char **w, int n, char *err, size_t errlen)
 {
@@ -470,6 +556,10 @@ config_line(struct config *cfg, char **w, int n, char *err, size_t errlen)
 		return add_route(cfg, w, n, err, errlen);
 	if (strcmp(w[0], "proxy_protocol_trusted") == 0)
 		return add_proxy_trusted(cfg, w, n, err, errlen);
+	if (strcmp(w[0], "route_order") == 0)
+		return set_route_order(cfg, w, n, err, errlen);
+	if (strcmp(w[0], "ldap_uri") == 0)
+		return set_ldap_uri(cfg, w, n, err, errlen);
 	if (n != 2) {
 		snprintf(err, errlen, "%s takes one value", w[0]);
 		return -1;
@@ -499,6 +589,11 @@ config_line(struct config *cfg, char **w, int n, char *err, size_t errlen)
 	}
 	if (strcmp(w[0], "forward_id") == 0) {
 		if (parse_bool(w[1], &cfg->forward_id) != 0)
+			goto bad;
+		return 0;
+	}
+	if (strcmp(w[0], "ldap_starttls") == 0) {
+		if (parse_bool(w[1], &cfg->ldap_starttls) != 0)
 			goto bad;
 		return 0;
 	}
@@ -559,6 +654,56 @@ config_check_tls(struct config *cfg, const char *path, char *err,
 		return 0;
 	snprintf(err, errlen, "%s: %s", path, why);
 	return -1;
+}
+
+/*
+ * Without route_order: route lines in file order, as before the
+ * directory existed; with ldap_uri, the user's own line first, then the
+ * directory, then the *@domain and "*" lines as fallbacks.
+ */
+static int
+config_check_routing(struct config *cfg, const char *path, char *err,
+    size_t errlen)
+{
+	static const enum route_source with_ldap[] = { SRC_USER, SRC_LDAP,
+	    SRC_DOMAIN, SRC_DEFAULT };
+	char why[200];
+	int uses_ldap = 0;
+
+	if (cfg->route_order_len == 0 && cfg->ldap_uri == NULL) {
+		cfg->route_order[0] = SRC_ROUTES;
+		cfg->route_order_len = 1;
+	} else if (cfg->route_order_len == 0) {
+		memcpy(cfg->route_order, with_ldap, sizeof(with_ldap));
+		cfg->route_order_len = sizeof(with_ldap) / sizeof(*with_ldap);
+	}
+	for (size_t i = 0; i < cfg->route_order_len; i++)
+		uses_ldap |= cfg->route_order[i] == SRC_LDAP;
+	for (const struct route *r = cfg->publics; r != NULL; r = r->next)
+		if (r->from_directory && cfg->ldap_uri == NULL) {
+			snprintf(err, errlen, "%s: public %s ldap needs ldap_uri",
+			    path, r->pattern);
+			return -1;
+		}
+	if (uses_ldap && cfg->ldap_uri == NULL) {
+		snprintf(err, errlen, "%s: route_order ldap needs ldap_uri",
+		    path);
+		return -1;
+	}
+	if (!uses_ldap && cfg->routes == NULL) {
+		snprintf(err, errlen, "%s: no route configured", path);
+		return -1;
+	}
+	if (uses_ldap && cfg->routes == NULL && cfg->servers == NULL) {
+		snprintf(err, errlen, "%s: the directory may name only "
+		    "configured servers: add route or server lines", path);
+		return -1;
+	}
+	if (directory_check_config(cfg, why, sizeof(why)) != 0) {
+		snprintf(err, errlen, "%s: %s", path, why);
+		return -1;
+	}
+	return 0;
 }
 
 /* auth proxy needs an identity and its password; load the password now. */
@@ -626,10 +771,8 @@ config_load(struct config *cfg, const char *path, char *err, size_t errlen)
 			snprintf(err, errlen, "%s:%d: %s", path, lineno, msg);
 	}
 	fclose(f);
-	if (rc == 0 && cfg->routes == NULL) {
-		snprintf(err, errlen, "%s: no route configured", path);
-		rc = -1;
-	}
+	if (rc == 0)
+		rc = config_check_routing(cfg, path, err, errlen);
 	if (rc == 0)
 		rc = config_check_tls(cfg, path, err, errlen);
 	if (rc == 0)
@@ -666,6 +809,10 @@ config_free(struct config *cfg)
 	if (cfg->proxy != NULL) {
 		credentials_clear(cfg->proxy);
 		free(cfg->proxy);
+	}
+	if (cfg->ldap_bind != NULL) {
+		credentials_clear(cfg->ldap_bind);
+		free(cfg->ldap_bind);
 	}
 	for (size_t i = 0; i < sizeof(string_keys) / sizeof(*string_keys);
 	    i++)
@@ -1124,7 +1271,8 @@ login_failed(struct session *s, const char *tag, const char *code,
 static void
 do_login(struct session *s, const char *tag, const char *method)
 {
-	const struct route *r;
+	const struct route *r = NULL;
+	enum route_status rs;
 	enum login_result res;
 	char why[256];
 	char *caps;
@@ -1141,12 +1289,18 @@ do_login(struct session *s, const char *tag, const char *method)
 		    "Authentication failed.");
 		return;
 	}
-	if ((r = route_lookup(s->cfg, s->cred.user)) == NULL) {
-		log_msg(LOG_NOTICE, "event=login-failed user=\"%s\" "
-		    "method=%s reason=\"no route for user\"", s->user, method);
+	if ((rs = route_find(s->cfg, s->cred.user, &r, why, sizeof(why))) !=
+	    ROUTE_FOUND) {
+		log_msg(rs == ROUTE_UNKNOWN ? LOG_NOTICE : LOG_ERR,
+		    "event=login-failed user=\"%s\" method=%s reason=\"%s\"",
+		    s->user, method, why);
 		credentials_clear(&s->cred);
-		login_failed(s, tag, "AUTHENTICATIONFAILED",
-		    "Authentication failed.");
+		if (rs == ROUTE_UNKNOWN)
+			login_failed(s, tag, "AUTHENTICATIONFAILED",
+			    "Authentication failed.");
+		else
+			login_failed(s, tag, "UNAVAILABLE", "Back-end server "
+			    "unavailable, try again later.");
 		return;
 	}
 	if (s->ci.ttl <= 0) {

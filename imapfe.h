@@ -12,6 +12,7 @@
  *              deadlines
  *   tls.c      TLS contexts: certificates, ticket keys, verification
  *   proxyproto.c  HAProxy's PROXY protocol header from a load balancer
+ *   ldap.c     directory lookups: which server holds a user's mailbox
  */
 #ifndef IMAPFE_H
 #define IMAPFE_H
@@ -237,6 +238,7 @@ struct route {
 	char		*client_cert;
 	char		*client_key;
 	SSL_CTX		*ssl_ctx;	/* preloaded, or NULL: load when used */
+	int		 from_directory;	/* "public PREFIX ldap" */
 	struct route	*next;
 };
 
@@ -246,6 +248,20 @@ struct cidr {
 	unsigned char	 addr[16];
 	int		 bits;
 };
+
+/*
+ * Where route_find() looks for a user's server, in the order the admin
+ * sets with route_order: route lines in file order, or only those naming
+ * the user, a *@domain, or "*"; and the directory.
+ */
+enum route_source {
+	SRC_ROUTES = 0,
+	SRC_USER,
+	SRC_DOMAIN,
+	SRC_DEFAULT,
+	SRC_LDAP
+};
+#define ROUTE_SOURCES_MAX	5
 
 enum plaintext_policy { PLAINTEXT_NO = 0, PLAINTEXT_YES, PLAINTEXT_LOOPBACK };
 enum auth_mode { AUTH_PASSTHROUGH = 0, AUTH_PROXY };
@@ -297,6 +313,21 @@ struct config {
 	struct cidr	*proxy_trusted;		/* must send a PROXY header */
 	size_t		 proxy_trusted_n;
 	int		 proxy_protocol_timeout;	/* seconds */
+	enum route_source route_order[ROUTE_SOURCES_MAX];
+	size_t		 route_order_len;	/* 0 until config_load ends */
+	char		*ldap_uri;		/* URIs, space-separated */
+	char		*ldap_bind_dn;
+	char		*ldap_bind_password_file;
+	char		*ldap_sasl_mech;	/* instead of a simple bind */
+	char		*ldap_search_base;
+	char		*ldap_filter;		/* template: %u, %n, %d */
+	char		*ldap_public_filter;	/* %u: a public prefix */
+	char		*ldap_host_attribute;
+	char		*ldap_port_attribute;
+	char		*ldap_ca_file;		/* NULL: backend_ca_file */
+	int		 ldap_starttls;
+	int		 ldap_timeout;		/* seconds, per server */
+	struct credentials *ldap_bind;		/* DN and password */
 };
 
 int		 config_load(struct config *, const char *path, char *err,
@@ -419,8 +450,18 @@ config_routed(const struct config *cfg)
 {
 	return cfg->publics != NULL || cfg->servers != NULL;
 }
+enum route_status {
+	ROUTE_FOUND = 0,
+	ROUTE_UNKNOWN,		/* no source knows the user */
+	ROUTE_UNAVAILABLE	/* a source failed, or named an unlisted server */
+};
 
 const struct route *route_lookup(const struct config *, const char *user);
+enum route_status route_find(const struct config *, const char *user,
+		    const struct route **, char *why, size_t whylen);
+enum route_status public_from_directory(const struct config *,
+		    const struct route *pub, struct route *out, char *why,
+		    size_t whylen);
 const struct route *listed_server(const struct config *, const char *host,
 		    const char *port);
 const struct route *referral_target(const struct config *, const char *text,
@@ -464,6 +505,28 @@ enum router_end {
 enum router_end	 router_run(const struct config *, struct iobuf *client,
 		    struct backend *home, const struct credentials *,
 		    const struct client_info *, const char *user);
+
+/* ------------------------------------------------------------------ */
+/* ldap.c: directory lookups */
+
+enum dir_status {
+	DIR_FOUND = 0,
+	DIR_UNKNOWN,		/* no entry, or one without the host */
+	DIR_UNAVAILABLE		/* every server failed, or answered garbage */
+};
+
+#define DIR_HOST_MAX	256
+#define DIR_PORT_MAX	8
+
+enum dir_status	 directory_lookup(const struct config *, const char *tmpl,
+		    const char *key,
+		    char host[DIR_HOST_MAX], char port[DIR_PORT_MAX],
+		    char *why, size_t whylen);
+int		 ldap_filter_escape(struct str *, const char *, size_t);
+int		 ldap_filter_compose(struct str *, const char *tmpl,
+		    const char *user, size_t len);
+int		 directory_check_config(struct config *, char *err,
+		    size_t errlen);
 
 #define IMAPFE_GREETING_MARK	"imapfe ready"
 #define MAX_BACKEND_LINE	65536

@@ -39,6 +39,8 @@ struct scan {
 struct link {
 	int64_t		 last_used;	/* for keepalives */
 	const struct route *route;	/* NULL for the home back-end */
+	const struct route *conf;	/* its public (or server) line */
+	struct route	 found;		/* what the directory named for it */
 	int		 public;	/* a public line's, not a referral's */
 	struct backend	*be;		/* home: the session's; else &own */
 	struct backend	 own;
@@ -126,10 +128,17 @@ client_line(struct router *rt, const char *fmt, ...)
 /* ------------------------------------------------------------------ */
 /* links */
 
+/* A public server that failed is left alone for public_holddown. */
+static void
+hold_down(struct router *rt, struct link *l)
+{
+	l->retry_after = now_ms() + (int64_t)rt->cfg->public_holddown * 1000;
+}
+
 static void
 link_init(struct link *l, const struct route *r)
 {
-	l->route = r;
+	l->route = l->conf = r;
 	l->be = &l->own;
 	l->own.io.rfd = l->own.io.wfd = -1;
 }
@@ -158,7 +167,7 @@ link_down(struct router *rt, int i, const char *why)
 		    link_prefix(l), l->route->host, l->route->port, why);
 	backend_close(l->be);
 	l->up = 0;
-	l->retry_after = now_ms() + (int64_t)rt->cfg->public_holddown * 1000;
+	hold_down(rt, l);
 	memset(&l->sc, 0, sizeof(l->sc));
 	l->sc.at_line_start = 1;
 	/* The client still thinks a mailbox is selected: keep saying why not. */
@@ -182,6 +191,17 @@ link_up(struct router *rt, int i)
 		return 0;
 	if (now_ms() < l->retry_after)
 		return -1;
+	if (l->conf->from_directory &&
+	    public_from_directory(rt->cfg, l->conf, &l->found, why,
+	    sizeof(why)) != ROUTE_FOUND) {
+		log_msg(LOG_ERR, "event=public-failed user=\"%s\" prefix=\"%s\" "
+		    "reason=\"%s\" retry_in=%d", rt->user, l->conf->pattern, why,
+		    rt->cfg->public_holddown);
+		hold_down(rt, l);
+		return -1;
+	}
+	if (l->conf->from_directory)
+		l->route = &l->found;
 	res = backend_login(l->be, rt->cfg, l->route, rt->cr, rt->ci, rt->user,
 	    why, sizeof(why));
 	if (res != LOGIN_OK) {
@@ -189,8 +209,7 @@ link_up(struct router *rt, int i)
 		    "backend=%s:%s reason=\"%s\" retry_in=%d", link_kind(l),
 		    rt->user, link_prefix(l), l->route->host, l->route->port,
 		    why, rt->cfg->public_holddown);
-		l->retry_after = now_ms() +
-		    (int64_t)rt->cfg->public_holddown * 1000;
+		hold_down(rt, l);
 		return -1;
 	}
 	l->up = 1;

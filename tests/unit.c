@@ -1,7 +1,7 @@
 /*
  * Unit tests for the pure parts of imapfe: the command parser, literal
  * announcements, IMAP string quoting, base64, SASL PLAIN, capability
- * filtering and the response scanner.  Ends with "N passed, N failed".
+ * filtering, the response scanner and LDAP filter escaping.  Ends with "N passed, N failed".
  */
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -432,6 +432,44 @@ test_trace_mask(void)
 	CHECK(trace_credential_prefix(l, strlen(l)) == 0);
 }
 
+/* tmpl composed with user (len bytes) is want; want NULL: refused. */
+static int
+filter_is(const char *tmpl, const char *user, size_t len, const char *want)
+{
+	struct str out = { 0 };
+	int rc = ldap_filter_compose(&out, tmpl, user, len), ok;
+
+	ok = want == NULL ? rc == -1 :
+	    rc == 0 && out.s != NULL && strcmp(out.s, want) == 0;
+	str_free(&out);
+	return ok;
+}
+
+static void
+test_ldap_filter(void)
+{
+	/* RFC 4515: each special byte becomes \XX; nothing else changes. */
+	CHECK(filter_is("(uid=%u)", "alice", 5, "(uid=alice)"));
+	CHECK(filter_is("(uid=%u)", "*", 1, "(uid=\\2a)"));
+	CHECK(filter_is("(uid=%u)", "a)(uid=*", 8,
+	    "(uid=a\\29\\28uid=\\2a)"));
+	CHECK(filter_is("(uid=%u)", "back\\slash", 10, "(uid=back\\5cslash)"));
+	CHECK(filter_is("(uid=%u)", "a\0b", 3, "(uid=a\\00b)"));
+	CHECK(filter_is("(uid=%u)", "a\r\n", 3, "(uid=a\\0d\\0a)"));
+	CHECK(filter_is("(uid=%u)", "m\xc3\xbcller", 7, "(uid=m\xc3\xbcller)"));
+	CHECK(filter_is("(uid=%u)", "", 0, "(uid=)"));
+	/* %n and %d split at the last '@'; %% is a '%'. */
+	CHECK(filter_is("(&(uid=%n)(dc=%d))", "a@b@c.org", 9,
+	    "(&(uid=a@b)(dc=c.org))"));
+	CHECK(filter_is("(&(uid=%n)(dc=%d))", "plain", 5,
+	    "(&(uid=plain)(dc=))"));
+	CHECK(filter_is("(&(uid=%n)(dc=%d))", "*@(", 3,
+	    "(&(uid=\\2a)(dc=\\28))"));
+	CHECK(filter_is("(x=100%%)", "u", 1, "(x=100%)"));
+	CHECK(filter_is("(uid=%x)", "u", 1, NULL));
+	CHECK(filter_is("(uid=%", "u", 1, NULL));
+}
+
 int
 main(void)
 {
@@ -449,6 +487,7 @@ main(void)
 	test_proxy_v2();
 	test_cidr();
 	test_trace_mask();
+	test_ldap_filter();
 	printf("%d passed, %d failed\n", passed, failed);
 	return failed == 0 ? 0 : 1;
 }
