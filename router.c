@@ -541,6 +541,28 @@ add_line(struct router *rt, const char *line, size_t len, enum literal_kind k,
 	return 0;
 }
 
+/*
+ * A literal over max_literal_size: refused with TOOBIG (RFC 9051) before
+ * the client sends it when it waits for "+", or with BYE when it is on its
+ * way already.
+ */
+static enum read_result
+literal_too_large(struct router *rt, enum literal_kind k, uint64_t n)
+{
+	char tag[TAG_MAX + 2];
+
+	log_msg(LOG_NOTICE, "event=limit reason=\"literal of %llu bytes, more "
+	    "than max_literal_size\"", (unsigned long long)n);
+	if (k == LIT_SYNC) {
+		early_tag(rt->cmd.s, rt->cmd.len, tag, sizeof(tag));
+		client_line(rt, "%s NO [TOOBIG] Literal too large.", tag);
+		return RD_ANSWERED;
+	}
+	client_line(rt, "* BYE Literal too large.");
+	rt->end = ROUTER_LIMIT;
+	return RD_END;
+}
+
 static enum read_result
 read_command(struct router *rt)
 {
@@ -596,6 +618,8 @@ read_command(struct router *rt)
 		if (k == LIT_NONE)
 			return RD_COMPLETE;
 		rt->cuts[rt->ncuts++] = rt->cmd.len;
+		if (n > rt->cfg->max_literal_size)
+			return literal_too_large(rt, k, n);
 		if (n > SMALL_LITERAL_MAX ||
 		    rt->cmd.len + n > BUFFERED_COMMAND_MAX) {
 			rt->stream_left = n;
