@@ -1527,6 +1527,31 @@ relay_pending(struct iobuf *from, struct iobuf *to, struct resp_scanner *sc)
 }
 
 /*
+ * End a relayed session with BYE where the client can read it as one: a
+ * partial response line is ended first, and inside a literal no BYE is
+ * sent at all, since it would become part of the message the client is
+ * reading; closing the connection then is the only honest answer.
+ */
+static void
+relay_bye(struct session *s, const struct resp_scanner *toward_client,
+    enum session_end end, const char *text)
+{
+	if (toward_client->literal_left > 0) {
+		log_msg(LOG_NOTICE, "event=bye-withheld reason=\"inside a "
+		    "literal of the back-end's\"");
+		s->end = end;
+		s->end_reason = text;
+		return;
+	}
+	if (toward_client->head_len > 0 &&
+	    iobuf_write(&s->client, "\r\n", 2) != IO_OK) {
+		s->end = END_CLIENT_GONE;
+		return;
+	}
+	session_bye(s, end, text);
+}
+
+/*
  * The relay does not parse commands, so it watches the client's stream
  * for literal announcements: one over max_literal_size ends the session
  * before the bytes that announce it reach the back-end.
@@ -1579,7 +1604,7 @@ session_relay(struct session *s)
 		pfd[1] = (struct pollfd){ .fd = b->rfd, .events = POLLIN };
 		int64_t left = last_client + idle - now_ms();
 		if (left <= 0) {
-			session_bye(s, END_TIMEOUT, "Disconnected for "
+			relay_bye(s, &sc, END_TIMEOUT, "Disconnected for "
 			    "inactivity.");
 			break;
 		}
@@ -1591,8 +1616,8 @@ session_relay(struct session *s)
 			if (errno != EINTR)
 				s->end = END_CLIENT_GONE;
 			else if (shutdown_requested)
-				session_bye(s, END_SHUTDOWN, "Server shutting "
-				    "down.");
+				relay_bye(s, &sc, END_SHUTDOWN, "Server "
+				    "shutting down.");
 			continue;
 		}
 		if (pfd[0].revents != 0 || iobuf_has_decrypted(c)) {
@@ -1613,10 +1638,11 @@ session_relay(struct session *s)
 				log_msg(LOG_NOTICE, "event=tls-error "
 				    "side=backend reason=\"%s\"", b->tls_why);
 			relay_pending(b, c, &sc);
-			s->end = END_BACKEND_GONE;
-			if (!sc.saw_bye)
-				client_send(s, "* BYE Back-end server closed "
-				    "the connection.");
+			if (sc.saw_bye)
+				s->end = END_BACKEND_GONE;
+			else
+				relay_bye(s, &sc, END_BACKEND_GONE, "Back-end "
+				    "server closed the connection.");
 			break;
 		}
 	}
