@@ -222,6 +222,11 @@ def test_client_vanishing_mid_literal_after_login(fe, dovecot):
 
 # --- misbehaving back-ends --------------------------------------------------
 
+# With a public line, sessions are routed, not relayed; the public server
+# itself is never reached in these tests.
+ROUTED = 'public "Public/" 127.0.0.1:1\n'
+
+
 def after_login_fetch(answer, then_wait=False):
     """A back-end that logs in, answers the first command after login with
     answer (bytes), then closes, or with then_wait waits for imapfe to."""
@@ -247,14 +252,16 @@ def recv_until_eof(c, limit=10):
         data += chunk
 
 
+@pytest.mark.parametrize("mode", ["relay", "routed"])
 @pytest.mark.parametrize("where", ["mid-literal", "mid-fetch"])
-def test_backend_vanishing(imapfe_factory, where):
+def test_backend_vanishing(imapfe_factory, where, mode):
     head = b"* 1 FETCH (UID 7 BODY[] {100}\r\n"
     answer = head + b"0123456789" if where == "mid-literal" else \
         b"* 1 FETCH (UID 7 FLAGS (\\Seen"
     fake = FakeBackend(after_login_fetch(answer))
     try:
-        f = start(imapfe_factory, fake.port)
+        f = start(imapfe_factory, fake.port, ROUTED if mode == "routed"
+                  else "")
         c = Raw(f.port)
         assert c.cmd("a", "LOGIN alice secret")[-1].startswith("a OK")
         c.send("b FETCH 1 (UID BODY[])\r\n")
@@ -372,8 +379,8 @@ def test_literal_over_max_literal_size_after_login(imapfe_factory, dovecot,
                                                    mode, literal, answer):
     before = message_count(dovecot, "bob")
     extra = "max_literal_size 65536\n"
-    if mode == "routed":    # never reached: INBOX is on the home server
-        extra += 'public "Public/" 127.0.0.1:1\n'
+    if mode == "routed":
+        extra += ROUTED
     f = start(imapfe_factory, dovecot.port, extra)
     c = Raw(f.port)
     assert c.cmd("a", "LOGIN bob hunter2")[-1].startswith("a OK")
