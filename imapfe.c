@@ -1975,6 +1975,12 @@ serve_listener(const struct config *cfg, SSL_CTX *tls_ctx, int lfd)
 				    "%s\"", strerror(errno));
 			continue;
 		}
+		/*
+		 * While connections keep arriving, ppoll() returns ready
+		 * without delivering the pending SIGCHLD, so the count is
+		 * brought up to date here, not only on the signal.
+		 */
+		children_reap(&ch);
 		if (ch.n >= ch.max) {
 			static const char full[] =
 			    "* BYE Too many connections, try again later.\r\n";
