@@ -135,16 +135,17 @@ class Load:
                 self.note("select " + c.cmd(b"b", b"b SELECT INBOX\r\n"))
                 self.note("fetch " + c.cmd(b"c", b"c UID FETCH 1:* "
                                            b"(FLAGS)\r\n"))
+                # Each number is sent once, whatever its answer.
                 body = message(phase, s, q)
                 with self.lock:
                     self.tried.add((phase, s, q))
+                q += 1
                 st = c.cmd(b"d", b"d APPEND INBOX {%d+}\r\n%s\r\n"
                            % (len(body), body))
                 self.note("append " + st)
                 if st == "OK":
                     with self.lock:
-                        self.acked.add((phase, s, q))
-                q += 1
+                        self.acked.add((phase, s, q - 1))
             st = c.cmd(b"z", b"z LOGOUT\r\n")
             self.note("logout " + st)
             if not c.saw_bye:
@@ -216,16 +217,34 @@ def stored_messages(dovecot):
     return seen
 
 
-def kill_and_restart(dovecot, after):
+def maildir_files(dovecot, keys):
+    """Where Dovecot keeps the messages of keys, for a failure's report."""
+    found = {}
+    for phase, s, q in keys:
+        needle = ("Subject: load %s-%d-%d\n" % (phase, s, q)).encode()
+        top = os.path.join(dovecot.dir, "mail", "u%d" % s)
+        for d, _, files in os.walk(top):
+            for name in files:
+                path = os.path.join(d, name)
+                with open(path, "rb") as f:
+                    if needle in f.read():
+                        found.setdefault((phase, s, q), []).append(
+                            os.path.relpath(path, top))
+    return found
+
+
+def kill_and_restart(dovecot, after, took):
     """SIGKILL Dovecot's whole process group (its master's PID), then start
-    it again."""
+    it again; took gets the seconds it was away."""
     time.sleep(after)
+    killed = time.monotonic()
     os.killpg(dovecot.proc.pid, signal.SIGKILL)
     dovecot.proc.wait()
     dovecot.proc = None
     wait_for(lambda: read_greeting(dovecot.port, timeout=0.2) == b"", 20,
              "dovecot to die")
     dovecot.start()
+    took.append(time.monotonic() - killed)
 
 
 def test_load_and_backend_restart(imapfe_factory):
@@ -249,8 +268,10 @@ def test_load_and_backend_restart(imapfe_factory):
         load = Load(port)
         started = time.monotonic()
         load.run("calm", SECONDS)
+        away = []
         load.run("restart", SECONDS * 2,
-                 during=lambda: kill_and_restart(dovecot, SECONDS * 0.6))
+                 during=lambda: kill_and_restart(dovecot, SECONDS * 0.6,
+                                                 away))
         duration = time.monotonic() - started
         # Sessions end on their own; the listener reaps every one.
         wait_for(lambda: children(listener) == [], 30,
@@ -261,9 +282,10 @@ def test_load_and_backend_restart(imapfe_factory):
         lost = [k for k in load.acked if stored[k] != 1]
         unasked = [k for k in stored if k not in load.tried]
         doubled = [k for k in load.tried if stored[k] > 1]
-        print("\nload: %d sessions, %.0f s, peak %d imapfe children; %s; "
-              "%d APPENDs acknowledged, %d unanswered of which %d stored"
-              % (SESSIONS, duration, peak[0],
+        print("\nload: %d sessions, %.0f s (Dovecot away %.1f s), peak %d "
+              "imapfe children; %s; %d APPENDs acknowledged, %d unanswered "
+              "of which %d stored"
+              % (SESSIONS, duration, away[0], peak[0],
                  ", ".join("%s %d" % kv for kv in sorted(load.count.items())),
                  len(load.acked), len(load.tried - load.acked),
                  sum(1 for k in load.tried - load.acked if stored[k])))
@@ -271,9 +293,12 @@ def test_load_and_backend_restart(imapfe_factory):
         assert load.count["no answer in time"] == 0
         assert load.count["logout without BYE"] == 0
         assert load.count["connect failed"] == 0
+        # Far under max_sessions: a refusal means the listener lost count.
+        assert load.count["refused at max_sessions"] == 0
         assert load.count["login OK"] > SESSIONS
         assert not lost and not unasked and not doubled, \
-            (lost[:5], unasked[:5], doubled[:5])
+            (lost[:5], unasked[:5], doubled[:5],
+             maildir_files(dovecot, (lost + unasked + doubled)[:3]))
         # The restart must have been felt, and answered properly.
         assert load.count["ended by BYE"] + load.count["login NO"] > 0
 
