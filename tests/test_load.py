@@ -174,10 +174,12 @@ class Load:
                    for s in range(SESSIONS)]
         for t in threads:
             t.start()
-        if during is not None:
-            during()
-        for t in threads:
-            t.join(timeout=seconds + 4 * ANSWER_TIMEOUT)
+        try:
+            if during is not None:
+                during()
+        finally:
+            for t in threads:
+                t.join(timeout=seconds + 4 * ANSWER_TIMEOUT)
         assert not any(t.is_alive() for t in threads), "sessions hang"
 
 
@@ -243,7 +245,8 @@ def kill_and_restart(dovecot, after, took):
     dovecot.proc = None
     wait_for(lambda: read_greeting(dovecot.port, timeout=0.2) == b"", 20,
              "dovecot to die")
-    dovecot.start()
+    # Hundreds of imapfe sessions knocking make its start slow.
+    dovecot.start(timeout=90)
     took.append(time.monotonic() - killed)
 
 
