@@ -95,6 +95,11 @@ check-quick: imapfe tests/unit
 	./tests/unit
 	$(PYTEST) tests
 
+# The load test of the suite, for longer: LOAD_SECONDS per phase.
+LOAD_SECONDS ?= 60
+load: imapfe
+	IMAPFE_LOAD_SECONDS=$(LOAD_SECONDS) $(PYTEST) -s tests/test_load.py
+
 demo: deps imapfe
 	$(PYTHON) tests/demo.py
 
@@ -121,4 +126,4 @@ clean:
 	rm -rf fuzz-out
 	rm -rf tests/__pycache__
 
-.PHONY: all deps unit check check-quick demo install uninstall clean
+.PHONY: all deps unit check check-quick load demo install uninstall clean

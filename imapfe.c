@@ -34,9 +34,6 @@
 
 #define CLIENT_BUFSIZE		(64 * 1024)
 #define PRELOGIN_COMMAND_MAX	(64 * 1024)	/* lines and literals */
-#define ID_MAX_PAIRS		30		/* RFC 2971 */
-#define ID_MAX_FIELD		30
-#define ID_MAX_VALUE		1024
 #define LINGER_MS		2000		/* see client_linger_close() */
 #define LINGER_MAX_BYTES	(1024 * 1024)
 
@@ -80,6 +77,11 @@ config_defaults(struct config *cfg)
 	cfg->forward_id = 1;
 	cfg->max_line_length = 8192;
 	cfg->max_prelogin_literal = 4096;
+	cfg->max_literal_size = 64 << 20;
+	cfg->max_pipelined_commands = 64;
+	cfg->max_id_pairs = 30;
+	cfg->max_id_field = 30;
+	cfg->max_id_value = 1024;
 	cfg->max_login_failures = 3;
 	cfg->max_bad_commands = 10;
 	cfg->login_timeout = 120;
@@ -349,6 +351,14 @@ static const struct int_key int_keys[] = {
 	    1024, 1048576, 1 },
 	{ "max_prelogin_literal", offsetof(struct config,
 	    max_prelogin_literal), 256, 65536, 1 },
+	{ "max_literal_size", offsetof(struct config, max_literal_size),
+	    65536, 4294967295L, 1 },
+	{ "max_pipelined_commands", offsetof(struct config,
+	    max_pipelined_commands), 1, 10000, 0 },
+	/* RFC 2971's own bounds are the most that may be allowed. */
+	{ "max_id_pairs", offsetof(struct config, max_id_pairs), 0, 30, 0 },
+	{ "max_id_field", offsetof(struct config, max_id_field), 1, 30, 0 },
+	{ "max_id_value", offsetof(struct config, max_id_value), 1, 1024, 0 },
 	{ "max_login_failures", offsetof(struct config, max_login_failures),
 	    1, 100000, 0 },
 	{ "max_bad_commands", offsetof(struct config, max_bad_commands),
@@ -1231,7 +1241,7 @@ cmd_id(struct session *s, const struct command *c)
 		goto ok;
 	if (n < 2 || c->tok[0].type != TOK_LPAREN ||
 	    c->tok[n - 1].type != TOK_RPAREN || (n - 2) % 2 != 0 ||
-	    (n - 2) / 2 > ID_MAX_PAIRS) {
+	    (n - 2) / 2 > (size_t)s->cfg->max_id_pairs) {
 		bad_command(s, c->tag, "Invalid ID parameters.");
 		return;
 	}
@@ -1239,9 +1249,10 @@ cmd_id(struct session *s, const struct command *c)
 		const struct token *f = &c->tok[i], *v = &c->tok[i + 1];
 
 		if ((f->type != TOK_QUOTED && f->type != TOK_LITERAL) ||
-		    f->len > ID_MAX_FIELD ||
+		    f->len > (size_t)s->cfg->max_id_field ||
 		    (v->type != TOK_NIL && v->type != TOK_QUOTED &&
-		    v->type != TOK_LITERAL) || v->len > ID_MAX_VALUE) {
+		    v->type != TOK_LITERAL) ||
+		    v->len > (size_t)s->cfg->max_id_value) {
 			bad_command(s, c->tag, "Invalid ID parameters.");
 			return;
 		}
@@ -1828,6 +1839,51 @@ relay_pending(struct iobuf *from, struct iobuf *to, struct resp_scanner *sc)
 }
 
 /*
+ * End a relayed session with BYE where the client can read it as one: a
+ * partial response line is ended first, and inside a literal no BYE is
+ * sent at all, since it would become part of the message the client is
+ * reading; closing the connection then is the only honest answer.
+ */
+static void
+relay_bye(struct session *s, const struct resp_scanner *toward_client,
+    enum session_end end, const char *text)
+{
+	if (toward_client->literal_left > 0) {
+		log_msg(LOG_NOTICE, "event=bye-withheld reason=\"inside a "
+		    "literal of the back-end's\"");
+		s->end = end;
+		s->end_reason = text;
+		return;
+	}
+	if (toward_client->head_len > 0 &&
+	    iobuf_write(&s->client, "\r\n", 2) != IO_OK) {
+		s->end = END_CLIENT_GONE;
+		return;
+	}
+	session_bye(s, end, text);
+}
+
+/*
+ * The relay does not parse commands, so it watches the client's stream
+ * for literal announcements: one over max_literal_size ends the session
+ * before the bytes that announce it reach the back-end.
+ */
+static int
+client_literal_too_large(struct session *s, struct resp_scanner *sc)
+{
+	size_t n = iobuf_pending(&s->client);
+
+	if (n > 0)
+		resp_scan(sc, s->client.buf + s->client.start, n);
+	if (sc->largest_literal <= s->cfg->max_literal_size)
+		return 0;
+	log_msg(LOG_NOTICE, "event=limit reason=\"literal of %llu bytes, more "
+	    "than max_literal_size\"", (unsigned long long)sc->largest_literal);
+	session_bye(s, END_LIMIT, "Literal too large.");
+	return 1;
+}
+
+/*
  * After login: bytes flow both ways until either side closes.  Only the
  * client's silence counts towards the idle timeout; the back-end's stream
  * is watched just enough to know whether it already said BYE.
@@ -1836,15 +1892,18 @@ static void
 session_relay(struct session *s)
 {
 	struct iobuf *c = &s->client, *b = &s->backend.io;
-	struct resp_scanner sc;
+	struct resp_scanner sc, from_client;
 	int64_t idle = (int64_t)s->cfg->idle_timeout * 1000;
 	int64_t last_client = now_ms();
 	struct pollfd pfd[2];
 	enum io_status st;
 
 	resp_scanner_init(&sc);
+	resp_scanner_init(&from_client);
 	while (s->end == END_NONE) {
 		c->deadline = b->deadline = now_ms() + idle;
+		if (client_literal_too_large(s, &from_client))
+			break;
 		if (relay_pending(c, b, NULL) != IO_OK) {
 			s->end = END_BACKEND_GONE;
 			break;
@@ -1857,7 +1916,7 @@ session_relay(struct session *s)
 		pfd[1] = (struct pollfd){ .fd = b->rfd, .events = POLLIN };
 		int64_t left = last_client + idle - now_ms();
 		if (left <= 0) {
-			session_bye(s, END_TIMEOUT, "Disconnected for "
+			relay_bye(s, &sc, END_TIMEOUT, "Disconnected for "
 			    "inactivity.");
 			break;
 		}
@@ -1869,8 +1928,8 @@ session_relay(struct session *s)
 			if (errno != EINTR)
 				s->end = END_CLIENT_GONE;
 			else if (shutdown_requested)
-				session_bye(s, END_SHUTDOWN, "Server shutting "
-				    "down.");
+				relay_bye(s, &sc, END_SHUTDOWN, "Server "
+				    "shutting down.");
 			continue;
 		}
 		if (pfd[0].revents != 0 || iobuf_has_decrypted(c)) {
@@ -1891,10 +1950,11 @@ session_relay(struct session *s)
 				log_msg(LOG_NOTICE, "event=tls-error "
 				    "side=backend reason=\"%s\"", b->tls_why);
 			relay_pending(b, c, &sc);
-			s->end = END_BACKEND_GONE;
-			if (!sc.saw_bye)
-				client_send(s, "* BYE Back-end server closed "
-				    "the connection.");
+			if (sc.saw_bye)
+				s->end = END_BACKEND_GONE;
+			else
+				relay_bye(s, &sc, END_BACKEND_GONE, "Back-end "
+				    "server closed the connection.");
 			break;
 		}
 	}
@@ -1902,6 +1962,49 @@ session_relay(struct session *s)
 	if (sc.saw_bye && (s->end == END_BACKEND_GONE ||
 	    s->end == END_CLIENT_GONE))
 		s->end = END_LOGOUT;
+}
+
+/*
+ * Commands the client sent while its login was under way: imapfe reads
+ * nothing from the client while it reaches the back-end, so they wait in
+ * the client buffer.  Counted by their last lines, literals skipped.
+ */
+static int
+pipelined_commands(const struct iobuf *c)
+{
+	const char *p = c->buf + c->start, *end = c->buf + c->end, *nl;
+	int commands = 0;
+	uint64_t n;
+
+	while (p < end && (nl = memchr(p, '\n', (size_t)(end - p))) != NULL) {
+		size_t len = (size_t)(nl - p);
+
+		if (len > 0 && p[len - 1] == '\r')
+			len--;
+		if (literal_at_end(p, len, &n) == LIT_SYNC ||
+		    literal_at_end(p, len, &n) == LIT_NONSYNC) {
+			if (n >= (uint64_t)(end - nl))
+				break;	/* the literal is still arriving */
+			p = nl + 1 + n;
+			continue;
+		}
+		commands++;
+		p = nl + 1;
+	}
+	return commands;
+}
+
+/* A client that floods commands behind its login is cut off there. */
+static void
+check_pipelined(struct session *s)
+{
+	int n = pipelined_commands(&s->client);
+
+	if (n <= s->cfg->max_pipelined_commands)
+		return;
+	log_msg(LOG_NOTICE, "event=limit reason=\"%d commands pipelined behind "
+	    "the login, more than max_pipelined_commands\"", n);
+	session_bye(s, END_LIMIT, "Too many commands sent during login.");
 }
 
 /* With public-folder servers, commands are routed, not just relayed. */
@@ -2044,9 +2147,11 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	log_msg(LOG_INFO, "event=connect client=%s%s%s", s.peer,
 	    ep.proxy[0] ? " proxy=" : "", ep.proxy);
 	session_prelogin(&s);
-	if (s.logged_in && config_routed(cfg))
+	if (s.logged_in)
+		check_pipelined(&s);
+	if (s.logged_in && s.end == END_NONE && config_routed(cfg))
 		session_route(&s);
-	else if (s.logged_in)
+	else if (s.logged_in && s.end == END_NONE)
 		session_relay(&s);
 	if (s.logged_in)
 		backend_close(&s.backend);
@@ -2192,6 +2297,12 @@ serve_listener(const struct config *cfg, SSL_CTX *tls_ctx, int lfd)
 				    "%s\"", strerror(errno));
 			continue;
 		}
+		/*
+		 * While connections keep arriving, ppoll() returns ready
+		 * without delivering the pending SIGCHLD, so the count is
+		 * brought up to date here, not only on the signal.
+		 */
+		children_reap(&ch);
 		if (ch.n >= ch.max) {
 			static const char full[] =
 			    "* BYE Too many connections, try again later.\r\n";
@@ -2525,6 +2636,9 @@ main(int argc, char *argv[])
 		log_msg(LOG_WARNING, "event=warning reason=\"-D ignored: stderr "
 		    "is the client's connection\"");
 	}
+	if (cfg.idle_timeout < 1800)
+		log_msg(LOG_WARNING, "event=warning reason=\"idle_timeout is "
+		    "below RFC 9051's 30 minutes\"");
 	if (test_only) {
 		printf("imapfe: %s: configuration OK\n", config_path);
 		tls_server_ctx_free(tls_ctx);

@@ -215,6 +215,7 @@ struct resp_scanner {
 	size_t		 tail_len;		/* last bytes of the line */
 	char		 tail[24];
 	int		 saw_bye;
+	uint64_t	 largest_literal;	/* announced since init */
 };
 
 void		 keep_tail(char *tail, size_t cap, size_t *len, const char *,
@@ -300,6 +301,11 @@ struct config {
 	char		*backend_client_key;
 	size_t		 max_line_length;
 	size_t		 max_prelogin_literal;
+	size_t		 max_literal_size;	/* after login, from the client */
+	int		 max_pipelined_commands;	/* sent during login */
+	int		 max_id_pairs;		/* RFC 2971: at most 30 */
+	int		 max_id_field;		/* RFC 2971: at most 30 */
+	int		 max_id_value;		/* RFC 2971: at most 1024 */
 	int		 max_login_failures;
 	int		 max_bad_commands;
 	int		 login_timeout;		/* seconds */

@@ -526,8 +526,11 @@ scanner_line_end(struct resp_scanner *sc)
 	if (tl > 0 && sc->tail[tl - 1] == '\r')
 		tl--;
 	k = literal_at_end(sc->tail, tl, &size);
-	if (k == LIT_SYNC || k == LIT_NONSYNC)
+	if (k == LIT_SYNC || k == LIT_NONSYNC) {
 		sc->literal_left = size;
+		if (size > sc->largest_literal)
+			sc->largest_literal = size;
+	}
 	sc->head_len = sc->tail_len = 0;
 }
 

@@ -585,6 +585,28 @@ add_line(struct router *rt, const char *line, size_t len, enum literal_kind k,
 	return 0;
 }
 
+/*
+ * A literal over max_literal_size: refused with TOOBIG (RFC 9051) before
+ * the client sends it when it waits for "+", or with BYE when it is on its
+ * way already.
+ */
+static enum read_result
+literal_too_large(struct router *rt, enum literal_kind k, uint64_t n)
+{
+	char tag[TAG_MAX + 2];
+
+	log_msg(LOG_NOTICE, "event=limit reason=\"literal of %llu bytes, more "
+	    "than max_literal_size\"", (unsigned long long)n);
+	if (k == LIT_SYNC) {
+		early_tag(rt->cmd.s, rt->cmd.len, tag, sizeof(tag));
+		client_line(rt, "%s NO [TOOBIG] Literal too large.", tag);
+		return RD_ANSWERED;
+	}
+	client_line(rt, "* BYE Literal too large.");
+	rt->end = ROUTER_LIMIT;
+	return RD_END;
+}
+
 static enum read_result
 read_command(struct router *rt)
 {
@@ -640,6 +662,8 @@ read_command(struct router *rt)
 		if (k == LIT_NONE)
 			return RD_COMPLETE;
 		rt->cuts[rt->ncuts++] = rt->cmd.len;
+		if (n > rt->cfg->max_literal_size)
+			return literal_too_large(rt, k, n);
 		if (n > SMALL_LITERAL_MAX ||
 		    rt->cmd.len + n > BUFFERED_COMMAND_MAX) {
 			rt->stream_left = n;
@@ -783,6 +807,26 @@ stream_rest(struct router *rt, int i, const char *tag, char *line,
 /* ------------------------------------------------------------------ */
 /* running one command on one link */
 
+/*
+ * BYE after link i failed, where the client can read it as one: a partial
+ * response line of the link's is ended first, and inside one of its
+ * literals no BYE is sent at all, since it would become message data.
+ */
+static void
+bye_after_link(struct router *rt, int i, const char *text)
+{
+	const struct scan *sc = &rt->links[i].sc;
+
+	if (sc->literal_left > 0) {
+		log_msg(LOG_NOTICE, "event=bye-withheld reason=\"inside a "
+		    "literal of the back-end's\"");
+		return;
+	}
+	if (!sc->at_line_start && client_write(rt, "\r\n", 2) != 0)
+		return;
+	client_line(rt, "* BYE %s", text);
+}
+
 static void
 command_failed_on_link(struct router *rt, int i, const char *tag,
     enum wait_result w)
@@ -792,16 +836,24 @@ command_failed_on_link(struct router *rt, int i, const char *tag,
 		return;
 	}
 	if (w == W_TIMEOUT) {
-		client_line(rt, "* BYE Disconnected for inactivity.");
+		bye_after_link(rt, i, "Disconnected for inactivity.");
 		rt->end = ROUTER_TIMEOUT;
 		return;
 	}
 	if (i == 0) {
 		if (!rt->links[0].sc.saw_bye)
-			client_line(rt, "* BYE Back-end server closed the "
+			bye_after_link(rt, 0, "Back-end server closed the "
 			    "connection.");
 		rt->end = rt->links[0].sc.saw_bye ? ROUTER_LOGOUT :
 		    ROUTER_BACKEND_GONE;
+		return;
+	}
+	if (rt->links[i].sc.literal_left > 0) {
+		/* The client is inside the lost server's literal: no answer
+		 * can reach it as one, so the session ends here. */
+		bye_after_link(rt, i, "");
+		link_down(rt, i, "connection lost");
+		rt->end = ROUTER_BACKEND_GONE;
 		return;
 	}
 	link_down(rt, i, "connection lost");

@@ -187,13 +187,13 @@ class Dovecot:
         self.proc = None
         self.start()
 
-    def start(self):
+    def start(self, timeout=20):
         self.proc = subprocess.Popen(
             ["dovecot", "-F", "-c", self.conf],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
             start_new_session=True)
         # Ready means the real greeting, not "Waiting for authentication".
-        wait_for(lambda: b"ready" in read_greeting(self.port), 20,
+        wait_for(lambda: b"ready" in read_greeting(self.port), timeout,
                  "dovecot greeting")
 
     def stop(self):
