@@ -88,6 +88,12 @@ check-quick: imapfe tests/unit
 	./tests/unit
 	$(PYTEST) tests
 
+# The benchmark (bench/README.md): imapfe beside direct access to Dovecot,
+# nginx's mail proxy and perdition, a few minutes; not part of check.
+bench: deps imapfe
+	@sh bench/install.sh
+	$(PYTHON) bench/bench.py $(BENCH_ARGS)
+
 demo: deps imapfe
 	$(PYTHON) tests/demo.py
 
@@ -110,4 +116,4 @@ clean:
 	rm -rf fuzz-out
 	rm -rf tests/__pycache__
 
-.PHONY: all deps unit check check-quick demo install uninstall clean
+.PHONY: all deps unit check check-quick bench demo install uninstall clean
