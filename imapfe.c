@@ -2065,7 +2065,7 @@ main(int argc, char *argv[])
 		config_free(&cfg);
 		return 1;
 	}
-	if (sasl_client_setup() != 0) {
+	if (sasl_client_setup(cfg.backend_mechanisms) != 0) {
 		log_msg(LOG_ERR, "event=error reason=\"SASL initialisation "
 		    "failed\"");
 		if (cfg.auth == AUTH_PROXY)

@@ -299,7 +299,7 @@ void		 credentials_drop_password(struct credentials *);
 int		 credentials_load_password(struct credentials *,
 		    const char *user, const char *file, char *err, size_t);
 
-int		 sasl_client_setup(void);
+int		 sasl_client_setup(const char *mechanisms);
 void		 sasl_client_teardown(void);
 
 /* Cyrus SASL's server side, for "auth proxy". */
