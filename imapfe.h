@@ -39,7 +39,8 @@ enum io_status {
 	IO_ERROR = -3,		/* read or write failed (errno kept) */
 	IO_TOOLONG = -4,	/* a line exceeded the caller's limit */
 	IO_AGAIN = -5,		/* nothing to read yet (iobuf_try_fill) */
-	IO_NOMEM = -6		/* the destination could not grow */
+	IO_NOMEM = -6,		/* the destination could not grow */
+	IO_UNSUPPORTED = -7	/* these descriptors cannot splice(2) */
 };
 
 struct iobuf {
@@ -73,6 +74,8 @@ enum io_status	 iobuf_getline(struct iobuf *, size_t max, char **line,
 void		 iobuf_consume(struct iobuf *, size_t);
 enum io_status	 iobuf_write(struct iobuf *, const void *, size_t);
 enum io_status	 iobuf_puts(struct iobuf *, const char *);
+enum io_status	 iobuf_splice(struct iobuf *from, struct iobuf *to,
+		    int pipefd[2], size_t max, size_t *moved, int *to_failed);
 enum io_status	 iobuf_vline(struct iobuf *, const char *fmt, va_list)
 		    __attribute__((format(printf, 2, 0)));
 #define TAGGED_LINE_MAX	8192	/* longest status line imapfe relays whole */

@@ -5,6 +5,7 @@
  * or writing cannot hold the process past its deadline.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
@@ -469,4 +470,56 @@ enum io_status
 iobuf_puts(struct iobuf *io, const char *s)
 {
 	return iobuf_write(io, s, strlen(s));
+}
+
+/*
+ * Move up to max bytes from one plain stream to another through a pipe
+ * with splice(2): the kernel hands the pages on, this process never
+ * copies them.  Reads once without waiting, then writes all it read,
+ * waiting within to->deadline.  IO_OK with *moved > 0; IO_AGAIN when
+ * nothing was there; IO_CLOSED at from's end; IO_UNSUPPORTED when these
+ * descriptors cannot splice (nothing was consumed: use iobuf_try_fill);
+ * *to_failed set when it was the writing side that failed.
+ */
+enum io_status
+iobuf_splice(struct iobuf *from, struct iobuf *to, int pipefd[2], size_t max,
+    size_t *moved, int *to_failed)
+{
+	ssize_t in, out;
+	size_t left;
+	enum io_status st;
+
+	*moved = 0;
+	*to_failed = 0;
+	do
+		in = splice(from->rfd, NULL, pipefd[1], NULL, max,
+		    SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+	while (in < 0 && errno == EINTR);
+	if (in == 0)
+		return IO_CLOSED;
+	if (in < 0)
+		return errno == EAGAIN ? IO_AGAIN : errno == EINVAL ?
+		    IO_UNSUPPORTED : IO_ERROR;
+	from->bytes_in += (uint64_t)in;
+	for (left = (size_t)in; left > 0; ) {
+		out = splice(pipefd[0], NULL, to->wfd, NULL, left,
+		    SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+		if (out > 0) {
+			left -= (size_t)out;
+			to->bytes_out += (uint64_t)out;
+			continue;
+		}
+		if (out < 0 && errno == EINTR)
+			continue;
+		if (out == 0 || errno != EAGAIN)
+			st = IO_CLOSED;
+		else
+			st = wait_for(to->wfd, POLLOUT, to->deadline);
+		if (st != IO_OK) {
+			*to_failed = 1;
+			return st;
+		}
+	}
+	*moved = (size_t)in;
+	return IO_OK;
 }
