@@ -523,7 +523,8 @@ attempt_start(struct sasl_attempt *at, const char *host,
 	return 0;
 }
 
-/* Write one client response line: base64 of data, CRLF. */
+/* Write one client response line: prefix (the command itself, for an
+ * initial response), base64 of data, CRLF. */
 static enum io_status
 send_sasl_line(struct backend *be, const char *prefix, const char *data,
     unsigned len)
@@ -536,8 +537,12 @@ send_sasl_line(struct backend *be, const char *prefix, const char *data,
 	if (b64 == NULL)
 		return IO_ERROR;
 	base64_encode((const unsigned char *)data, len, b64, need);
-	if (str_adds(&line, prefix) == 0 &&
-	    str_adds(&line, len == 0 && *prefix != '\0' ? "=" : b64) == 0 &&
+	size_t plen = strlen(prefix);
+
+	/* An empty initial response is "=", an empty continuation empty. */
+	if (str_add(&line, prefix, plen) == 0 &&
+	    str_adds(&line, len == 0 && plen > 0 && prefix[plen - 1] == ' ' ?
+	    "=" : b64) == 0 &&
 	    str_add(&line, "\r\n", 2) == 0)
 		st = iobuf_write(&be->io, line.s, line.len);
 	wipe(b64, need);
@@ -690,9 +695,10 @@ sasl_login_mech(struct backend *be, const struct config *cfg,
 	/* A server-first mechanism has no initial response even with SASL-IR. */
 	ir = ir && out != NULL;
 	tag = backend_next_tag(be);
-	if (str_printf(&cmd, "%s AUTHENTICATE %s", tag, chosen) == 0 &&
-	    iobuf_write(&be->io, cmd.s, cmd.len) == IO_OK &&
-	    send_sasl_line(be, ir ? " " : "", out, ir ? outlen : 0) == IO_OK)
+	/* One write: the command and its initial response in one segment. */
+	if (str_printf(&cmd, "%s AUTHENTICATE %s%s", tag, chosen,
+	    ir ? " " : "") == 0 &&
+	    send_sasl_line(be, cmd.s, out, ir ? outlen : 0) == IO_OK)
 		res = sasl_exchange(be, cfg, &at, tag, ir && rc == SASL_OK,
 		    why, whylen);
 	else
