@@ -55,6 +55,7 @@ struct iobuf {
 	uint64_t	 bytes_out;
 	SSL		*ssl;		/* owned; NULL while plain */
 	int		 tls_failed;	/* a fatal TLS error: no close_notify */
+	int		 tls_short;	/* the last read wanted more of a record */
 	char		 tls_why[160];	/* what the last TLS failure was */
 };
 

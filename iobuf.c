@@ -17,6 +17,8 @@
 
 #include "imapfe.h"
 
+#define TLS_READ_AHEAD	(64 * 1024)
+
 int64_t
 now_ms(void)
 {
@@ -188,11 +190,14 @@ read_once(struct iobuf *io, short *want)
 		    INT32_MAX : room));
 		if (rc > 0) {
 			n = rc;
+			io->tls_short = 0;
 			goto got;
 		}
 		err = SSL_get_error(io->ssl, rc);
-		if (err == SSL_ERROR_WANT_READ)
+		if (err == SSL_ERROR_WANT_READ) {
+			io->tls_short = 1;
 			return IO_AGAIN;
+		}
 		if (err == SSL_ERROR_WANT_WRITE) {
 			*want = POLLOUT;
 			return IO_AGAIN;
@@ -260,17 +265,26 @@ iobuf_try_fill(struct iobuf *io)
 		if ((st = wait_for(io->wfd, POLLOUT, io->deadline)) == IO_OK)
 			st = read_once(io, &want);
 	}
+	/* TLS hands out one record a read (4 KiB from some servers): take
+	 * every record already in, so the relay writes them on in one go
+	 * rather than polling and writing once per record. */
+	while (st == IO_OK && io->end < io->cap && iobuf_has_decrypted(io))
+		if (read_once(io, &want) != IO_OK)
+			break;
 	return st;
 }
 
 /*
- * True when TLS holds decrypted bytes that poll(2) cannot see, so the
- * relay must read again before it waits.
+ * True when TLS holds bytes that poll(2) cannot see, so the relay must
+ * read again before it waits: decrypted ones, or whole records read
+ * ahead.  After a read that wanted more, what is buffered is part of a
+ * record that only the descriptor can complete.
  */
 int
 iobuf_has_decrypted(const struct iobuf *io)
 {
-	return io->ssl != NULL && SSL_pending(io->ssl) > 0;
+	return io->ssl != NULL && (SSL_pending(io->ssl) > 0 ||
+	    (!io->tls_short && SSL_has_pending(io->ssl)));
 }
 
 /*
@@ -284,6 +298,10 @@ iobuf_tls_handshake(struct iobuf *io, SSL *ssl, int server)
 	int rc, err;
 
 	io->ssl = ssl;
+	/* Read as much as there is (several records at once), not each
+	 * record's header and body in two read(2) calls. */
+	SSL_set_read_ahead(ssl, 1);
+	SSL_set_default_read_buffer_len(ssl, TLS_READ_AHEAD);
 	if (SSL_set_rfd(ssl, io->rfd) != 1 || SSL_set_wfd(ssl, io->wfd) != 1)
 		return tls_failure(io, SSL_ERROR_SSL, "handshake");
 	for (;;) {
