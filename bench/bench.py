@@ -304,8 +304,8 @@ class Direct(Target):
 
 
 def imapfe_config(bed, tls):
-    """The configuration imapfe is measured with: plain, or TLS on both
-    sides.  Issue 9 adds variants (a route map in LDAP) beside these."""
+    """imapfe with a route line in its file: plain, or TLS on both
+    sides."""
     conf = "plaintext_auth yes\nlogin_timeout 60\n"
     if not tls:
         return conf + "route * 127.0.0.1:%d\n" % bed.dovecot.port
@@ -323,17 +323,17 @@ def write(path, text):
 
 class ImapfeListener(Target):
     """imapfe -l: one process listening, a fork per connection."""
-    name = "imapfe -l"
 
-    def __init__(self, bed):
+    def __init__(self, bed, config=imapfe_config, suffix=""):
         super().__init__()
+        self.name = "imapfe -l" + suffix
         self.client_tls = bed.client_tls
-        d = bed.subdir("imapfe-l")
+        d = bed.subdir(self.name.replace(" ", "_"))
         self.port, self.tls_port = free_port(), free_port()
         for tls, port in ((False, self.port), (True, self.tls_port)):
             conf = write(os.path.join(d, "tls.conf" if tls else "plain.conf"),
-                         imapfe_config(bed, tls))
-            args = [BIN, "-f", conf, "-l", "127.0.0.1:%d" % port]
+                         config(bed, tls))
+            args = [BIN] + (["-d"] if os.environ.get("BENCH_DEBUG") else []) + ["-f", conf, "-l", "127.0.0.1:%d" % port]
             self.procs.append(subprocess.Popen(
                 args + (["-T"] if tls else []),
                 stderr=open(os.path.join(d, "stderr"), "ab")))
@@ -366,18 +366,18 @@ XINETD_SERVICE = """service imapfe-bench{n}
 
 class ImapfeXinetd(Target):
     """imapfe exec'd by xinetd for each connection, as shipped."""
-    name = "imapfe xinetd"
 
-    def __init__(self, bed):
+    def __init__(self, bed, config=imapfe_config, suffix=""):
         super().__init__()
+        self.name = "imapfe xinetd" + suffix
         self.client_tls = bed.client_tls
-        d = bed.subdir("imapfe-xinetd")
+        d = bed.subdir(self.name.replace(" ", "_"))
         self.port, self.tls_port = free_port(), free_port()
         text = "defaults\n{\n}\n"
         for n, (tls, port) in enumerate(((False, self.port),
                                          (True, self.tls_port))):
             conf = write(os.path.join(d, "tls.conf" if tls else "plain.conf"),
-                         imapfe_config(bed, tls))
+                         config(bed, tls))
             text += XINETD_SERVICE.format(
                 n=n, port=port, bin=BIN,
                 args=("-T " if tls else "") + "-f " + conf)
@@ -566,10 +566,26 @@ def installed(cmd, extra=None):
     return extra is None or os.path.exists(extra)
 
 
+# The imapfe configurations measured, each under xinetd and -l: (suffix
+# for the target's name, function(bed, tls) -> configuration text).
+# Issue 9 adds its LDAP route map here, beside the file's route lines.
+IMAPFE_CONFIGS = [
+    ("", imapfe_config),
+]
+
+
+def imapfe_targets():
+    for suffix, config in IMAPFE_CONFIGS:
+        yield ("imapfe xinetd" + suffix,
+               lambda b, c=config, x=suffix: ImapfeXinetd(b, c, x),
+               ("xinetd", None))
+        yield ("imapfe -l" + suffix,
+               lambda b, c=config, x=suffix: ImapfeListener(b, c, x), None)
+
+
 TARGETS = [
     ("direct", Direct, None),
-    ("imapfe xinetd", ImapfeXinetd, ("xinetd", None)),
-    ("imapfe -l", ImapfeListener, None),
+] + list(imapfe_targets()) + [
     ("nginx mail", Nginx, ("nginx", "/usr/lib/nginx/modules/"
                            "ngx_mail_module.so")),
     ("perdition", Perdition, ("perdition.imap4", None)),
