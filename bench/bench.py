@@ -265,6 +265,27 @@ def idle_session_memory(target, tls, sessions):
 # ---------------------------------------------------------------------------
 # targets: each serves IMAP on port (plain) and tls_port (implicit TLS)
 
+SPAWNED = []     # every server process started, ended by PID at the end
+
+
+def spawn(*args, **kwargs):
+    p = subprocess.Popen(*args, **kwargs)
+    SPAWNED.append(p)
+    return p
+
+
+def stop_all():
+    """End what is still running, a target that failed to start too."""
+    for p in SPAWNED:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
 class Target:
     name = "?"
     per_process = True      # one process per session (memory is its USS)
@@ -278,16 +299,6 @@ class Target:
 
     def session_pids(self):
         return children(self.proc.pid)
-
-    def stop(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
 
 
 class Direct(Target):
@@ -334,7 +345,7 @@ class ImapfeListener(Target):
             conf = write(os.path.join(d, "tls.conf" if tls else "plain.conf"),
                          config(bed, tls))
             args = [BIN] + (["-d"] if os.environ.get("BENCH_DEBUG") else []) + ["-f", conf, "-l", "127.0.0.1:%d" % port]
-            self.procs.append(subprocess.Popen(
+            self.procs.append(spawn(
                 args + (["-T"] if tls else []),
                 stderr=open(os.path.join(d, "stderr"), "ab")))
         self.proc = self.procs[0]
@@ -382,7 +393,7 @@ class ImapfeXinetd(Target):
                 n=n, port=port, bin=BIN,
                 args=("-T " if tls else "") + "-f " + conf)
         xconf = write(os.path.join(d, "xinetd.conf"), text)
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             ["xinetd", "-dontfork", "-f", xconf, "-pidfile",
              os.path.join(d, "pid")], stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL)
@@ -447,7 +458,7 @@ class Nginx(Target):
             port=self.port, tls_port=self.tls_port, cert=bed.certs.imapfe,
             key=bed.certs.imapfe_key,
             buffers="proxy_buffer %d;" % buffers if buffers else ""))
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             ["nginx", "-e", os.path.join(d, "error.log"), "-p", d, "-c",
              conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(self.proc)
@@ -472,13 +483,13 @@ class Perdition(Target):
                   "-s", "127.0.0.1", "-p", str(bed.dovecot.port),
                   "-u", "nobody", "-g", "nogroup", "--connection_limit",
                   "1000", "-L", "1000"]
-        self.procs.append(subprocess.Popen(
+        self.procs.append(spawn(
             ["perdition.imap4"] + common + [
                 "-b", "127.0.0.1", "-l", str(self.port),
                 "--pid_file", os.path.join(d, "plain.pid")],
             stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "err"),
                                                    "ab")))
-        self.procs.append(subprocess.Popen(
+        self.procs.append(spawn(
             ["perdition.imaps"] + common + [
                 "-b", "127.0.0.1", "-l", str(self.tls_port),
                 "--ssl_mode", "ssl_listen",
@@ -683,8 +694,7 @@ def run(rounds, quick, only=None):
             print("bench: %s done" % label, file=sys.stderr)
         return results, missing, {t.name: t.tls_note for t in targets}
     finally:
-        for t in targets:
-            t.stop()
+        stop_all()
         bed.close()
 
 
