@@ -100,6 +100,12 @@ LOAD_SECONDS ?= 60
 load: imapfe
 	IMAPFE_LOAD_SECONDS=$(LOAD_SECONDS) $(PYTEST) -s tests/test_load.py
 
+# The benchmark (bench/README.md): imapfe beside direct access to Dovecot,
+# nginx's mail proxy and perdition, a few minutes; not part of check.
+bench: deps imapfe
+	@sh bench/install.sh
+	$(PYTHON) bench/bench.py $(BENCH_ARGS)
+
 demo: deps imapfe
 	$(PYTHON) tests/demo.py
 
@@ -126,4 +132,5 @@ clean:
 	rm -rf fuzz-out
 	rm -rf tests/__pycache__
 
-.PHONY: all deps unit check check-quick load demo install uninstall clean
+.PHONY: all deps unit check check-quick load bench demo install uninstall \
+	clean

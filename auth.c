@@ -6,6 +6,7 @@
  */
 #include <sys/stat.h>
 
+#include <ctype.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -364,10 +365,66 @@ struct sasl_attempt {
 	sasl_callback_t	 callbacks[4];
 };
 
-int
-sasl_client_setup(void)
+/*
+ * Whether a mechanism plugin's stem ("scram" of libscram.so) can provide
+ * mechanism mech ("SCRAM-SHA-256"): one, lower-cased without dashes, is a
+ * prefix of the other ("gssapiv2" serves GSSAPI, "gs2" GS2-KRB5).
+ */
+static int
+plugin_serves(const char *stem, size_t stemlen, const char *mech)
 {
-	return sasl_client_init(NULL) == SASL_OK ? 0 : -1;
+	size_t i = 0;
+
+	for (; *mech != '\0' && i < stemlen; mech++) {
+		if (*mech == '-')
+			continue;
+		if (tolower((unsigned char)*mech) != stem[i++])
+			return 0;
+	}
+	return i == stemlen || *mech == '\0';
+}
+
+/*
+ * libsasl2 would load every plugin in its directory (GSSAPI with Kerberos,
+ * sasldb with Berkeley DB, ...) in every process: under inetd that was
+ * half the start-up time.  Only plugins for backend_mechanisms are loaded.
+ */
+static int
+cb_verifyfile(void *context, const char *file, sasl_verify_type_t type)
+{
+	const char *mechs = context, *base = strrchr(file, '/');
+	char mech[64];
+	size_t stemlen, n;
+
+	if (type != SASL_VRFY_PLUGIN)
+		return SASL_OK;
+	base = base != NULL ? base + 1 : file;
+	if (strncmp(base, "lib", 3) == 0)
+		base += 3;
+	stemlen = strcspn(base, ".");
+	while (*mechs != '\0') {
+		mechs += strspn(mechs, " ,");
+		n = strcspn(mechs, " ,");
+		if (n > 0 && n < sizeof(mech)) {
+			memcpy(mech, mechs, n);
+			mech[n] = '\0';
+			if (plugin_serves(base, stemlen, mech))
+				return SASL_OK;
+		}
+		mechs += n;
+	}
+	return SASL_CONTINUE;
+}
+
+int
+sasl_client_setup(const char *mechanisms)
+{
+	static sasl_callback_t callbacks[2];
+
+	callbacks[0] = (sasl_callback_t){ SASL_CB_VERIFYFILE,
+	    (int (*)(void))(void (*)(void))cb_verifyfile, (void *)mechanisms };
+	callbacks[1] = (sasl_callback_t){ SASL_CB_LIST_END, NULL, NULL };
+	return sasl_client_init(callbacks) == SASL_OK ? 0 : -1;
 }
 
 void
@@ -464,7 +521,8 @@ attempt_start(struct sasl_attempt *at, const char *host,
 	return 0;
 }
 
-/* Write one client response line: base64 of data, CRLF. */
+/* Write one client response line: prefix (the command itself, for an
+ * initial response), base64 of data, CRLF. */
 static enum io_status
 send_sasl_line(struct backend *be, const char *prefix, const char *data,
     unsigned len)
@@ -477,8 +535,12 @@ send_sasl_line(struct backend *be, const char *prefix, const char *data,
 	if (b64 == NULL)
 		return IO_ERROR;
 	base64_encode((const unsigned char *)data, len, b64, need);
-	if (str_adds(&line, prefix) == 0 &&
-	    str_adds(&line, len == 0 && *prefix != '\0' ? "=" : b64) == 0 &&
+	size_t plen = strlen(prefix);
+
+	/* An empty initial response is "=", an empty continuation empty. */
+	if (str_add(&line, prefix, plen) == 0 &&
+	    str_adds(&line, len == 0 && plen > 0 && prefix[plen - 1] == ' ' ?
+	    "=" : b64) == 0 &&
 	    str_add(&line, "\r\n", 2) == 0)
 		st = iobuf_write(&be->io, line.s, line.len);
 	wipe(b64, need);
@@ -631,9 +693,10 @@ sasl_login_mech(struct backend *be, const struct config *cfg,
 	/* A server-first mechanism has no initial response even with SASL-IR. */
 	ir = ir && out != NULL;
 	tag = backend_next_tag(be);
-	if (str_printf(&cmd, "%s AUTHENTICATE %s", tag, chosen) == 0 &&
-	    iobuf_write(&be->io, cmd.s, cmd.len) == IO_OK &&
-	    send_sasl_line(be, ir ? " " : "", out, ir ? outlen : 0) == IO_OK)
+	/* One write: the command and its initial response in one segment. */
+	if (str_printf(&cmd, "%s AUTHENTICATE %s%s", tag, chosen,
+	    ir ? " " : "") == 0 &&
+	    send_sasl_line(be, cmd.s, out, ir ? outlen : 0) == IO_OK)
 		res = sasl_exchange(be, cfg, &at, tag, ir && rc == SASL_OK,
 		    why, whylen);
 	else

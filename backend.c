@@ -269,8 +269,15 @@ backend_connect(const struct route *r, const struct config *cfg, char *why,
 	int64_t deadline = now_ms() + (int64_t)cfg->connect_timeout * 1000;
 	int fd = -1, rc;
 
-	hints.ai_flags = AI_ADDRCONFIG;
-	if ((rc = getaddrinfo(r->host, r->port, &hints, &res)) != 0) {
+	/* A numeric address needs no resolver, nor AI_ADDRCONFIG's look at
+	 * the interfaces (a netlink round trip for every login). */
+	hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;
+	rc = getaddrinfo(r->host, r->port, &hints, &res);
+	if (rc == EAI_NONAME) {
+		hints.ai_flags = AI_ADDRCONFIG;
+		rc = getaddrinfo(r->host, r->port, &hints, &res);
+	}
+	if (rc != 0) {
 		snprintf(why, whylen, "cannot resolve: %s", gai_strerror(rc));
 		return -1;
 	}

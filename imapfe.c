@@ -1838,6 +1838,52 @@ relay_pending(struct iobuf *from, struct iobuf *to, struct resp_scanner *sc)
 	return st;
 }
 
+/* Literal bodies at least this long go from a plain back-end to a plain
+ * client through a pipe with splice(2); shorter ones are not worth it. */
+#define SPLICE_MIN	(16 * 1024)
+#define SPLICE_MAX	(1024 * 1024)
+
+struct literal_pipe {
+	int	fd[2];		/* -1 until the first long literal */
+	int	off;		/* these descriptors cannot splice */
+};
+
+/*
+ * Read from the back-end: into the buffer, or, inside a long literal
+ * between plain sockets, straight on to the client, uncopied (the scanner
+ * needs only the count).  A failed write to the client sets s->end.
+ */
+static enum io_status
+backend_read(struct session *s, struct literal_pipe *lp,
+    struct resp_scanner *sc)
+{
+	struct iobuf *c = &s->client, *b = &s->backend.io;
+	size_t moved;
+	int to_failed;
+	enum io_status st;
+
+	/* (-D traces what passes through the buffers: none of splice) */
+	if (lp->off || protocol_trace || b->ssl != NULL || c->ssl != NULL ||
+	    iobuf_pending(b) > 0 || sc->literal_left < SPLICE_MIN)
+		return iobuf_try_fill(b);
+	if (lp->fd[0] < 0 && pipe2(lp->fd, O_CLOEXEC | O_NONBLOCK) != 0) {
+		lp->off = 1;
+		return iobuf_try_fill(b);
+	}
+	st = iobuf_splice(b, c, lp->fd, sc->literal_left > SPLICE_MAX ?
+	    SPLICE_MAX : (size_t)sc->literal_left, &moved, &to_failed);
+	sc->literal_left -= moved;
+	if (st == IO_UNSUPPORTED) {
+		lp->off = 1;
+		return iobuf_try_fill(b);
+	}
+	if (to_failed) {
+		s->end = END_CLIENT_GONE;
+		return IO_AGAIN;
+	}
+	return st;
+}
+
 /*
  * End a relayed session with BYE where the client can read it as one: a
  * partial response line is ended first, and inside a literal no BYE is
@@ -1896,6 +1942,7 @@ session_relay(struct session *s)
 	int64_t idle = (int64_t)s->cfg->idle_timeout * 1000;
 	int64_t last_client = now_ms();
 	struct pollfd pfd[2];
+	struct literal_pipe lp = { .fd = { -1, -1 } };
 	enum io_status st;
 
 	resp_scanner_init(&sc);
@@ -1942,7 +1989,7 @@ session_relay(struct session *s)
 				last_client = now_ms();
 		}
 		if (pfd[1].revents != 0 || iobuf_has_decrypted(b))
-			st = iobuf_try_fill(b);
+			st = backend_read(s, &lp, &sc);
 		else
 			st = IO_AGAIN;
 		if (st != IO_OK && st != IO_AGAIN) {
@@ -1957,6 +2004,10 @@ session_relay(struct session *s)
 				    "server closed the connection.");
 			break;
 		}
+	}
+	if (lp.fd[0] >= 0) {
+		close(lp.fd[0]);
+		close(lp.fd[1]);
 	}
 	/* After the back-end's BYE (a LOGOUT, mostly) either side may close. */
 	if (sc.saw_bye && (s->end == END_BACKEND_GONE ||
@@ -2661,7 +2712,7 @@ main(int argc, char *argv[])
 		config_free(&cfg);
 		return 1;
 	}
-	if (sasl_client_setup() != 0) {
+	if (sasl_client_setup(cfg.backend_mechanisms) != 0) {
 		log_msg(LOG_ERR, "event=error reason=\"SASL initialisation "
 		    "failed\"");
 		if (cfg.auth == AUTH_PROXY)

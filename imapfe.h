@@ -41,7 +41,8 @@ enum io_status {
 	IO_ERROR = -3,		/* read or write failed (errno kept) */
 	IO_TOOLONG = -4,	/* a line exceeded the caller's limit */
 	IO_AGAIN = -5,		/* nothing to read yet (iobuf_try_fill) */
-	IO_NOMEM = -6		/* the destination could not grow */
+	IO_NOMEM = -6,		/* the destination could not grow */
+	IO_UNSUPPORTED = -7	/* these descriptors cannot splice(2) */
 };
 
 struct iobuf {
@@ -56,6 +57,7 @@ struct iobuf {
 	uint64_t	 bytes_out;
 	SSL		*ssl;		/* owned; NULL while plain */
 	int		 tls_failed;	/* a fatal TLS error: no close_notify */
+	int		 tls_short;	/* the last read wanted more of a record */
 	char		 tls_why[160];	/* what the last TLS failure was */
 	const char	*trace_name;	/* traced under -D as this peer */
 	int		 trace_secret;	/* a login is under way: mask */
@@ -77,6 +79,8 @@ enum io_status	 iobuf_getline(struct iobuf *, size_t max, char **line,
 void		 iobuf_consume(struct iobuf *, size_t);
 enum io_status	 iobuf_write(struct iobuf *, const void *, size_t);
 enum io_status	 iobuf_puts(struct iobuf *, const char *);
+enum io_status	 iobuf_splice(struct iobuf *from, struct iobuf *to,
+		    int pipefd[2], size_t max, size_t *moved, int *to_failed);
 enum io_status	 iobuf_vline(struct iobuf *, const char *fmt, va_list)
 		    __attribute__((format(printf, 2, 0)));
 #define TAGGED_LINE_MAX	8192	/* longest status line imapfe relays whole */
@@ -397,7 +401,7 @@ void		 credentials_drop_password(struct credentials *);
 int		 credentials_load_password(struct credentials *,
 		    const char *user, const char *file, char *err, size_t);
 
-int		 sasl_client_setup(void);
+int		 sasl_client_setup(const char *mechanisms);
 void		 sasl_client_teardown(void);
 
 /* Cyrus SASL's server side, for "auth proxy". */

@@ -5,6 +5,7 @@
  * or writing cannot hold the process past its deadline.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +18,8 @@
 #include <openssl/ssl.h>
 
 #include "imapfe.h"
+
+#define TLS_READ_AHEAD	(64 * 1024)
 
 int64_t
 now_ms(void)
@@ -189,11 +192,14 @@ read_once(struct iobuf *io, short *want)
 		    INT32_MAX : room));
 		if (rc > 0) {
 			n = rc;
+			io->tls_short = 0;
 			goto got;
 		}
 		err = SSL_get_error(io->ssl, rc);
-		if (err == SSL_ERROR_WANT_READ)
+		if (err == SSL_ERROR_WANT_READ) {
+			io->tls_short = 1;
 			return IO_AGAIN;
+		}
 		if (err == SSL_ERROR_WANT_WRITE) {
 			*want = POLLOUT;
 			return IO_AGAIN;
@@ -264,17 +270,26 @@ iobuf_try_fill(struct iobuf *io)
 		if ((st = wait_for(io->wfd, POLLOUT, io->deadline)) == IO_OK)
 			st = read_once(io, &want);
 	}
+	/* TLS hands out one record a read (4 KiB from some servers): take
+	 * every record already in, so the relay writes them on in one go
+	 * rather than polling and writing once per record. */
+	while (st == IO_OK && io->end < io->cap && iobuf_has_decrypted(io))
+		if (read_once(io, &want) != IO_OK)
+			break;
 	return st;
 }
 
 /*
- * True when TLS holds decrypted bytes that poll(2) cannot see, so the
- * relay must read again before it waits.
+ * True when TLS holds bytes that poll(2) cannot see, so the relay must
+ * read again before it waits: decrypted ones, or whole records read
+ * ahead.  After a read that wanted more, what is buffered is part of a
+ * record that only the descriptor can complete.
  */
 int
 iobuf_has_decrypted(const struct iobuf *io)
 {
-	return io->ssl != NULL && SSL_pending(io->ssl) > 0;
+	return io->ssl != NULL && (SSL_pending(io->ssl) > 0 ||
+	    (!io->tls_short && SSL_has_pending(io->ssl)));
 }
 
 /*
@@ -288,6 +303,10 @@ iobuf_tls_handshake(struct iobuf *io, SSL *ssl, int server)
 	int rc, err;
 
 	io->ssl = ssl;
+	/* Read as much as there is (several records at once), not each
+	 * record's header and body in two read(2) calls. */
+	SSL_set_read_ahead(ssl, 1);
+	SSL_set_default_read_buffer_len(ssl, TLS_READ_AHEAD);
 	if (SSL_set_rfd(ssl, io->rfd) != 1 || SSL_set_wfd(ssl, io->wfd) != 1)
 		return tls_failure(io, SSL_ERROR_SSL, "handshake");
 	for (;;) {
@@ -583,4 +602,56 @@ trace_data(const char *dir, const char *who, const void *data, size_t len,
 			trace_one(dir, who, p, ll, ll);
 		p = nl != NULL ? nl + 1 : end;
 	}
+}
+
+/*
+ * Move up to max bytes from one plain stream to another through a pipe
+ * with splice(2): the kernel hands the pages on, this process never
+ * copies them.  Reads once without waiting, then writes all it read,
+ * waiting within to->deadline.  IO_OK with *moved > 0; IO_AGAIN when
+ * nothing was there; IO_CLOSED at from's end; IO_UNSUPPORTED when these
+ * descriptors cannot splice (nothing was consumed: use iobuf_try_fill);
+ * *to_failed set when it was the writing side that failed.
+ */
+enum io_status
+iobuf_splice(struct iobuf *from, struct iobuf *to, int pipefd[2], size_t max,
+    size_t *moved, int *to_failed)
+{
+	ssize_t in, out;
+	size_t left;
+	enum io_status st;
+
+	*moved = 0;
+	*to_failed = 0;
+	do
+		in = splice(from->rfd, NULL, pipefd[1], NULL, max,
+		    SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+	while (in < 0 && errno == EINTR);
+	if (in == 0)
+		return IO_CLOSED;
+	if (in < 0)
+		return errno == EAGAIN ? IO_AGAIN : errno == EINVAL ?
+		    IO_UNSUPPORTED : IO_ERROR;
+	from->bytes_in += (uint64_t)in;
+	for (left = (size_t)in; left > 0; ) {
+		out = splice(pipefd[0], NULL, to->wfd, NULL, left,
+		    SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+		if (out > 0) {
+			left -= (size_t)out;
+			to->bytes_out += (uint64_t)out;
+			continue;
+		}
+		if (out < 0 && errno == EINTR)
+			continue;
+		if (out == 0 || errno != EAGAIN)
+			st = IO_CLOSED;
+		else
+			st = wait_for(to->wfd, POLLOUT, to->deadline);
+		if (st != IO_OK) {
+			*to_failed = 1;
+			return st;
+		}
+	}
+	*moved = (size_t)in;
+	return IO_OK;
 }

@@ -387,6 +387,86 @@ def test_append_and_fetch_10_mib_byte_for_byte(fe, dovecot):
     assert re.search(r"bytes_in=(\d{8})", log)
 
 
+def big_message(size):
+    """A message of about size bytes in 998-byte lines, none alike."""
+    body = bytes((i * 7 + 13) % 251 + 1 for i in range(size))
+    body = body.replace(b"\r", b"x").replace(b"\n", b"y")
+    lines = [body[i:i + 998] for i in range(0, len(body), 998)]
+    return (b"From: a@example.org\r\nSubject: big\r\n\r\n" +
+            b"\r\n".join(lines) + b"\r\n")
+
+
+def read_exactly(c, n):
+    """n bytes from Raw c, after what it buffered."""
+    while len(c.buf) < n:
+        chunk = c.sock.recv(1 << 20)
+        assert chunk, "closed after %d of %d bytes" % (len(c.buf), n)
+        c.buf += chunk
+    data, c.buf = c.buf[:n], c.buf[n:]
+    return data
+
+
+@pytest.fixture
+def big_mailbox(dovecot):
+    """bob's mailbox Spliced holding one 6 MiB message (more than the
+    socket buffers hold, so the relay must wait for a slow reader)."""
+    msg = big_message(6 * 1024 * 1024)
+    m = dovecot.imap("bob")
+    m.create("Spliced")
+    assert m.append("Spliced", None, None, msg)[0] == "OK"
+    m.logout()
+    yield msg
+    m = dovecot.imap("bob")
+    m.delete("Spliced")
+    m.logout()
+
+
+def test_long_literal_to_a_slow_reader_arrives_whole(fe, big_mailbox):
+    """Long literals from a plain back-end take the splice(2) path; a
+    client that reads late makes it wait for the socket, not give up."""
+    c = Raw(fe.port)
+    c.cmd("a", "LOGIN bob hunter2")
+    c.cmd("b", "SELECT Spliced")
+    c.send("c FETCH 1 BODY.PEEK[]\r\n")
+    # Nothing read for a while: the bytes back up into imapfe, whose
+    # writes to the client must wait (the sleep makes back-pressure, it
+    # waits for nothing).
+    time.sleep(0.5)
+    head = c.line()
+    assert head == "* 1 FETCH (BODY[] {%d}" % len(big_mailbox), head
+    assert read_exactly(c, len(big_mailbox)) == big_mailbox
+    assert c.line() == ")"
+    assert c.line().startswith("c OK")
+    assert c.cmd("d", "NOOP")[-1].startswith("d OK")
+    c.cmd("e", "LOGOUT")
+    log = fe.wait_log("reason=logout")
+    out = int(re.findall(r"bytes_out=(\d+)", log)[-1])
+    assert out > len(big_mailbox), log
+
+
+def test_long_literal_through_inetd_pipes(imapfe_factory, dovecot,
+                                          big_mailbox):
+    """Pipes on stdin and stdout, as a super-server may hand them over:
+    the literal still arrives whole."""
+    f = imapfe_factory(base_config(dovecot.port))
+    p = f.procs.spawn(["-d", "-f", f.conf], stdin=subprocess.PIPE,
+                      stdout=subprocess.PIPE, stderr=f._logf)
+    # stdin stays open until the answers are in: its end ends the session.
+    p.stdin.write(b"a LOGIN bob hunter2\r\nb SELECT Spliced\r\n"
+                  b"c FETCH 1 BODY.PEEK[]\r\nd LOGOUT\r\n")
+    p.stdin.flush()
+    out = b""
+    while b"\r\nd OK" not in out:
+        chunk = p.stdout.read1(1 << 20)
+        assert chunk, out[-300:]
+        out += chunk
+    p.stdin.close()
+    p.wait(timeout=10 * SLOW)
+    lit = b"* 1 FETCH (BODY[] {%d}\r\n" % len(big_mailbox)
+    assert lit + big_mailbox + b")\r\nc OK" in out
+    assert b"d OK" in out
+
+
 def test_idle_sees_message_appended_by_another_client(fe, dovecot):
     c = Raw(fe.port)
     assert c.cmd("a", "LOGIN bob hunter2")[-1].startswith("a OK")

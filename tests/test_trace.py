@@ -66,7 +66,8 @@ def test_trace_shows_commands_and_masks_credentials(imapfe_factory, dovecot,
     assert "trace to=client: * OK [CAPABILITY" in trace
     assert re.search(r"trace to=127\.0\.0\.1: \w+ ID \(", trace)
     assert re.search(r"trace to=127\.0\.0\.1: (<\d+ bytes masked>|"
-                     r"\w+ LOGIN <masked>)$", trace, re.M)
+                     r"\w+ LOGIN <masked>|\w+ AUTHENTICATE PLAIN <masked>)$",
+                     trace, re.M)
     assert re.search(r"trace from=127\.0\.0\.1: \w+ OK", trace)
     assert "trace to=127.0.0.1: s SELECT INBOX" in trace
     assert re.search(r"trace from=127\.0\.0\.1: \* \d+ EXISTS", trace)

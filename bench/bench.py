@@ -1,0 +1,794 @@
+#!/usr/bin/python3
+"""imapfe's benchmark: direct access to a real Dovecot, imapfe under
+xinetd and under -l, nginx's mail proxy and perdition, side by side in
+one run.  See bench/README.md for what each figure means.
+
+Servers run on CPU 0 and this load generator on CPU 1 when there are two
+CPUs.  Every figure is the median of ROUNDS rounds, the targets taking
+turns within each round so that noise from a shared machine spreads over
+all of them alike.
+
+usage: bench/bench.py [--rounds N] [--quick] [--json FILE]
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOP = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(TOP, "tests"))
+from conftest import (USERS, Certs, Dovecot, free_port,  # noqa: E402
+                      read_greeting, sample_message, wait_for)
+
+BIN = os.environ.get("IMAPFE_BIN", os.path.join(TOP, "imapfe"))
+USER, PASSWORD = "alice", USERS["alice"]
+BIG = 10 * 1024 * 1024
+SMALL_COUNT = 1000
+MB = 1e6
+
+
+# ---------------------------------------------------------------------------
+# CPU pinning: servers inherit CPU 0 from this process; then it moves to 1.
+
+def cpus():
+    return sorted(os.sched_getaffinity(0))
+
+
+ALL_CPUS = cpus()
+PINNED = len(ALL_CPUS) >= 2
+
+
+def pin_servers():
+    if PINNED:
+        os.sched_setaffinity(0, {ALL_CPUS[0]})
+
+
+def pin_client():
+    if PINNED:
+        os.sched_setaffinity(0, {ALL_CPUS[1]})
+
+
+# ---------------------------------------------------------------------------
+# the client side: raw sockets, as little Python work per byte as possible
+
+class Conn:
+    """One IMAP connection; tls is an SSLContext for implicit TLS."""
+
+    def __init__(self, port, tls=None, timeout=30):
+        s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            s = tls.wrap_socket(s)
+        self.sock = s
+        self.buf = b""
+        self.greeting = self.line()
+        if not self.greeting.startswith(b"* OK"):
+            raise RuntimeError("greeting %r" % self.greeting)
+
+    def line(self):
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("closed: %r" % self.buf[-200:])
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def cmd(self, tag, text):
+        self.sock.sendall(b"%s %s\r\n" % (tag, text))
+        t = tag + b" "
+        while True:
+            ln = self.line()
+            if ln.startswith(t):
+                if not ln.startswith(t + b"OK"):
+                    raise RuntimeError("%s: %r" % (text, ln))
+                return ln
+
+    def login(self, mailbox=b"INBOX"):
+        self.cmd(b"a", b"LOGIN %s \"%s\"" % (USER.encode(),
+                                            PASSWORD.encode()))
+        if mailbox:
+            self.cmd(b"b", b"SELECT " + mailbox)
+
+    def fetch_bytes(self, text):
+        """Send a FETCH; read everything to its tagged OK without parsing
+        the literals.  Returns the number of bytes received."""
+        tag = b"Zq7"
+        self.sock.sendall(b"%s %s\r\n" % (tag, text))
+        end = b"\r\n" + tag + b" "
+        got = len(self.buf)
+        tail = self.buf[-64:]
+        chunk = bytearray(1 << 20)
+        view = memoryview(chunk)
+        while True:
+            n = self.sock.recv_into(view)
+            if n == 0:
+                raise EOFError("closed during FETCH")
+            got += n
+            tail = (tail + bytes(view[max(0, n - 64):n]))[-64:] \
+                if n < 64 else bytes(view[n - 64:n])
+            i = tail.rfind(end)
+            if i >= 0 and tail.endswith(b"\r\n"):
+                if not tail[i + len(end):].startswith(b"OK"):
+                    raise RuntimeError("FETCH: %r" % tail)
+                self.buf = b""
+                return got
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def login_cycle(port, tls):
+    c = Conn(port, tls)
+    try:
+        c.login()
+        c.cmd(b"c", b"LOGOUT")
+    finally:
+        c.close()
+
+
+def logins_per_second(port, tls, concurrency, seconds):
+    """Complete login cycles per second with `concurrency` clients."""
+    deadline = time.monotonic() + seconds
+    counts = [0] * concurrency
+    errors = []
+
+    def worker(i):
+        try:
+            while time.monotonic() < deadline:
+                login_cycle(port, tls)
+                counts[i] += 1
+        except Exception as e:          # reported, not hidden
+            errors.append(repr(e))
+    start = time.monotonic()
+    threads = [threading.Thread(target=worker, args=(i,))
+               for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError("login errors: %s" % errors[:3])
+    return sum(counts) / (time.monotonic() - start)
+
+
+def throughput(port, tls, mailbox, fetch, repeat):
+    """MB/s of one FETCH's response, best of repeat on one session."""
+    c = Conn(port, tls)
+    try:
+        c.login(mailbox)
+        best = 0.0
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            n = c.fetch_bytes(fetch)
+            best = max(best, n / (time.perf_counter() - t0) / MB)
+        return best
+    finally:
+        c.close()
+
+
+def noop_latency(port, direct_port, count):
+    """NOOP round trips through port, each followed by one straight to
+    the back-end; returns (median us, p99 us, median of paired ratios)."""
+    a, d = Conn(port), Conn(direct_port)
+    try:
+        a.login()
+        d.login()
+        times, ratios = [], []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            a.cmd(b"n", b"NOOP")
+            t1 = time.perf_counter()
+            d.cmd(b"n", b"NOOP")
+            t2 = time.perf_counter()
+            times.append(t1 - t0)
+            ratios.append((t1 - t0) / (t2 - t1))
+        times.sort()
+        return (statistics.median(times) * 1e6,
+                times[int(len(times) * 0.99)] * 1e6,
+                statistics.median(ratios))
+    finally:
+        a.close()
+        d.close()
+
+
+def greeting_time(port, tls, count):
+    """Median microseconds from connect to the whole greeting line."""
+    times = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        c = Conn(port, tls)
+        times.append(time.perf_counter() - t0)
+        c.close()
+    return statistics.median(times) * 1e6
+
+
+# ---------------------------------------------------------------------------
+# memory: USS of the processes that serve idle logged-in sessions
+
+def children(pid):
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def uss_kib(pid):
+    """Private_Clean + Private_Dirty from smaps_rollup, in KiB."""
+    total = 0
+    with open("/proc/%d/smaps_rollup" % pid) as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])
+    return total
+
+
+def idle_session_memory(target, tls, sessions):
+    """KiB of private memory per idle logged-in session."""
+    before = set(target.session_pids())
+    conns = []
+    try:
+        for _ in range(sessions):
+            c = Conn(target.tls_port if tls else target.port,
+                     target.client_tls if tls else None)
+            c.login()
+            conns.append(c)
+        c = conns[-1]
+        c.cmd(b"s", b"NOOP")            # every session is past login
+        if target.per_process:
+            pids = wait_for(lambda: ([p for p in target.session_pids()
+                                      if p not in before]
+                                     if len(set(target.session_pids())
+                                            - before) >= sessions
+                                     else None), 20, "session processes")
+            return statistics.median(uss_kib(p) for p in pids)
+        return sum(uss_kib(p) for p in target.session_pids()) / sessions
+    finally:
+        for c in conns:
+            c.close()
+
+
+# ---------------------------------------------------------------------------
+# targets: each serves IMAP on port (plain) and tls_port (implicit TLS)
+
+SPAWNED = []     # every server process started, ended by PID at the end
+
+
+def spawn(*args, **kwargs):
+    p = subprocess.Popen(*args, **kwargs)
+    SPAWNED.append(p)
+    return p
+
+
+def stop_all():
+    """End what is still running, a target that failed to start too."""
+    for p in SPAWNED:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+class Target:
+    name = "?"
+    per_process = True      # one process per session (memory is its USS)
+    tls_note = ""
+
+    def __init__(self):
+        self.port = self.tls_port = None
+        self.client_tls = None
+        self.proc = None
+        self.procs = []
+
+    def session_pids(self):
+        return children(self.proc.pid)
+
+
+class Direct(Target):
+    name = "direct"
+    per_process = False
+
+    def __init__(self, bed):
+        super().__init__()
+        self.port, self.tls_port = bed.dovecot.port, bed.dovecot.imaps_port
+        self.client_tls = bed.client_tls
+
+    def session_pids(self):
+        return []
+
+
+def imapfe_config(bed, tls):
+    """imapfe with a route line in its file: plain, or TLS on both
+    sides."""
+    conf = "plaintext_auth yes\nlogin_timeout 60\n"
+    if not tls:
+        return conf + "route * 127.0.0.1:%d\n" % bed.dovecot.port
+    return conf + ("route * 127.0.0.1:%d tls=implicit\n"
+                   "backend_ca_file %s\ntls_cert %s\ntls_key %s\n"
+                   % (bed.dovecot.imaps_port, bed.certs.ca,
+                      bed.certs.imapfe, bed.certs.imapfe_key))
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+class ImapfeListener(Target):
+    """imapfe -l: one process listening, a fork per connection."""
+
+    def __init__(self, bed, config=imapfe_config, suffix=""):
+        super().__init__()
+        self.name = "imapfe -l" + suffix
+        self.client_tls = bed.client_tls
+        d = bed.subdir(self.name.replace(" ", "_"))
+        self.port, self.tls_port = free_port(), free_port()
+        for tls, port in ((False, self.port), (True, self.tls_port)):
+            conf = write(os.path.join(d, "tls.conf" if tls else "plain.conf"),
+                         config(bed, tls))
+            args = [BIN] + (["-d"] if os.environ.get("BENCH_DEBUG") else []) + ["-f", conf, "-l", "127.0.0.1:%d" % port]
+            self.procs.append(spawn(
+                args + (["-T"] if tls else []),
+                stderr=open(os.path.join(d, "stderr"), "ab")))
+        self.proc = self.procs[0]
+        wait_for(lambda: read_greeting(self.port).startswith(b"* OK"), 20,
+                 "imapfe -l")
+
+    def session_pids(self):
+        return children(self.procs[0].pid) + children(self.procs[1].pid)
+
+
+XINETD_SERVICE = """service imapfe-bench{n}
+{{
+	type		= UNLISTED
+	port		= {port}
+	bind		= 127.0.0.1
+	socket_type	= stream
+	protocol	= tcp
+	wait		= no
+	user		= root
+	server		= {bin}
+	server_args	= {args}
+	instances	= 1000
+	per_source	= UNLIMITED
+	cps		= 10000 1
+	disable		= no
+}}
+"""
+
+
+class ImapfeXinetd(Target):
+    """imapfe exec'd by xinetd for each connection, as shipped."""
+
+    def __init__(self, bed, config=imapfe_config, suffix=""):
+        super().__init__()
+        self.name = "imapfe xinetd" + suffix
+        self.client_tls = bed.client_tls
+        d = bed.subdir(self.name.replace(" ", "_"))
+        self.port, self.tls_port = free_port(), free_port()
+        text = "defaults\n{\n}\n"
+        for n, (tls, port) in enumerate(((False, self.port),
+                                         (True, self.tls_port))):
+            conf = write(os.path.join(d, "tls.conf" if tls else "plain.conf"),
+                         config(bed, tls))
+            text += XINETD_SERVICE.format(
+                n=n, port=port, bin=BIN,
+                args=("-T " if tls else "") + "-f " + conf)
+        xconf = write(os.path.join(d, "xinetd.conf"), text)
+        self.proc = spawn(
+            ["xinetd", "-dontfork", "-f", xconf, "-pidfile",
+             os.path.join(d, "pid")], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        self.procs.append(self.proc)
+        wait_for(lambda: read_greeting(self.port).startswith(b"* OK"), 20,
+                 "xinetd")
+
+
+NGINX_CONF = """daemon off;
+master_process on;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log error;
+load_module /usr/lib/nginx/modules/ngx_mail_module.so;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp;
+    server {{
+        listen 127.0.0.1:{auth};
+        location /auth {{
+            add_header Auth-Status OK always;
+            add_header Auth-Server 127.0.0.1 always;
+            add_header Auth-Port {backend} always;
+            return 204;
+        }}
+    }}
+}}
+mail {{
+    server_name localhost;
+    auth_http 127.0.0.1:{auth}/auth;
+    imap_capabilities IMAP4rev1 LITERAL+;
+    {buffers}
+    server {{ listen 127.0.0.1:{port}; protocol imap; }}
+    server {{
+        listen 127.0.0.1:{tls_port} ssl;
+        protocol imap;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+    }}
+}}
+"""
+
+
+class Nginx(Target):
+    """nginx's mail proxy, its auth_http answered by the same nginx."""
+    name = "nginx mail"
+    per_process = False
+    tls_note = "TLS from the client only: nginx's mail proxy has no TLS " \
+        "to back-ends"
+
+    def __init__(self, bed, buffers=None):
+        super().__init__()
+        if buffers:
+            self.name = "nginx mail %dk" % (buffers // 1024)
+        self.client_tls = bed.client_tls
+        d = bed.subdir(self.name.replace(" ", "-"))
+        os.mkdir(os.path.join(d, "tmp"))
+        self.port, self.tls_port = free_port(), free_port()
+        conf = write(os.path.join(d, "nginx.conf"), NGINX_CONF.format(
+            d=d, auth=free_port(), backend=bed.dovecot.port,
+            port=self.port, tls_port=self.tls_port, cert=bed.certs.imapfe,
+            key=bed.certs.imapfe_key,
+            buffers="proxy_buffer %d;" % buffers if buffers else ""))
+        self.proc = spawn(
+            ["nginx", "-e", os.path.join(d, "error.log"), "-p", d, "-c",
+             conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(self.proc)
+        wait_for(lambda: read_greeting(self.port).startswith(b"* OK"), 20,
+                 "nginx")
+
+    def session_pids(self):
+        return children(self.proc.pid)      # the worker
+
+
+class Perdition(Target):
+    """Debian's perdition, forking a child per connection."""
+    name = "perdition"
+    tls_note = "TLS from the client only"
+
+    def __init__(self, bed):
+        super().__init__()
+        self.client_tls = bed.client_tls
+        d = bed.subdir("perdition")
+        self.port, self.tls_port = free_port(), free_port()
+        common = ["--no_daemon", "-f", "/dev/null", "-M", "", "-n",
+                  "-s", "127.0.0.1", "-p", str(bed.dovecot.port),
+                  "-u", "nobody", "-g", "nogroup", "--connection_limit",
+                  "1000", "-L", "1000"]
+        self.procs.append(spawn(
+            ["perdition.imap4"] + common + [
+                "-b", "127.0.0.1", "-l", str(self.port),
+                "--pid_file", os.path.join(d, "plain.pid")],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "err"),
+                                                   "ab")))
+        self.procs.append(spawn(
+            ["perdition.imaps"] + common + [
+                "-b", "127.0.0.1", "-l", str(self.tls_port),
+                "--ssl_mode", "ssl_listen",
+                "--ssl_cert_file", bed.certs.imapfe,
+                "--ssl_key_file", bed.certs.imapfe_key,
+                "--pid_file", os.path.join(d, "tls.pid")],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "err"),
+                                                   "ab")))
+        self.proc = self.procs[0]
+        wait_for(lambda: read_greeting(self.port).startswith(b"* OK"), 20,
+                 "perdition")
+
+    def session_pids(self):
+        return children(self.procs[0].pid) + children(self.procs[1].pid)
+
+
+# ---------------------------------------------------------------------------
+# the test bed
+
+# Dovecot tuned as for a busy server ("high-performance mode": login and
+# imap processes reused, an auth cache), so that direct access is the fast
+# reference it should be, not process start-up.
+DOVECOT_FAST = """mail_max_userip_connections = 1000
+auth_cache_size = 1M
+service imap-login {
+  service_count = 0
+  process_min_avail = 1
+}
+service imap {
+  service_count = 0
+  process_min_avail = 4
+}
+"""
+
+class Bed:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="imapfe-bench-")
+        os.chmod(self.dir, 0o755)
+        self.certs = Certs()
+        self.dovecot = Dovecot(ssl_cert=self.certs.dovecot,
+                               ssl_key=self.certs.dovecot_key,
+                               extra_conf=DOVECOT_FAST)
+        self.client_tls = ssl.create_default_context(cafile=self.certs.ca)
+        self.client_tls.check_hostname = False
+        self.fill()
+
+    def subdir(self, name):
+        d = os.path.join(self.dir, name)
+        os.mkdir(d)
+        os.chmod(d, 0o755)
+        return d
+
+    def fill(self):
+        m = self.dovecot.imap(USER)
+        m.create("big")
+        m.create("small")
+        line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUV\r\n"
+        body = line * (BIG // len(line))
+        m.append("big", None, None, sample_message(0, body.decode()))
+        for i in range(1, 4):
+            m.append("INBOX", None, None, sample_message(i))
+        m.logout()
+        # 1,000 small messages: written as maildir files, then indexed.
+        cur = os.path.join(self.dovecot.dir, "mail", USER, ".small", "cur")
+        for i in range(SMALL_COUNT):
+            path = os.path.join(cur, "%d.M%dP1.bench:2," % (1700000000 + i,
+                                                            i))
+            with open(path, "wb") as f:
+                f.write(sample_message(i, "x" * 2000 + "\r\n"))
+            os.chown(path, 65534, 65534)
+        m = self.dovecot.imap(USER)
+        typ, data = m.select("small")
+        assert int(data[0]) == SMALL_COUNT, data
+        m.logout()
+
+    def close(self):
+        self.dovecot.close()
+        self.certs.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def installed(cmd, extra=None):
+    if shutil.which(cmd) is None:
+        return False
+    return extra is None or os.path.exists(extra)
+
+
+# The imapfe configurations measured, each under xinetd and -l: (suffix
+# for the target's name, function(bed, tls) -> configuration text).
+# Issue 9 adds its LDAP route map here, beside the file's route lines.
+IMAPFE_CONFIGS = [
+    ("", imapfe_config),
+]
+
+
+def imapfe_targets():
+    for suffix, config in IMAPFE_CONFIGS:
+        yield ("imapfe xinetd" + suffix,
+               lambda b, c=config, x=suffix: ImapfeXinetd(b, c, x),
+               ("xinetd", None))
+        yield ("imapfe -l" + suffix,
+               lambda b, c=config, x=suffix: ImapfeListener(b, c, x), None)
+
+
+TARGETS = [
+    ("direct", Direct, None),
+] + list(imapfe_targets()) + [
+    ("nginx mail", Nginx, ("nginx", "/usr/lib/nginx/modules/"
+                           "ngx_mail_module.so")),
+    ("perdition", Perdition, ("perdition.imap4", None)),
+]
+
+
+# ---------------------------------------------------------------------------
+# measuring
+
+def measures(quick):
+    """(key, label, function(target, bed) -> number, applies(target))."""
+    s = 0.6 if quick else 1.5
+    plain_only = (lambda t: True)
+    return [
+        ("login_c1", "logins/s, 1 client",
+         lambda t, b: logins_per_second(t.port, None, 1, s), plain_only),
+        ("login_c16", "logins/s, 16 clients",
+         lambda t, b: logins_per_second(t.port, None, 16, s), plain_only),
+        ("fetch_big", "FETCH 10 MiB, MB/s",
+         lambda t, b: throughput(t.port, None, b"big", b"FETCH 1 BODY.PEEK[]",
+                                 3), plain_only),
+        ("fetch_small", "FETCH 1,000 small, MB/s",
+         lambda t, b: throughput(t.port, None, b"small",
+                                 b"FETCH 1:* BODY.PEEK[]", 3), plain_only),
+        ("noop", "NOOP round trip, paired ratio",
+         lambda t, b: noop_latency(t.port, b.dovecot.port,
+                                   300 if quick else 1000), plain_only),
+        ("greeting_us", "connect to greeting, us",
+         lambda t, b: greeting_time(t.port, None, 20 if quick else 50),
+         plain_only),
+        ("uss_kib", "USS per idle session, KiB",
+         lambda t, b: idle_session_memory(t, False, 16),
+         lambda t: t.name != "direct"),
+        ("uss_tls_kib", "USS per idle TLS session, KiB",
+         lambda t, b: idle_session_memory(t, True, 16),
+         lambda t: t.name != "direct"),
+        ("tls_login_c1", "TLS logins/s, 1 client",
+         lambda t, b: logins_per_second(t.tls_port, t.client_tls, 1, s),
+         plain_only),
+        ("tls_login_c16", "TLS logins/s, 16 clients",
+         lambda t, b: logins_per_second(t.tls_port, t.client_tls, 16, s),
+         plain_only),
+        ("tls_fetch_big", "TLS FETCH 10 MiB, MB/s",
+         lambda t, b: throughput(t.tls_port, t.client_tls, b"big",
+                                 b"FETCH 1 BODY.PEEK[]", 3), plain_only),
+        ("tls_fetch_small", "TLS FETCH 1,000 small, MB/s",
+         lambda t, b: throughput(t.tls_port, t.client_tls, b"small",
+                                 b"FETCH 1:* BODY.PEEK[]", 3), plain_only),
+    ]
+
+
+def median_of(values):
+    if not values:
+        return None
+    if isinstance(values[0], tuple):
+        return tuple(statistics.median(v[i] for v in values)
+                     for i in range(len(values[0])))
+    return statistics.median(values)
+
+
+def run(rounds, quick, only=None):
+    pin_servers()
+    bed = Bed()
+    targets, missing = [], []
+    extra = [("nginx mail 256k", lambda b: Nginx(b, 256 * 1024),
+              ("nginx", "/usr/lib/nginx/modules/ngx_mail_module.so"))]
+    try:
+        for name, cls, need in TARGETS + extra:
+            if only and name not in only:
+                continue
+            if need is not None and not installed(*need):
+                missing.append(name)
+                continue
+            try:
+                targets.append(cls(bed))
+            except Exception as e:
+                print("bench: %s did not start: %r" % (name, e),
+                      file=sys.stderr)
+                missing.append(name)
+        pin_client()
+        results = {t.name: {} for t in targets}
+        for key, label, fn, applies in measures(quick):
+            samples = {t.name: [] for t in targets}
+            for _ in range(rounds):
+                for t in targets:
+                    if not applies(t):
+                        continue
+                    try:
+                        samples[t.name].append(fn(t, bed))
+                    except Exception as e:
+                        print("bench: %s %s: %r" % (t.name, key, e),
+                              file=sys.stderr)
+            for t in targets:
+                results[t.name][key] = median_of(samples[t.name])
+            print("bench: %s done" % label, file=sys.stderr)
+        return results, missing, {t.name: t.tls_note for t in targets}
+    finally:
+        stop_all()
+        bed.close()
+
+
+# ---------------------------------------------------------------------------
+# reporting
+
+ROWS = [
+    ("login_c1", "logins/s, 1 client", "hi"),
+    ("login_c16", "logins/s, 16 clients", "hi"),
+    ("fetch_big", "FETCH 10 MiB, MB/s", "hi"),
+    ("fetch_small", "FETCH 1,000 x 2 KiB, MB/s", "hi"),
+    ("noop_median", "NOOP median, us", "lo"),
+    ("noop_p99", "NOOP 99th pct, us", "lo"),
+    ("noop_ratio", "NOOP paired ratio to direct", "ratio"),
+    ("greeting_us", "connect to greeting, us", "lo"),
+    ("uss_kib", "USS/idle session, KiB", "abs"),
+    ("uss_tls_kib", "USS/idle TLS session, KiB", "abs"),
+    ("tls_login_c1", "TLS logins/s, 1 client", "hi"),
+    ("tls_login_c16", "TLS logins/s, 16 clients", "hi"),
+    ("tls_fetch_big", "TLS FETCH 10 MiB, MB/s", "hi"),
+    ("tls_fetch_small", "TLS FETCH 1,000 x 2 KiB, MB/s", "hi"),
+]
+
+
+def flatten(results):
+    for r in results.values():
+        noop = r.pop("noop", None)
+        if noop is not None:
+            r["noop_median"], r["noop_p99"], r["noop_ratio"] = noop
+
+
+def cell(value, direct, kind):
+    if value is None:
+        return "-"
+    text = ("%.2f" % value) if kind == "ratio" else (
+        "%.0f" % value if value >= 100 else "%.1f" % value)
+    if kind in ("hi", "lo") and direct:
+        text += " (%.2fx)" % (value / direct)
+    return text
+
+
+def table(results, missing):
+    names = list(results)
+    direct = results.get("direct", {})
+    head = ["figure"] + names + ["%s" % m for m in missing]
+    rows = []
+    for key, label, kind in ROWS:
+        row = [label]
+        for n in names:
+            row.append(cell(results[n].get(key), direct.get(key), kind))
+        row += ["not installed"] * len(missing)
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows + [head])
+              for i in range(len(head))]
+    out = []
+    for r in [head] + rows:
+        out.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths))
+                   + " |")
+        if r is head:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true",
+                    help="shorter runs, for trying the bench out")
+    ap.add_argument("--json", default=os.path.join(HERE, "results.json"))
+    ap.add_argument("--only", action="append",
+                    help="measure only this target (and direct)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (Dovecot, xinetd and smaps_rollup)")
+    only = set(args.only + ["direct"]) if args.only else None
+    t0 = time.monotonic()
+    results, missing, notes = run(args.rounds, args.quick, only)
+    flatten(results)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "cpus": len(ALL_CPUS), "pinned": PINNED,
+            "rounds": args.rounds, "quick": args.quick,
+            "loadavg": os.getloadavg(), "seconds": time.monotonic() - t0,
+            "not_installed": missing, "notes": notes}
+    with open(args.json, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    print(table(results, missing))
+    print("\n%s, %d CPUs%s, medians of %d rounds, load average %.1f, "
+          "%.0f s" % (meta["date"], meta["cpus"],
+                      " (servers CPU 0, client CPU 1)" if PINNED else "",
+                      args.rounds, meta["loadavg"][0], meta["seconds"]))
+    for n, note in notes.items():
+        if note:
+            print("%s: %s" % (n, note))
+
+
+if __name__ == "__main__":
+    main()
