@@ -8,12 +8,17 @@ EXAMPLESDIR ?= $(PREFIX)/share/examples/imapfe
 DESTDIR	?=
 
 CC	?= cc
-PKGS	 = libsasl2 openssl ldap
+PKGS	 = libsasl2 openssl
 CFLAGS	?= -O2 -g
 CFLAGS	+= -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wformat=2 \
 	   -Wstrict-prototypes -Wmissing-prototypes
-CPPFLAGS += $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-LDLIBS	+= $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lsasl2 -lssl -lcrypto -lldap)
+CPPFLAGS += $(shell pkg-config --cflags $(PKGS) ldap 2>/dev/null)
+LDLIBS	+= $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lsasl2 -lssl -lcrypto)
+# libldap is opened at run time, and only by configurations with ldap_uri:
+# linked, it and GnuTLS would double every exec'd process's start-up.
+LDAP_SONAME = $(shell objdump -p "$$(pkg-config --variable=libdir ldap \
+	2>/dev/null)/libldap.so" 2>/dev/null | awk '/SONAME/ { print $$2 }')
+CPPFLAGS += -DLDAP_SONAME='"$(or $(LDAP_SONAME),libldap-2.5.so.0)"'
 
 SRCS	 = imapfe.c auth.c backend.c proto.c iobuf.c tls.c router.c \
 	   proxyproto.c ldap.c

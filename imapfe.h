@@ -537,6 +537,7 @@ int		 ldap_filter_compose(struct str *, const char *tmpl,
 		    const char *user, size_t len);
 int		 directory_check_config(struct config *, char *err,
 		    size_t errlen);
+int		 directory_library_load(char *err, size_t errlen);
 
 #define IMAPFE_GREETING_MARK	"imapfe ready"
 #define MAX_BACKEND_LINE	65536

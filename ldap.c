@@ -12,6 +12,7 @@
 #include <sys/socket.h>
 
 #include <ctype.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <poll.h>
 #include <stdio.h>
@@ -26,6 +27,76 @@
 #include "imapfe.h"
 
 #define DEFAULT_IMAP_PORT	"143"
+
+/* ------------------------------------------------------------------ */
+/* libldap, opened at run time */
+
+/*
+ * libldap is opened only when the configuration names a directory
+ * (ldap_uri): linked, it and the GnuTLS it brings would double the
+ * start-up cost of every process a super-server execs.  Opened once, at
+ * start, before a chroot or the change of user; never closed.
+ */
+static struct {
+	__typeof__(ldap_set_option)	*set_option;
+	__typeof__(ldap_value_free_len)	*value_free_len;
+	__typeof__(ldap_err2string)	*err2string;
+	__typeof__(ldap_unbind_ext_s)	*unbind_ext_s;
+	__typeof__(ldap_start_tls_s)	*start_tls_s;
+	__typeof__(ldap_search_ext_s)	*search_ext_s;
+	__typeof__(ldap_sasl_interactive_bind_s)	*sasl_interactive_bind_s;
+	__typeof__(ldap_sasl_bind_s)	*sasl_bind_s;
+	__typeof__(ldap_msgfree)	*msgfree;
+	__typeof__(ldap_memfree)	*memfree;
+	__typeof__(ldap_initialize)	*initialize;
+	__typeof__(ldap_get_values_len)	*get_values_len;
+	__typeof__(ldap_get_option)	*get_option;
+	__typeof__(ldap_first_entry)	*first_entry;
+	__typeof__(ldap_count_entries)	*count_entries;
+	__typeof__(ber_sockbuf_add_io)	*sockbuf_add_io;
+	__typeof__(ber_sockbuf_ctrl)	*sockbuf_ctrl;
+} lib;
+
+#define SYMBOL(field, name) \
+	((*(void **)(void *)&lib.field = dlsym(handle, #name)) != NULL)
+
+int
+directory_library_load(char *err, size_t errlen)
+{
+	void *handle;
+
+	if (lib.initialize != NULL)
+		return 0;
+	if ((handle = dlopen(LDAP_SONAME, RTLD_NOW | RTLD_LOCAL)) == NULL) {
+		snprintf(err, errlen, "ldap_uri needs %s: %s", LDAP_SONAME,
+		    dlerror());
+		return -1;
+	}
+	if (
+	    SYMBOL(set_option, ldap_set_option) &&
+	    SYMBOL(value_free_len, ldap_value_free_len) &&
+	    SYMBOL(err2string, ldap_err2string) &&
+	    SYMBOL(unbind_ext_s, ldap_unbind_ext_s) &&
+	    SYMBOL(start_tls_s, ldap_start_tls_s) &&
+	    SYMBOL(search_ext_s, ldap_search_ext_s) &&
+	    SYMBOL(sasl_interactive_bind_s, ldap_sasl_interactive_bind_s) &&
+	    SYMBOL(sasl_bind_s, ldap_sasl_bind_s) &&
+	    SYMBOL(msgfree, ldap_msgfree) &&
+	    SYMBOL(memfree, ldap_memfree) &&
+	    SYMBOL(initialize, ldap_initialize) &&
+	    SYMBOL(get_values_len, ldap_get_values_len) &&
+	    SYMBOL(get_option, ldap_get_option) &&
+	    SYMBOL(first_entry, ldap_first_entry) &&
+	    SYMBOL(count_entries, ldap_count_entries) &&
+	    SYMBOL(sockbuf_add_io, ber_sockbuf_add_io) &&
+	    SYMBOL(sockbuf_ctrl, ber_sockbuf_ctrl) &&
+	    1)
+		return 0;
+	snprintf(err, errlen, "%s lacks a function imapfe uses: %s",
+	    LDAP_SONAME, dlerror());
+	memset(&lib, 0, sizeof(lib));
+	return -1;
+}
 
 /* ------------------------------------------------------------------ */
 /* filters (RFC 4515) */
@@ -149,6 +220,8 @@ directory_check_config(struct config *cfg, char *err, size_t errlen)
 	}
 	if (cfg->ldap_uri == NULL)
 		return 0;
+	if (directory_library_load(err, errlen) != 0)
+		return -1;
 	if (cfg->ldap_search_base == NULL) {
 		snprintf(err, errlen, "ldap_uri needs ldap_search_base");
 		return -1;
@@ -192,16 +265,16 @@ set_tls_options(LDAP *ld, const struct config *cfg)
 	    cfg->backend_ca_file;
 	int demand = LDAP_OPT_X_TLS_DEMAND, server = 0;
 
-	if (ldap_set_option(ld, LDAP_OPT_X_TLS_REQUIRE_CERT, &demand) != 0)
+	if (lib.set_option(ld, LDAP_OPT_X_TLS_REQUIRE_CERT, &demand) != 0)
 		return -1;
 	if (ca != NULL &&
-	    ldap_set_option(ld, LDAP_OPT_X_TLS_CACERTFILE, ca) != 0)
+	    lib.set_option(ld, LDAP_OPT_X_TLS_CACERTFILE, ca) != 0)
 		return -1;
 	if (ca == NULL && cfg->backend_ca_path != NULL &&
-	    ldap_set_option(ld, LDAP_OPT_X_TLS_CACERTDIR,
+	    lib.set_option(ld, LDAP_OPT_X_TLS_CACERTDIR,
 	    cfg->backend_ca_path) != 0)
 		return -1;
-	return ldap_set_option(ld, LDAP_OPT_X_TLS_NEWCTX, &server);
+	return lib.set_option(ld, LDAP_OPT_X_TLS_NEWCTX, &server);
 }
 
 /*
@@ -220,7 +293,7 @@ wait_then(Sockbuf_IO_Desc *sbiod, void *buf, ber_len_t len, int writing)
 	struct pollfd pfd = { .events = writing ? POLLOUT : POLLIN };
 	ber_socket_t fd;
 
-	if (ber_sockbuf_ctrl(sbiod->sbiod_sb, LBER_SB_OPT_GET_FD, &fd) != 1)
+	if (lib.sockbuf_ctrl(sbiod->sbiod_sb, LBER_SB_OPT_GET_FD, &fd) != 1)
 		fd = -1;
 	pfd.fd = fd;
 	for (;;) {
@@ -278,7 +351,7 @@ on_connect(LDAP *ld, Sockbuf *sb, LDAPURLDesc *srv, struct sockaddr *addr,
 	(void)ld;
 	(void)srv;
 	(void)addr;
-	return ber_sockbuf_add_io(sb, &timed_io, LBER_SBIOD_LEVEL_PROVIDER + 1,
+	return lib.sockbuf_add_io(sb, &timed_io, LBER_SBIOD_LEVEL_PROVIDER + 1,
 	    cb->lc_arg) == 0 ? 0 : -1;
 }
 
@@ -306,11 +379,11 @@ set_options(LDAP *ld, const struct config *cfg, struct timeouts *t)
 	t->cb.lc_add = on_connect;
 	t->cb.lc_del = on_close;
 	t->cb.lc_arg = &t->tv;
-	if (ldap_set_option(ld, LDAP_OPT_PROTOCOL_VERSION, &v3) != 0 ||
-	    ldap_set_option(ld, LDAP_OPT_REFERRALS, LDAP_OPT_OFF) != 0 ||
-	    ldap_set_option(ld, LDAP_OPT_NETWORK_TIMEOUT, &t->tv) != 0 ||
-	    ldap_set_option(ld, LDAP_OPT_TIMEOUT, &t->tv) != 0 ||
-	    ldap_set_option(ld, LDAP_OPT_CONNECT_CB, &t->cb) != 0)
+	if (lib.set_option(ld, LDAP_OPT_PROTOCOL_VERSION, &v3) != 0 ||
+	    lib.set_option(ld, LDAP_OPT_REFERRALS, LDAP_OPT_OFF) != 0 ||
+	    lib.set_option(ld, LDAP_OPT_NETWORK_TIMEOUT, &t->tv) != 0 ||
+	    lib.set_option(ld, LDAP_OPT_TIMEOUT, &t->tv) != 0 ||
+	    lib.set_option(ld, LDAP_OPT_CONNECT_CB, &t->cb) != 0)
 		return -1;
 	return set_tls_options(ld, cfg);
 }
@@ -336,14 +409,14 @@ bind_as_configured(LDAP *ld, const struct config *cfg)
 	struct berval pw;
 
 	if (cfg->ldap_sasl_mech != NULL)
-		return ldap_sasl_interactive_bind_s(ld, NULL,
+		return lib.sasl_interactive_bind_s(ld, NULL,
 		    cfg->ldap_sasl_mech, NULL, NULL, LDAP_SASL_QUIET,
 		    sasl_defaults, NULL);
 	if (cfg->ldap_bind == NULL)
 		return LDAP_SUCCESS;
 	pw.bv_val = cfg->ldap_bind->pass;
 	pw.bv_len = cfg->ldap_bind->pass_len;
-	return ldap_sasl_bind_s(ld, cfg->ldap_bind_dn, LDAP_SASL_SIMPLE, &pw,
+	return lib.sasl_bind_s(ld, cfg->ldap_bind_dn, LDAP_SASL_SIMPLE, &pw,
 	    NULL, NULL, NULL);
 }
 
@@ -423,9 +496,9 @@ values_of(LDAP *ld, LDAPMessage *entry, const char *attr)
 
 	if (attr == NULL)
 		return NULL;
-	v = ldap_get_values_len(ld, entry, attr);
+	v = lib.get_values_len(ld, entry, attr);
 	if (v != NULL && v[0] == NULL) {
-		ldap_value_free_len(v);
+		lib.value_free_len(v);
 		v = NULL;
 	}
 	return v;
@@ -462,9 +535,9 @@ read_entry(LDAP *ld, LDAPMessage *entry, const struct config *cfg,
 	if (st == DIR_FOUND && port[0] == '\0')
 		memcpy(port, DEFAULT_IMAP_PORT, sizeof(DEFAULT_IMAP_PORT));
 	if (hv != NULL)
-		ldap_value_free_len(hv);
+		lib.value_free_len(hv);
 	if (pv != NULL)
-		ldap_value_free_len(pv);
+		lib.value_free_len(pv);
 	return st;
 }
 
@@ -473,7 +546,7 @@ static enum dir_status
 read_result(LDAP *ld, LDAPMessage *res, const struct config *cfg,
     char *host, char *port, char *why, size_t whylen)
 {
-	int n = ldap_count_entries(ld, res);
+	int n = lib.count_entries(ld, res);
 
 	if (n == 0) {
 		snprintf(why, whylen, "no entry");
@@ -484,7 +557,7 @@ read_result(LDAP *ld, LDAPMessage *res, const struct config *cfg,
 		    "unreadable answer");
 		return DIR_UNAVAILABLE;
 	}
-	return read_entry(ld, ldap_first_entry(ld, res), cfg, host, port,
+	return read_entry(ld, lib.first_entry(ld, res), cfg, host, port,
 	    why, whylen);
 }
 
@@ -500,7 +573,7 @@ search_one(LDAP *ld, const struct config *cfg, const char *filter,
 	int rc;
 
 	/* Size limit 2: enough to tell one entry from an ambiguous filter. */
-	rc = ldap_search_ext_s(ld, cfg->ldap_search_base, LDAP_SCOPE_SUBTREE,
+	rc = lib.search_ext_s(ld, cfg->ldap_search_base, LDAP_SCOPE_SUBTREE,
 	    filter, attrs, 0, NULL, NULL, &tv, 2, &res);
 	if (rc == LDAP_SUCCESS)
 		st = read_result(ld, res, cfg, host, port, why, whylen);
@@ -511,10 +584,10 @@ search_one(LDAP *ld, const struct config *cfg, const char *filter,
 		snprintf(why, whylen, "search base not found");
 		st = DIR_UNAVAILABLE;
 	} else {
-		snprintf(why, whylen, "search: %s", ldap_err2string(rc));
+		snprintf(why, whylen, "search: %s", lib.err2string(rc));
 		st = DIR_UNAVAILABLE;
 	}
-	ldap_msgfree(res);
+	lib.msgfree(res);
 	return st;
 }
 
@@ -532,14 +605,14 @@ describe_failure(LDAP *ld, const char *step, int rc, char *why,
 	char *diag = NULL, clean[160];
 
 	if (ld != NULL)
-		ldap_get_option(ld, LDAP_OPT_DIAGNOSTIC_MESSAGE, &diag);
+		lib.get_option(ld, LDAP_OPT_DIAGNOSTIC_MESSAGE, &diag);
 	if (diag != NULL && *diag != '\0') {
 		sanitize(clean, sizeof(clean), diag, strlen(diag));
-		snprintf(why, whylen, "%s: %s: %s", step, ldap_err2string(rc),
+		snprintf(why, whylen, "%s: %s: %s", step, lib.err2string(rc),
 		    clean);
 	} else
-		snprintf(why, whylen, "%s: %s", step, ldap_err2string(rc));
-	ldap_memfree(diag);
+		snprintf(why, whylen, "%s: %s", step, lib.err2string(rc));
+	lib.memfree(diag);
 }
 
 static enum dir_status
@@ -552,7 +625,7 @@ lookup_at(const struct config *cfg, const char *uri, const char *filter,
 	LDAP *ld = NULL;
 	int rc;
 
-	if ((rc = ldap_initialize(&ld, uri)) != LDAP_SUCCESS)
+	if ((rc = lib.initialize(&ld, uri)) != LDAP_SUCCESS)
 		goto fail;
 	if (set_options(ld, cfg, &t) != 0) {
 		rc = LDAP_OTHER;
@@ -560,18 +633,18 @@ lookup_at(const struct config *cfg, const char *uri, const char *filter,
 	}
 	step = "starttls";
 	if (cfg->ldap_starttls && uri_is_plain(uri) &&
-	    (rc = ldap_start_tls_s(ld, NULL, NULL)) != LDAP_SUCCESS)
+	    (rc = lib.start_tls_s(ld, NULL, NULL)) != LDAP_SUCCESS)
 		goto fail;
 	step = "bind";
 	if ((rc = bind_as_configured(ld, cfg)) != LDAP_SUCCESS)
 		goto fail;
 	st = search_one(ld, cfg, filter, host, port, why, whylen);
-	ldap_unbind_ext_s(ld, NULL, NULL);
+	lib.unbind_ext_s(ld, NULL, NULL);
 	return st;
 fail:
 	describe_failure(ld, step, rc, why, whylen);
 	if (ld != NULL)
-		ldap_unbind_ext_s(ld, NULL, NULL);
+		lib.unbind_ext_s(ld, NULL, NULL);
 	return st;
 }
 
