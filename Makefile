@@ -88,7 +88,7 @@ unit: tests/unit
 check: deps imapfe tests/unit tests/unit-asan imapfe-asan
 	./tests/unit
 	./tests/unit-asan
-	$(MAKE) fuzz FUZZ_SECONDS=45
+	$(MAKE) fuzz FUZZ_SECONDS=60
 	mandoc -Tlint -Wwarning imapfe.8
 	$(PYTEST) tests
 	IMAPFE_BIN=$(CURDIR)/imapfe-asan $(PYTEST) tests
