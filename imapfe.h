@@ -209,6 +209,9 @@ struct referral {
 };
 
 int		 referral_parse(const char *text, struct referral *);
+int		 hostport_parse(const char *p, const char *end, char *host,
+		    size_t hostsize, char *port, size_t portsize);
+int		 port_is_valid(const char *, size_t);
 
 /* Tracks where lines start in a stream of IMAP responses, literals skipped. */
 struct resp_scanner {

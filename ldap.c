@@ -420,74 +420,6 @@ bind_as_configured(LDAP *ld, const struct config *cfg)
 	    NULL, NULL, NULL);
 }
 
-/* A host name or address as a back-end line could name it. */
-static int
-host_is_plausible(const char *s, size_t len)
-{
-	if (len == 0 || len >= DIR_HOST_MAX)
-		return 0;
-	for (size_t i = 0; i < len; i++)
-		if (!isalnum((unsigned char)s[i]) &&
-		    strchr(".-_:", s[i]) == NULL)
-			return 0;
-	return 1;
-}
-
-static int
-port_is_plausible(const char *s, size_t len)
-{
-	unsigned long v = 0;
-
-	if (len == 0 || len >= DIR_PORT_MAX)
-		return 0;
-	for (size_t i = 0; i < len; i++) {
-		if (!isdigit((unsigned char)s[i]))
-			return 0;
-		v = v * 10 + (unsigned long)(s[i] - '0');
-	}
-	return v >= 1 && v <= 65535;
-}
-
-/* "host", "host:port", "[v6]" or "[v6]:port"; the port may stay unset. */
-static int
-split_host_value(const struct berval *v, char *host, char *port)
-{
-	const char *s = v->bv_val, *colon = NULL;
-	size_t len = v->bv_len, hl;
-
-	if (len > 0 && s[0] == '[') {
-		const char *close = memchr(s, ']', len);
-
-		if (close == NULL)
-			return -1;
-		if ((size_t)(close + 1 - s) < len) {
-			if (close[1] != ':')
-				return -1;
-			colon = close + 1;
-		}
-		s++;
-		hl = (size_t)(close - s);
-	} else {
-		colon = memchr(s, ':', len);
-		if (colon != NULL && memchr(colon + 1, ':', len - (size_t)(colon -
-		    s) - 1) != NULL)
-			colon = NULL;	/* a bare IPv6 address */
-		hl = colon != NULL ? (size_t)(colon - s) : len;
-	}
-	if (!host_is_plausible(s, hl))
-		return -1;
-	memcpy(host, s, hl);
-	host[hl] = '\0';
-	if (colon == NULL)
-		return 0;
-	len = v->bv_len - (size_t)(colon + 1 - v->bv_val);
-	if (!port_is_plausible(colon + 1, len))
-		return -1;
-	memcpy(port, colon + 1, len);
-	port[len] = '\0';
-	return 0;
-}
-
 /* The first value of attr, or NULL; *count says how many there were. */
 static struct berval **
 values_of(LDAP *ld, LDAPMessage *entry, const char *attr)
@@ -518,12 +450,13 @@ read_entry(LDAP *ld, LDAPMessage *entry, const struct config *cfg,
 		snprintf(why, whylen, "the entry has no %s",
 		    cfg->ldap_host_attribute);
 		st = DIR_UNKNOWN;
-	} else if (split_host_value(hv[0], host, port) != 0) {
+	} else if (hostport_parse(hv[0]->bv_val, hv[0]->bv_val + hv[0]->bv_len,
+	    host, DIR_HOST_MAX, port, DIR_PORT_MAX) != 0) {
 		snprintf(why, whylen, "unusable %s value",
 		    cfg->ldap_host_attribute);
 		st = DIR_UNAVAILABLE;
 	} else if (port[0] == '\0' && pv != NULL) {
-		if (!port_is_plausible(pv[0]->bv_val, pv[0]->bv_len)) {
+		if (!port_is_valid(pv[0]->bv_val, pv[0]->bv_len)) {
 			snprintf(why, whylen, "unusable %s value",
 			    cfg->ldap_port_attribute);
 			st = DIR_UNAVAILABLE;

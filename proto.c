@@ -638,15 +638,40 @@ url_decode(const char *p, const char *end, char *out, size_t outsize)
 static int
 host_char(int c, int bracketed)
 {
-	return isalnum(c) || c == '-' || c == '.' || (bracketed && c == ':');
+	return isalnum(c) || c == '-' || c == '.' || c == '_' ||
+	    (bracketed && c == ':');
 }
 
-/* host [":" port], host possibly "[v6]"; [p, end) holds nothing else. */
-static int
-parse_url_hostport(const char *p, const char *end, struct referral *ref)
+/* A port number, 1 to 65535, in decimal digits only. */
+int
+port_is_valid(const char *s, size_t len)
 {
-	const char *h = p, *he;
+	unsigned long v = 0;
+
+	if (len == 0 || len > 5)
+		return 0;
+	for (size_t i = 0; i < len; i++) {
+		if (!isdigit((unsigned char)s[i]))
+			return 0;
+		v = v * 10 + (unsigned long)(s[i] - '0');
+	}
+	return v >= 1 && v <= 65535;
+}
+
+/*
+ * A server named by a back-end or a directory: "host", "host:port",
+ * "[v6]" or "[v6]:port", or a bare IPv6 address; [p, end) holds nothing
+ * else.  Host names may hold letters, digits, '.', '-' and '_' only.  The
+ * port is "" when none is given.  Returns 0, or -1 for anything else.
+ */
+int
+hostport_parse(const char *p, const char *end, char *host, size_t hostsize,
+    char *port, size_t portsize)
+{
+	const char *h = p, *he, *colon = memchr(p, ':', (size_t)(end - p));
 	int bracketed = p < end && *p == '[';
+	int bare_v6 = !bracketed && colon != NULL &&
+	    memchr(colon + 1, ':', (size_t)(end - colon - 1)) != NULL;
 	size_t hl;
 
 	if (bracketed) {
@@ -656,31 +681,24 @@ parse_url_hostport(const char *p, const char *end, struct referral *ref)
 		if (p == end)
 			return -1;
 		he = p++;
-	} else {
-		while (p < end && *p != ':')
-			p++;
-		he = p;
-	}
+	} else
+		p = he = bare_v6 || colon == NULL ? end : colon;
 	hl = (size_t)(he - h);
-	if (hl == 0 || hl >= sizeof(ref->host))
+	if (hl == 0 || hl >= hostsize)
 		return -1;
 	for (const char *q = h; q < he; q++)
-		if (!host_char((unsigned char)*q, bracketed))
+		if (!host_char((unsigned char)*q, bracketed || bare_v6))
 			return -1;
-	memcpy(ref->host, h, hl);
-	ref->host[hl] = '\0';
-	snprintf(ref->port, sizeof(ref->port), "143");
+	memcpy(host, h, hl);
+	host[hl] = '\0';
+	port[0] = '\0';
 	if (p == end)
 		return 0;
-	if (*p++ != ':' || p == end || end - p > 5)
+	if (*p++ != ':' || !port_is_valid(p, (size_t)(end - p)) ||
+	    (size_t)(end - p) >= portsize)
 		return -1;
-	for (const char *q = p; q < end; q++)
-		if (!isdigit((unsigned char)*q))
-			return -1;
-	if (strtol(p, NULL, 10) < 1 || strtol(p, NULL, 10) > 65535)
-		return -1;
-	memcpy(ref->port, p, (size_t)(end - p));
-	ref->port[end - p] = '\0';
+	memcpy(port, p, (size_t)(end - p));
+	port[end - p] = '\0';
 	return 0;
 }
 
@@ -722,8 +740,11 @@ referral_parse(const char *text, struct referral *ref)
 		    url_decode(auth, ue, ref->user, sizeof(ref->user)) != 0)
 			return -2;	/* a password has no place here */
 	}
-	if (parse_url_hostport(at != NULL ? at + 1 : auth, end, ref) != 0)
+	if (hostport_parse(at != NULL ? at + 1 : auth, end, ref->host,
+	    sizeof(ref->host), ref->port, sizeof(ref->port)) != 0)
 		return -2;
+	if (ref->port[0] == '\0')
+		snprintf(ref->port, sizeof(ref->port), "143");
 	if (*p != '/')
 		return 0;
 	for (end = ++p; *end != '\0' && *end != ';' && *end != '?' &&

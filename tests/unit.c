@@ -326,6 +326,31 @@ test_referral(void)
 	CHECK(referral_parse("a NO [REFERRAL imap:///] x", &r) == -2);
 }
 
+/* The one host[:port] parser, as directory values use it. */
+static int
+hostport_is(const char *s, const char *host, const char *port)
+{
+	char h[256], p[8];
+
+	if (hostport_parse(s, s + strlen(s), h, sizeof(h), p, sizeof(p)) != 0)
+		return host == NULL;
+	return host != NULL && strcmp(h, host) == 0 && strcmp(p, port) == 0;
+}
+
+static void
+test_hostport(void)
+{
+	CHECK(hostport_is("mail1.example.org", "mail1.example.org", ""));
+	CHECK(hostport_is("mail_1:1143", "mail_1", "1143"));
+	CHECK(hostport_is("[2001:db8::1]:993", "2001:db8::1", "993"));
+	CHECK(hostport_is("2001:db8::1", "2001:db8::1", ""));
+	CHECK(hostport_is("h:99999", NULL, NULL));
+	CHECK(hostport_is("h:", NULL, NULL));
+	CHECK(hostport_is("bad host!", NULL, NULL));
+	CHECK(hostport_is("[::1]x", NULL, NULL));
+	CHECK(hostport_is("", NULL, NULL));
+}
+
 static int
 v1(const char *line, struct proxy_header *ph)
 {
@@ -483,6 +508,7 @@ main(void)
 	test_resp_status();
 	test_sanitize();
 	test_referral();
+	test_hostport();
 	test_proxy_v1();
 	test_proxy_v2();
 	test_cidr();
