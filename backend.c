@@ -834,16 +834,44 @@ referral_target(const struct config *cfg, const char *text,
 		log_msg(LOG_WARNING, "event=referral-refused user=\"%s\" "
 		    "reason=\"not an IMAP URL imapfe can follow\"", user);
 	else if ((r = listed_server(cfg, ref->host, ref->port)) == NULL)
-		log_msg(LOG_WARNING, "event=referral-refused user=\"%s\" "
-		    "target=%s:%s reason=\"not a configured server\"", user,
-		    ref->host, ref->port);
+		referral_refused(user, ref, "not a configured server");
 	else if (cfg->referral_hops == 0)
-		log_msg(LOG_WARNING, "event=referral-refused user=\"%s\" "
-		    "target=%s:%s reason=\"referral_hops is 0\"", user,
-		    ref->host, ref->port);
+		referral_refused(user, ref, "referral_hops is 0");
 	else
 		return r;
 	return NULL;
+}
+
+void
+referral_refused(const char *user, const struct referral *ref,
+    const char *why)
+{
+	log_msg(LOG_WARNING, "event=referral-refused user=\"%s\" target=%s:%s "
+	    "reason=\"%s\"", user, ref->host, ref->port, why);
+}
+
+/*
+ * May a referral to next be followed, after hops referrals in a row
+ * through tried[0 .. hops]?  Not to a server already tried, nor past
+ * referral_hops; a refusal is logged.
+ */
+int
+referral_allowed(const struct config *cfg, const struct route *const *tried,
+    int hops, const struct route *next, const struct referral *ref,
+    const char *user)
+{
+	char why[32];
+
+	for (int k = 0; k <= hops; k++)
+		if (tried[k] == next) {
+			referral_refused(user, ref, "loop");
+			return 0;
+		}
+	if (hops < cfg->referral_hops)
+		return 1;
+	snprintf(why, sizeof(why), "more than %d hops", hops);
+	referral_refused(user, ref, why);
+	return 0;
 }
 
 /*
@@ -871,23 +899,10 @@ backend_login(struct backend *be, const struct config *cfg,
 			return res;
 		if (strcasestr(why, "[REFERRAL ") == NULL)
 			return res;
-		if ((next = referral_target(cfg, why, &ref, who)) == NULL) {
+		/* why the referral was not followed is logged already */
+		if ((next = referral_target(cfg, why, &ref, who)) == NULL ||
+		    !referral_allowed(cfg, tried, hops, next, &ref, who)) {
 			snprintf(why, whylen, "login referral not followed");
-			return LOGIN_UNAVAILABLE;
-		}
-		for (int k = 0; k <= hops; k++)
-			if (tried[k] == next) {
-				log_msg(LOG_WARNING, "event=referral-refused "
-				    "user=\"%s\" target=%s:%s reason=\"loop\"",
-				    who, ref.host, ref.port);
-				snprintf(why, whylen, "login referral loop");
-				return LOGIN_UNAVAILABLE;
-			}
-		if (hops == cfg->referral_hops) {
-			log_msg(LOG_WARNING, "event=referral-refused "
-			    "user=\"%s\" target=%s:%s reason=\"more than %d "
-			    "hops\"", who, ref.host, ref.port, hops);
-			snprintf(why, whylen, "too many login referrals");
 			return LOGIN_UNAVAILABLE;
 		}
 		log_msg(LOG_INFO, "event=referral kind=login user=\"%s\" "

@@ -479,6 +479,12 @@ const struct route *listed_server(const struct config *, const char *host,
 		    const char *port);
 const struct route *referral_target(const struct config *, const char *text,
 		    struct referral *, const char *user);
+void		 referral_refused(const char *user, const struct referral *,
+		    const char *why);
+int		 referral_allowed(const struct config *,
+		    const struct route *const *tried, int hops,
+		    const struct route *next, const struct referral *,
+		    const char *user);
 enum login_result backend_open(struct backend *, const struct config *,
 		    const struct route *, const struct credentials *,
 		    const struct client_info *, char *why, size_t whylen);

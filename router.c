@@ -887,6 +887,18 @@ strip_referral(char *line)
 
 enum outcome { OUT_OK, OUT_NO, OUT_BAD, OUT_FAILED };
 
+/* What a tagged answer says. */
+static enum outcome
+outcome_of(const char *line, const char *tag)
+{
+	size_t rest;
+	const char *st = resp_status(line, strlen(line), tag, &rest);
+
+	if (st != NULL && strcmp(st, "OK") == 0)
+		return OUT_OK;
+	return st != NULL && strcmp(st, "NO") == 0 ? OUT_NO : OUT_BAD;
+}
+
 /*
  * Send the current command to link i and relay the answer.  The tagged
  * line goes to the client unless keep_tagged (then it is left in line).
@@ -896,8 +908,6 @@ run_on_link_as(struct router *rt, int i, const char *tag, enum mode m,
     int keep_tagged, char *line, size_t linelen)
 {
 	enum wait_result w;
-	const char *st;
-	size_t rest;
 
 	rt->links[i].last_used = now_ms();
 	w = send_buffered(rt, i, tag, rt->send_len, line, linelen);
@@ -914,10 +924,7 @@ run_on_link_as(struct router *rt, int i, const char *tag, enum mode m,
 		if (client_line(rt, "%s", line) != 0)
 			return OUT_FAILED;
 	}
-	st = resp_status(line, strlen(line), tag, &rest);
-	if (st != NULL && strcmp(st, "OK") == 0)
-		return OUT_OK;
-	return st != NULL && strcmp(st, "NO") == 0 ? OUT_NO : OUT_BAD;
+	return outcome_of(line, tag);
 }
 
 static enum outcome
@@ -1083,10 +1090,8 @@ printable_ascii(const char *s)
  */
 static const char *
 referral_unfollowable(const struct router *rt, const struct referral *ref,
-    const struct route *r, int hops)
+    const struct route *r)
 {
-	if (hops == rt->cfg->referral_hops)
-		return "too many hops";
 	if (ref->mailbox[0] == '\0' || !printable_ascii(ref->mailbox))
 		return "no mailbox name, or not ASCII";
 	if (rt->ncuts > 0 || rt->stream_left > 0)
@@ -1104,8 +1109,6 @@ run_referred(struct router *rt, const struct command *c, size_t name_end,
 	struct iobuf *io = &rt->links[j].be->io;
 	struct str cmd = { 0 };
 	enum wait_result w = W_LINK_DOWN;
-	const char *st;
-	size_t rest;
 
 	rt->links[j].last_used = now_ms();
 	io->deadline = now_ms() + (int64_t)rt->cfg->backend_timeout * 1000;
@@ -1119,10 +1122,7 @@ run_referred(struct router *rt, const struct command *c, size_t name_end,
 		command_failed_on_link(rt, j, c->tag, w);
 		return OUT_FAILED;
 	}
-	st = resp_status(line, strlen(line), c->tag, &rest);
-	if (st != NULL && strcmp(st, "OK") == 0)
-		return OUT_OK;
-	return st != NULL && strcmp(st, "NO") == 0 ? OUT_NO : OUT_BAD;
+	return outcome_of(line, c->tag);
 }
 
 /*
@@ -1135,8 +1135,10 @@ static enum outcome
 follow_mailbox_referral(struct router *rt, const struct command *c,
     size_t name_end, int *at, char *line, size_t linelen)
 {
-	int tried[REFERRAL_HOPS_MAX + 1] = { *at }, hops = 0;
+	const struct route *tried[REFERRAL_HOPS_MAX + 1] = {
+	    rt->links[*at].route };
 	enum outcome o = OUT_NO;
+	int hops = 0;
 
 	while (o == OUT_NO && strcasestr(line, "[REFERRAL ") != NULL) {
 		const struct route *r;
@@ -1147,17 +1149,15 @@ follow_mailbox_referral(struct router *rt, const struct command *c,
 		if ((r = referral_target(rt->cfg, line, &ref, rt->user)) ==
 		    NULL)
 			break;
-		why = referral_unfollowable(rt, &ref, r, hops);
-		j = why == NULL ? referral_link(rt, r) : -1;
-		if (why == NULL && j < 0)
-			why = "too many servers reached by referral";
-		for (int k = 0; why == NULL && k <= hops; k++)
-			if (tried[k] == j)
-				why = "loop";
-		if (why != NULL) {
-			log_msg(LOG_WARNING, "event=referral-refused user=\"%s\" "
-			    "target=%s:%s reason=\"%s\"", rt->user, ref.host,
-			    ref.port, why);
+		if ((why = referral_unfollowable(rt, &ref, r)) != NULL) {
+			referral_refused(rt->user, &ref, why);
+			break;
+		}
+		if (!referral_allowed(rt->cfg, tried, hops, r, &ref, rt->user))
+			break;
+		if ((j = referral_link(rt, r)) < 0) {
+			referral_refused(rt->user, &ref, "too many servers "
+			    "reached by referral");
 			break;
 		}
 		if (link_up(rt, j) != 0) {
@@ -1169,7 +1169,8 @@ follow_mailbox_referral(struct router *rt, const struct command *c,
 		    "to=%s:%s", rt->user, r->host, r->port);
 		o = run_referred(rt, c, name_end, j, ref.mailbox, line,
 		    linelen);
-		tried[++hops] = *at = j;
+		tried[++hops] = r;
+		*at = j;
 	}
 	return o;
 }
