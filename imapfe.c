@@ -2534,13 +2534,14 @@ loaded_ctx_like(const struct config *cfg, const struct route *r)
 }
 
 static int
-preload_list_tls(const struct config *cfg, struct route *list, char *err,
-    size_t errlen)
+preload_list_tls(const struct config *cfg, struct route *list, int all,
+    char *err, size_t errlen)
 {
 	for (struct route *r = list; r != NULL; r = r->next) {
 		char why[300];
 
-		if (r->tls == TLS_NONE || r->ssl_ctx != NULL)
+		if (r->tls == TLS_NONE || r->ssl_ctx != NULL ||
+		    (!all && !tls_backend_ctx_reads_files(cfg, r)))
 			continue;
 		if ((r->ssl_ctx = loaded_ctx_like(cfg, r)) != NULL) {
 			SSL_CTX_up_ref(r->ssl_ctx);
@@ -2557,17 +2558,19 @@ preload_list_tls(const struct config *cfg, struct route *list, char *err,
 }
 
 /*
- * Load every back-end's CA and client certificate now: for -t, to check
- * them, and before dropping root, since the files may be root's alone.
- * Otherwise each session loads only what its own back-ends need.
+ * Load back-end CA files and client certificates now: all of them for -t,
+ * to check them; before dropping root, those that read configured files,
+ * which may be root's alone (the system's CA store is left to the sessions
+ * that use it: loading it for every route would cost every exec'd session
+ * milliseconds).  Otherwise each session loads what its back-ends need.
  */
 static int
-preload_backend_tls(struct config *cfg, char *err, size_t errlen)
+preload_backend_tls(struct config *cfg, int all, char *err, size_t errlen)
 {
-	if (preload_list_tls(cfg, cfg->routes, err, errlen) != 0 ||
-	    preload_list_tls(cfg, cfg->servers, err, errlen) != 0)
+	if (preload_list_tls(cfg, cfg->routes, all, err, errlen) != 0 ||
+	    preload_list_tls(cfg, cfg->servers, all, err, errlen) != 0)
 		return -1;
-	return preload_list_tls(cfg, cfg->publics, err, errlen);
+	return preload_list_tls(cfg, cfg->publics, all, err, errlen);
 }
 
 /* The client-side TLS context, when tls_cert is configured. */
@@ -2662,7 +2665,7 @@ main(int argc, char *argv[])
 	    cfg.syslog_facility);
 	if (client_tls_setup(&cfg, implicit_tls, &tls_ctx, err,
 	    sizeof(err)) != 0 || ((test_only || geteuid() == 0) &&
-	    preload_backend_tls(&cfg, err, sizeof(err)) != 0)) {
+	    preload_backend_tls(&cfg, test_only, err, sizeof(err)) != 0)) {
 		tls_server_ctx_free(tls_ctx);
 		config_free(&cfg);
 		return startup_failed(err, test_only || listen_spec != NULL);

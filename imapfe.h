@@ -117,6 +117,8 @@ SSL_CTX		*tls_backend_ctx(const struct config *, const struct route *,
 		    char *err, size_t);
 int		 tls_backend_ctx_shareable(const struct route *,
 		    const struct route *);
+int		 tls_backend_ctx_reads_files(const struct config *,
+		    const struct route *);
 SSL		*tls_backend_ssl(const struct config *, const struct route *,
 		    char *err, size_t);
 void		 tls_error_text(char *, size_t);

@@ -273,17 +273,46 @@ verify_name(const struct route *r, char *out, size_t outlen)
  * The TLS context for connections to route r's back-end: the CA to verify
  * it with and the client certificate to show it, loaded from their files.
  */
+struct backend_tls_files {
+	const char	*ca_file, *ca_path, *cert, *key;
+};
+
+/* A route's own CA or certificate replaces the global ones whole. */
+static struct backend_tls_files
+backend_tls_files(const struct config *cfg, const struct route *r)
+{
+	int own_ca = r->ca_file != NULL || r->ca_path != NULL;
+	int own_cert = r->client_cert != NULL;
+
+	return (struct backend_tls_files){
+		.ca_file = own_ca ? r->ca_file : cfg->backend_ca_file,
+		.ca_path = own_ca ? r->ca_path : cfg->backend_ca_path,
+		.cert = own_cert ? r->client_cert : cfg->backend_client_cert,
+		.key = own_cert ? r->client_key : cfg->backend_client_key,
+	};
+}
+
+/*
+ * Does route r's context read files of the configuration's when it is
+ * made (a CA file, a client certificate)?  The system's CA store and a
+ * CA directory need no such care: they are readable by all, or read as
+ * certificates are verified anyway.
+ */
+int
+tls_backend_ctx_reads_files(const struct config *cfg, const struct route *r)
+{
+	struct backend_tls_files f = backend_tls_files(cfg, r);
+
+	return f.ca_file != NULL || f.cert != NULL;
+}
+
 SSL_CTX *
 tls_backend_ctx(const struct config *cfg, const struct route *r, char *err,
     size_t errlen)
 {
-	/* A route's own CA or certificate replaces the global ones whole. */
-	int own_ca = r->ca_file != NULL || r->ca_path != NULL;
-	int own_cert = r->client_cert != NULL;
-	const char *ca_file = own_ca ? r->ca_file : cfg->backend_ca_file;
-	const char *ca_path = own_ca ? r->ca_path : cfg->backend_ca_path;
-	const char *cert = own_cert ? r->client_cert : cfg->backend_client_cert;
-	const char *key = own_cert ? r->client_key : cfg->backend_client_key;
+	struct backend_tls_files f = backend_tls_files(cfg, r);
+	const char *ca_file = f.ca_file, *ca_path = f.ca_path;
+	const char *cert = f.cert, *key = f.key;
 	SSL_CTX *ctx;
 	int ok;
 
