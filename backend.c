@@ -667,14 +667,16 @@ id_pair(struct str *s, const char *field, const char *value)
 /*
  * ID before login: who the client really is (a back-end on a trusted
  * network logs and limits by it), and how many proxy hops remain.  The
- * answer does not matter; a back-end that refuses ID still gets a login.
+ * answer does not matter (a back-end that refuses ID still gets a login),
+ * so it is not awaited: the ID is corked and leaves with the login command
+ * in one segment, and the login's reader passes over its tagged answer.
  */
 static enum login_result
 send_id(struct backend *be, const struct config *cfg,
     const struct client_info *ci, char *why, size_t whylen)
 {
 	struct str cmd = { 0 };
-	const char *tag = backend_next_tag(be), *status;
+	const char *tag = backend_next_tag(be);
 	char ttl[16];
 	int rc;
 
@@ -690,10 +692,14 @@ send_id(struct backend *be, const struct config *cfg,
 	    (ci->id_fields.len > 0 && (str_add(&cmd, " ", 1) != 0 ||
 	    str_add(&cmd, ci->id_fields.s, ci->id_fields.len) != 0)) ||
 	    str_add(&cmd, ")\r\n", 3) != 0;
-	status = rc == 0 ? backend_run(be, cfg, &cmd, tag, why, whylen) : NULL;
+	if (rc == 0) {
+		set_deadline(be, cfg);
+		iobuf_cork(&be->io);
+		rc = iobuf_write(&be->io, cmd.s, cmd.len) != IO_OK;
+	}
 	str_free(&cmd);
-	if (status == NULL) {
-		snprintf(why, whylen, "no answer to ID");
+	if (rc != 0) {
+		snprintf(why, whylen, "connection lost sending ID");
 		return LOGIN_UNAVAILABLE;
 	}
 	return LOGIN_OK;

@@ -58,6 +58,7 @@ struct iobuf {
 	SSL		*ssl;		/* owned; NULL while plain */
 	int		 tls_failed;	/* a fatal TLS error: no close_notify */
 	int		 tls_short;	/* the last read wanted more of a record */
+	int		 corked;	/* TCP_CORK holds writes until a read */
 	char		 tls_why[160];	/* what the last TLS failure was */
 	const char	*trace_name;	/* traced under -D as this peer */
 	int		 trace_secret;	/* a login is under way: mask */
@@ -85,6 +86,7 @@ enum io_status	 iobuf_vline(struct iobuf *, const char *fmt, va_list)
 		    __attribute__((format(printf, 2, 0)));
 #define TAGGED_LINE_MAX	8192	/* longest status line imapfe relays whole */
 void		 iobuf_discard(struct iobuf *);
+void		 iobuf_cork(struct iobuf *);
 int		 wait_readable(int fd, int64_t deadline);
 
 /* The protocol trace on stderr (-D), credentials masked. */
