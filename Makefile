@@ -13,6 +13,10 @@ CFLAGS	?= -O2 -g
 CFLAGS	+= -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wformat=2 \
 	   -Wstrict-prototypes -Wmissing-prototypes
 CPPFLAGS += $(shell pkg-config --cflags $(PKGS) ldap 2>/dev/null)
+# Full RELRO, as Debian builds the libraries: every symbol bound at
+# start-up and the tables then made read-only, so no session (forked or
+# exec'd) can have them overwritten, nor resolves them lazily itself.
+LDFLAGS	+= -Wl,-z,relro,-z,now
 LDLIBS	+= $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lsasl2 -lssl -lcrypto)
 # libldap is opened at run time, and only by configurations with ldap_uri:
 # linked, it and GnuTLS would double every exec'd process's start-up.
