@@ -509,6 +509,61 @@ class Perdition(Target):
         return children(self.procs[0].pid) + children(self.procs[1].pid)
 
 
+HAPROXY_CONF = """global
+    maxconn 4096
+    nbthread 1
+    tune.ssl.default-dh-param 2048
+defaults
+    mode tcp
+    option splice-auto
+    timeout connect 10s
+    timeout client 120s
+    timeout server 120s
+frontend plain
+    bind 127.0.0.1:{port}
+    default_backend dovecot
+backend dovecot
+    server d 127.0.0.1:{backend}
+frontend tls
+    bind 127.0.0.1:{tls_port} ssl crt {pem}
+    default_backend dovecot_tls
+backend dovecot_tls
+    server d 127.0.0.1:{tls_backend} ssl verify required ca-file {ca} verifyhost localhost
+"""
+
+
+class Haproxy(Target):
+    """HAProxy in TCP mode: not an IMAP proxy (it cannot route by user),
+    the floor for any relay that adds a hop here.  One event-driven
+    process, splice(2) between plain sockets, and with TLS on both sides
+    (verifying Dovecot's certificate) like imapfe's TLS rows."""
+    name = "haproxy tcp"
+    per_process = False
+
+    def __init__(self, bed):
+        super().__init__()
+        self.client_tls = bed.client_tls
+        d = bed.subdir("haproxy")
+        pem = os.path.join(d, "crt.pem")
+        with open(pem, "w") as out:
+            for part in (bed.certs.imapfe, bed.certs.imapfe_key):
+                with open(part) as f:
+                    out.write(f.read())
+        self.port, self.tls_port = free_port(), free_port()
+        conf = write(os.path.join(d, "haproxy.cfg"), HAPROXY_CONF.format(
+            port=self.port, backend=bed.dovecot.port, tls_port=self.tls_port,
+            tls_backend=bed.dovecot.imaps_port, pem=pem, ca=bed.certs.ca))
+        self.proc = spawn(["haproxy", "-db", "-f", conf],
+                          stdout=subprocess.DEVNULL,
+                          stderr=open(os.path.join(d, "err"), "ab"))
+        self.procs.append(self.proc)
+        wait_for(lambda: read_greeting(self.port).startswith(b"* OK"), 20,
+                 "haproxy")
+
+    def session_pids(self):
+        return [self.proc.pid]
+
+
 # ---------------------------------------------------------------------------
 # the test bed
 
@@ -603,6 +658,7 @@ TARGETS = [
     ("nginx mail", Nginx, ("nginx", "/usr/lib/nginx/modules/"
                            "ngx_mail_module.so")),
     ("perdition", Perdition, ("perdition.imap4", None)),
+    ("haproxy tcp", Haproxy, ("haproxy", None)),
 ]
 
 
