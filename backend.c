@@ -315,7 +315,17 @@ backend_note_caps(struct backend *be, const char *line, size_t len)
 	static const char untagged[] = "* CAPABILITY ";
 	const char *p, *end;
 	char *caps;
+	size_t tl = strlen(be->id_tag);
 
+	/* A pipelined ID's answer comes in with the login's: whatever it
+	 * says, it is not the capabilities the login is checked against. */
+	if (tl > 0 && len >= 5 && strncasecmp(line, "* ID ", 5) == 0)
+		return;
+	if (tl > 0 && len > tl && strncmp(line, be->id_tag, tl) == 0 &&
+	    line[tl] == ' ') {
+		be->id_tag[0] = '\0';
+		return;
+	}
 	if (len >= sizeof(untagged) - 1 &&
 	    strncasecmp(line, untagged, sizeof(untagged) - 1) == 0) {
 		p = line + sizeof(untagged) - 1;
@@ -669,7 +679,9 @@ id_pair(struct str *s, const char *field, const char *value)
  * network logs and limits by it), and how many proxy hops remain.  The
  * answer does not matter (a back-end that refuses ID still gets a login),
  * so it is not awaited: the ID is corked and leaves with the login command
- * in one segment, and the login's reader passes over its tagged answer.
+ * in one segment, and the login's reader passes over its answer.  Only an
+ * ID with a synchronizing literal (a client's non-ASCII value) waits, as
+ * its "+" would otherwise be taken for the login's.
  */
 static enum login_result
 send_id(struct backend *be, const struct config *cfg,
@@ -692,9 +704,18 @@ send_id(struct backend *be, const struct config *cfg,
 	    (ci->id_fields.len > 0 && (str_add(&cmd, " ", 1) != 0 ||
 	    str_add(&cmd, ci->id_fields.s, ci->id_fields.len) != 0)) ||
 	    str_add(&cmd, ")\r\n", 3) != 0;
+	if (rc == 0 && next_sync_literal(cmd.s, cmd.s + cmd.len) !=
+	    cmd.s + cmd.len) {
+		rc = backend_run(be, cfg, &cmd, tag, why, whylen) == NULL;
+		str_free(&cmd);
+		if (rc != 0)
+			snprintf(why, whylen, "no answer to ID");
+		return rc != 0 ? LOGIN_UNAVAILABLE : LOGIN_OK;
+	}
 	if (rc == 0) {
 		set_deadline(be, cfg);
 		iobuf_cork(&be->io);
+		snprintf(be->id_tag, sizeof(be->id_tag), "%s", tag);
 		rc = iobuf_write(&be->io, cmd.s, cmd.len) != IO_OK;
 	}
 	str_free(&cmd);

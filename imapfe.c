@@ -2221,14 +2221,7 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 /* ------------------------------------------------------------------ */
 /* the listener (-l) */
 
-#if defined(__SANITIZE_ADDRESS__)
-#define IMAPFE_LSAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define IMAPFE_LSAN 1
-#endif
-#endif
-#ifdef IMAPFE_LSAN
+#ifdef UNDER_ASAN
 #include <sanitizer/lsan_interface.h>
 #endif
 
@@ -2244,7 +2237,7 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 static void __attribute__((noreturn))
 session_exit(int rc)
 {
-#ifdef IMAPFE_LSAN
+#ifdef UNDER_ASAN
 	__lsan_do_leak_check();
 #endif
 	closelog();

@@ -431,6 +431,7 @@ struct backend {
 	unsigned	 caps_seq;	/* bumped whenever caps changes */
 	char		 tagbuf[16];
 	unsigned	 tagseq;
+	char		 id_tag[16];	/* a pipelined ID's, until its answer */
 };
 
 /*

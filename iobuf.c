@@ -502,6 +502,8 @@ iobuf_write(struct iobuf *io, const void *data, size_t len)
 		if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
 			return errno == EPIPE || errno == ECONNRESET ?
 			    IO_CLOSED : IO_ERROR;
+		if (want == POLLIN)
+			uncork(io);	/* TLS wants the peer's answer first */
 		if ((st = wait_for(want == POLLIN ? io->rfd : io->wfd, want,
 		    io->deadline)) != IO_OK)
 			return st;

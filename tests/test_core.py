@@ -716,6 +716,68 @@ def test_backend_learns_the_client_address(imapfe_factory, trusting_dovecot):
     assert "name=mutt" in log and session in log
 
 
+def test_client_id_with_8bit_value_still_logs_in(imapfe_factory,
+                                                 trusting_dovecot):
+    """imapfe passes a non-ASCII ID value on as a synchronizing literal,
+    so that ID is awaited rather than pipelined with the login: its "+"
+    must not be taken for the login's."""
+    f = imapfe_factory(base_config(trusting_dovecot.port))
+    f.start_inetd()
+    c = Raw(f.port)
+    c.send('i ID ("name" "M\u00e4il" "version" "1")\r\n'.encode("utf-8"))
+    assert c.until_tagged("i")[-1].startswith("i OK")
+    assert c.cmd("a", "LOGIN alice secret")[-1].startswith("a OK")
+    assert c.cmd("s", "SELECT INBOX")[-1].startswith("s OK")
+    c.cmd("z", "LOGOUT")
+    c.close()
+    f.wait_log("reason=logout")
+    wait_for(lambda: "version=1" in trusting_dovecot.log_text(), 10 * SLOW,
+             "Dovecot to log the forwarded ID")
+
+
+def test_pipelined_id_answer_is_not_taken_for_capabilities(imapfe_factory):
+    """The ID goes out with the login, unawaited; whatever its answer
+    says, the client is told the capabilities the back-end has after
+    login, asked for since the login's OK carried none."""
+    def script(conn):
+        conn.sendline("* OK [CAPABILITY IMAP4rev1 ID AUTH=PLAIN SASL-IR] hi")
+        while True:
+            ln = conn.line()
+            if ln is None:
+                return
+            tag, _, rest = ln.partition(" ")
+            cmd = rest.split(" ", 1)[0].upper()
+            if cmd == "ID":
+                conn.sendline('* ID ("name" "[CAPABILITY IMAP4rev1 BOGUS1]")')
+                conn.sendline(tag + " OK [CAPABILITY IMAP4rev1 BOGUS2] id")
+            elif cmd == "AUTHENTICATE":
+                conn.sendline(tag + " OK in")
+            elif cmd == "CAPABILITY":
+                conn.sendline("* CAPABILITY IMAP4rev1 IDLE POSTLOGIN")
+                conn.sendline(tag + " OK done")
+            elif cmd == "LOGOUT":
+                conn.sendline("* BYE bye")
+                conn.sendline(tag + " OK bye")
+                return
+            else:
+                conn.sendline(tag + " BAD unknown")
+    fake = FakeBackend(script)
+    try:
+        f = imapfe_factory(base_config(fake.port))
+        f.start_inetd()
+        c = Raw(f.port)
+        ok = c.cmd("a", "LOGIN alice secret")[-1]
+        assert ok.startswith("a OK [CAPABILITY ") and "POSTLOGIN" in ok
+        assert "BOGUS" not in ok
+        c.cmd("z", "LOGOUT")
+        c.close()
+        # one segment: the ID and the login arrived together
+        sent = bytes(fake.received[0])
+        assert b" ID (" in sent and b" AUTHENTICATE PLAIN " in sent
+    finally:
+        fake.close()
+
+
 def test_proxy_ttl_from_client_stops_a_loop(imapfe_factory, dovecot):
     f = imapfe_factory(base_config(dovecot.port))
     f.start_inetd()
