@@ -82,46 +82,68 @@ def plain_server(conn, caps="IMAP4rev1 LITERAL+ AUTH=PLAIN",
     """A back-end that does just enough IMAP: greeting, CAPABILITY, LOGIN
     (with literals), AUTHENTICATE PLAIN, then NOOP and LOGOUT."""
     import base64
-    conn.sendline("* OK [CAPABILITY %s] fake ready" % caps)
+
+    def login_result(tag, ok):
+        if not ok:
+            conn.sendline(tag + " NO [AUTHENTICATIONFAILED] no")
+            return True
+        conn.sendline(tag + " OK [CAPABILITY IMAP4rev1 IDLE] in")
+        if after_login:
+            after_login(conn)
+            return END
+        return True
+
+    def answer(conn, tag, cmd, rest):
+        if cmd == "AUTHENTICATE":
+            parts = rest.split(" ")
+            data = parts[2] if len(parts) > 2 else None
+            if data is None:
+                conn.sendline("+ ")
+                data = conn.line()
+            _, user, pw = base64.b64decode(data).split(b"\0")
+            return login_result(tag, accept(user, pw))
+        if cmd == "LOGIN":
+            args = parse_strings(conn, rest.split(" ", 1)[1])
+            return login_result(tag, len(args) == 2 and accept(*args))
+        if cmd == "NOOP":
+            conn.sendline(tag + " OK noop")
+            return True
+        return False
+
+    serve_commands(conn, "* OK [CAPABILITY %s] fake ready" % caps, answer,
+                   caps)
+
+
+END = "end"     # an answer that ends serve_commands
+
+
+def serve_commands(conn, greeting, answer, caps="IMAP4rev1",
+                   other="BAD unknown"):
+    """Greet, then answer each command with answer(conn, tag, cmd, rest)
+    until LOGOUT or EOF.  answer returns True for a command it answered,
+    END to stop serving, or something false for the defaults: CAPABILITY
+    with caps, LOGOUT, and `other` for the rest."""
+    conn.sendline(greeting)
     while True:
         ln = conn.line()
         if ln is None:
             return
         tag, _, rest = ln.partition(" ")
         cmd = rest.split(" ", 1)[0].upper()
+        done = answer(conn, tag, cmd, rest)
+        if done == END:
+            return
+        if done:
+            continue
         if cmd == "CAPABILITY":
             conn.sendline("* CAPABILITY " + caps)
             conn.sendline(tag + " OK done")
-        elif cmd == "AUTHENTICATE":
-            parts = rest.split(" ")
-            data = parts[2] if len(parts) > 2 else None
-            if data is None:
-                conn.sendline("+ ")
-                data = conn.line()
-            raw = base64.b64decode(data)
-            _, user, pw = raw.split(b"\0")
-            if accept(user, pw):
-                conn.sendline(tag + " OK [CAPABILITY IMAP4rev1 IDLE] in")
-                if after_login:
-                    return after_login(conn)
-            else:
-                conn.sendline(tag + " NO [AUTHENTICATIONFAILED] no")
-        elif cmd == "LOGIN":
-            args = parse_strings(conn, rest.split(" ", 1)[1])
-            if len(args) == 2 and accept(*args):
-                conn.sendline(tag + " OK [CAPABILITY IMAP4rev1 IDLE] in")
-                if after_login:
-                    return after_login(conn)
-            else:
-                conn.sendline(tag + " NO [AUTHENTICATIONFAILED] no")
         elif cmd == "LOGOUT":
             conn.sendline("* BYE bye")
             conn.sendline(tag + " OK bye")
             return
-        elif cmd == "NOOP":
-            conn.sendline(tag + " OK noop")
         else:
-            conn.sendline(tag + " BAD unknown")
+            conn.sendline(tag + " " + other)
 
 
 class FakeBackend:

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import (RUN_AS, SLOW, USERS, Raw, b64, base_config,
                       sample_message, wait_for)
-from fakebackend import FakeBackend, plain_server
+from fakebackend import FakeBackend, plain_server, serve_commands
 
 
 def caps_of(line):
@@ -739,28 +739,20 @@ def test_pipelined_id_answer_is_not_taken_for_capabilities(imapfe_factory):
     """The ID goes out with the login, unawaited; whatever its answer
     says, the client is told the capabilities the back-end has after
     login, asked for since the login's OK carried none."""
+    def answer(conn, tag, cmd, rest):
+        if cmd == "ID":
+            conn.sendline('* ID ("name" "[CAPABILITY IMAP4rev1 BOGUS1]")')
+            conn.sendline(tag + " OK [CAPABILITY IMAP4rev1 BOGUS2] id")
+        elif cmd == "AUTHENTICATE":
+            conn.sendline(tag + " OK in")
+        else:
+            return False
+        return True
+
     def script(conn):
-        conn.sendline("* OK [CAPABILITY IMAP4rev1 ID AUTH=PLAIN SASL-IR] hi")
-        while True:
-            ln = conn.line()
-            if ln is None:
-                return
-            tag, _, rest = ln.partition(" ")
-            cmd = rest.split(" ", 1)[0].upper()
-            if cmd == "ID":
-                conn.sendline('* ID ("name" "[CAPABILITY IMAP4rev1 BOGUS1]")')
-                conn.sendline(tag + " OK [CAPABILITY IMAP4rev1 BOGUS2] id")
-            elif cmd == "AUTHENTICATE":
-                conn.sendline(tag + " OK in")
-            elif cmd == "CAPABILITY":
-                conn.sendline("* CAPABILITY IMAP4rev1 IDLE POSTLOGIN")
-                conn.sendline(tag + " OK done")
-            elif cmd == "LOGOUT":
-                conn.sendline("* BYE bye")
-                conn.sendline(tag + " OK bye")
-                return
-            else:
-                conn.sendline(tag + " BAD unknown")
+        serve_commands(conn, "* OK [CAPABILITY IMAP4rev1 ID AUTH=PLAIN "
+                       "SASL-IR] hi", answer,
+                       caps="IMAP4rev1 IDLE POSTLOGIN")
     fake = FakeBackend(script)
     try:
         f = imapfe_factory(base_config(fake.port))

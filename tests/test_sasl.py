@@ -15,7 +15,7 @@ import pytest
 
 from conftest import (BIN, SLOW, VALGRIND, Raw, b64, base_config,
                       fill_inbox, wait_for)
-from fakebackend import FakeBackend, MisbehavingBackend
+from fakebackend import FakeBackend, MisbehavingBackend, serve_commands
 from saslbed import (FRONT_MECHS, Cyrus, FrontSasl, MasterDovecot,
                      ScramClient, cram_md5_response, sasldb_add,
                      sasldb_users)
@@ -400,48 +400,36 @@ def test_user_in_a_realm(connect, proxy_fe, front, master_dovecot):
 
 def _accepting_backend(conn, rec, caps="IMAP4rev1 SASL-IR AUTH=PLAIN"):
     """Accept any AUTHENTICATE PLAIN, keeping its decoded message."""
-    def accept(user, pw):
-        return True
-    conn.sendline("* OK [CAPABILITY %s] fake ready" % caps)
-    while True:
-        ln = conn.line()
-        if ln is None:
-            return
-        rec.setdefault("commands", []).append(ln)
-        tag, _, rest = ln.partition(" ")
+    def answer(conn, tag, cmd, rest):
+        rec.setdefault("commands", []).append(tag + " " + rest)
         words = rest.split(" ")
-        cmd = words[0].upper()
-        if cmd == "AUTHENTICATE" and words[1].upper() == "PLAIN":
+        mech = words[1].upper() if cmd == "AUTHENTICATE" else None
+        if mech == "PLAIN":
             data = words[2] if len(words) > 2 else None
             if data is None:
                 conn.sendline("+ ")
                 data = conn.line()
             rec["plain"] = base64.b64decode(data)
-            conn.sendline(tag + " OK [CAPABILITY IMAP4rev1 IDLE] in")
-        elif cmd == "AUTHENTICATE" and words[1].upper() == "LOGIN":
+        elif mech == "LOGIN":
             conn.sendline("+ VXNlcm5hbWU6")
             rec["login-user"] = base64.b64decode(conn.line())
             conn.sendline("+ UGFzc3dvcmQ6")
             conn.line()
-            conn.sendline(tag + " OK [CAPABILITY IMAP4rev1 IDLE] in")
-        elif cmd == "AUTHENTICATE" and words[1].upper() == "CRAM-MD5":
+        elif mech == "CRAM-MD5":
             conn.sendline("+ " + b64("<1896.697170952@fake.test>"))
             rec["cram-user"] = base64.b64decode(conn.line()).split(b" ")[0]
-            conn.sendline(tag + " OK [CAPABILITY IMAP4rev1 IDLE] in")
-        elif cmd == "AUTHENTICATE":
+        elif mech is not None:
             conn.sendline(tag + " NO unsupported mechanism")
+            return True
         elif cmd == "LOGIN":
-            rec["login-command"] = ln
-            conn.sendline(tag + " OK [CAPABILITY IMAP4rev1 IDLE] in")
-        elif cmd == "CAPABILITY":
-            conn.sendline("* CAPABILITY " + caps)
-            conn.sendline(tag + " OK done")
-        elif cmd == "LOGOUT":
-            conn.sendline("* BYE bye")
-            conn.sendline(tag + " OK bye")
-            return
+            rec["login-command"] = tag + " " + rest
         else:
-            conn.sendline(tag + " OK done")
+            return False
+        conn.sendline(tag + " OK [CAPABILITY IMAP4rev1 IDLE] in")
+        return True
+
+    serve_commands(conn, "* OK [CAPABILITY %s] fake ready" % caps, answer,
+                   caps, other="OK done")
 
 
 def test_backend_gets_proxy_identity_and_never_the_users_password(
