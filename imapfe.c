@@ -2029,11 +2029,12 @@ pipelined_commands(const struct iobuf *c)
 
 	while (p < end && (nl = memchr(p, '\n', (size_t)(end - p))) != NULL) {
 		size_t len = (size_t)(nl - p);
+		enum literal_kind k;
 
 		if (len > 0 && p[len - 1] == '\r')
 			len--;
-		if (literal_at_end(p, len, &n) == LIT_SYNC ||
-		    literal_at_end(p, len, &n) == LIT_NONSYNC) {
+		k = literal_at_end(p, len, &n);
+		if (k == LIT_SYNC || k == LIT_NONSYNC) {
 			if (n >= (uint64_t)(end - nl))
 				break;	/* the literal is still arriving */
 			p = nl + 1 + n;

@@ -347,7 +347,8 @@ class ImapfeListener(Target):
         for tls, port in ((False, self.port), (True, self.tls_port)):
             conf = write(os.path.join(d, "tls.conf" if tls else "plain.conf"),
                          config(bed, tls))
-            args = [BIN] + (["-d"] if os.environ.get("BENCH_DEBUG") else []) + ["-f", conf, "-l", "127.0.0.1:%d" % port]
+            debug = ["-d"] if os.environ.get("BENCH_DEBUG") else []
+            args = [BIN] + debug + ["-f", conf, "-l", "127.0.0.1:%d" % port]
             self.procs.append(spawn(
                 args + (["-T"] if tls else []),
                 stderr=open(os.path.join(d, "stderr"), "ab")))
