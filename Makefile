@@ -93,7 +93,7 @@ check: deps imapfe tests/unit tests/unit-asan imapfe-asan
 	./tests/unit
 	./tests/unit-asan
 	$(MAKE) fuzz FUZZ_SECONDS=60
-	mandoc -Tlint -Wwarning imapfe.8
+	mandoc -Tlint -Wwarning imapfe.8 imapfe.conf.5
 	$(PYTEST) tests
 	IMAPFE_BIN=$(CURDIR)/imapfe-asan $(PYTEST) tests
 	IMAPFE_VALGRIND=1 $(PYTEST) tests
@@ -119,9 +119,10 @@ demo: deps imapfe
 	$(PYTHON) tests/demo.py
 
 install: imapfe
-	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man8 \
-	    $(DESTDIR)$(EXAMPLESDIR)
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man5 \
+	    $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(EXAMPLESDIR)
 	install -m 755 imapfe $(DESTDIR)$(SBINDIR)/imapfe
+	install -m 644 imapfe.conf.5 $(DESTDIR)$(MANDIR)/man5/imapfe.conf.5
 	install -m 644 imapfe.8 $(DESTDIR)$(MANDIR)/man8/imapfe.8
 	install -m 644 imapfe.conf.sample $(DESTDIR)$(EXAMPLESDIR)/imapfe.conf
 	for f in $(SERVICE_FILES); do \
@@ -132,6 +133,7 @@ install: imapfe
 
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/imapfe $(DESTDIR)$(MANDIR)/man8/imapfe.8
+	rm -f $(DESTDIR)$(MANDIR)/man5/imapfe.conf.5
 	rm -f $(DESTDIR)$(EXAMPLESDIR)/imapfe.conf
 	for f in $(SERVICE_FILES); do rm -f $(DESTDIR)$(EXAMPLESDIR)/$$f; done
 	-rmdir $(DESTDIR)$(EXAMPLESDIR) 2>/dev/null
