@@ -521,215 +521,123 @@ attempt_start(struct sasl_attempt *at, const char *host,
 	return 0;
 }
 
-/* Write one client response line: prefix (the command itself, for an
- * initial response), base64 of data, CRLF. */
-static enum io_status
-send_sasl_line(struct backend *be, const char *prefix, const char *data,
-    unsigned len)
+/*
+ * One SASL client exchange with a back-end: what the conversation needs
+ * from libsasl2, and nothing of the connection it runs on (backend.c
+ * sends and reads).  Owned by whoever began it, released by
+ * sasl_client_end().
+ */
+struct sasl_client {
+	struct sasl_attempt	 at;
+	int			 complete;	/* libsasl2 said SASL_OK */
+};
+
+/* Append data as base64, "=" for an empty initial response. */
+static int
+add_base64(struct str *out, const char *data, unsigned len, int initial)
 {
-	struct str line = { 0 };
 	size_t need = ((size_t)len + 2) / 3 * 4 + 1;
-	char *b64 = malloc(need);
-	enum io_status st = IO_ERROR;
+	char *b64;
+	int rc;
 
-	if (b64 == NULL)
-		return IO_ERROR;
+	if (len == 0 && initial)
+		return str_adds(out, "=");
+	if ((b64 = malloc(need)) == NULL)
+		return -1;
 	base64_encode((const unsigned char *)data, len, b64, need);
-	size_t plen = strlen(prefix);
-
-	/* An empty initial response is "=", an empty continuation empty. */
-	if (str_add(&line, prefix, plen) == 0 &&
-	    str_adds(&line, len == 0 && plen > 0 && prefix[plen - 1] == ' ' ?
-	    "=" : b64) == 0 &&
-	    str_add(&line, "\r\n", 2) == 0)
-		st = iobuf_write(&be->io, line.s, line.len);
+	rc = str_adds(out, b64);
 	wipe(b64, need);
 	free(b64);
-	str_free(&line);
-	return st;
+	return rc;
 }
 
 /*
- * How a tagged NO from the back-end is reported to the client: a refused
- * credential is the user's failure; anything else (the server is in
- * trouble, or will not have us) is the service's.
+ * Start mechanism mech for cr on a server host.  On SASL_BEGIN_OK, args
+ * holds what follows "AUTHENTICATE ": the mechanism, and the initial
+ * response in base64 when sasl_ir (the server offers SASL-IR) and the
+ * mechanism has one.  SASL_BEGIN_NOMECH: libsasl2 has no plugin for it.
  */
-static enum login_result
-classify_no(const char *text, size_t len)
+enum sasl_begin
+sasl_client_begin(struct sasl_client **out, const char *host,
+    const struct credentials *cr, const char *mech, int sasl_ir,
+    struct str *args)
 {
-	static const char *const unavailable[] = { "[UNAVAILABLE",
-	    "[SERVERBUG", "[INUSE", "[LIMIT", "[AUTHORIZATIONFAILED",
-	    "[CONTACTADMIN" };
+	struct sasl_client *sc = calloc(1, sizeof(*sc));
+	const char *ir = NULL, *chosen = NULL;
+	unsigned irlen = 0;
+	int rc;
 
-	while (len > 0 && *text == ' ') {
-		text++;
-		len--;
+	*out = NULL;
+	if (sc == NULL)
+		return SASL_BEGIN_FAILED;
+	if (attempt_start(&sc->at, host, cr) != 0) {
+		sasl_client_end(sc);
+		return SASL_BEGIN_FAILED;
 	}
-	for (size_t i = 0; i < sizeof(unavailable) / sizeof(*unavailable);
-	    i++) {
-		size_t l = strlen(unavailable[i]);
-
-		if (len >= l && strncasecmp(text, unavailable[i], l) == 0)
-			return LOGIN_UNAVAILABLE;
-	}
-	return LOGIN_BADCREDS;
-}
-
-/* Run the exchange after AUTHENTICATE was sent, to the tagged answer. */
-static enum login_result
-sasl_exchange(struct backend *be, const struct config *cfg,
-    struct sasl_attempt *at, const char *tag, int complete, char *why,
-    size_t whylen)
-{
-	char *line, *dec = NULL, clean[160];
-	size_t len, rest, deccap = 0, declen;
-	const char *status;
-	enum login_result res = LOGIN_UNAVAILABLE;
-
-	for (;;) {
-		if (backend_read_line(be, cfg, &line, &len) != IO_OK) {
-			snprintf(why, whylen, "%s", "connection lost or timed "
-			    "out during authentication");
-			break;
-		}
-		if (len >= 1 && line[0] == '+') {
-			const char *out = NULL;
-			unsigned outlen = 0;
-			const char *chal = line + (len > 1 ? 2 : 1);
-			size_t clen = len > 1 ? len - 2 : 0;
-			int rc;
-
-			if (dec != NULL) {
-				wipe(dec, deccap);
-				free(dec);
-			}
-			deccap = clen / 4 * 3 + 1;
-			if ((dec = malloc(deccap)) == NULL ||
-			    base64_decode(chal, clen, dec, deccap,
-			    &declen) != 0) {
-				snprintf(why, whylen, "%s",
-				    "malformed base64 challenge");
-				iobuf_puts(&be->io, "*\r\n");
-				break;
-			}
-			rc = sasl_client_step(at->conn, dec, (unsigned)declen,
-			    NULL, &out, &outlen);
-			if (rc != SASL_OK && rc != SASL_CONTINUE) {
-				snprintf(why, whylen, "SASL: %s",
-				    sasl_errstring(rc, NULL, NULL));
-				iobuf_puts(&be->io, "*\r\n");
-				break;
-			}
-			complete = rc == SASL_OK;
-			if (send_sasl_line(be, "", out, outlen) != IO_OK) {
-				snprintf(why, whylen, "%s",
-				    "connection lost during authentication");
-				break;
-			}
-			continue;
-		}
-		backend_note_caps(be, line, len);
-		if ((status = resp_status(line, len, "*", &rest)) != NULL &&
-		    strcmp(status, "BYE") == 0) {
-			sanitize(clean, sizeof(clean), line, len);
-			snprintf(why, whylen, "server said: %s", clean);
-			break;
-		}
-		if ((status = resp_status(line, len, tag, &rest)) == NULL)
-			continue;	/* untagged data: CAPABILITY and such */
-		sanitize(clean, sizeof(clean), line, len);
-		if (strcmp(status, "OK") == 0) {
-			if (!complete) {
-				snprintf(why, whylen, "server said OK before "
-				    "the exchange completed: %s", clean);
-				break;
-			}
-			res = LOGIN_OK;
-			snprintf(why, whylen, "%s", clean);
-			break;
-		}
-		res = strcmp(status, "NO") == 0 ?
-		    classify_no(line + len - rest, rest) : LOGIN_UNAVAILABLE;
-		snprintf(why, whylen, "server said: %s", clean);
-		break;
-	}
-	if (dec != NULL) {
-		wipe(dec, deccap);	/* the whole allocation, not what decoded */
-		free(dec);
-	}
-	return res;
-}
-
-/*
- * Log in to the back-end with one mechanism.  Returns LOGIN_UNAVAILABLE
- * with why "nomech" when the SASL library has no plugin for it, so the
- * caller can try the next.
- */
-static enum login_result
-sasl_login_mech(struct backend *be, const struct config *cfg,
-    const struct credentials *cr, const char *mech, char *why,
-    size_t whylen)
-{
-	struct sasl_attempt at;
-	struct str cmd = { 0 };
-	const char *out = NULL, *chosen = NULL, *tag;
-	unsigned outlen = 0;
-	enum login_result res = LOGIN_UNAVAILABLE;
-	int rc, ir;
-
-	if (attempt_start(&at, be->host, cr) != 0) {
-		snprintf(why, whylen, "%s", "SASL client set-up failed");
-		attempt_release(&at);
-		return LOGIN_UNAVAILABLE;
-	}
-	ir = caps_has(be->caps, "SASL-IR");
-	rc = sasl_client_start(at.conn, mech, NULL, ir ? &out : NULL,
-	    ir ? &outlen : NULL, &chosen);
+	rc = sasl_client_start(sc->at.conn, mech, NULL, sasl_ir ? &ir : NULL,
+	    sasl_ir ? &irlen : NULL, &chosen);
 	if (rc != SASL_OK && rc != SASL_CONTINUE) {
-		snprintf(why, whylen, "%s", "nomech");
-		attempt_release(&at);
-		return LOGIN_UNAVAILABLE;
+		sasl_client_end(sc);
+		return SASL_BEGIN_NOMECH;
 	}
 	/* A server-first mechanism has no initial response even with SASL-IR. */
-	ir = ir && out != NULL;
-	tag = backend_next_tag(be);
-	/* One write: the command and its initial response in one segment. */
-	if (str_printf(&cmd, "%s AUTHENTICATE %s%s", tag, chosen,
-	    ir ? " " : "") == 0 &&
-	    send_sasl_line(be, cmd.s, out, ir ? outlen : 0) == IO_OK)
-		res = sasl_exchange(be, cfg, &at, tag, ir && rc == SASL_OK,
-		    why, whylen);
-	else
-		snprintf(why, whylen, "%s", "connection lost");
-	str_free(&cmd);
-	attempt_release(&at);
-	return res;
+	sc->complete = ir != NULL && rc == SASL_OK;
+	if (str_adds(args, chosen) != 0 || (ir != NULL &&
+	    (str_adds(args, " ") != 0 || add_base64(args, ir, irlen, 1) != 0))) {
+		sasl_client_end(sc);
+		return SASL_BEGIN_FAILED;
+	}
+	*out = sc;
+	return SASL_BEGIN_OK;
 }
 
 /*
- * Log in with the first mechanism of the configured preference list that
- * the back-end offers and the SASL library has.  LOGIN_UNAVAILABLE with
- * why "nomech" means there was none.
+ * The answer to a server challenge (base64, as it came after "+ "), as
+ * the base64 line to send, CRLF included.  -1 with why set when the
+ * challenge is malformed or libsasl2 refuses it: the caller cancels.
  */
-enum login_result
-sasl_login(struct backend *be, const struct config *cfg,
-    const struct credentials *cr, char *why, size_t whylen)
+int
+sasl_client_answer(struct sasl_client *sc, const char *chal, size_t len,
+    struct str *line, char *why, size_t whylen)
 {
-	char *list, *mech, *save = NULL, cap[64];
-	enum login_result res = LOGIN_UNAVAILABLE;
+	size_t cap = len / 4 * 3 + 1, declen;
+	char *dec = malloc(cap);
+	const char *out = NULL;
+	unsigned outlen = 0;
+	int rc = -1, st;
 
-	snprintf(why, whylen, "%s", "nomech");
-	if ((list = strdup(cfg->backend_mechanisms)) == NULL)
-		return LOGIN_UNAVAILABLE;
-	for (mech = strtok_r(list, " ,", &save); mech != NULL;
-	    mech = strtok_r(NULL, " ,", &save)) {
-		snprintf(cap, sizeof(cap), "AUTH=%s", mech);
-		if (!caps_has(be->caps, cap))
-			continue;
-		res = sasl_login_mech(be, cfg, cr, mech, why, whylen);
-		if (res != LOGIN_UNAVAILABLE || strcmp(why, "nomech") != 0)
-			break;
+	if (dec == NULL || base64_decode(chal, len, dec, cap, &declen) != 0)
+		snprintf(why, whylen, "malformed base64 challenge");
+	else if ((st = sasl_client_step(sc->at.conn, dec, (unsigned)declen,
+	    NULL, &out, &outlen)) != SASL_OK && st != SASL_CONTINUE)
+		snprintf(why, whylen, "SASL: %s", sasl_errstring(st, NULL,
+		    NULL));
+	else if (add_base64(line, out, outlen, 0) != 0 ||
+	    str_add(line, "\r\n", 2) != 0)
+		snprintf(why, whylen, "out of memory");
+	else {
+		sc->complete = st == SASL_OK;
+		rc = 0;
 	}
-	free(list);
-	return res;
+	if (dec != NULL) {
+		wipe(dec, cap);	/* the whole allocation, not what decoded */
+		free(dec);
+	}
+	return rc;
+}
+
+/* Has the client side of the exchange finished (SASL_OK)? */
+int
+sasl_client_complete(const struct sasl_client *sc)
+{
+	return sc->complete;
+}
+
+void
+sasl_client_end(struct sasl_client *sc)
+{
+	if (sc == NULL)
+		return;
+	attempt_release(&sc->at);
+	free(sc);
 }

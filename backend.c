@@ -199,20 +199,6 @@ backend_next_tag(struct backend *be)
 	return be->tagbuf;
 }
 
-static void
-set_deadline(struct backend *be, const struct config *cfg)
-{
-	be->io.deadline = now_ms() + (int64_t)cfg->backend_timeout * 1000;
-}
-
-enum io_status
-backend_read_line(struct backend *be, const struct config *cfg, char **line,
-    size_t *len)
-{
-	set_deadline(be, cfg);
-	return iobuf_getline(&be->io, MAX_BACKEND_LINE, line, len);
-}
-
 static int
 connect_one(const struct addrinfo *ai, int64_t deadline)
 {
@@ -400,7 +386,220 @@ caps_for_client(const char *backend_caps, int routed)
 }
 
 /* ------------------------------------------------------------------ */
-/* commands */
+/* responses: the one reader of a back-end's stream */
+
+/* Fill r from a tagged status line (or an untagged BYE) as received. */
+static void
+reply_set(struct reply *r, const char *line, size_t len)
+{
+	struct status_resp st;
+	char tag[TAGGED_LINE_MAX];
+	size_t tl = 0;
+
+	while (tl < len && line[tl] != ' ')
+		tl++;
+	r->raw = NULL;
+	r->raw_len = 0;
+	r->truncated = len >= sizeof(r->line);
+	r->len = r->truncated ? sizeof(r->line) - 1 : len;
+	memcpy(r->line, line, r->len);
+	r->line[r->len] = '\0';
+	r->tag_len = tl < r->len ? tl : r->len;
+	memcpy(tag, line, r->tag_len);
+	tag[r->tag_len] = '\0';
+	r->status = REPLY_BAD;		/* a tagged line that is no status */
+	r->code = CODE_NONE;
+	if (status_parse(r->line, r->len, tag, &st) == 0) {
+		static const enum reply_status kinds[] = {
+			[RESP_OK] = REPLY_OK, [RESP_NO] = REPLY_NO,
+			[RESP_BAD] = REPLY_BAD, [RESP_BYE] = REPLY_BYE,
+			[RESP_PREAUTH] = REPLY_OK };
+
+		r->status = kinds[st.kind];
+		r->code = st.code;
+	}
+	sanitize(r->why, sizeof(r->why), line, len);
+}
+
+/* The connection failed before a tagged answer: BYE if one came. */
+static enum reply_status
+reply_lost(struct backend *be, struct reply *r, const char *why)
+{
+	if (be->bye.len > 0) {
+		*r = be->bye;
+		return r->status;
+	}
+	r->raw = NULL;
+	r->status = REPLY_LOST;
+	r->code = CODE_NONE;
+	r->len = r->tag_len = 0;
+	r->line[0] = '\0';
+	snprintf(r->why, sizeof(r->why), "%s", why);
+	return REPLY_LOST;
+}
+
+int
+reply_is(const struct reply *r, const char *tag)
+{
+	return r->tag_len == strlen(tag) && memcmp(r->line, tag,
+	    r->tag_len) == 0;
+}
+
+/* Untagged lines that may carry capabilities, told apart cheaply. */
+static void
+note_caps_if_any(struct backend *be, const char *line, size_t len)
+{
+	if ((len > 6 && strncasecmp(line, "* OK [", 6) == 0) ||
+	    (len > 13 && strncasecmp(line, "* CAPABILITY ", 13) == 0) ||
+	    (len > 7 && strncasecmp(line, "* PREAUTH [", 7) == 0))
+		backend_note_caps(be, line, len);
+}
+
+struct run {
+	const char	*p;		/* a run of bytes for sink->out */
+	size_t		 len;
+};
+
+static int
+run_flush(struct run *run, const struct resp_sink *sink)
+{
+	enum io_status st = IO_OK;
+
+	if (run->len > 0)
+		st = iobuf_write(sink->out, run->p, run->len);
+	run->len = 0;
+	return st == IO_OK ? 0 : -1;
+}
+
+/* Pass k bytes of a kept response on; runs for sink->out are joined. */
+static int
+deliver(struct backend *be, const struct resp_sink *sink, struct run *run,
+    const char *p, size_t k)
+{
+	if (be->dropping || sink == NULL)
+		return 0;
+	if (sink->out != NULL) {
+		if (run->len > 0 && run->p + run->len != p &&
+		    run_flush(run, sink) != 0)
+			return -1;
+		if (run->len == 0)
+			run->p = p;
+		run->len += k;
+		return 0;
+	}
+	return sink->data != NULL ? sink->data(sink->ctx, p, k) : 0;
+}
+
+/*
+ * The first line of an untagged response: noted, shown to the sink's
+ * line filter, kept or dropped whole (its literals and all).
+ */
+static int
+untagged_start(struct backend *be, const struct resp_sink *sink,
+    struct run *run, const char *p, size_t k)
+{
+	size_t len = k;
+	enum sink_verdict v = SINK_KEEP;
+
+	if (len > 0 && p[len - 1] == '\n')
+		len--;
+	if (len > 0 && p[len - 1] == '\r')
+		len--;
+	note_caps_if_any(be, p, len);
+	if (len >= 5 && strncasecmp(p, "* BYE", 5) == 0 &&
+	    (len == 5 || p[5] == ' '))
+		reply_set(&be->bye, p, len);
+	if (sink != NULL && sink->line != NULL) {
+		if (run_flush(run, sink) != 0)
+			return -1;
+		v = sink->line(sink->ctx, p, len);
+	}
+	if (v == SINK_FAIL)
+		return -1;
+	be->dropping = v == SINK_DROP;
+	return 0;
+}
+
+/*
+ * Follow what back-end be has buffered: untagged responses go to the
+ * sink as they come (NULL: nowhere), up to the next tagged answer or "+"
+ * continuation, which end up in r.  Never reads: DISPATCH_MORE asks the
+ * caller to, when it wants more.  The one place that reads a back-end's
+ * responses, for imapfe's own commands and the client's alike.
+ */
+enum dispatch
+backend_dispatch(struct backend *be, const struct resp_sink *sink,
+    struct reply *r)
+{
+	struct iobuf *io = &be->io;
+	struct run run = { NULL, 0 };
+	enum dispatch d = DISPATCH_MORE;
+
+	for (;;) {
+		const char *p = io->buf + io->start;
+		size_t n = iobuf_pending(io), k;
+		int start = resp_scan_at_start(&be->sc);
+
+		if (n == 0)
+			break;
+		k = resp_scan_piece(&be->sc, p, n);
+		if (k == 0 && start && n < io->cap)
+			break;		/* the rest of the line is to come */
+		if (k == 0 && sink == NULL) {
+			d = DISPATCH_TOOLONG;	/* imapfe reads whole lines */
+			break;
+		}
+		if (k == 0)
+			k = n;		/* a line longer than the buffer */
+		if (start && p[0] != '*') {
+			size_t len = k;
+
+			while (len > 0 && (p[len - 1] == '\n' ||
+			    p[len - 1] == '\r'))
+				len--;
+			reply_set(r, p, len);
+			r->raw = p;
+			r->raw_len = k;
+			if (p[0] != '+')	/* "tag OK [CAPABILITY ...]" */
+				backend_note_caps(be, p, len);
+			resp_scan(&be->sc, p, k);
+			iobuf_consume(io, k);
+			if (p[0] != '+' && sink != NULL && sink->out != NULL &&
+			    sink->tagged != NULL && sink->tagged(sink->ctx, r)) {
+				/* on with the run, one write for many answers */
+				be->dropping = 0;
+				if (deliver(be, sink, &run, p, k) != 0) {
+					d = DISPATCH_FAILED;
+					break;
+				}
+				continue;
+			}
+			if (run_flush(&run, sink) != 0) {
+				d = DISPATCH_FAILED;
+				break;
+			}
+			d = p[0] == '+' ? DISPATCH_CONTINUATION :
+			    DISPATCH_TAGGED;
+			break;
+		}
+		if (start) {
+			be->dropping = 0;
+			if (untagged_start(be, sink, &run, p, k) != 0) {
+				d = DISPATCH_FAILED;
+				break;
+			}
+		}
+		if (deliver(be, sink, &run, p, k) != 0) {
+			d = DISPATCH_FAILED;
+			break;
+		}
+		resp_scan(&be->sc, p, k);
+		iobuf_consume(io, k);
+	}
+	if (sink != NULL && sink->out != NULL && run_flush(&run, sink) != 0)
+		d = DISPATCH_FAILED;
+	return d;
+}
 
 /*
  * Where the next piece of a composed command ends: after the CRLF of a
@@ -430,85 +629,157 @@ next_sync_literal(const char *p, const char *end)
 }
 
 /*
- * Send a command composed by imapfe and read to its tagged answer.  The
- * command may hold synchronizing literals ("{n}\r\n", which only a literal
- * can produce, since quoted strings never hold CR or LF): each waits for
- * the back-end's "+" before its bytes go out.  Returns the status word, or
- * NULL when the connection failed; the tagged line, sanitized, in text.
+ * Read to the tagged answer to tag, sending what is left of the command
+ * (from *p to end) a piece at a time, as the back-end says "+" to each
+ * synchronizing literal.  A "+" with nothing left to send goes to
+ * sink->continuation, or, without one, ends the wait as REPLY_PLUS.
+ * Tagged answers to other tags (a pipelined ID's) are passed over.
  */
-static const char *
-backend_run(struct backend *be, const struct config *cfg,
-    const struct str *cmd, const char *tag, char *text, size_t textlen)
+static enum reply_status
+await_answer(struct backend *be, const struct config *cfg, const char *tag,
+    const char *p, const char *end, const struct resp_sink *sink,
+    struct reply *r)
 {
-	const char *p = cmd->s, *end = cmd->s + cmd->len, *status;
-	size_t len, rest;
-	char *line;
-
-	snprintf(text, textlen, "connection lost or timed out");
-	while (p < end) {
-		const char *piece_end = next_sync_literal(p, end);
-
-		set_deadline(be, cfg);
-		if (iobuf_write(&be->io, p, (size_t)(piece_end - p)) != IO_OK)
-			return NULL;
-		p = piece_end;
-		if (p == end)
-			break;
-		for (;;) {	/* wait for the continuation */
-			if (backend_read_line(be, cfg, &line, &len) != IO_OK)
-				return NULL;
-			backend_note_caps(be, line, len);
-			if (len > 0 && line[0] == '+')
-				break;
-			if ((status = resp_status(line, len, tag, &rest)) !=
-			    NULL) {
-				sanitize(text, textlen, line, len);
-				return status;
-			}
-		}
-	}
 	for (;;) {
-		if (backend_read_line(be, cfg, &line, &len) != IO_OK)
-			return NULL;
-		backend_note_caps(be, line, len);
-		if ((status = resp_status(line, len, "*", &rest)) != NULL &&
-		    strcmp(status, "BYE") == 0) {
-			sanitize(text, textlen, line, len);
-			return NULL;
-		}
-		if ((status = resp_status(line, len, tag, &rest)) != NULL) {
-			sanitize(text, textlen, line, len);
-			return status;
+		enum dispatch d = backend_dispatch(be, sink, r);
+		const char *piece;
+		enum io_status st;
+
+		if (d == DISPATCH_TAGGED && reply_is(r, tag))
+			return r->status;
+		if (d == DISPATCH_TAGGED && be->id_tag[0] != '\0' &&
+		    reply_is(r, be->id_tag))
+			be->id_tag[0] = '\0';	/* the pipelined ID's */
+		if (d == DISPATCH_CONTINUATION && p < end) {
+			piece = next_sync_literal(p, end);
+			be->io.deadline = deadline_in(cfg->backend_timeout);
+			if (iobuf_write(&be->io, p, (size_t)(piece - p)) !=
+			    IO_OK)
+				return reply_lost(be, r, "connection lost "
+				    "sending a literal");
+			p = piece;
+		} else if (d == DISPATCH_CONTINUATION && (sink == NULL ||
+		    sink->continuation == NULL)) {
+			r->status = REPLY_PLUS;
+			return REPLY_PLUS;
+		} else if (d == DISPATCH_CONTINUATION && sink->continuation(
+		    sink->ctx, be, r->line, r->len) != 0)
+			return reply_lost(be, r, "connection lost answering "
+			    "a challenge");
+		else if (d == DISPATCH_FAILED)
+			return reply_lost(be, r, "the client went away");
+		else if (d == DISPATCH_TOOLONG)
+			return reply_lost(be, r, "a response line longer than "
+			    "imapfe reads");
+		else if (d == DISPATCH_MORE) {
+			be->io.deadline = deadline_in(cfg->backend_timeout);
+			if ((st = iobuf_fill(&be->io)) != IO_OK)
+				return reply_lost(be, r, st == IO_TIMEOUT ?
+				    "timed out" : "connection lost");
 		}
 	}
+}
+
+/*
+ * Run a command on a back-end and read to its tagged answer: the one
+ * "send a command, read to its tagged reply" of imapfe.  cmd is whole,
+ * CRLF and all, and may hold synchronizing literals, each of which waits
+ * for the back-end's "+".  Untagged responses go to sink; a "+" that no
+ * literal waits for goes to sink->continuation, which answers it.
+ * Returns the answer's status; r holds it, typed, with a sanitized copy
+ * for logs.
+ */
+enum reply_status
+backend_command(struct backend *be, const struct config *cfg,
+    const struct str *cmd, const char *tag, const struct resp_sink *sink,
+    struct reply *r)
+{
+	const char *end = cmd->s + cmd->len;
+	const char *piece = next_sync_literal(cmd->s, end);
+
+	be->bye.len = 0;
+	be->io.deadline = deadline_in(cfg->backend_timeout);
+	if (iobuf_write(&be->io, cmd->s, (size_t)(piece - cmd->s)) != IO_OK)
+		return reply_lost(be, r, "connection lost sending a command");
+	return await_answer(be, cfg, tag, piece, end, sink, r);
+}
+
+/* The answer to a command sent already, or its "+" (REPLY_PLUS). */
+enum reply_status
+backend_await(struct backend *be, const struct config *cfg, const char *tag,
+    const struct resp_sink *sink, struct reply *r)
+{
+	return await_answer(be, cfg, tag, NULL, NULL, sink, r);
+}
+
+/* A command of imapfe's own, without literals: "TAG text\r\n". */
+enum reply_status
+backend_simple(struct backend *be, const struct config *cfg,
+    const char *text, const struct resp_sink *sink, struct reply *r)
+{
+	struct str cmd = { 0 };
+	const char *tag = backend_next_tag(be);
+	enum reply_status rs;
+
+	if (str_printf(&cmd, "%s %s\r\n", tag, text) != 0)
+		return reply_lost(be, r, "out of memory");
+	rs = backend_command(be, cfg, &cmd, tag, sink, r);
+	str_free(&cmd);
+	return rs;
 }
 
 static enum login_result
 run_capability(struct backend *be, const struct config *cfg, char *why,
     size_t whylen)
 {
-	struct str cmd = { 0 };
-	const char *tag = backend_next_tag(be), *status;
+	struct reply r;
 
-	if (str_printf(&cmd, "%s CAPABILITY\r\n", tag) != 0)
+	if (backend_simple(be, cfg, "CAPABILITY", NULL, &r) != REPLY_OK ||
+	    be->caps == NULL) {
+		snprintf(why, whylen, "%s", r.why);
 		return LOGIN_UNAVAILABLE;
-	status = backend_run(be, cfg, &cmd, tag, why, whylen);
-	str_free(&cmd);
-	if (status == NULL || strcmp(status, "OK") != 0 || be->caps == NULL)
-		return LOGIN_UNAVAILABLE;
+	}
 	return LOGIN_OK;
+}
+
+/*
+ * How a refused login is reported to the client: a refused credential is
+ * the user's failure; anything else (the server is in trouble, or will
+ * not have us) is the service's, and a referral is followed.
+ */
+static enum login_result
+login_outcome(const struct reply *r, char *why, size_t whylen)
+{
+	if (r->status == REPLY_OK)
+		return LOGIN_OK;
+	snprintf(why, whylen, "server said: %s", r->why);
+	if (r->code == CODE_REFERRAL)
+		return LOGIN_REFERRAL;
+	if (r->status != REPLY_NO)
+		return LOGIN_UNAVAILABLE;
+	switch (r->code) {
+	case CODE_UNAVAILABLE:
+	case CODE_SERVERBUG:
+	case CODE_INUSE:
+	case CODE_LIMIT:
+	case CODE_AUTHORIZATIONFAILED:
+	case CODE_CONTACTADMIN:
+		return LOGIN_UNAVAILABLE;
+	default:
+		return LOGIN_BADCREDS;
+	}
 }
 
 /* The LOGIN command, for back-ends that offer no usable SASL mechanism. */
 static enum login_result
 login_command(struct backend *be, const struct config *cfg,
-    const struct credentials *cr, char *why, size_t whylen)
+    const struct credentials *cr, struct reply *r, char *why, size_t whylen)
 {
 	struct str cmd = { 0 };
-	const char *tag = backend_next_tag(be), *status;
+	const char *tag = backend_next_tag(be);
 	int plus = caps_has(be->caps, "LITERAL+");
 	int minus = caps_has(be->caps, "LITERAL-");
-	enum login_result res = LOGIN_UNAVAILABLE;
+	enum login_result res;
 
 	if (str_printf(&cmd, "%s LOGIN ", tag) != 0 ||
 	    imap_append_string(&cmd, cr->user, cr->user_len,
@@ -521,58 +792,113 @@ login_command(struct backend *be, const struct config *cfg,
 		str_free(&cmd);
 		return LOGIN_UNAVAILABLE;
 	}
-	status = backend_run(be, cfg, &cmd, tag, why, whylen);
+	backend_command(be, cfg, &cmd, tag, NULL, r);
 	str_free(&cmd);		/* wipes the password */
-	if (status != NULL && strcmp(status, "OK") == 0)
-		res = LOGIN_OK;
-	else if (status != NULL && strcmp(status, "NO") == 0)
-		res = strstr(why, "[UNAVAILABLE") != NULL ?
-		    LOGIN_UNAVAILABLE : LOGIN_BADCREDS;
+	res = login_outcome(r, why, whylen);
+	if (res == LOGIN_OK)
+		snprintf(why, whylen, "%s", r->why);
 	return res;
 }
 
-/* ------------------------------------------------------------------ */
-/* the login conversation */
+/* What a SASL exchange's continuations need. */
+struct sasl_run {
+	struct sasl_client	*client;
+	const struct config	*cfg;
+	char			 why[160];	/* set when imapfe cancelled */
+};
 
-static enum login_result
-read_greeting(struct backend *be, const struct config *cfg, char *why,
-    size_t whylen)
+/* The back-end's challenge: answered, or cancelled with "*". */
+static int
+sasl_challenge(void *ctx, struct backend *be, const char *line, size_t len)
 {
-	const char *status;
-	size_t len, rest;
-	char *line;
+	struct sasl_run *run = ctx;
+	struct str answer = { 0 };
+	size_t skip = len > 1 ? 2 : 1;		/* "+ " */
+	enum io_status st;
 
-	if (backend_read_line(be, cfg, &line, &len) != IO_OK) {
-		snprintf(why, whylen, "no greeting");
-		return LOGIN_UNAVAILABLE;
+	if (sasl_client_answer(run->client, line + skip, len - skip, &answer,
+	    run->why, sizeof(run->why)) != 0) {
+		str_wipe(&answer);
+		str_adds(&answer, "*\r\n");
 	}
-	status = resp_status(line, len, "*", &rest);
-	if (status == NULL || strcmp(status, "OK") != 0) {
-		char clean[160];
-
-		sanitize(clean, sizeof(clean), line, len);
-		snprintf(why, whylen, "unexpected greeting: %s", clean);
-		return LOGIN_UNAVAILABLE;
-	}
-	if (memmem(line, len, IMAPFE_GREETING_MARK,
-	    strlen(IMAPFE_GREETING_MARK)) != NULL) {
-		snprintf(why, whylen, "the back-end is imapfe itself: "
-		    "configuration loop");
-		return LOGIN_LOOP;
-	}
-	backend_note_caps(be, line, len);
-	return LOGIN_OK;
+	be->io.deadline = deadline_in(run->cfg->backend_timeout);
+	st = iobuf_write(&be->io, answer.s, answer.len);
+	str_free(&answer);		/* wipes the response */
+	return st == IO_OK ? 0 : -1;
 }
 
+/*
+ * AUTHENTICATE with one mechanism, the command and its initial response
+ * in one write.  Returns -1 when libsasl2 has no plugin for mech, so the
+ * caller tries the next; otherwise 0 and the outcome in *res.
+ */
+static int
+authenticate_mech(struct backend *be, const struct config *cfg,
+    const struct credentials *cr, const char *mech, struct reply *r,
+    enum login_result *res, char *why, size_t whylen)
+{
+	struct sasl_run run = { .cfg = cfg };
+	struct resp_sink sink = { .continuation = sasl_challenge,
+	    .ctx = &run };
+	struct str cmd = { 0 };
+	const char *tag = backend_next_tag(be);
+	enum sasl_begin b;
+
+	*res = LOGIN_UNAVAILABLE;
+	if (str_printf(&cmd, "%s AUTHENTICATE ", tag) != 0) {
+		snprintf(why, whylen, "out of memory");
+		return 0;
+	}
+	b = sasl_client_begin(&run.client, be->host, cr, mech,
+	    caps_has(be->caps, "SASL-IR"), &cmd);
+	if (b == SASL_BEGIN_NOMECH) {
+		str_free(&cmd);
+		return -1;
+	}
+	if (b == SASL_BEGIN_OK && str_add(&cmd, "\r\n", 2) == 0) {
+		backend_command(be, cfg, &cmd, tag, &sink, r);
+		*res = login_outcome(r, why, whylen);
+		if (run.why[0] != '\0')
+			snprintf(why, whylen, "%s", run.why);
+		else if (*res == LOGIN_OK &&
+		    !sasl_client_complete(run.client)) {
+			snprintf(why, whylen, "server said OK before the "
+			    "exchange completed: %s", r->why);
+			*res = LOGIN_UNAVAILABLE;
+		} else if (*res == LOGIN_OK)
+			snprintf(why, whylen, "%s", r->why);
+	} else
+		snprintf(why, whylen, "SASL client set-up failed");
+	str_free(&cmd);
+	sasl_client_end(run.client);
+	return 0;
+}
+
+/*
+ * Log in with the first mechanism of backend_mechanisms that the back-end
+ * offers and libsasl2 has; with none, the LOGIN command, where allowed.
+ */
 static enum login_result
 authenticate_masked(struct backend *be, const struct config *cfg,
-    const struct credentials *cr, char *why, size_t whylen)
+    const struct credentials *cr, struct reply *r, char *why, size_t whylen)
 {
+	char *list, *mech, *save = NULL, cap[64];
 	enum login_result res;
 
-	res = sasl_login(be, cfg, cr, why, whylen);
-	if (res != LOGIN_UNAVAILABLE || strcmp(why, "nomech") != 0)
-		return res;
+	if ((list = strdup(cfg->backend_mechanisms)) == NULL) {
+		snprintf(why, whylen, "out of memory");
+		return LOGIN_UNAVAILABLE;
+	}
+	for (mech = strtok_r(list, " ,", &save); mech != NULL;
+	    mech = strtok_r(NULL, " ,", &save)) {
+		snprintf(cap, sizeof(cap), "AUTH=%s", mech);
+		if (caps_has(be->caps, cap) && authenticate_mech(be, cfg, cr,
+		    mech, r, &res, why, whylen) == 0) {
+			free(list);
+			return res;
+		}
+	}
+	free(list);
 	if (cr->authzid != NULL) {
 		snprintf(why, whylen, "no SASL mechanism in common that can "
 		    "carry an authorization identity (backend_mechanisms)");
@@ -583,20 +909,52 @@ authenticate_masked(struct backend *be, const struct config *cfg,
 		    "and LOGIN disabled");
 		return LOGIN_UNAVAILABLE;
 	}
-	return login_command(be, cfg, cr, why, whylen);
+	return login_command(be, cfg, cr, r, why, whylen);
 }
 
 /* Log in; under -D the trace hides everything imapfe sends meanwhile. */
 static enum login_result
 authenticate(struct backend *be, const struct config *cfg,
-    const struct credentials *cr, char *why, size_t whylen)
+    const struct credentials *cr, struct reply *r, char *why, size_t whylen)
 {
 	enum login_result res;
 
 	be->io.trace_secret = 1;	/* until the login's answer is read */
-	res = authenticate_masked(be, cfg, cr, why, whylen);
+	res = authenticate_masked(be, cfg, cr, r, why, whylen);
 	be->io.trace_secret = 0;
 	return res;
+}
+
+/* ------------------------------------------------------------------ */
+/* the login conversation */
+
+static enum login_result
+read_greeting(struct backend *be, const struct config *cfg, struct reply *r,
+    char *why, size_t whylen)
+{
+	struct status_resp st;
+	size_t len;
+	char *line;
+
+	be->io.deadline = deadline_in(cfg->backend_timeout);
+	if (iobuf_getline(&be->io, MAX_BACKEND_LINE, &line, &len) != IO_OK) {
+		snprintf(why, whylen, "no greeting");
+		return LOGIN_UNAVAILABLE;
+	}
+	if (status_parse(line, len, "*", &st) != 0 || st.kind != RESP_OK) {
+		reply_set(r, line, len);
+		snprintf(why, whylen, "unexpected greeting: %s", r->why);
+		return st.code == CODE_REFERRAL && st.kind == RESP_BYE ?
+		    LOGIN_REFERRAL : LOGIN_UNAVAILABLE;
+	}
+	if (memmem(line, len, IMAPFE_GREETING_MARK,
+	    strlen(IMAPFE_GREETING_MARK)) != NULL) {
+		snprintf(why, whylen, "the back-end is imapfe itself: "
+		    "configuration loop");
+		return LOGIN_LOOP;
+	}
+	backend_note_caps(be, line, len);
+	return LOGIN_OK;
 }
 
 /* The TLS handshake with the back-end, certificate verified. */
@@ -611,7 +969,7 @@ start_tls(struct backend *be, const struct config *cfg, const struct route *r,
 		snprintf(why, whylen, "TLS set-up: %s", err);
 		return LOGIN_UNAVAILABLE;
 	}
-	set_deadline(be, cfg);
+	be->io.deadline = deadline_in(cfg->backend_timeout);
 	if (iobuf_tls_handshake(&be->io, ssl, 0) != IO_OK) {
 		snprintf(why, whylen, "TLS: %s", be->io.tls_why);
 		return LOGIN_UNAVAILABLE;
@@ -629,8 +987,7 @@ static enum login_result
 backend_starttls(struct backend *be, const struct config *cfg,
     const struct route *r, char *why, size_t whylen)
 {
-	struct str cmd = { 0 };
-	const char *tag, *status;
+	struct reply rep;
 	enum login_result res;
 
 	if (be->caps == NULL &&
@@ -640,16 +997,8 @@ backend_starttls(struct backend *be, const struct config *cfg,
 		snprintf(why, whylen, "the back-end does not offer STARTTLS");
 		return LOGIN_UNAVAILABLE;
 	}
-	tag = backend_next_tag(be);
-	if (str_printf(&cmd, "%s STARTTLS\r\n", tag) != 0)
-		return LOGIN_UNAVAILABLE;
-	status = backend_run(be, cfg, &cmd, tag, why, whylen);
-	str_free(&cmd);
-	if (status == NULL || strcmp(status, "OK") != 0) {
-		char text[160];
-
-		snprintf(text, sizeof(text), "%s", why);
-		snprintf(why, whylen, "STARTTLS refused: %s", text);
+	if (backend_simple(be, cfg, "STARTTLS", NULL, &rep) != REPLY_OK) {
+		snprintf(why, whylen, "STARTTLS refused: %s", rep.why);
 		return LOGIN_UNAVAILABLE;
 	}
 	if (iobuf_pending(&be->io) > 0) {
@@ -706,14 +1055,17 @@ send_id(struct backend *be, const struct config *cfg,
 	    str_add(&cmd, ")\r\n", 3) != 0;
 	if (rc == 0 && next_sync_literal(cmd.s, cmd.s + cmd.len) !=
 	    cmd.s + cmd.len) {
-		rc = backend_run(be, cfg, &cmd, tag, why, whylen) == NULL;
+		struct reply rep;
+
+		rc = backend_command(be, cfg, &cmd, tag, NULL, &rep) >=
+		    REPLY_BYE;
 		str_free(&cmd);
 		if (rc != 0)
 			snprintf(why, whylen, "no answer to ID");
 		return rc != 0 ? LOGIN_UNAVAILABLE : LOGIN_OK;
 	}
 	if (rc == 0) {
-		set_deadline(be, cfg);
+		be->io.deadline = deadline_in(cfg->backend_timeout);
 		iobuf_cork(&be->io);
 		snprintf(be->id_tag, sizeof(be->id_tag), "%s", tag);
 		rc = iobuf_write(&be->io, cmd.s, cmd.len) != IO_OK;
@@ -726,8 +1078,8 @@ send_id(struct backend *be, const struct config *cfg,
 	return LOGIN_OK;
 }
 
-static void
-backend_reset(struct backend *be)
+void
+backend_close(struct backend *be)
 {
 	iobuf_tls_close(&be->io);
 	iobuf_free(&be->io);
@@ -743,40 +1095,45 @@ backend_reset(struct backend *be)
 /*
  * Connect to the route's back-end and log in as the user.  On LOGIN_OK the
  * backend is ready for relaying with be->caps holding its post-login
- * capabilities; on failure everything the attempt held is released.
+ * capabilities; on failure everything the attempt held is released, and r
+ * holds the back-end's last answer (a referral's URL, a response code).
  */
-enum login_result
+static enum login_result
 backend_open(struct backend *be, const struct config *cfg,
     const struct route *r, const struct credentials *cr,
-    const struct client_info *ci, char *why, size_t whylen)
+    const struct client_info *ci, struct reply *rep, char *why,
+    size_t whylen)
 {
-	enum login_result res;
+	enum login_result res = LOGIN_UNAVAILABLE;
 	unsigned seq;
 	int fd;
 
 	memset(be, 0, sizeof(*be));
 	be->io.rfd = be->io.wfd = -1;
+	rep->status = REPLY_LOST;
+	rep->code = CODE_NONE;
+	rep->len = rep->tag_len = 0;
+	rep->line[0] = '\0';
 	if ((be->host = strdup(r->host)) == NULL ||
-	    (be->port = strdup(r->port)) == NULL) {
+	    (be->port = strdup(r->port)) == NULL)
 		snprintf(why, whylen, "out of memory");
-		backend_reset(be);
-		return LOGIN_UNAVAILABLE;
-	}
-	if ((fd = backend_connect(r, cfg, why, whylen)) < 0) {
-		backend_reset(be);
-		return LOGIN_UNAVAILABLE;
-	}
-	if (iobuf_init(&be->io, fd, fd, BACKEND_BUFSIZE) != 0) {
+	else if ((fd = backend_connect(r, cfg, why, whylen)) < 0)
+		;
+	else if (iobuf_init(&be->io, fd, fd, BACKEND_BUFSIZE) != 0) {
 		close(fd);
 		snprintf(why, whylen, "out of memory");
-		backend_reset(be);
-		return LOGIN_UNAVAILABLE;
+	} else
+		res = LOGIN_OK;
+	if (res != LOGIN_OK) {
+		backend_close(be);
+		return res;
 	}
 	be->io.trace_name = be->host;
+	resp_scanner_init(&be->sc);
 	res = r->tls == TLS_IMPLICIT ? start_tls(be, cfg, r, why, whylen) :
 	    LOGIN_OK;
 	if (res == LOGIN_OK)
-		res = read_greeting(be, cfg, why, whylen);
+		res = read_greeting(be, cfg, rep, why, whylen);
 	if (res == LOGIN_OK && r->tls == TLS_STARTTLS)
 		res = backend_starttls(be, cfg, r, why, whylen);
 	if (res == LOGIN_OK && be->caps == NULL)
@@ -786,7 +1143,7 @@ backend_open(struct backend *be, const struct config *cfg,
 		res = send_id(be, cfg, ci, why, whylen);
 	seq = be->caps_seq;
 	if (res == LOGIN_OK)
-		res = authenticate(be, cfg, cr, why, whylen);
+		res = authenticate(be, cfg, cr, rep, why, whylen);
 	/* Servers may widen their capabilities after login; ask if unsaid. */
 	if (res == LOGIN_OK && be->caps_seq == seq) {
 		char text[160];
@@ -796,8 +1153,25 @@ backend_open(struct backend *be, const struct config *cfg,
 			snprintf(why, whylen, "CAPABILITY after login: %s", text);
 	}
 	if (res != LOGIN_OK)
-		backend_reset(be);
+		backend_close(be);
 	return res;
+}
+
+/* In proxy mode a refusal is the proxy identity's, and it says so. */
+static void
+blame_proxy_identity(char *why, size_t whylen)
+{
+	static const char prefix[] = "the back-end refused the proxy "
+	    "identity or its authorization (check proxy_user and the "
+	    "back-end's proxy rules): ";
+	size_t keep;
+
+	if (whylen <= sizeof(prefix))
+		return;
+	keep = strnlen(why, whylen - sizeof(prefix));
+	memmove(why + sizeof(prefix) - 1, why, keep);
+	memcpy(why, prefix, sizeof(prefix) - 1);
+	why[sizeof(prefix) - 1 + keep] = '\0';
 }
 
 /*
@@ -806,19 +1180,17 @@ backend_open(struct backend *be, const struct config *cfg,
  * In proxy mode the client is already authenticated, so a refusal is the
  * service's fault, never the user's.
  */
-enum login_result
+static enum login_result
 backend_open_as(struct backend *be, const struct config *cfg,
     const struct route *r, const struct credentials *user,
-    const struct client_info *ci, char *why, size_t whylen)
+    const struct client_info *ci, struct reply *rep, char *why,
+    size_t whylen)
 {
-	static const char prefix[] = "the back-end refused the proxy "
-	    "identity or its authorization (check proxy_user and the "
-	    "back-end's proxy rules): ";
 	struct credentials proxy = { 0 };
 	enum login_result res;
 
 	if (cfg->auth != AUTH_PROXY)
-		return backend_open(be, cfg, r, user, ci, why, whylen);
+		return backend_open(be, cfg, r, user, ci, rep, why, whylen);
 	if (credentials_set(&proxy, cfg->proxy->user, cfg->proxy->user_len,
 	    cfg->proxy->pass, cfg->proxy->pass_len) != 0 ||
 	    credentials_set_authzid(&proxy, user->user) != 0) {
@@ -826,17 +1198,11 @@ backend_open_as(struct backend *be, const struct config *cfg,
 		snprintf(why, whylen, "out of memory");
 		return LOGIN_UNAVAILABLE;
 	}
-	res = backend_open(be, cfg, r, &proxy, ci, why, whylen);
+	res = backend_open(be, cfg, r, &proxy, ci, rep, why, whylen);
 	credentials_clear(&proxy);
-	if (res != LOGIN_OK && (res == LOGIN_BADCREDS ||
-	    strstr(why, "AUTHORIZATIONFAILED") != NULL) &&
-	    whylen > sizeof(prefix)) {
-		size_t keep = strnlen(why, whylen - sizeof(prefix));
-
-		memmove(why + sizeof(prefix) - 1, why, keep);
-		memcpy(why, prefix, sizeof(prefix) - 1);
-		why[sizeof(prefix) - 1 + keep] = '\0';
-	}
+	if (res == LOGIN_BADCREDS || (res == LOGIN_UNAVAILABLE &&
+	    rep->code == CODE_AUTHORIZATIONFAILED))
+		blame_proxy_identity(why, whylen);
 	if (res == LOGIN_BADCREDS)
 		res = LOGIN_UNAVAILABLE;
 	return res;
@@ -915,32 +1281,33 @@ backend_login(struct backend *be, const struct config *cfg,
 {
 	const struct route *tried[REFERRAL_HOPS_MAX + 1] = { r };
 	struct referral ref;
+	struct reply *rep = malloc(sizeof(*rep));
 	enum login_result res;
 	int hops = 0;
 
+	if (rep == NULL) {
+		snprintf(why, whylen, "out of memory");
+		return LOGIN_UNAVAILABLE;
+	}
 	for (;;) {
 		const struct route *next;
 
-		res = backend_open_as(be, cfg, r, user, ci, why, whylen);
-		if (res == LOGIN_OK || res == LOGIN_LOOP)
-			return res;
-		if (strcasestr(why, "[REFERRAL ") == NULL)
-			return res;
+		res = backend_open_as(be, cfg, r, user, ci, rep, why, whylen);
+		if (res != LOGIN_REFERRAL)
+			break;
 		/* why the referral was not followed is logged already */
-		if ((next = referral_target(cfg, why, &ref, who)) == NULL ||
+		if ((next = referral_target(cfg, rep->line, &ref, who)) ==
+		    NULL ||
 		    !referral_allowed(cfg, tried, hops, next, &ref, who)) {
 			snprintf(why, whylen, "login referral not followed");
-			return LOGIN_UNAVAILABLE;
+			res = LOGIN_UNAVAILABLE;
+			break;
 		}
 		log_msg(LOG_INFO, "event=referral kind=login user=\"%s\" "
 		    "from=%s:%s to=%s:%s", who, r->host, r->port, next->host,
 		    next->port);
 		tried[++hops] = r = next;
 	}
-}
-
-void
-backend_close(struct backend *be)
-{
-	backend_reset(be);
+	free(rep);
+	return res;
 }

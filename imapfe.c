@@ -834,16 +834,6 @@ config_free(struct config *cfg)
 /* ------------------------------------------------------------------ */
 /* the session */
 
-enum session_end {
-	END_NONE = 0,
-	END_LOGOUT,		/* the client logged out */
-	END_CLIENT_GONE,	/* the client closed or failed */
-	END_BACKEND_GONE,	/* the back-end closed or failed */
-	END_LIMIT,		/* a limit was reached: BYE sent */
-	END_TIMEOUT,
-	END_SHUTDOWN,
-	END_TLS			/* the TLS handshake failed */
-};
 
 struct session {
 	const struct config	*cfg;
@@ -855,7 +845,7 @@ struct session {
 	struct backend		 backend;
 	int			 logged_in;
 	struct credentials	 cred;
-	struct str		 cmdbuf;	/* the command being read */
+	struct cmd_buf		 cmdbuf;	/* the command being read */
 	char			 peer[80];
 	char			 user[96];	/* sanitized, for logs */
 	int			 failures;
@@ -1110,61 +1100,56 @@ io_end(struct session *s, enum io_status st)
 }
 
 /*
+ * Before login a line may be as long as max_line_length, or as a valid
+ * ID at RFC 2971's sizes (30 pairs, fields of 30 octets and values of
+ * 1024, every byte of them escaped in a quoted string) is: such an ID is
+ * answered, as Dovecot answers it; what goes on to a back-end stays
+ * bounded by the max_id settings.
+ */
+static size_t
+prelogin_line_max(const struct config *cfg)
+{
+	size_t id = (size_t)cfg->max_id_pairs * (2 * (size_t)cfg->max_id_field +
+	    2 * (size_t)cfg->max_id_value + 7) + 80;
+	size_t n = cfg->max_line_length > id ? cfg->max_line_length : id;
+
+	return n < PRELOGIN_COMMAND_MAX - 2 ? n : PRELOGIN_COMMAND_MAX - 2;
+}
+
+/*
  * Read one whole command: its lines and the literals they announce, into
- * s->cmdbuf.  Synchronizing literals get their "+" here, once their size
- * is known to be acceptable.
+ * s->cmdbuf, with the limits before login: no literal over
+ * max_prelogin_literal, none streamed.
  */
 static enum read_status
 read_command(struct session *s)
 {
-	enum io_status st;
-	enum literal_kind k;
-	uint64_t n;
-	size_t len;
-	char *line, tag[64];
+	const struct cmd_limits lim = {
+		.line_max = prelogin_line_max(s->cfg),
+		.command_max = PRELOGIN_COMMAND_MAX,
+		.literal_max = s->cfg->max_prelogin_literal,
+		.hold_max = s->cfg->max_prelogin_literal,
+		.literal_name = "max_prelogin_literal" };
 
-	str_wipe(&s->cmdbuf);
-	for (;;) {
-		st = iobuf_getline(&s->client, s->cfg->max_line_length, &line,
-		    &len);
-		if (st != IO_OK) {
-			io_end(s, st);
-			return READ_END;
-		}
-		if (s->cmdbuf.len + len + 2 > PRELOGIN_COMMAND_MAX) {
-			session_bye(s, END_LIMIT, "Command too long.");
-			return READ_END;
-		}
-		if (str_add(&s->cmdbuf, line, len) != 0) {
-			session_bye(s, END_LIMIT, "Out of memory.");
-			return READ_END;
-		}
-		k = literal_at_end(line, len, &n);
-		if (k == LIT_NONE)
-			return READ_OK;
-		if (k == LIT_INVALID) {
-			early_tag(s->cmdbuf.s, s->cmdbuf.len, tag, sizeof(tag));
-			client_send(s, "%s BAD Invalid literal size.", tag);
-			log_msg(LOG_NOTICE, "event=bad-command reason=\"invalid "
-			    "literal size\"");
-			s->bad_commands++;
-			return READ_BAD_LITERAL;
-		}
-		if (n > s->cfg->max_prelogin_literal ||
-		    s->cmdbuf.len + n + 2 > PRELOGIN_COMMAND_MAX) {
-			/* A non-synchronizing literal is on its way already. */
-			session_bye(s, END_LIMIT, "Literal too large.");
-			return READ_END;
-		}
-		if (k == LIT_SYNC && client_send(s, "+ Ready for literal "
-		    "data") != 0)
-			return READ_END;
-		if (str_add(&s->cmdbuf, "\r\n", 2) != 0 ||
-		    (st = iobuf_read_into(&s->client, n, &s->cmdbuf)) != IO_OK) {
-			io_end(s, st);
-			return READ_END;
-		}
+	s->cmdbuf.continuing = 0;
+	switch (cmd_read(&s->client, &lim, &s->cmdbuf)) {
+	case CMD_COMPLETE:
+		return READ_OK;
+	case CMD_BAD_LITERAL:
+	case CMD_ANSWERED:
+	case CMD_STREAM:	/* (not before login: hold_max is the limit) */
+		log_msg(LOG_NOTICE, "event=bad-command reason=\"invalid "
+		    "literal size\"");
+		s->bad_commands++;
+		return READ_BAD_LITERAL;
+	case CMD_END:
+		break;
 	}
+	if (s->cmdbuf.bye != NULL)
+		session_bye(s, s->cmdbuf.end, s->cmdbuf.bye);
+	else
+		s->end = s->cmdbuf.end;
+	return READ_END;
 }
 
 /* ------------------------------------------------------------------ */
@@ -1779,6 +1764,7 @@ session_prelogin(struct session *s)
 	struct command *cmd;
 	const char *why;
 	enum parse_status ps;
+	size_t len;
 
 	if ((cmd = malloc(sizeof(*cmd))) == NULL) {
 		session_bye(s, END_LIMIT, "Out of memory.");
@@ -1796,14 +1782,10 @@ session_prelogin(struct session *s)
 		    (int64_t)s->cfg->login_timeout * 1000;
 		if (read_command(s) != READ_OK)
 			goto next;
-		trace_data("from", "client", s->cmdbuf.s, s->cmdbuf.len, 0);
-		/* parse_command needs one byte past the command */
-		if (str_add(&s->cmdbuf, "", 1) != 0) {
-			session_bye(s, END_LIMIT, "Out of memory.");
-			break;
-		}
-		s->cmdbuf.len--;
-		ps = parse_command(s->cmdbuf.s, s->cmdbuf.len, cmd, &why);
+		/* parse_command needs one byte past the command: its CR */
+		len = s->cmdbuf.text.len - 2;
+		trace_data("from", "client", s->cmdbuf.text.s, len, 0);
+		ps = parse_command(s->cmdbuf.text.s, len, cmd, &why);
 		if (ps == PARSE_NOTAG)
 			bad_command(s, "*", why);
 		else if (ps == PARSE_BAD)
@@ -1815,205 +1797,12 @@ next:
 		    s->cfg->max_bad_commands)
 			session_bye(s, END_LIMIT, "Too many invalid commands.");
 	}
-	str_wipe(&s->cmdbuf);
+	str_wipe(&s->cmdbuf.text);
 	free(cmd);
 }
 
 /* ------------------------------------------------------------------ */
-/* the relay */
-
-/* Move what is buffered on one side to the other. */
-static enum io_status
-relay_pending(struct iobuf *from, struct iobuf *to, struct resp_scanner *sc)
-{
-	size_t n = iobuf_pending(from);
-	enum io_status st;
-
-	if (n == 0)
-		return IO_OK;
-	if (sc != NULL)
-		resp_scan(sc, from->buf + from->start, n);
-	st = iobuf_write(to, from->buf + from->start, n);
-	iobuf_consume(from, n);
-	return st;
-}
-
-/* Literal bodies at least this long go from a plain back-end to a plain
- * client through a pipe with splice(2); shorter ones are not worth it. */
-#define SPLICE_MIN	(16 * 1024)
-#define SPLICE_MAX	(1024 * 1024)
-
-struct literal_pipe {
-	int	fd[2];		/* -1 until the first long literal */
-	int	off;		/* these descriptors cannot splice */
-};
-
-/*
- * Read from the back-end: into the buffer, or, inside a long literal
- * between plain sockets, straight on to the client, uncopied (the scanner
- * needs only the count).  A failed write to the client sets s->end.
- */
-static enum io_status
-backend_read(struct session *s, struct literal_pipe *lp,
-    struct resp_scanner *sc)
-{
-	struct iobuf *c = &s->client, *b = &s->backend.io;
-	size_t moved;
-	int to_failed;
-	enum io_status st;
-
-	/* (-D traces what passes through the buffers: none of splice) */
-	if (lp->off || protocol_trace || b->ssl != NULL || c->ssl != NULL ||
-	    iobuf_pending(b) > 0 || sc->literal_left < SPLICE_MIN)
-		return iobuf_try_fill(b);
-	if (lp->fd[0] < 0 && pipe2(lp->fd, O_CLOEXEC | O_NONBLOCK) != 0) {
-		lp->off = 1;
-		return iobuf_try_fill(b);
-	}
-	st = iobuf_splice(b, c, lp->fd, sc->literal_left > SPLICE_MAX ?
-	    SPLICE_MAX : (size_t)sc->literal_left, &moved, &to_failed);
-	sc->literal_left -= moved;
-	if (st == IO_UNSUPPORTED) {
-		lp->off = 1;
-		return iobuf_try_fill(b);
-	}
-	if (to_failed) {
-		s->end = END_CLIENT_GONE;
-		return IO_AGAIN;
-	}
-	return st;
-}
-
-/*
- * End a relayed session with BYE where the client can read it as one: a
- * partial response line is ended first, and inside a literal no BYE is
- * sent at all, since it would become part of the message the client is
- * reading; closing the connection then is the only honest answer.
- */
-static void
-relay_bye(struct session *s, const struct resp_scanner *toward_client,
-    enum session_end end, const char *text)
-{
-	if (toward_client->literal_left > 0) {
-		log_msg(LOG_NOTICE, "event=bye-withheld reason=\"inside a "
-		    "literal of the back-end's\"");
-		s->end = end;
-		s->end_reason = text;
-		return;
-	}
-	if (toward_client->head_len > 0 &&
-	    iobuf_write(&s->client, "\r\n", 2) != IO_OK) {
-		s->end = END_CLIENT_GONE;
-		return;
-	}
-	session_bye(s, end, text);
-}
-
-/*
- * The relay does not parse commands, so it watches the client's stream
- * for literal announcements: one over max_literal_size ends the session
- * before the bytes that announce it reach the back-end.
- */
-static int
-client_literal_too_large(struct session *s, struct resp_scanner *sc)
-{
-	size_t n = iobuf_pending(&s->client);
-
-	if (n > 0)
-		resp_scan(sc, s->client.buf + s->client.start, n);
-	if (sc->largest_literal <= s->cfg->max_literal_size)
-		return 0;
-	log_msg(LOG_NOTICE, "event=limit reason=\"literal of %llu bytes, more "
-	    "than max_literal_size\"", (unsigned long long)sc->largest_literal);
-	session_bye(s, END_LIMIT, "Literal too large.");
-	return 1;
-}
-
-/*
- * After login: bytes flow both ways until either side closes.  Only the
- * client's silence counts towards the idle timeout; the back-end's stream
- * is watched just enough to know whether it already said BYE.
- */
-static void
-session_relay(struct session *s)
-{
-	struct iobuf *c = &s->client, *b = &s->backend.io;
-	struct resp_scanner sc, from_client;
-	int64_t idle = (int64_t)s->cfg->idle_timeout * 1000;
-	int64_t last_client = now_ms();
-	struct pollfd pfd[2];
-	struct literal_pipe lp = { .fd = { -1, -1 } };
-	enum io_status st;
-
-	resp_scanner_init(&sc);
-	resp_scanner_init(&from_client);
-	while (s->end == END_NONE) {
-		c->deadline = b->deadline = now_ms() + idle;
-		if (client_literal_too_large(s, &from_client))
-			break;
-		if (relay_pending(c, b, NULL) != IO_OK) {
-			s->end = END_BACKEND_GONE;
-			break;
-		}
-		if (relay_pending(b, c, &sc) != IO_OK) {
-			s->end = END_CLIENT_GONE;
-			break;
-		}
-		pfd[0] = (struct pollfd){ .fd = c->rfd, .events = POLLIN };
-		pfd[1] = (struct pollfd){ .fd = b->rfd, .events = POLLIN };
-		int64_t left = last_client + idle - now_ms();
-		if (left <= 0) {
-			relay_bye(s, &sc, END_TIMEOUT, "Disconnected for "
-			    "inactivity.");
-			break;
-		}
-		/* Bytes TLS already decrypted are invisible to poll(2). */
-		if (iobuf_has_decrypted(c) || iobuf_has_decrypted(b))
-			left = 0;
-		if (poll_wait(pfd, 2, (int)(left > 3600000 ? 3600000 :
-		    left)) < 0) {
-			if (errno != EINTR)
-				s->end = END_CLIENT_GONE;
-			else if (shutdown_requested)
-				relay_bye(s, &sc, END_SHUTDOWN, "Server "
-				    "shutting down.");
-			continue;
-		}
-		if (pfd[0].revents != 0 || iobuf_has_decrypted(c)) {
-			st = iobuf_try_fill(c);
-			if (st != IO_OK && st != IO_AGAIN) {
-				s->end = END_CLIENT_GONE;
-				break;
-			}
-			if (st == IO_OK)
-				last_client = now_ms();
-		}
-		if (pfd[1].revents != 0 || iobuf_has_decrypted(b))
-			st = backend_read(s, &lp, &sc);
-		else
-			st = IO_AGAIN;
-		if (st != IO_OK && st != IO_AGAIN) {
-			if (b->tls_why[0] != '\0')
-				log_msg(LOG_NOTICE, "event=tls-error "
-				    "side=backend reason=\"%s\"", b->tls_why);
-			relay_pending(b, c, &sc);
-			if (sc.saw_bye)
-				s->end = END_BACKEND_GONE;
-			else
-				relay_bye(s, &sc, END_BACKEND_GONE, "Back-end "
-				    "server closed the connection.");
-			break;
-		}
-	}
-	if (lp.fd[0] >= 0) {
-		close(lp.fd[0]);
-		close(lp.fd[1]);
-	}
-	/* After the back-end's BYE (a LOGOUT, mostly) either side may close. */
-	if (sc.saw_bye && (s->end == END_BACKEND_GONE ||
-	    s->end == END_CLIENT_GONE))
-		s->end = END_LOGOUT;
-}
+/* after login */
 
 /*
  * Commands the client sent while its login was under way: imapfe reads
@@ -2057,24 +1846,6 @@ check_pipelined(struct session *s)
 	log_msg(LOG_NOTICE, "event=limit reason=\"%d commands pipelined behind "
 	    "the login, more than max_pipelined_commands\"", n);
 	session_bye(s, END_LIMIT, "Too many commands sent during login.");
-}
-
-/* With public-folder servers, commands are routed, not just relayed. */
-static void
-session_route(struct session *s)
-{
-	static const enum session_end ends[] = {
-		[ROUTER_NONE] = END_NONE,
-		[ROUTER_LOGOUT] = END_LOGOUT,
-		[ROUTER_CLIENT_GONE] = END_CLIENT_GONE,
-		[ROUTER_BACKEND_GONE] = END_BACKEND_GONE,
-		[ROUTER_LIMIT] = END_LIMIT,
-		[ROUTER_TIMEOUT] = END_TIMEOUT,
-		[ROUTER_SHUTDOWN] = END_SHUTDOWN,
-	};
-
-	s->end = ends[router_run(s->cfg, &s->client, &s->backend, &s->cred,
-	    &s->ci, s->user)];
 }
 
 /* ------------------------------------------------------------------ */
@@ -2201,10 +1972,9 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	session_prelogin(&s);
 	if (s.logged_in)
 		check_pipelined(&s);
-	if (s.logged_in && s.end == END_NONE && config_routed(cfg))
-		session_route(&s);
-	else if (s.logged_in && s.end == END_NONE)
-		session_relay(&s);
+	if (s.logged_in && s.end == END_NONE)
+		s.end = router_run(cfg, &s.client, &s.backend, &s.cred, &s.ci,
+		    s.user);
 	if (s.logged_in)
 		backend_close(&s.backend);
 	if (s.client.tls_why[0] != '\0')
@@ -2213,7 +1983,7 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	session_log_end(&s);
 	client_linger_close(&s);
 	credentials_clear(&s.cred);
-	str_free(&s.cmdbuf);
+	str_free(&s.cmdbuf.text);
 	str_free(&s.ci.id_fields);
 	iobuf_free(&s.client);
 	return 0;

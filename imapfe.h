@@ -65,6 +65,7 @@ struct iobuf {
 };
 
 int64_t		 now_ms(void);
+int64_t		 deadline_in(int seconds);
 int		 iobuf_init(struct iobuf *, int rfd, int wfd, size_t cap);
 void		 iobuf_free(struct iobuf *);
 size_t		 iobuf_pending(const struct iobuf *);
@@ -88,6 +89,18 @@ enum io_status	 iobuf_vline(struct iobuf *, const char *fmt, va_list)
 void		 iobuf_discard(struct iobuf *);
 void		 iobuf_cork(struct iobuf *);
 int		 wait_readable(int fd, int64_t deadline);
+
+/* How a session ended: its event=end line's reason. */
+enum session_end {
+	END_NONE = 0,
+	END_LOGOUT,		/* the client logged out */
+	END_CLIENT_GONE,	/* the client closed or failed */
+	END_BACKEND_GONE,	/* the back-end closed or failed */
+	END_LIMIT,		/* a limit was reached: BYE sent */
+	END_TIMEOUT,
+	END_SHUTDOWN,
+	END_TLS			/* the TLS handshake failed */
+};
 
 /* The protocol trace on stderr (-D), credentials masked. */
 extern int	 protocol_trace;
@@ -189,6 +202,44 @@ void		 str_wipe(struct str *);
 void		 str_free(struct str *);
 
 /*
+ * Reading a client's command (iobuf.c, cmd_read): lines and literals,
+ * within limits that differ before login and after.
+ */
+#define CMD_MAX_LITERALS	1024	/* literals in one command */
+
+struct cmd_limits {
+	size_t		 line_max;	/* one line, CRLF not counted */
+	size_t		 command_max;	/* lines and held literals */
+	uint64_t	 literal_max;	/* larger ones are refused */
+	uint64_t	 hold_max;	/* larger ones are streamed */
+	int		 toobig;	/* refuse with NO [TOOBIG] where we can */
+	const char	*literal_name;	/* the limit's name, for the log */
+};
+
+struct cmd_buf {
+	struct str	 text;		/* as on the wire, CRLFs and all */
+	size_t		 cuts[CMD_MAX_LITERALS];	/* after each "{n}" */
+	int		 ncuts;
+	uint64_t	 stream_left;	/* CMD_STREAM: the literal's size */
+	int		 stream_sync;	/* and whether the client waits */
+	const char	*bye;		/* CMD_END: the BYE's text, or none */
+	enum session_end end;		/* CMD_END: how the session ends */
+	char		 tag[72];	/* the command's, for answers */
+	int		 continuing;	/* the rest of a streamed command */
+};
+
+enum cmd_status {
+	CMD_COMPLETE,		/* text holds the whole command */
+	CMD_STREAM,		/* text holds it up to a literal to stream */
+	CMD_BAD_LITERAL,	/* answered with a tagged BAD */
+	CMD_ANSWERED,		/* answered NO [TOOBIG]: the session goes on */
+	CMD_END			/* the session ends: bye and end say how */
+};
+
+enum cmd_status	 cmd_read(struct iobuf *, const struct cmd_limits *,
+		    struct cmd_buf *);
+
+/*
  * Append s as an IMAP string: a quoted string when every byte may stand
  * in one, a literal otherwise.  Returns 1 if a literal was used, 0 for a
  * quoted string, -1 on allocation failure or a NUL byte (never sendable).
@@ -200,8 +251,44 @@ size_t		 sanitize(char *dst, size_t dstsize, const char *src,
 
 /* Response-line helpers for back-end replies. */
 int		 resp_is_tagged(const char *line, size_t len, const char *tag);
-const char	*resp_status(const char *line, size_t len, const char *tag,
-		    size_t *rest_len);
+
+enum resp_kind { RESP_OK = 0, RESP_NO, RESP_BAD, RESP_BYE, RESP_PREAUTH };
+
+/* Response codes (RFC 9051 7.1, 5530, 4315, 2193, 7162) imapfe acts on. */
+enum resp_code {
+	CODE_NONE = 0,
+	CODE_OTHER,
+	CODE_ALERT,
+	CODE_APPENDUID,
+	CODE_AUTHENTICATIONFAILED,
+	CODE_AUTHORIZATIONFAILED,
+	CODE_CANNOT,
+	CODE_CAPABILITY,
+	CODE_CLOSED,
+	CODE_CONTACTADMIN,
+	CODE_COPYUID,
+	CODE_INUSE,
+	CODE_LIMIT,
+	CODE_OVERQUOTA,
+	CODE_REFERRAL,
+	CODE_SERVERBUG,
+	CODE_TOOBIG,
+	CODE_TRYCREATE,
+	CODE_UNAVAILABLE
+};
+
+/* A status response, parsed; the pointers point into the line. */
+struct status_resp {
+	enum resp_kind	 kind;
+	enum resp_code	 code;
+	const char	*code_arg;	/* after the code's name, up to "]" */
+	size_t		 code_arg_len;
+	const char	*text;		/* after the code */
+	size_t		 text_len;
+};
+
+int		 status_parse(const char *line, size_t len, const char *tag,
+		    struct status_resp *);
 int		 caps_has(const char *caps, const char *cap);
 
 /* Where a referral (RFC 2193, RFC 2221) points. */
@@ -226,6 +313,7 @@ struct resp_scanner {
 	size_t		 tail_len;		/* last bytes of the line */
 	char		 tail[24];
 	int		 saw_bye;
+	int		 mid_response;		/* a literal, then more line */
 	uint64_t	 largest_literal;	/* announced since init */
 };
 
@@ -233,6 +321,9 @@ void		 keep_tail(char *tail, size_t cap, size_t *len, const char *,
 		    size_t);
 void		 resp_scanner_init(struct resp_scanner *);
 void		 resp_scan(struct resp_scanner *, const char *, size_t);
+int		 resp_scan_at_start(const struct resp_scanner *);
+size_t		 resp_scan_piece(const struct resp_scanner *, const char *,
+		    size_t);
 
 /* ------------------------------------------------------------------ */
 /* configuration (imapfe.c) */
@@ -423,8 +514,35 @@ int		 sasl_server_mechs(const struct config *, int plaintext_ok,
 /* ------------------------------------------------------------------ */
 /* backend.c */
 
+/* A tagged answer from a back-end, typed; or why there was none. */
+enum reply_status {
+	REPLY_OK = 0,
+	REPLY_NO,
+	REPLY_BAD,
+	REPLY_PLUS,		/* "+": the server waits for more */
+	REPLY_BYE,		/* the server said BYE instead of answering */
+	REPLY_LOST		/* the connection failed or timed out */
+};
+
+struct reply {
+	enum reply_status status;
+	enum resp_code	 code;
+	size_t		 tag_len;
+	size_t		 len;
+	int		 truncated;	/* line holds the first part only */
+	char		 line[TAGGED_LINE_MAX];	/* as received, no CRLF */
+	char		 why[160];	/* sanitized, for logs */
+	const char	*raw;		/* the whole line, CRLF and all, in the */
+	size_t		 raw_len;	/* back-end's buffer until it reads again */
+};
+
+int		 reply_is(const struct reply *, const char *tag);
+
 struct backend {
 	struct iobuf	 io;
+	struct resp_scanner sc;		/* where its response stream is */
+	int		 dropping;	/* the current response goes nowhere */
+	struct reply	 bye;		/* its BYE, once it sent one */
 	char		*host;		/* owned copies, for logging */
 	char		*port;
 	char		*caps;		/* latest capability list, owned */
@@ -433,6 +551,45 @@ struct backend {
 	unsigned	 tagseq;
 	char		 id_tag[16];	/* a pipelined ID's, until its answer */
 };
+
+/*
+ * Where a back-end's untagged responses go while a command runs.  Each
+ * response's first line is shown to line (when set), which keeps or
+ * drops the whole response; what is kept is written to out (the client)
+ * or, without out, handed to data piece by piece.  A "+" that no literal
+ * of imapfe's waits for goes to continuation, which must answer it.  A
+ * tagged answer for which tagged (when set) returns 1 is written to out
+ * with the responses around it, and dispatching goes on.
+ */
+enum sink_verdict { SINK_KEEP, SINK_DROP, SINK_FAIL };
+
+struct resp_sink {
+	struct iobuf	*out;
+	enum sink_verdict (*line)(void *ctx, const char *line, size_t len);
+	int		(*data)(void *ctx, const char *p, size_t n);
+	int		(*continuation)(void *ctx, struct backend *,
+			    const char *line, size_t len);
+	int		(*tagged)(void *ctx, const struct reply *);
+	void		*ctx;
+};
+
+enum dispatch {
+	DISPATCH_MORE,		/* all buffered input is used: read more */
+	DISPATCH_TAGGED,	/* a tagged answer, in the reply */
+	DISPATCH_CONTINUATION,	/* a "+" line, in the reply */
+	DISPATCH_FAILED,	/* the sink could not write */
+	DISPATCH_TOOLONG	/* a line longer than the buffer, no sink */
+};
+
+enum dispatch	 backend_dispatch(struct backend *, const struct resp_sink *,
+		    struct reply *);
+enum reply_status backend_command(struct backend *, const struct config *,
+		    const struct str *cmd, const char *tag,
+		    const struct resp_sink *, struct reply *);
+enum reply_status backend_await(struct backend *, const struct config *,
+		    const char *tag, const struct resp_sink *, struct reply *);
+enum reply_status backend_simple(struct backend *, const struct config *,
+		    const char *text, const struct resp_sink *, struct reply *);
 
 /*
  * What imapfe tells a back-end about the client with ID (RFC 2971) before
@@ -456,7 +613,8 @@ enum login_result {
 	LOGIN_OK = 0,
 	LOGIN_BADCREDS,		/* NO [AUTHENTICATIONFAILED] to the client */
 	LOGIN_UNAVAILABLE,	/* NO [UNAVAILABLE] to the client */
-	LOGIN_LOOP		/* the back-end is imapfe: refuse */
+	LOGIN_LOOP,		/* the back-end is imapfe: refuse */
+	LOGIN_REFERRAL		/* a login referral, inside backend.c only */
 };
 
 /*
@@ -490,43 +648,37 @@ int		 referral_allowed(const struct config *,
 		    const struct route *const *tried, int hops,
 		    const struct route *next, const struct referral *,
 		    const char *user);
-enum login_result backend_open(struct backend *, const struct config *,
-		    const struct route *, const struct credentials *,
-		    const struct client_info *, char *why, size_t whylen);
 #define REFERRAL_HOPS_MAX	10	/* the most referral_hops may say */
 enum login_result backend_login(struct backend *, const struct config *,
 		    const struct route *, const struct credentials *,
 		    const struct client_info *, const char *who, char *why,
 		    size_t whylen);
-enum login_result backend_open_as(struct backend *, const struct config *,
-		    const struct route *, const struct credentials *user,
-		    const struct client_info *, char *why, size_t whylen);
 void		 backend_close(struct backend *);
 void		 backend_note_caps(struct backend *, const char *line,
 		    size_t len);
 char		*caps_for_client(const char *backend_caps, int routed);
 
-/* auth.c, used by backend.c */
-enum login_result sasl_login(struct backend *, const struct config *,
-		    const struct credentials *, char *why, size_t whylen);
+/* auth.c, used by backend.c: one SASL client exchange, without I/O */
+struct sasl_client;
+enum sasl_begin { SASL_BEGIN_OK, SASL_BEGIN_NOMECH, SASL_BEGIN_FAILED };
 
-/* backend.c, used by auth.c */
+enum sasl_begin	 sasl_client_begin(struct sasl_client **, const char *host,
+		    const struct credentials *, const char *mech, int sasl_ir,
+		    struct str *args);
+int		 sasl_client_answer(struct sasl_client *, const char *chal,
+		    size_t len, struct str *line, char *why, size_t whylen);
+int		 sasl_client_complete(const struct sasl_client *);
+void		 sasl_client_end(struct sasl_client *);
+
 const char	*backend_next_tag(struct backend *);
-enum io_status	 backend_read_line(struct backend *, const struct config *,
-		    char **line, size_t *len);
 
-/* router.c: after login, when public-folder servers are configured */
-enum router_end {
-	ROUTER_NONE = 0,
-	ROUTER_LOGOUT,
-	ROUTER_CLIENT_GONE,
-	ROUTER_BACKEND_GONE,
-	ROUTER_LIMIT,
-	ROUTER_TIMEOUT,
-	ROUTER_SHUTDOWN
-};
-
-enum router_end	 router_run(const struct config *, struct iobuf *client,
+/*
+ * router.c: the session after login, one engine.  A relayed session (no
+ * public or server lines) passes the client's bytes on unread, but for
+ * the literals they announce; a routed one is read command by command.
+ * Both stream the back-ends' answers through backend_dispatch.
+ */
+enum session_end router_run(const struct config *, struct iobuf *client,
 		    struct backend *home, const struct credentials *,
 		    const struct client_info *, const char *user);
 

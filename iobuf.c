@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <syslog.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -31,6 +32,13 @@ now_ms(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* The monotonic time seconds from now, as deadlines are kept. */
+int64_t
+deadline_in(int seconds)
+{
+	return now_ms() + (int64_t)seconds * 1000;
 }
 
 static int
@@ -689,4 +697,156 @@ iobuf_splice(struct iobuf *from, struct iobuf *to, int pipefd[2], size_t max,
 	}
 	*moved = (size_t)in;
 	return IO_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* reading a client's command: lines and the literals they announce */
+
+/* Write what the reader answers itself, traced like any line. */
+static enum io_status
+cmd_answer(struct iobuf *io, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static enum io_status
+cmd_answer(struct iobuf *io, const char *fmt, ...)
+{
+	enum io_status st;
+	va_list ap;
+
+	va_start(ap, fmt);
+	st = iobuf_vline(io, fmt, ap);
+	va_end(ap);
+	return st;
+}
+
+/* How an I/O status ends the session, and the BYE it gets. */
+static enum cmd_status
+cmd_io_end(struct cmd_buf *cb, enum io_status st)
+{
+	switch (st) {
+	case IO_TIMEOUT:
+		cb->bye = "Disconnected for inactivity.";
+		cb->end = END_TIMEOUT;
+		break;
+	case IO_TOOLONG:
+		cb->bye = "Command line too long.";
+		cb->end = END_LIMIT;
+		break;
+	case IO_NOMEM:
+		cb->bye = "Out of memory.";
+		cb->end = END_LIMIT;
+		break;
+	default:
+		cb->bye = shutdown_requested ? "Server shutting down." : NULL;
+		cb->end = shutdown_requested ? END_SHUTDOWN : END_CLIENT_GONE;
+		break;
+	}
+	return CMD_END;
+}
+
+static enum cmd_status
+cmd_limit(struct cmd_buf *cb, const char *bye)
+{
+	cb->bye = bye;
+	cb->end = END_LIMIT;
+	return CMD_END;
+}
+
+/*
+ * Add one line (CRLF removed) to the command; a literal announcement at
+ * its end is written synchronizing, since imapfe, not the client, decides
+ * when the next hop gets the bytes.
+ */
+static int
+cmd_add_line(struct cmd_buf *cb, const char *line, size_t len,
+    enum literal_kind k, uint64_t n)
+{
+	if (k == LIT_NONSYNC) {
+		len = (size_t)((const char *)memrchr(line, '{', len) - line);
+		return str_add(&cb->text, line, len) != 0 ||
+		    str_printf(&cb->text, "{%llu}\r\n",
+		    (unsigned long long)n) != 0 ? -1 : 0;
+	}
+	return str_add(&cb->text, line, len) != 0 ||
+	    str_add(&cb->text, "\r\n", 2) != 0 ? -1 : 0;
+}
+
+/* A literal over the limit: TOOBIG where the client waits, else BYE. */
+static enum cmd_status
+cmd_too_large(struct iobuf *io, const struct cmd_limits *lim,
+    struct cmd_buf *cb, enum literal_kind k, uint64_t n)
+{
+	log_msg(LOG_NOTICE, "event=limit reason=\"literal of %llu bytes, more "
+	    "than %s\"", (unsigned long long)n, lim->literal_name);
+	/* Half a command gone on already cannot be refused alone. */
+	if (k != LIT_SYNC || !lim->toobig || cb->continuing)
+		return cmd_limit(cb, "Literal too large.");
+	if (cmd_answer(io, "%s NO [TOOBIG] Literal too large.", cb->tag) !=
+	    IO_OK)
+		return cmd_io_end(cb, IO_ERROR);
+	return CMD_ANSWERED;
+}
+
+/*
+ * Read one client command, within lim: its lines, and the literals they
+ * announce, into cb->text as it goes on the wire (CRLFs included, every
+ * literal synchronizing, cb->cuts after each announcement).  A literal
+ * over lim->hold_max is left to the caller to stream (CMD_STREAM, size in
+ * cb->stream_left); with cb->continuing set, the next call reads the rest
+ * of that command.  Synchronizing literals get their "+" here, once their
+ * size is acceptable.  The one reader of client commands, before login
+ * and after.
+ */
+enum cmd_status
+cmd_read(struct iobuf *io, const struct cmd_limits *lim, struct cmd_buf *cb)
+{
+	enum literal_kind k;
+	enum io_status st;
+	char *line;
+	size_t len;
+	uint64_t n;
+
+	str_wipe(&cb->text);
+	cb->ncuts = 0;
+	cb->stream_left = 0;
+	cb->bye = NULL;
+	cb->end = END_NONE;
+	for (;;) {
+		if ((st = iobuf_getline(io, lim->line_max, &line, &len)) !=
+		    IO_OK)
+			return cmd_io_end(cb, st);
+		if (cb->text.len == 0 && !cb->continuing)
+			early_tag(line, len, cb->tag, sizeof(cb->tag));
+		k = literal_at_end(line, len, &n);
+		if (k == LIT_INVALID && cb->continuing)
+			k = LIT_NONE;	/* the back-end will refuse it */
+		if (k == LIT_INVALID) {
+			if (cmd_answer(io, "%s BAD Invalid literal size.",
+			    cb->tag) != IO_OK)
+				return cmd_io_end(cb, IO_ERROR);
+			return CMD_BAD_LITERAL;
+		}
+		if (cb->text.len + len + 32 > lim->command_max ||
+		    cb->ncuts == CMD_MAX_LITERALS)
+			return cmd_limit(cb, "Command too long.");
+		if (cmd_add_line(cb, line, len, k, n) != 0)
+			return cmd_io_end(cb, IO_NOMEM);
+		if (k == LIT_NONE)
+			return CMD_COMPLETE;
+		cb->cuts[cb->ncuts++] = cb->text.len;
+		if (n > lim->literal_max)
+			return cmd_too_large(io, lim, cb, k, n);
+		if (n > lim->hold_max || cb->text.len + n + 2 > lim->command_max) {
+			if (lim->hold_max == lim->literal_max)
+				return cmd_too_large(io, lim, cb, k, n);
+			cb->stream_left = n;
+			cb->stream_sync = k == LIT_SYNC;
+			return CMD_STREAM;
+		}
+		if (k == LIT_SYNC && cmd_answer(io, "+ Ready for literal data") !=
+		    IO_OK)
+			return cmd_io_end(cb, IO_ERROR);
+		if ((st = iobuf_read_into(io, n, &cb->text)) != IO_OK)
+			return cmd_io_end(cb, st);
+	}
 }

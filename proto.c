@@ -453,35 +453,95 @@ resp_is_tagged(const char *line, size_t len, const char *tag)
 	return len > tl && memcmp(line, tag, tl) == 0 && line[tl] == ' ';
 }
 
-/*
- * For a tagged (tag != NULL) or untagged ("*") status response, return the
- * status word ("OK", "NO", "BAD", "BYE", "PREAUTH") and leave *rest_len as
- * the length of what follows it.  NULL if the line is not one.
- */
-const char *
-resp_status(const char *line, size_t len, const char *tag, size_t *rest_len)
+/* The response codes imapfe acts on; the rest are CODE_OTHER. */
+static const struct {
+	const char	*name;
+	enum resp_code	 code;
+} code_names[] = {
+	{ "ALERT", CODE_ALERT },
+	{ "APPENDUID", CODE_APPENDUID },
+	{ "AUTHENTICATIONFAILED", CODE_AUTHENTICATIONFAILED },
+	{ "AUTHORIZATIONFAILED", CODE_AUTHORIZATIONFAILED },
+	{ "CANNOT", CODE_CANNOT },
+	{ "CAPABILITY", CODE_CAPABILITY },
+	{ "CLOSED", CODE_CLOSED },
+	{ "CONTACTADMIN", CODE_CONTACTADMIN },
+	{ "COPYUID", CODE_COPYUID },
+	{ "INUSE", CODE_INUSE },
+	{ "LIMIT", CODE_LIMIT },
+	{ "OVERQUOTA", CODE_OVERQUOTA },
+	{ "REFERRAL", CODE_REFERRAL },
+	{ "SERVERBUG", CODE_SERVERBUG },
+	{ "TOOBIG", CODE_TOOBIG },
+	{ "TRYCREATE", CODE_TRYCREATE },
+	{ "UNAVAILABLE", CODE_UNAVAILABLE },
+};
+
+static enum resp_code
+code_by_name(const char *p, size_t len)
 {
-	static const char *const words[] = { "OK", "NO", "BAD", "BYE",
-	    "PREAUTH" };
-	const char *p = line;
-	size_t n;
+	for (size_t i = 0; i < sizeof(code_names) / sizeof(*code_names); i++)
+		if (strlen(code_names[i].name) == len &&
+		    strncasecmp(p, code_names[i].name, len) == 0)
+			return code_names[i].code;
+	return CODE_OTHER;
+}
 
-	if (tag == NULL)
-		tag = "*";
+/*
+ * A status response (RFC 9051 7.1) tagged with tag ("*" for untagged):
+ * its kind, its response code with the code's argument, and its text, all
+ * pointing into line.  Returns -1 when the line is not one.  A code whose
+ * "]" is missing counts as none, the whole rest as text.
+ */
+int
+status_parse(const char *line, size_t len, const char *tag,
+    struct status_resp *st)
+{
+	static const struct {
+		const char	*word;
+		enum resp_kind	 kind;
+	} words[] = { { "OK", RESP_OK }, { "NO", RESP_NO },
+	    { "BAD", RESP_BAD }, { "BYE", RESP_BYE },
+	    { "PREAUTH", RESP_PREAUTH } };
+	const char *p, *end = line + len, *close;
+	size_t i, n, wl;
+
+	memset(st, 0, sizeof(*st));
 	if (!resp_is_tagged(line, len, tag))
-		return NULL;
-	p += strlen(tag) + 1;
-	n = len - (size_t)(p - line);
-	for (size_t i = 0; i < sizeof(words) / sizeof(words[0]); i++) {
-		size_t wl = strlen(words[i]);
-
-		if (n >= wl && strncasecmp(p, words[i], wl) == 0 &&
-		    (n == wl || p[wl] == ' ')) {
-			*rest_len = n - wl;
-			return words[i];
-		}
+		return -1;
+	p = line + strlen(tag) + 1;
+	n = (size_t)(end - p);
+	for (i = 0; i < sizeof(words) / sizeof(*words); i++) {
+		wl = strlen(words[i].word);
+		if (n >= wl && strncasecmp(p, words[i].word, wl) == 0 &&
+		    (n == wl || p[wl] == ' '))
+			break;
 	}
-	return NULL;
+	if (i == sizeof(words) / sizeof(*words))
+		return -1;
+	st->kind = words[i].kind;
+	p += wl;
+	while (p < end && *p == ' ')
+		p++;
+	if (p < end && *p == '[' &&
+	    (close = memchr(p, ']', (size_t)(end - p))) != NULL) {
+		const char *name = p + 1;
+		size_t nl = strcspn(name, " ]");
+
+		if (name + nl > close)
+			nl = (size_t)(close - name);
+		st->code = code_by_name(name, nl);
+		st->code_arg = name + nl;
+		while (st->code_arg < close && *st->code_arg == ' ')
+			st->code_arg++;
+		st->code_arg_len = (size_t)(close - st->code_arg);
+		p = close + 1;
+		while (p < end && *p == ' ')
+			p++;
+	}
+	st->text = p;
+	st->text_len = (size_t)(end - p);
+	return 0;
 }
 
 /* Case-insensitive search for a whole word in a space-separated list. */
@@ -519,14 +579,16 @@ scanner_line_end(struct resp_scanner *sc)
 	uint64_t size;
 	size_t tl = sc->tail_len;
 
-	if (sc->head_len >= 5 && memcmp(sc->head, "* ", 2) == 0 &&
+	if (!sc->mid_response && sc->head_len >= 5 &&
+	    memcmp(sc->head, "* ", 2) == 0 &&
 	    strncasecmp(sc->head + 2, "BYE", 3) == 0 &&
 	    (sc->head_len == 5 || sc->head[5] == ' ' || sc->head[5] == '\r'))
 		sc->saw_bye = 1;
 	if (tl > 0 && sc->tail[tl - 1] == '\r')
 		tl--;
 	k = literal_at_end(sc->tail, tl, &size);
-	if (k == LIT_SYNC || k == LIT_NONSYNC) {
+	sc->mid_response = k == LIT_SYNC || k == LIT_NONSYNC;
+	if (sc->mid_response) {
 		sc->literal_left = size;
 		if (size > sc->largest_literal)
 			sc->largest_literal = size;
@@ -592,6 +654,31 @@ resp_scan(struct resp_scanner *sc, const char *p, size_t n)
 		p += seg + 1;
 		n -= seg + 1;
 	}
+}
+
+/* Is the scanner where a new response (or command) begins? */
+int
+resp_scan_at_start(const struct resp_scanner *sc)
+{
+	return sc->literal_left == 0 && !sc->mid_response &&
+	    sc->head_len == 0 && sc->tail_len == 0;
+}
+
+/*
+ * How many of the n bytes at p make the next piece of the stream, without
+ * moving past them (resp_scan does): literal bytes, or the rest of a line
+ * with its LF.  0 when the line's LF has not arrived yet.
+ */
+size_t
+resp_scan_piece(const struct resp_scanner *sc, const char *p, size_t n)
+{
+	const char *nl;
+
+	if (sc->literal_left > 0)
+		return sc->literal_left < n ? (size_t)sc->literal_left : n;
+	if ((nl = memchr(p, '\n', n)) == NULL)
+		return 0;
+	return (size_t)(nl - p) + 1;
 }
 
 /* ------------------------------------------------------------------ */

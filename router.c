@@ -2,9 +2,16 @@
  * The command router, used after login when public-folder servers are
  * configured.  Each client command is read at the grammar level and sent
  * to the back-end that owns the mailbox it names; responses are streamed
- * back, literals included, never buffered whole.  Commands run one at a
- * time: a pipelined command waits (in the client's socket) until the one
- * before it is answered, so no command can reach the wrong back-end.
+ * back, literals included, never buffered whole.
+ *
+ * Commands for the server that holds the selected mailbox (FETCH, STORE,
+ * SEARCH, UID ..., NOOP, IDLE) are pipelined as the client sends them, as
+ * a relay would: they go out without waiting for the answers before them,
+ * and that server's answers stream back in its order.  Every other command
+ * (one that names a mailbox, merges servers, or changes which server is
+ * selected) first waits until those answers are in, then runs alone.  So
+ * at any moment client commands are in flight on one server at most, and
+ * the client sees each command's responses in order.
  *
  * The home back-end (from "route") is link 0; public-folder servers are
  * opened on first use, and a failed one is left alone for public_holddown
@@ -13,28 +20,22 @@
  */
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <syslog.h>
+#include <unistd.h>
 
 #include "imapfe.h"
 
 #define TAG_MAX			64
 #define SMALL_LITERAL_MAX	65536		/* buffered; larger: streamed */
 #define BUFFERED_COMMAND_MAX	(1024 * 1024)
-#define MAX_PIECES		1024		/* literals in one command */
 #define REFERRAL_LINKS_MAX	4		/* servers reached by referral */
-
-/* Where a link's response stream is: line starts, literals. */
-struct scan {
-	int		 at_line_start;
-	uint64_t	 literal_left;
-	char		 tail[32];	/* the end of the current line */
-	size_t		 tail_len;
-	int		 saw_bye;
-};
+#define PIPELINE_MAX		64		/* client commands in flight */
+#define POLL_MAX_MS		3600000		/* poll(2) waits at most this */
 
 struct link {
 	int64_t		 last_used;	/* for keepalives */
@@ -46,7 +47,23 @@ struct link {
 	struct backend	 own;
 	int		 up;
 	int64_t		 retry_after;	/* hold-down after a failure */
-	struct scan	 sc;
+};
+
+/*
+ * FORWARD: untagged responses go to the client; DISCARD: nowhere;
+ * FILTER_LIST: a public server's LIST/LSUB lines go only for names under
+ * its own prefix (it has an INBOX and more of its own to hide);
+ * NAMESPACE and CAPABILITY: that response is rewritten on its way.
+ */
+enum mode { FORWARD, DISCARD, FILTER_LIST, REWRITE_NAMESPACE,
+    REWRITE_CAPABILITY };
+
+/* A client command sent to a link whose tagged answer is still to come. */
+struct inflight {
+	char		 tag[TAG_MAX + 1];
+	enum mode	 mode;		/* where its untagged answers go */
+	struct reply	*keep;		/* its tagged answer is kept here */
+	int		 forward;	/* and goes on to the client */
 };
 
 struct router {
@@ -60,33 +77,25 @@ struct router {
 	int			 npublic;	/* links[1 .. npublic-1] */
 	int			 maxlinks;
 	int			 selected;	/* link index, or -1 */
-	struct str		 cmd;		/* the command being read */
-	size_t			 cuts[MAX_PIECES];	/* after each "{n}\r\n" */
-	int			 ncuts;
-	size_t			 send_len;	/* bytes of cmd to send */
-	uint64_t		 stream_left;	/* literal to stream, if any */
-	int			 stream_sync;
+	struct inflight		 flight[PIPELINE_MAX];
+	int			 nflight;
+	int			 busy;		/* the link they are on, or -1 */
+	int			 raw_for;	/* a link's "+": its next line */
+	int			 want_plus;	/* a literal of ours waits */
+	int			 got_plus;
+	struct str		 out;		/* pipelined, to the busy link */
+	int			 relayed;	/* no routing: bytes pass on */
+	struct resp_scanner	 client_sc;	/* relayed: the client's */
+	int			 pipe[2];	/* splice(2), when it is used */
+	int			 splice_off;
+	struct cmd_buf		 cb;		/* the command being read */
+	size_t			 send_len;	/* bytes of it to send */
 	char			*enabled;	/* ENABLE arguments, to replay */
 	int64_t			 last_client;
 	int			 merging;	/* a LIST over several servers */
 	int			 selection_lost;	/* its server went away */
-	enum router_end		 end;
+	enum session_end		 end;
 };
-
-/* What reading from a link produced. */
-enum link_event {
-	EV_MORE,		/* the buffer is used up */
-	EV_TAGGED,		/* the tagged completion, in the caller's buffer */
-	EV_CONTINUATION,	/* a "+" line, in the caller's buffer */
-	EV_CLIENT_GONE
-};
-
-/*
- * FORWARD: untagged responses go to the client; DISCARD: nowhere;
- * FILTER_LIST: a public server's LIST/LSUB lines go only for names under
- * its own prefix (it has an INBOX and more of its own to hide).
- */
-enum mode { FORWARD, DISCARD, FILTER_LIST };
 
 /* ------------------------------------------------------------------ */
 /* the client side */
@@ -94,10 +103,9 @@ enum mode { FORWARD, DISCARD, FILTER_LIST };
 static int
 client_write(struct router *rt, const char *data, size_t len)
 {
-	rt->client->deadline = now_ms() + (int64_t)rt->cfg->idle_timeout *
-	    1000;
+	rt->client->deadline = deadline_in(rt->cfg->idle_timeout);
 	if (iobuf_write(rt->client, data, len) != IO_OK) {
-		rt->end = ROUTER_CLIENT_GONE;
+		rt->end = END_CLIENT_GONE;
 		return -1;
 	}
 	return 0;
@@ -113,16 +121,37 @@ client_line(struct router *rt, const char *fmt, ...)
 	enum io_status st;
 	va_list ap;
 
-	rt->client->deadline = now_ms() + (int64_t)rt->cfg->idle_timeout *
-	    1000;
+	rt->client->deadline = deadline_in(rt->cfg->idle_timeout);
 	va_start(ap, fmt);
 	st = iobuf_vline(rt->client, fmt, ap);
 	va_end(ap);
 	if (st != IO_OK) {
-		rt->end = ROUTER_CLIENT_GONE;
+		rt->end = END_CLIENT_GONE;
 		return -1;
 	}
 	return 0;
+}
+
+/* A tagged answer on its way to the client, without a referral code:
+ * referrals are for imapfe to follow, never for the client. */
+static int
+client_reply(struct router *rt, const struct reply *r)
+{
+	struct status_resp st;
+	char tag[TAG_MAX + 1];
+
+	if (r->code != CODE_REFERRAL || r->tag_len > TAG_MAX) {
+		if (r->raw != NULL)
+			return client_write(rt, r->raw, r->raw_len);
+		return client_line(rt, "%s", r->line);
+	}
+	memcpy(tag, r->line, r->tag_len);
+	tag[r->tag_len] = '\0';
+	if (status_parse(r->line, r->len, tag, &st) != 0)
+		return client_line(rt, "%s", r->line);
+	return client_line(rt, "%s %s %.*s", tag, r->status == REPLY_OK ?
+	    "OK" : r->status == REPLY_NO ? "NO" : "BAD", (int)st.text_len,
+	    st.text);
 }
 
 /* ------------------------------------------------------------------ */
@@ -132,7 +161,7 @@ client_line(struct router *rt, const char *fmt, ...)
 static void
 hold_down(struct router *rt, struct link *l)
 {
-	l->retry_after = now_ms() + (int64_t)rt->cfg->public_holddown * 1000;
+	l->retry_after = deadline_in(rt->cfg->public_holddown);
 }
 
 static void
@@ -156,6 +185,13 @@ link_prefix(const struct link *l)
 	return l->public ? l->route->pattern : "";
 }
 
+/* The link where a mailbox is selected, or home when none is. */
+static int
+current_link(const struct router *rt)
+{
+	return rt->selected >= 0 ? rt->selected : 0;
+}
+
 static void
 link_down(struct router *rt, int i, const char *why)
 {
@@ -168,16 +204,30 @@ link_down(struct router *rt, int i, const char *why)
 	backend_close(l->be);
 	l->up = 0;
 	hold_down(rt, l);
-	memset(&l->sc, 0, sizeof(l->sc));
-	l->sc.at_line_start = 1;
 	/* The client still thinks a mailbox is selected: keep saying why not. */
 	if (rt->selected == i)
 		rt->selection_lost = 1;
 }
 
-/* Send a command of imapfe's own and throw away all it brings back. */
+/* A command of imapfe's own; whatever it brings back goes nowhere. */
 static int
-link_internal(struct router *rt, int i, const char *verb, const char *args);
+link_internal(struct router *rt, int i, const char *verb, const char *args)
+{
+	struct str text = { 0 };
+	struct reply r;
+	int rc = -1;
+
+	if (str_printf(&text, "%s%s%s", verb, args ? " " : "",
+	    args ? args : "") == 0 &&
+	    backend_simple(rt->links[i].be, rt->cfg, text.s, NULL, &r) <
+	    REPLY_BYE)
+		rc = 0;
+	str_free(&text);
+	rt->links[i].last_used = now_ms();
+	if (rc != 0 && i > 0)
+		link_down(rt, i, "no answer to an internal command");
+	return rc;
+}
 
 /* Open public link i if it is not open and not held down. */
 static int
@@ -214,8 +264,6 @@ link_up(struct router *rt, int i)
 	}
 	l->up = 1;
 	l->last_used = now_ms();
-	memset(&l->sc, 0, sizeof(l->sc));
-	l->sc.at_line_start = 1;
 	log_msg(LOG_INFO, "event=%s-login user=\"%s\" prefix=\"%s\" "
 	    "backend=%s:%s", link_kind(l), rt->user, link_prefix(l),
 	    l->be->host, l->be->port);
@@ -244,7 +292,7 @@ mailbox_link(const struct router *rt, const char *name, size_t len)
 }
 
 /* ------------------------------------------------------------------ */
-/* reading a link's responses */
+/* LIST lines */
 
 /* A mailbox name (quoted or atom) at p, unquoted into name. */
 static int
@@ -315,194 +363,354 @@ list_line_wanted(const struct router *rt, const struct link *l,
 	return mailbox_link(rt, name, strlen(name)) == (int)(l - rt->links);
 }
 
-/* A whole line at the start of the buffer, copied out without CRLF. */
-static int
-take_line(struct iobuf *io, char *out, size_t outlen)
-{
-	const char *p = io->buf + io->start;
-	const char *lf = memchr(p, '\n', iobuf_pending(io));
-	size_t len;
+/* ------------------------------------------------------------------ */
+/* reading a link's responses */
 
-	if (lf == NULL)
-		return 0;
-	len = (size_t)(lf - p);
-	if (len > 0 && p[len - 1] == '\r')
-		len--;
-	snprintf(out, outlen, "%.*s", (int)(len < outlen ? len : outlen - 1),
-	    p);
-	iobuf_consume(io, (size_t)(lf - p) + 1);
-	return 1;
+static int rewrite_namespace(struct router *, const char *, size_t,
+    struct str *);
+static int rewrite_capability(struct router *, const char *, size_t,
+    struct str *);
+
+/* What a line filter needs to know: whose responses these are, and how. */
+struct sink_ctx {
+	struct router	*rt;
+	struct link	*l;
+	enum mode	 mode;
+};
+
+/* A response line that the router writes on itself, rewritten. */
+static enum sink_verdict
+rewritten(struct router *rt, const char *line, size_t len,
+    int (*rewrite)(struct router *, const char *, size_t, struct str *))
+{
+	struct str out = { 0 };
+	int rc;
+
+	rc = rewrite(rt, line, len, &out) != 0 || str_add(&out, "\r\n", 2) !=
+	    0 ? -1 : client_write(rt, out.s, out.len);
+	str_free(&out);
+	return rc == 0 ? SINK_DROP : SINK_FAIL;
+}
+
+/* An untagged BYE: "* BYE" and a space or the end. */
+static int
+is_bye(const char *line, size_t len)
+{
+	return len >= 5 && strncasecmp(line, "* BYE", 5) == 0 &&
+	    (len == 5 || line[5] == ' ');
+}
+
+static int
+starts_with(const char *line, size_t len, const char *word)
+{
+	size_t wl = strlen(word);
+
+	return len > wl && strncasecmp(line, word, wl) == 0;
 }
 
 /*
- * Move what link l has buffered: untagged responses to the client (or
- * nowhere), up to the tagged completion for tag or a "+" continuation,
- * which are handed to the caller in line.  tag NULL: no command is in
- * flight, everything is untagged.
+ * The first line of each untagged response of a link, before it goes to
+ * the client: a public server's BYE ends only its own link, so the client
+ * never sees it; LIST filtering and rewriting by mode.
  */
-static enum link_event
-link_input(struct router *rt, struct link *l, const char *tag, enum mode m,
-    char *line, size_t linelen)
+static enum sink_verdict
+response_line(void *ctx, const char *line, size_t len)
 {
-	struct iobuf *io = &l->be->io;
-	struct scan *sc = &l->sc;
+	struct sink_ctx *sc = ctx;
 
-	for (;;) {
-		const char *p = io->buf + io->start, *lf;
-		size_t n = iobuf_pending(io), k;
-
-		if (n == 0)
-			return EV_MORE;
-		if (sc->literal_left > 0) {
-			k = n < sc->literal_left ? n : (size_t)sc->literal_left;
-			if (m != DISCARD && client_write(rt, p, k) != 0)
-				return EV_CLIENT_GONE;
-			iobuf_consume(io, k);
-			sc->literal_left -= k;
-			continue;
-		}
-		if (sc->at_line_start) {
-			lf = memchr(p, '\n', n);
-			if (tag != NULL && p[0] != '*') {
-				size_t tl = strlen(tag);
-				int tagged = n > tl && memcmp(p, tag, tl) == 0 &&
-				    p[tl] == ' ';
-
-				if (lf == NULL && n <= TAGGED_LINE_MAX &&
-				    (tagged || p[0] == '+' || n <= tl))
-					return EV_MORE;
-				if (lf != NULL && (tagged || p[0] == '+')) {
-					take_line(io, line, linelen);
-					return tagged ? EV_TAGGED :
-					    EV_CONTINUATION;
-				}
-			}
-			if (n >= 5 && strncasecmp(p, "* BYE", 5) == 0) {
-				sc->saw_bye = 1;
-				/*
-				 * A public server's BYE ends only its own
-				 * link; the client's session goes on.
-				 */
-				if (l != rt->links && m != DISCARD) {
-					if (lf == NULL && n <= TAGGED_LINE_MAX)
-						return EV_MORE;
-					if (lf != NULL) {
-						iobuf_consume(io, (size_t)(lf -
-						    p) + 1);
-						continue;
-					}
-				}
-			}
-			if (m == FILTER_LIST && p[0] == '*') {
-				/* whole lines only: a literal name passes */
-				if (lf == NULL && n <= TAGGED_LINE_MAX)
-					return EV_MORE;
-				/* (a name sent as a literal passes unfiltered) */
-				if (lf != NULL && (lf == p || lf[-1] != '}') &&
-				    !list_line_wanted(rt, l, p,
-				    (size_t)(lf - p))) {
-					iobuf_consume(io, (size_t)(lf - p) + 1);
-					continue;
-				}
-			}
-			sc->at_line_start = 0;
-			sc->tail_len = 0;
-		}
-		lf = memchr(p, '\n', n);
-		k = lf != NULL ? (size_t)(lf - p) + 1 : n;
-		keep_tail(sc->tail, sizeof(sc->tail), &sc->tail_len, p, k);
-		if (m != DISCARD && client_write(rt, p, k) != 0)
-			return EV_CLIENT_GONE;
-		iobuf_consume(io, k);
-		if (lf != NULL) {
-			uint64_t size;
-			size_t tl = sc->tail_len;
-
-			while (tl > 0 && (sc->tail[tl - 1] == '\n' ||
-			    sc->tail[tl - 1] == '\r'))
-				tl--;
-			if (literal_at_end(sc->tail, tl, &size) == LIT_SYNC ||
-			    literal_at_end(sc->tail, tl, &size) == LIT_NONSYNC)
-				sc->literal_left = size;
-			else
-				sc->at_line_start = 1;
-			sc->tail_len = 0;
-		}
+	if (sc->l != sc->rt->links && is_bye(line, len))
+		return SINK_DROP;
+	switch (sc->mode) {
+	case FILTER_LIST:
+		/* (a name sent as a literal passes unfiltered) */
+		if (len > 0 && line[len - 1] == '}')
+			return SINK_KEEP;
+		return list_line_wanted(sc->rt, sc->l, line, len) ? SINK_KEEP :
+		    SINK_DROP;
+	case REWRITE_NAMESPACE:
+		if (starts_with(line, len, "* NAMESPACE "))
+			return rewritten(sc->rt, line, len, rewrite_namespace);
+		return SINK_KEEP;
+	case REWRITE_CAPABILITY:
+		if (starts_with(line, len, "* CAPABILITY "))
+			return rewritten(sc->rt, line, len,
+			    rewrite_capability);
+		return SINK_KEEP;
+	default:
+		return SINK_KEEP;
 	}
 }
 
+static int flight_find(const struct router *, const struct reply *);
+static void flight_pop(struct router *, int);
+
+/*
+ * A tagged answer that may go to the client with the responses around
+ * it, in one write: one the client's command waits for (or, relayed,
+ * any), without a referral for imapfe to follow or a caller to keep it.
+ */
+static int
+answer_inline(void *ctx, const struct reply *r)
+{
+	struct sink_ctx *sc = ctx;
+	struct router *rt = sc->rt;
+	int i = (int)(sc->l - rt->links), k;
+
+	if (rt->relayed)
+		return 1;
+	if (r->code == CODE_REFERRAL || i != rt->busy ||
+	    (k = flight_find(rt, r)) < 0 || !rt->flight[k].forward ||
+	    rt->flight[k].keep != NULL)
+		return 0;
+	flight_pop(rt, k);
+	return 1;
+}
+
+static int
+swallow(void *ctx, const char *p, size_t n)
+{
+	(void)ctx;
+	(void)p;
+	(void)n;
+	return 0;
+}
+
+/* Where link l's untagged responses go in mode m. */
+static const struct resp_sink *
+sink_for(struct router *rt, struct link *l, enum mode m,
+    struct sink_ctx *ctx, struct resp_sink *sink)
+{
+	static const struct resp_sink nowhere = { .data = swallow };
+
+	if (m == DISCARD)
+		return &nowhere;
+	*ctx = (struct sink_ctx){ rt, l, m };
+	*sink = (struct resp_sink){ .out = rt->client, .ctx = ctx,
+	    .line = l != rt->links || m != FORWARD ? response_line : NULL,
+	    .tagged = answer_inline };
+	return sink;
+}
+
+/* Where link i's untagged responses go now. */
+static enum mode
+mode_now(const struct router *rt, int i)
+{
+	if (rt->busy == i && rt->nflight > 0)
+		return rt->flight[0].mode;
+	return i == current_link(rt) ? FORWARD : DISCARD;
+}
+
+/* Command k of those in flight is answered. */
+static void
+flight_pop(struct router *rt, int k)
+{
+	memmove(&rt->flight[k], &rt->flight[k + 1], (size_t)(rt->nflight -
+	    k - 1) * sizeof(rt->flight[0]));
+	if (--rt->nflight == 0)
+		rt->busy = -1;
+}
+
+static int
+flight_find(const struct router *rt, const struct reply *r)
+{
+	for (int k = 0; k < rt->nflight; k++)
+		if (reply_is(r, rt->flight[k].tag))
+			return k;
+	return -1;
+}
+
+/* A tagged answer from link i: the client's, or the one a caller keeps. */
+static int
+tagged_answer(struct router *rt, int i, const struct reply *r)
+{
+	int k = i == rt->busy ? flight_find(rt, r) : -1, forward;
+	struct reply *keep;
+
+	if (k < 0)	/* no command of the client's: as a relay would */
+		return i == current_link(rt) ? client_reply(rt, r) : 0;
+	keep = rt->flight[k].keep;
+	forward = rt->flight[k].forward;
+	flight_pop(rt, k);
+	if (keep != NULL) {
+		*keep = *r;
+		keep->raw = NULL;	/* the buffer it points to moves on */
+	}
+	return forward ? client_reply(rt, r) : 0;
+}
+
+/*
+ * A "+" from link i: what a literal of imapfe's waits for, or else the
+ * server's to the client (IDLE's "+ idling"), whose next line then goes
+ * to the link as it is (IDLE's DONE).
+ */
+static int
+continuation(struct router *rt, int i, const struct reply *r)
+{
+	if (rt->relayed)	/* the client's bytes pass on anyway */
+		return client_reply(rt, r);
+	if (rt->want_plus && i == rt->busy) {
+		rt->got_plus = 1;
+		return 0;
+	}
+	if (i != current_link(rt) && i != rt->busy)
+		return 0;
+	rt->raw_for = i;
+	return client_reply(rt, r);
+}
+
+/* Move what link i has buffered on, by the rules above. */
+static int
+link_pump(struct router *rt, int i)
+{
+	struct link *l = &rt->links[i];
+	struct sink_ctx ctx;
+	struct resp_sink sink;
+	struct reply *r = malloc(sizeof(*r));
+	int rc = 0;
+
+	if (r == NULL) {
+		client_line(rt, "* BYE Out of memory.");
+		rt->end = END_LIMIT;
+		return -1;
+	}
+	while (rc == 0 && rt->end == END_NONE) {
+		enum dispatch d = backend_dispatch(l->be, sink_for(rt, l,
+		    mode_now(rt, i), &ctx, &sink), r);
+
+		if (d == DISPATCH_MORE || d == DISPATCH_TOOLONG)
+			break;
+		if (d == DISPATCH_FAILED)
+			rc = -1;
+		else if (d == DISPATCH_TAGGED)
+			rc = tagged_answer(rt, i, r);
+		else
+			rc = continuation(rt, i, r);
+	}
+	free(r);
+	if (rc != 0 && rt->end == END_NONE)
+		rt->end = END_CLIENT_GONE;
+	return rc;
+}
+
+/*
+ * Pipelined commands wait in rt->out and leave for the busy link in one
+ * write, before anything waits: one segment and one wake-up of the
+ * server for a burst, as a relay would pass the burst on.
+ */
+static int
+flush_out(struct router *rt)
+{
+	struct iobuf *io;
+	enum io_status st;
+
+	if (rt->out.len == 0 || rt->busy < 0) {
+		rt->out.len = 0;
+		return 0;
+	}
+	io = &rt->links[rt->busy].be->io;
+	io->deadline = deadline_in(rt->cfg->backend_timeout);
+	st = iobuf_write(io, rt->out.s, rt->out.len);
+	rt->out.len = 0;
+	return st == IO_OK ? 0 : -1;
+}
+
+/* The client's next line, as it is, to link i: after a "+" of the link's. */
+static int
+raw_line_to_link(struct router *rt, int i)
+{
+	struct iobuf *io = &rt->links[i].be->io;
+	char *cl;
+	size_t cllen;
+
+	rt->raw_for = -1;
+	if (flush_out(rt) != 0)
+		return -2;
+	rt->client->deadline = deadline_in(rt->cfg->idle_timeout);
+	if (iobuf_getline(rt->client, rt->cfg->max_line_length, &cl,
+	    &cllen) != IO_OK) {
+		rt->end = END_CLIENT_GONE;
+		return -1;
+	}
+	rt->last_client = now_ms();
+	io->deadline = deadline_in(rt->cfg->backend_timeout);
+	if (iobuf_write(io, cl, cllen) != IO_OK ||
+	    iobuf_write(io, "\r\n", 2) != IO_OK)
+		return -2;
+	return 0;
+}
+
+
 /* Outcome of waiting for a link's answer. */
 enum wait_result {
-	W_TAGGED,
-	W_CONTINUATION,
+	W_DONE,			/* what was waited for came */
 	W_LINK_DOWN,
 	W_CLIENT_GONE,
 	W_TIMEOUT
 };
 
+static int
+flight_has(const struct router *rt, const char *tag)
+{
+	for (int k = 0; k < rt->nflight; k++)
+		if (strcmp(rt->flight[k].tag, tag) == 0)
+			return 1;
+	return 0;
+}
+
+/* Has what the caller waits for come: tag's answer, a "+", or calm? */
+static int
+wait_over(const struct router *rt, int i, const char *tag)
+{
+	if (rt->want_plus)
+		return rt->got_plus || (tag != NULL && !flight_has(rt, tag));
+	if (tag != NULL)
+		return !flight_has(rt, tag);
+	return rt->busy != i;
+}
+
 /*
- * Wait for link i's tagged answer to tag (or its continuation, when
- * stop_at_continuation).  A continuation otherwise goes to the client,
- * whose next line then goes to the link: that is how IDLE's DONE travels.
+ * Wait on link i until tag is answered (or, with want_plus, until the
+ * link says "+"; tag NULL: until no client command is in flight there).
+ * A "+" the link sends to the client in between lets the client's next
+ * line through: that is how IDLE's DONE travels.
  */
 static enum wait_result
-link_wait(struct router *rt, int i, const char *tag, enum mode m,
-    int stop_at_continuation, char *line, size_t linelen)
+link_wait(struct router *rt, int i, const char *tag)
 {
-	struct link *l = &rt->links[i];
-	struct iobuf *io = &l->be->io;
-	int client_may_speak = 0;
+	struct iobuf *io = &rt->links[i].be->io;
 
+	if (flush_out(rt) != 0)
+		return W_LINK_DOWN;
 	for (;;) {
 		struct pollfd pfd[2];
-		enum link_event ev;
+		int client = rt->raw_for == i;
 		enum io_status st;
 		int64_t left;
 
-		ev = link_input(rt, l, tag, m, line, linelen);
-		if (ev == EV_TAGGED)
-			return W_TAGGED;
-		if (ev == EV_CLIENT_GONE)
+		if (link_pump(rt, i) != 0)
 			return W_CLIENT_GONE;
-		if (ev == EV_CONTINUATION) {
-			if (stop_at_continuation)
-				return W_CONTINUATION;
-			if (client_line(rt, "%s", line) != 0)
-				return W_CLIENT_GONE;
-			client_may_speak = 1;
-			continue;
-		}
-		if (client_may_speak && iobuf_pending(rt->client) > 0) {
-			char *cl;
-			size_t cllen;
+		if (wait_over(rt, i, tag))
+			return W_DONE;
+		if (client && iobuf_pending(rt->client) > 0 &&
+		    memchr(rt->client->buf + rt->client->start, '\n',
+		    iobuf_pending(rt->client)) != NULL) {
+			int rc = raw_line_to_link(rt, i);
 
-			rt->client->deadline = now_ms() +
-			    (int64_t)rt->cfg->idle_timeout * 1000;
-			if (iobuf_getline(rt->client, rt->cfg->max_line_length,
-			    &cl, &cllen) != IO_OK)
-				return W_CLIENT_GONE;
-			io->deadline = now_ms() +
-			    (int64_t)rt->cfg->backend_timeout * 1000;
-			if (iobuf_write(io, cl, cllen) != IO_OK ||
-			    iobuf_write(io, "\r\n", 2) != IO_OK)
-				return W_LINK_DOWN;
-			rt->last_client = now_ms();
-			client_may_speak = 0;
+			if (rc != 0)
+				return rc == -1 ? W_CLIENT_GONE : W_LINK_DOWN;
 			continue;
 		}
-		if (iobuf_has_decrypted(io))
-			left = 0;
-		else
-			left = rt->last_client + (int64_t)rt->cfg->idle_timeout *
-			    1000 - now_ms();
+		left = rt->last_client + (int64_t)rt->cfg->idle_timeout *
+		    1000 - now_ms();
 		if (left < 0)
 			return W_TIMEOUT;
-		pfd[0] = (struct pollfd){ .fd = io->rfd, .events = POLLIN };
-		pfd[1] = (struct pollfd){ .fd = client_may_speak ?
-		    rt->client->rfd : -1, .events = POLLIN };
-		if (client_may_speak && iobuf_has_decrypted(rt->client))
+		if (iobuf_has_decrypted(io) || (client &&
+		    iobuf_has_decrypted(rt->client)))
 			left = 0;
-		if (poll_wait(pfd, 2, (int)(left > 3600000 ? 3600000 :
+		pfd[0] = (struct pollfd){ .fd = io->rfd, .events = POLLIN };
+		pfd[1] = (struct pollfd){ .fd = client ? rt->client->rfd : -1,
+		    .events = POLLIN };
+		if (poll_wait(pfd, 2, (int)(left > POLL_MAX_MS ? POLL_MAX_MS :
 		    left)) < 0) {
 			if (errno == EINTR && shutdown_requested)
 				return W_CLIENT_GONE;
@@ -513,7 +721,7 @@ link_wait(struct router *rt, int i, const char *tag, enum mode m,
 			if (st != IO_OK && st != IO_AGAIN)
 				return W_LINK_DOWN;
 		}
-		if (client_may_speak && (pfd[1].revents != 0 ||
+		if (client && (pfd[1].revents != 0 ||
 		    iobuf_has_decrypted(rt->client))) {
 			st = iobuf_try_fill(rt->client);
 			if (st != IO_OK && st != IO_AGAIN)
@@ -522,205 +730,133 @@ link_wait(struct router *rt, int i, const char *tag, enum mode m,
 	}
 }
 
-/* Send a command of imapfe's own to link i, in one write; its tag. */
-static const char *
-internal_send(struct router *rt, int i, const char *text)
+/* Record a client command as sent to link i. */
+static int
+flight_add(struct router *rt, int i, const char *tag, enum mode m,
+    struct reply *keep, int forward)
 {
-	struct iobuf *io = &rt->links[i].be->io;
-	const char *tag = backend_next_tag(rt->links[i].be);
-	struct str cmd = { 0 };
-	enum io_status st = IO_ERROR;
+	struct inflight *f;
 
-	io->deadline = now_ms() + (int64_t)rt->cfg->backend_timeout * 1000;
-	if (str_printf(&cmd, "%s %s\r\n", tag, text) == 0)
-		st = iobuf_write(io, cmd.s, cmd.len);
-	str_free(&cmd);
-	return st == IO_OK ? tag : NULL;
+	if (rt->nflight == PIPELINE_MAX || strlen(tag) > TAG_MAX ||
+	    (rt->busy >= 0 && rt->busy != i))
+		return -1;
+	f = &rt->flight[rt->nflight++];
+	snprintf(f->tag, sizeof(f->tag), "%s", tag);
+	f->mode = m;
+	f->keep = keep;
+	f->forward = forward;
+	rt->busy = i;
+	rt->links[i].last_used = now_ms();
+	return 0;
 }
 
-static int
-link_internal(struct router *rt, int i, const char *verb, const char *args)
+/* Forget what was in flight on link i: it is gone. */
+static void
+flight_drop(struct router *rt, int i)
 {
-	char line[TAGGED_LINE_MAX];
-	struct str text = { 0 };
-	const char *tag = NULL;
-	int rc = -1;
-
-	if (str_printf(&text, "%s%s%s", verb, args ? " " : "",
-	    args ? args : "") == 0)
-		tag = internal_send(rt, i, text.s);
-	if (tag != NULL && link_wait(rt, i, tag, DISCARD, 0, line,
-	    sizeof(line)) == W_TAGGED)
-		rc = 0;
-	str_free(&text);
-	if (rc != 0 && i > 0)
-		link_down(rt, i, "no answer to an internal command");
-	return rc;
+	if (rt->busy != i)
+		return;
+	rt->nflight = 0;
+	rt->busy = -1;
+	rt->want_plus = 0;
+	if (rt->raw_for == i)
+		rt->raw_for = -1;
 }
 
 /* ------------------------------------------------------------------ */
 /* reading a client command */
 
-enum read_result { RD_COMPLETE, RD_STREAM, RD_ANSWERED, RD_END };
-
-/*
- * Add one line (CRLF removed) to the command; a literal announcement at
- * its end is rewritten synchronizing, since imapfe, not the client,
- * decides when the back-end gets the bytes.
- */
-static int
-add_line(struct router *rt, const char *line, size_t len, enum literal_kind k,
-    uint64_t n)
+/* Routed, after login: literals are held up to SMALL_LITERAL_MAX, larger
+ * ones streamed; long UID sets are normal, the buffer is the line limit. */
+static void
+routed_limits(const struct router *rt, struct cmd_limits *lim)
 {
-	if (k == LIT_NONSYNC) {
-		const char *open = memrchr(line, '{', len);
-
-		len = (size_t)(open - line);
-		return str_add(&rt->cmd, line, len) != 0 ||
-		    str_printf(&rt->cmd, "{%llu}\r\n",
-		    (unsigned long long)n) != 0 ? -1 : 0;
-	}
-	if (str_add(&rt->cmd, line, len) != 0 || str_add(&rt->cmd, "\r\n", 2))
-		return -1;
-	return 0;
+	*lim = (struct cmd_limits){ .line_max = rt->client->cap - 2,
+	    .command_max = BUFFERED_COMMAND_MAX,
+	    .literal_max = rt->cfg->max_literal_size,
+	    .hold_max = SMALL_LITERAL_MAX, .toobig = 1,
+	    .literal_name = "max_literal_size" };
 }
 
-/*
- * A literal over max_literal_size: refused with TOOBIG (RFC 9051) before
- * the client sends it when it waits for "+", or with BYE when it is on its
- * way already.
- */
-static enum read_result
-literal_too_large(struct router *rt, enum literal_kind k, uint64_t n)
-{
-	char tag[TAG_MAX + 2];
+enum read_result { RD_COMMAND, RD_ANSWERED, RD_END };
 
-	log_msg(LOG_NOTICE, "event=limit reason=\"literal of %llu bytes, more "
-	    "than max_literal_size\"", (unsigned long long)n);
-	if (k == LIT_SYNC) {
-		early_tag(rt->cmd.s, rt->cmd.len, tag, sizeof(tag));
-		client_line(rt, "%s NO [TOOBIG] Literal too large.", tag);
-		return RD_ANSWERED;
-	}
-	client_line(rt, "* BYE Literal too large.");
-	rt->end = ROUTER_LIMIT;
-	return RD_END;
-}
-
+/* The client's next command, or the end of the session. */
 static enum read_result
 read_command(struct router *rt)
 {
-	enum literal_kind k;
-	enum io_status st;
-	char *line, tag[TAG_MAX + 2];
-	size_t len;
-	uint64_t n;
+	struct cmd_limits lim;
+	enum cmd_status st;
 
-	str_wipe(&rt->cmd);
-	rt->ncuts = 0;
-	rt->stream_left = 0;
-	for (;;) {
-		rt->client->deadline = rt->last_client +
-		    (int64_t)rt->cfg->idle_timeout * 1000;
-		/* After login, long UID sets are normal: the buffer is the limit. */
-		st = iobuf_getline(rt->client, rt->client->cap - 2, &line, &len);
-		if (st == IO_TIMEOUT) {
-			client_line(rt, "* BYE Disconnected for inactivity.");
-			rt->end = ROUTER_TIMEOUT;
-			return RD_END;
-		}
-		if (st == IO_TOOLONG) {
-			client_line(rt, "* BYE Command line too long.");
-			rt->end = ROUTER_LIMIT;
-			return RD_END;
-		}
-		if (st != IO_OK) {
-			if (shutdown_requested) {
-				client_line(rt, "* BYE Server shutting down.");
-				rt->end = ROUTER_SHUTDOWN;
-			} else
-				rt->end = ROUTER_CLIENT_GONE;
-			return RD_END;
-		}
-		rt->last_client = now_ms();
-		k = literal_at_end(line, len, &n);
-		if (k == LIT_INVALID) {
-			early_tag(rt->cmd.len ? rt->cmd.s : line, rt->cmd.len ?
-			    rt->cmd.len : len, tag, sizeof(tag));
-			client_line(rt, "%s BAD Invalid literal size.", tag);
-			return RD_ANSWERED;
-		}
-		if (rt->cmd.len + len + 32 > BUFFERED_COMMAND_MAX ||
-		    rt->ncuts == MAX_PIECES) {
-			client_line(rt, "* BYE Command too long.");
-			rt->end = ROUTER_LIMIT;
-			return RD_END;
-		}
-		if (add_line(rt, line, len, k, n) != 0)
-			goto oom;
-		rt->send_len = rt->cmd.len;
-		if (k == LIT_NONE)
-			return RD_COMPLETE;
-		rt->cuts[rt->ncuts++] = rt->cmd.len;
-		if (n > rt->cfg->max_literal_size)
-			return literal_too_large(rt, k, n);
-		if (n > SMALL_LITERAL_MAX ||
-		    rt->cmd.len + n > BUFFERED_COMMAND_MAX) {
-			rt->stream_left = n;
-			rt->stream_sync = k == LIT_SYNC;
-			return RD_STREAM;
-		}
-		if (k == LIT_SYNC && client_line(rt, "+ Ready for literal "
-		    "data") != 0)
-			return RD_END;
-		if ((st = iobuf_read_into(rt->client, n, &rt->cmd)) == IO_NOMEM)
-			goto oom;
-		if (st != IO_OK) {
-			rt->end = ROUTER_CLIENT_GONE;
-			return RD_END;
-		}
+	routed_limits(rt, &lim);
+	rt->client->deadline = rt->last_client +
+	    (int64_t)rt->cfg->idle_timeout * 1000;
+	rt->cb.continuing = 0;
+	st = cmd_read(rt->client, &lim, &rt->cb);
+	rt->last_client = now_ms();
+	rt->send_len = rt->cb.text.len;
+	switch (st) {
+	case CMD_COMPLETE:
+	case CMD_STREAM:
+		return RD_COMMAND;
+	case CMD_BAD_LITERAL:
+	case CMD_ANSWERED:
+		return RD_ANSWERED;
+	case CMD_END:
+		break;
 	}
-oom:
-	client_line(rt, "* BYE Out of memory.");
-	rt->end = ROUTER_LIMIT;
+	if (rt->cb.bye != NULL)
+		client_line(rt, "* BYE %s", rt->cb.bye);
+	rt->end = rt->cb.end;
 	return RD_END;
 }
 
 /* ------------------------------------------------------------------ */
 /* sending a command */
 
+/* Wait for link i's "+" to a literal of ours, or the command's answer. */
+static enum wait_result
+wait_plus(struct router *rt, int i, const char *tag, int *answered)
+{
+	enum wait_result w;
+
+	rt->want_plus = 1;
+	rt->got_plus = 0;
+	w = link_wait(rt, i, tag);
+	rt->want_plus = 0;
+	*answered = w == W_DONE && !rt->got_plus;
+	return w;
+}
+
 /*
  * Send the buffered command to link i, piece by piece: after each literal
  * announcement the link must say "+" before the literal goes.  A tagged
- * answer instead ends the command early; it is put in line.  Returns
- * W_CONTINUATION when everything went.
+ * answer instead ends the command early (*answered).
  */
 static enum wait_result
-send_buffered(struct router *rt, int i, const char *tag, size_t len,
-    char *line, size_t linelen)
+send_buffered(struct router *rt, int i, const char *tag, int *answered)
 {
 	struct iobuf *io = &rt->links[i].be->io;
-	size_t from = 0;
+	size_t from = 0, len = rt->send_len;
 	enum wait_result w;
 
-	for (int c = 0; c <= rt->ncuts; c++) {
-		size_t to = c < rt->ncuts ? rt->cuts[c] : len;
+	*answered = 0;
+	for (int c = 0; c <= rt->cb.ncuts; c++) {
+		size_t to = c < rt->cb.ncuts ? rt->cb.cuts[c] : len;
 
 		if (to > len)
 			to = len;
-		io->deadline = now_ms() + (int64_t)rt->cfg->backend_timeout *
-		    1000;
-		if (to > from && iobuf_write(io, rt->cmd.s + from, to - from) !=
+		io->deadline = deadline_in(rt->cfg->backend_timeout);
+		if (to > from && iobuf_write(io, rt->cb.text.s + from, to - from) !=
 		    IO_OK)
 			return W_LINK_DOWN;
 		from = to;
-		if (c == rt->ncuts || to == len)
+		if (c == rt->cb.ncuts || to == len)
 			break;
-		w = link_wait(rt, i, tag, FORWARD, 1, line, linelen);
-		if (w != W_CONTINUATION)
+		if ((w = wait_plus(rt, i, tag, answered)) != W_DONE ||
+		    *answered)
 			return w;
 	}
-	return W_CONTINUATION;
+	return W_DONE;
 }
 
 /*
@@ -736,7 +872,7 @@ pump(struct router *rt, struct iobuf *src, int wait_s, struct iobuf *dst,
 		size_t avail = iobuf_pending(src);
 
 		if (avail == 0) {
-			src->deadline = now_ms() + (int64_t)wait_s * 1000;
+			src->deadline = deadline_in(wait_s);
 			if (iobuf_fill(src) != IO_OK)
 				return -1;
 			continue;
@@ -744,8 +880,7 @@ pump(struct router *rt, struct iobuf *src, int wait_s, struct iobuf *dst,
 		if (avail > n)
 			avail = (size_t)n;
 		if (dst != NULL) {
-			dst->deadline = now_ms() +
-			    (int64_t)rt->cfg->backend_timeout * 1000;
+			dst->deadline = deadline_in(rt->cfg->backend_timeout);
 			if (iobuf_write(dst, src->buf + src->start, avail) !=
 			    IO_OK)
 				return -2;
@@ -757,57 +892,6 @@ pump(struct router *rt, struct iobuf *src, int wait_s, struct iobuf *dst,
 }
 
 /*
- * The rest of a command whose literal is too big to hold: each literal
- * streams from the client to the link once the link said "+".
- */
-static enum wait_result
-stream_rest(struct router *rt, int i, const char *tag, char *line,
-    size_t linelen)
-{
-	enum wait_result w;
-	enum literal_kind k;
-	char *cl;
-	size_t cllen;
-	uint64_t n;
-	int rc;
-
-	for (;;) {
-		w = link_wait(rt, i, tag, FORWARD, 1, line, linelen);
-		if (w != W_CONTINUATION)
-			return w;
-		if (rt->stream_sync && client_line(rt, "+ Ready for literal "
-		    "data") != 0)
-			return W_CLIENT_GONE;
-		rc = pump(rt, rt->client, rt->cfg->idle_timeout,
-		    &rt->links[i].be->io, rt->stream_left);
-		if (rc != 0)
-			return rc == -1 ? W_CLIENT_GONE : W_LINK_DOWN;
-		rt->last_client = now_ms();
-		if (iobuf_getline(rt->client, rt->cfg->max_line_length, &cl,
-		    &cllen) != IO_OK)
-			return W_CLIENT_GONE;
-		k = literal_at_end(cl, cllen, &n);
-		str_wipe(&rt->cmd);
-		if (k == LIT_INVALID)
-			k = LIT_NONE;	/* the back-end will refuse it */
-		if (add_line(rt, cl, cllen, k, n) != 0)
-			return W_CLIENT_GONE;
-		rt->links[i].be->io.deadline = now_ms() +
-		    (int64_t)rt->cfg->backend_timeout * 1000;
-		if (iobuf_write(&rt->links[i].be->io, rt->cmd.s, rt->cmd.len) !=
-		    IO_OK)
-			return W_LINK_DOWN;
-		if (k == LIT_NONE)
-			return W_CONTINUATION;
-		rt->stream_left = n;
-		rt->stream_sync = k == LIT_SYNC;
-	}
-}
-
-/* ------------------------------------------------------------------ */
-/* running one command on one link */
-
-/*
  * BYE after link i failed, where the client can read it as one: a partial
  * response line of the link's is ended first, and inside one of its
  * literals no BYE is sent at all, since it would become message data.
@@ -815,45 +899,117 @@ stream_rest(struct router *rt, int i, const char *tag, char *line,
 static void
 bye_after_link(struct router *rt, int i, const char *text)
 {
-	const struct scan *sc = &rt->links[i].sc;
+	const struct resp_scanner *sc = &rt->links[i].be->sc;
 
 	if (sc->literal_left > 0) {
 		log_msg(LOG_NOTICE, "event=bye-withheld reason=\"inside a "
 		    "literal of the back-end's\"");
 		return;
 	}
-	if (!sc->at_line_start && client_write(rt, "\r\n", 2) != 0)
+	if (!resp_scan_at_start(sc) && client_write(rt, "\r\n", 2) != 0)
 		return;
 	client_line(rt, "* BYE %s", text);
+}
+
+/*
+ * The rest of a command whose literal is too big to hold: each such
+ * literal streams from the client to the link once the link said "+",
+ * and what follows it is read and sent as any command is.
+ */
+static enum wait_result
+stream_rest(struct router *rt, int i, const char *tag, int *answered)
+{
+	struct cmd_limits lim;
+	enum wait_result w;
+	enum cmd_status st;
+	int rc;
+
+	routed_limits(rt, &lim);
+	do {
+		if ((w = wait_plus(rt, i, tag, answered)) != W_DONE ||
+		    *answered)
+			return w;
+		if (rt->cb.stream_sync && client_line(rt, "+ Ready for literal "
+		    "data") != 0)
+			return W_CLIENT_GONE;
+		rc = pump(rt, rt->client, rt->cfg->idle_timeout,
+		    &rt->links[i].be->io, rt->cb.stream_left);
+		if (rc != 0)
+			return rc == -1 ? W_CLIENT_GONE : W_LINK_DOWN;
+		rt->last_client = now_ms();
+		rt->cb.continuing = 1;
+		st = cmd_read(rt->client, &lim, &rt->cb);
+		rt->cb.continuing = 0;
+		if (st == CMD_END) {
+			/* the link holds half a command: the session ends */
+			if (rt->cb.bye != NULL)
+				bye_after_link(rt, i, rt->cb.bye);
+			rt->end = rt->cb.end;
+			return W_CLIENT_GONE;
+		}
+		rt->send_len = rt->cb.text.len;
+		if ((w = send_buffered(rt, i, tag, answered)) != W_DONE ||
+		    *answered)
+			return w;
+	} while (st == CMD_STREAM);
+	return W_DONE;
+}
+
+/* ------------------------------------------------------------------ */
+/* running one command on one link */
+
+
+/* Every client command in flight on lost public link i gets its NO. */
+static void
+flight_unavailable(struct router *rt, int i, const char *tag)
+{
+	int had = rt->busy == i ? rt->nflight : 0;
+	char tags[PIPELINE_MAX][TAG_MAX + 1];
+
+	for (int k = 0; k < had; k++)
+		memcpy(tags[k], rt->flight[k].tag, sizeof(tags[k]));
+	flight_drop(rt, i);
+	for (int k = 0; k < had; k++)
+		if (tag == NULL || strcmp(tags[k], tag) != 0)
+			client_line(rt, "%s NO [UNAVAILABLE] Public folder "
+			    "server connection lost.", tags[k]);
+	if (tag != NULL)
+		client_line(rt, "%s NO [UNAVAILABLE] Public folder server "
+		    "connection lost.", tag);
 }
 
 static void
 command_failed_on_link(struct router *rt, int i, const char *tag,
     enum wait_result w)
 {
+	const struct resp_scanner *sc = &rt->links[i].be->sc;
+
 	if (w == W_CLIENT_GONE) {
-		rt->end = ROUTER_CLIENT_GONE;
+		if (rt->end == END_NONE)
+			rt->end = END_CLIENT_GONE;
 		return;
 	}
 	if (w == W_TIMEOUT) {
 		bye_after_link(rt, i, "Disconnected for inactivity.");
-		rt->end = ROUTER_TIMEOUT;
+		rt->end = END_TIMEOUT;
 		return;
 	}
 	if (i == 0) {
-		if (!rt->links[0].sc.saw_bye)
+		if (rt->links[0].be->io.tls_why[0] != '\0')
+			log_msg(LOG_NOTICE, "event=tls-error side=backend "
+			    "reason=\"%s\"", rt->links[0].be->io.tls_why);
+		if (!sc->saw_bye)
 			bye_after_link(rt, 0, "Back-end server closed the "
 			    "connection.");
-		rt->end = rt->links[0].sc.saw_bye ? ROUTER_LOGOUT :
-		    ROUTER_BACKEND_GONE;
+		rt->end = sc->saw_bye ? END_LOGOUT : END_BACKEND_GONE;
 		return;
 	}
-	if (rt->links[i].sc.literal_left > 0) {
+	if (sc->literal_left > 0) {
 		/* The client is inside the lost server's literal: no answer
 		 * can reach it as one, so the session ends here. */
 		bye_after_link(rt, i, "");
 		link_down(rt, i, "connection lost");
-		rt->end = ROUTER_BACKEND_GONE;
+		rt->end = END_BACKEND_GONE;
 		return;
 	}
 	link_down(rt, i, "connection lost");
@@ -861,77 +1017,85 @@ command_failed_on_link(struct router *rt, int i, const char *tag,
 		client_line(rt, "* NO [UNAVAILABLE] The server for \"%s\" was "
 		    "lost.", rt->links[i].route->pattern);
 	else
-		client_line(rt, "%s NO [UNAVAILABLE] Public folder server "
-		    "connection lost.", tag);
+		flight_unavailable(rt, i, tag);
 }
 
-/* "tag NO [REFERRAL url] text" becomes "tag NO text": a plain NO. */
-static void
-strip_referral(char *line)
+/* The commands in flight are answered: the next may run alone. */
+static int
+wait_idle(struct router *rt)
 {
-	char *code = strcasestr(line, "[REFERRAL "), *p;
+	enum wait_result w;
+	int i = rt->busy;
 
-	if (code == NULL)
-		return;
-	for (p = code + strlen("[REFERRAL "); *p != '\0' && *p != ']'; p++)
-		if (*p == '[' && (p = strchr(p, ']')) == NULL) {
-			*code = '\0';		/* cut short: drop the rest */
-			return;
-		}
-	if (*p == ']')
-		p++;
-	while (*p == ' ')
-		p++;
-	memmove(code, p, strlen(p) + 1);
-}
-
-enum outcome { OUT_OK, OUT_NO, OUT_BAD, OUT_FAILED };
-
-/* What a tagged answer says. */
-static enum outcome
-outcome_of(const char *line, const char *tag)
-{
-	size_t rest;
-	const char *st = resp_status(line, strlen(line), tag, &rest);
-
-	if (st != NULL && strcmp(st, "OK") == 0)
-		return OUT_OK;
-	return st != NULL && strcmp(st, "NO") == 0 ? OUT_NO : OUT_BAD;
+	if (i < 0)
+		return 0;
+	if ((w = link_wait(rt, i, NULL)) == W_DONE)
+		return 0;
+	command_failed_on_link(rt, i, NULL, w);
+	return -1;
 }
 
 /*
- * Send the current command to link i and relay the answer.  The tagged
- * line goes to the client unless keep_tagged (then it is left in line).
+ * Send the current command to link i and relay its answers in mode m.
+ * The tagged answer goes to the client, unless keep (then it is left
+ * there).  Waits first for the client commands in flight elsewhere.
  */
-static enum outcome
+static enum reply_status
 run_on_link_as(struct router *rt, int i, const char *tag, enum mode m,
-    int keep_tagged, char *line, size_t linelen)
+    struct reply *keep)
 {
+	struct reply *r = keep != NULL ? keep : malloc(sizeof(*r));
 	enum wait_result w;
+	int answered = 0;
 
-	rt->links[i].last_used = now_ms();
-	w = send_buffered(rt, i, tag, rt->send_len, line, linelen);
-	if (w == W_CONTINUATION && rt->stream_left > 0)
-		w = stream_rest(rt, i, tag, line, linelen);
-	if (w == W_CONTINUATION)
-		w = link_wait(rt, i, tag, m, 0, line, linelen);
-	if (w != W_TAGGED) {
-		command_failed_on_link(rt, i, tag, w);
-		return OUT_FAILED;
+	if (r == NULL) {
+		client_line(rt, "* BYE Out of memory.");
+		rt->end = END_LIMIT;
+		return REPLY_LOST;
 	}
-	if (!keep_tagged) {
-		strip_referral(line);	/* referrals only reach imapfe */
-		if (client_line(rt, "%s", line) != 0)
-			return OUT_FAILED;
+	r->status = REPLY_LOST;
+	if (wait_idle(rt) != 0)
+		;
+	else if (flight_add(rt, i, tag, m, r, keep == NULL) != 0)
+		client_line(rt, "%s BAD Tag too long.", tag);
+	else {
+		w = send_buffered(rt, i, tag, &answered);
+		if (w == W_DONE && !answered && rt->cb.stream_left > 0)
+			w = stream_rest(rt, i, tag, &answered);
+		if (w == W_DONE && !answered)
+			w = link_wait(rt, i, tag);
+		if (w != W_DONE) {
+			command_failed_on_link(rt, i, tag, w);
+			r->status = REPLY_LOST;
+		}
 	}
-	return outcome_of(line, tag);
+	if (keep == NULL) {
+		enum reply_status rs = r->status;
+
+		free(r);
+		return rs;
+	}
+	return r->status;
 }
 
-static enum outcome
-run_on_link(struct router *rt, int i, const char *tag, int keep_tagged,
-    char *line, size_t linelen)
+static enum reply_status
+run_on_link(struct router *rt, int i, const char *tag, struct reply *keep)
 {
-	return run_on_link_as(rt, i, tag, FORWARD, keep_tagged, line, linelen);
+	return run_on_link_as(rt, i, tag, FORWARD, keep);
+}
+
+/*
+ * A command for link i that need not wait for the answers before it:
+ * written at once, its answers streamed back when they come.
+ */
+static void
+send_pipelined(struct router *rt, int i, const char *tag)
+{
+	flight_add(rt, i, tag, FORWARD, NULL, 1);
+	if (str_add(&rt->out, rt->cb.text.s, rt->send_len) != 0) {
+		client_line(rt, "* BYE Out of memory.");
+		rt->end = END_LIMIT;
+	}
 }
 
 /* ------------------------------------------------------------------ */
@@ -948,16 +1112,16 @@ parse_copy(struct router *rt, struct str *copy, struct command *c,
 {
 	size_t len = rt->send_len;
 
-	if (rt->stream_left > 0) {
-		const char *open = memrchr(rt->cmd.s, '{', len);
+	if (rt->cb.stream_left > 0) {
+		const char *open = memrchr(rt->cb.text.s, '{', len);
 
-		len = open != NULL ? (size_t)(open - rt->cmd.s) : 0;
+		len = open != NULL ? (size_t)(open - rt->cb.text.s) : 0;
 	} else
 		len -= 2;		/* the final CRLF */
-	while (len > 0 && rt->cmd.s[len - 1] == ' ')
+	while (len > 0 && rt->cb.text.s[len - 1] == ' ')
 		len--;
 	str_wipe(copy);
-	if (str_add(copy, rt->cmd.s, len) != 0 || str_add(copy, "", 1) != 0)
+	if (str_add(copy, rt->cb.text.s, len) != 0 || str_add(copy, "", 1) != 0)
 		return PARSE_NOTAG;
 	copy->len--;
 	return parse_command(copy->s, copy->len, c, why);
@@ -983,13 +1147,6 @@ names_mailbox(const char *name)
 		if (strcmp(name, names[i]) == 0)
 			return 1;
 	return 0;
-}
-
-/* The link where a mailbox is selected, or home when none is. */
-static int
-current_link(const struct router *rt)
-{
-	return rt->selected >= 0 ? rt->selected : 0;
 }
 
 /* Leave link i unselected, quietly: UNSELECT, or a SELECT bound to fail. */
@@ -1044,9 +1201,9 @@ raw_token_end(const struct router *rt, const struct str *copy,
 	if (t->type != TOK_QUOTED)
 		return at + t->len;
 	for (; at < rt->send_len; at++) {	/* from the opening quote on */
-		if (rt->cmd.s[at] == '\\')
+		if (rt->cb.text.s[at] == '\\')
 			at++;
-		else if (rt->cmd.s[at] == '"')
+		else if (rt->cb.text.s[at] == '"')
 			return at + 1;
 	}
 	return rt->send_len;
@@ -1094,85 +1251,106 @@ referral_unfollowable(const struct router *rt, const struct referral *ref,
 {
 	if (ref->mailbox[0] == '\0' || !printable_ascii(ref->mailbox))
 		return "no mailbox name, or not ASCII";
-	if (rt->ncuts > 0 || rt->stream_left > 0)
+	if (rt->cb.ncuts > 0 || rt->cb.stream_left > 0)
 		return "the command carries a literal";
 	if (is_home(rt, r))
 		return "loop";
 	return NULL;
 }
 
-/* Run the command on link j for the mailbox a referral names. */
-static enum outcome
-run_referred(struct router *rt, const struct command *c, size_t name_end,
-    int j, const char *mailbox, char *line, size_t linelen)
+/*
+ * Send a command composed by the router for the client (its tag) to link
+ * i, and wait for the answer, kept in keep.  The command holds no literal.
+ */
+static enum reply_status
+run_text_on_link(struct router *rt, int i, const char *tag,
+    const struct str *text, struct reply *keep)
 {
-	struct iobuf *io = &rt->links[j].be->io;
-	struct str cmd = { 0 };
+	struct iobuf *io = &rt->links[i].be->io;
 	enum wait_result w = W_LINK_DOWN;
 
-	rt->links[j].last_used = now_ms();
-	io->deadline = now_ms() + (int64_t)rt->cfg->backend_timeout * 1000;
+	keep->status = REPLY_LOST;
+	if (flight_add(rt, i, tag, FORWARD, keep, 0) != 0)
+		return REPLY_LOST;
+	io->deadline = deadline_in(rt->cfg->backend_timeout);
+	if (iobuf_write(io, text->s, text->len) == IO_OK)
+		w = link_wait(rt, i, tag);
+	if (w != W_DONE) {
+		command_failed_on_link(rt, i, tag, w);
+		return REPLY_LOST;
+	}
+	return keep->status;
+}
+
+/* Run the command on link j for the mailbox a referral names. */
+static enum reply_status
+run_referred(struct router *rt, const struct command *c, size_t name_end,
+    int j, const char *mailbox, struct reply *r)
+{
+	struct str cmd = { 0 };
+	enum reply_status rs = REPLY_LOST;
+
 	if (str_printf(&cmd, "%s %s ", c->tag, c->name) == 0 &&
 	    imap_append_string(&cmd, mailbox, strlen(mailbox), 0) == 0 &&
-	    str_add(&cmd, rt->cmd.s + name_end, rt->send_len - name_end) ==
-	    0 && iobuf_write(io, cmd.s, cmd.len) == IO_OK)
-		w = link_wait(rt, j, c->tag, FORWARD, 0, line, linelen);
-	str_free(&cmd);
-	if (w != W_TAGGED) {
-		command_failed_on_link(rt, j, c->tag, w);
-		return OUT_FAILED;
+	    str_add(&cmd, rt->cb.text.s + name_end, rt->send_len - name_end) == 0)
+		rs = run_text_on_link(rt, j, c->tag, &cmd, r);
+	else {
+		client_line(rt, "* BYE Out of memory.");
+		rt->end = END_LIMIT;
 	}
-	return outcome_of(line, c->tag);
+	str_free(&cmd);
+	return rs;
 }
 
 /*
  * A mailbox command that link *at answered "NO [REFERRAL imap://server/
  * mailbox]": run it there, if the server is configured, for clients that
  * know nothing of referrals, and so on for a few hops.  *at becomes the
- * link that answered last; its tagged line is in line.
+ * link that answered last; its answer is in r.  REPLY_LOST: the client
+ * has had its answer already, or the session is over.
  */
-static enum outcome
+static enum reply_status
 follow_mailbox_referral(struct router *rt, const struct command *c,
-    size_t name_end, int *at, char *line, size_t linelen)
+    size_t name_end, int *at, struct reply *r)
 {
 	const struct route *tried[REFERRAL_HOPS_MAX + 1] = {
 	    rt->links[*at].route };
-	enum outcome o = OUT_NO;
+	enum reply_status rs = r->status;
 	int hops = 0;
 
-	while (o == OUT_NO && strcasestr(line, "[REFERRAL ") != NULL) {
-		const struct route *r;
+	while (rs == REPLY_NO && r->code == CODE_REFERRAL) {
+		const struct route *next;
 		struct referral ref;
 		const char *why;
 		int j;
 
-		if ((r = referral_target(rt->cfg, line, &ref, rt->user)) ==
-		    NULL)
+		if ((next = referral_target(rt->cfg, r->line, &ref,
+		    rt->user)) == NULL)
 			break;
-		if ((why = referral_unfollowable(rt, &ref, r)) != NULL) {
+		if ((why = referral_unfollowable(rt, &ref, next)) != NULL) {
 			referral_refused(rt->user, &ref, why);
 			break;
 		}
-		if (!referral_allowed(rt->cfg, tried, hops, r, &ref, rt->user))
+		if (!referral_allowed(rt->cfg, tried, hops, next, &ref,
+		    rt->user))
 			break;
-		if ((j = referral_link(rt, r)) < 0) {
+		if ((j = referral_link(rt, next)) < 0) {
 			referral_refused(rt->user, &ref, "too many servers "
 			    "reached by referral");
 			break;
 		}
 		if (link_up(rt, j) != 0) {
-			snprintf(line, linelen, "%s NO [UNAVAILABLE] The server "
+			client_line(rt, "%s NO [UNAVAILABLE] The server "
 			    "holding this mailbox is unavailable.", c->tag);
-			return OUT_NO;
+			return REPLY_LOST;
 		}
 		log_msg(LOG_INFO, "event=referral kind=mailbox user=\"%s\" "
-		    "to=%s:%s", rt->user, r->host, r->port);
-		o = run_referred(rt, c, name_end, j, ref.mailbox, line,
-		    linelen);
-		tried[++hops] = r;
+		    "to=%s:%s", rt->user, next->host, next->port);
+		rs = run_referred(rt, c, name_end, j, ref.mailbox, r);
+		tried[++hops] = next;
 		*at = j;
 	}
-	return o;
+	return rs;
 }
 
 /* ------------------------------------------------------------------ */
@@ -1183,10 +1361,10 @@ static void
 cmd_mailbox(struct router *rt, const struct command *c, int i,
     size_t name_end)
 {
-	char line[TAGGED_LINE_MAX];
 	int selecting = strcmp(c->name, "SELECT") == 0 ||
 	    strcmp(c->name, "EXAMINE") == 0;
-	enum outcome o;
+	struct reply *r;
+	enum reply_status rs;
 
 	if (selecting) {
 		/* Even a failed SELECT leaves nothing selected (RFC 9051). */
@@ -1197,16 +1375,19 @@ cmd_mailbox(struct router *rt, const struct command *c, int i,
 	}
 	if (i > 0 && public_unavailable(rt, i, c->tag))
 		return;
-	o = run_on_link(rt, i, c->tag, 1, line, sizeof(line));
-	if (o == OUT_NO && strcmp(c->name, "APPEND") != 0)
-		o = follow_mailbox_referral(rt, c, name_end, &i, line,
-		    sizeof(line));
-	if (o != OUT_FAILED) {
-		strip_referral(line);
-		client_line(rt, "%s", line);
+	if ((r = malloc(sizeof(*r))) == NULL) {
+		client_line(rt, "* BYE Out of memory.");
+		rt->end = END_LIMIT;
+		return;
 	}
+	rs = run_on_link(rt, i, c->tag, r);
+	if (rs == REPLY_NO && strcmp(c->name, "APPEND") != 0)
+		rs = follow_mailbox_referral(rt, c, name_end, &i, r);
+	if (rs != REPLY_LOST)
+		client_reply(rt, r);
 	if (selecting)
-		rt->selected = o == OUT_OK ? i : -1;
+		rt->selected = rs == REPLY_OK ? i : -1;
+	free(r);
 }
 
 /*
@@ -1249,11 +1430,18 @@ pattern_inside(const char *pat, size_t plen, const char *prefix)
 static void
 cmd_list(struct router *rt, const struct command *c)
 {
-	char line[TAGGED_LINE_MAX], home_line[TAGGED_LINE_MAX], pat[1024];
+	struct reply *r = malloc(2 * sizeof(*r)), *home_r = r + 1;
 	const struct token *ref, *mbox;
+	char pat[1024];
 	size_t argi = 0, plen;
 	int home = 1, asked = 0;
-	enum outcome o;
+	enum reply_status rs;
+
+	if (r == NULL) {
+		client_line(rt, "* BYE Out of memory.");
+		rt->end = END_LIMIT;
+		return;
+	}
 
 	if (c->ntok > 0 && c->tok[0].type == TOK_LPAREN) {
 		/* LIST-EXTENDED selection options: skip to the reference */
@@ -1278,9 +1466,8 @@ cmd_list(struct router *rt, const struct command *c)
 		if (pattern_inside(pat, plen, rt->links[i].route->pattern))
 			home = 0;
 	if (home) {
-		if (run_on_link(rt, 0, c->tag, 1, home_line,
-		    sizeof(home_line)) == OUT_FAILED)
-			return;
+		if (run_on_link(rt, 0, c->tag, home_r) == REPLY_LOST)
+			goto out;
 		asked++;
 	}
 	for (int i = 1; i < rt->npublic; i++) {
@@ -1293,21 +1480,22 @@ cmd_list(struct router *rt, const struct command *c)
 			continue;
 		}
 		rt->merging = 1;
-		o = run_on_link_as(rt, i, c->tag, FILTER_LIST, 1, line,
-		    sizeof(line));
+		rs = run_on_link_as(rt, i, c->tag, FILTER_LIST, r);
 		rt->merging = 0;
-		if (rt->end != ROUTER_NONE)
-			return;
-		if (o != OUT_FAILED)
+		if (rt->end != END_NONE)
+			goto out;
+		if (rs != REPLY_LOST)
 			asked++;
 	}
 	if (home)
-		client_line(rt, "%s", home_line);
+		client_reply(rt, home_r);
 	else if (asked > 0)
-		client_line(rt, "%s", line);
+		client_reply(rt, r);
 	else
 		client_line(rt, "%s NO [UNAVAILABLE] The public folder servers "
 		    "are unavailable, try again later.", c->tag);
+out:
+	free(r);
 }
 
 /* Append the public prefixes to the shared namespace of a NAMESPACE line. */
@@ -1396,49 +1584,6 @@ rewrite_capability(struct router *rt, const char *line, size_t len,
 	return rc;
 }
 
-/*
- * Run a command on the home server, its untagged answers line by line,
- * those starting with "match" rewritten.  For small answers only.
- */
-static void
-run_rewriting(struct router *rt, const struct command *c, const char *match,
-    int (*rewrite)(struct router *, const char *, size_t, struct str *))
-{
-	struct link *l = &rt->links[0];
-	size_t tl = strlen(c->tag), len;
-	char *line;
-
-	l->be->io.deadline = now_ms() + (int64_t)rt->cfg->backend_timeout *
-	    1000;
-	if (iobuf_write(&l->be->io, rt->cmd.s, rt->send_len) != IO_OK)
-		goto gone;
-	for (;;) {
-		struct str out = { 0 };
-		int rc;
-
-		l->be->io.deadline = now_ms() +
-		    (int64_t)rt->cfg->backend_timeout * 1000;
-		if (iobuf_getline(&l->be->io, MAX_BACKEND_LINE, &line, &len) !=
-		    IO_OK)
-			goto gone;
-		if (len > strlen(match) && strncasecmp(line, match,
-		    strlen(match)) == 0)
-			rc = rewrite(rt, line, len, &out);
-		else
-			rc = str_add(&out, line, len);
-		rc = rc != 0 || str_add(&out, "\r\n", 2) != 0 ? -1 :
-		    client_write(rt, out.s, out.len);
-		str_free(&out);
-		if (rc != 0)
-			return;
-		if (len > tl && memcmp(line, c->tag, tl) == 0 &&
-		    line[tl] == ' ')
-			return;
-	}
-gone:
-	command_failed_on_link(rt, 0, c->tag, W_LINK_DOWN);
-}
-
 /* RENAME stays on one server; across servers it cannot be done. */
 static int
 rename_link(struct router *rt, const struct command *c)
@@ -1468,23 +1613,6 @@ struct msg_meta {
 	char		 date[40];
 };
 
-static enum io_status
-internal_line(struct router *rt, int i, char **line, size_t *len)
-{
-	struct iobuf *io = &rt->links[i].be->io;
-
-	io->deadline = now_ms() + (int64_t)rt->cfg->backend_timeout * 1000;
-	return iobuf_getline(io, MAX_BACKEND_LINE, line, len);
-}
-
-static int
-is_tagged(const char *line, size_t len, const char *tag)
-{
-	size_t tl = strlen(tag);
-
-	return len > tl && memcmp(line, tag, tl) == 0 && line[tl] == ' ';
-}
-
 /* The value after "NAME " or "NAME (" in a FETCH response line. */
 static void
 fetch_item(const char *line, const char *name, char open, char close,
@@ -1511,159 +1639,222 @@ strip_recent(char *flags)
 		memmove(r, r + 7, strlen(r + 7) + 1);
 }
 
+/* What collecting the messages of a COPY needs. */
+struct meta_ctx {
+	struct router	*rt;
+	struct link	*from;
+	struct msg_meta	*meta;
+	size_t		 count;
+	size_t		 cap;
+	int		 over;		/* more than CROSS_COPY_MAX */
+	int		 failed;	/* out of memory */
+};
+
+/* A FETCH answer of the collecting FETCH: kept; anything else passes. */
+static enum sink_verdict
+meta_line(void *ctx, const char *line, size_t len)
+{
+	struct meta_ctx *mc = ctx;
+	struct msg_meta *m;
+
+	if (mc->from != mc->rt->links && is_bye(line, len))
+		return SINK_DROP;
+	if (strstr(line, " FETCH (") == NULL || strstr(line, "UID ") == NULL)
+		return SINK_KEEP;	/* the selected mailbox's news */
+	if (mc->count == CROSS_COPY_MAX) {
+		mc->over = 1;
+		return SINK_DROP;
+	}
+	if (mc->count == mc->cap) {
+		size_t cap = mc->cap ? mc->cap * 2 : 16;
+
+		if ((m = realloc(mc->meta, cap * sizeof(*m))) == NULL) {
+			mc->failed = 1;
+			return SINK_FAIL;
+		}
+		mc->meta = m;
+		mc->cap = cap;
+	}
+	m = &mc->meta[mc->count++];
+	m->uid = strtoul(strstr(line, "UID ") + 4, NULL, 10);
+	fetch_item(line, "FLAGS", '(', ')', m->flags, sizeof(m->flags));
+	strip_recent(m->flags);
+	fetch_item(line, "INTERNALDATE", '"', '"', m->date, sizeof(m->date));
+	return SINK_DROP;
+}
+
 /*
  * The messages a client's sequence set names on the source: UID, flags
  * and arrival date, from a FETCH whose answers imapfe keeps.  Untagged
  * answers of other kinds belong to the client's selected mailbox.
+ * Returns 0, -1 on failure, -2 when the source refused the set, -3 when
+ * the set names more than CROSS_COPY_MAX messages.
  */
 static int
 collect_meta(struct router *rt, int from, const struct token *set, int uid,
     struct msg_meta **meta, size_t *count)
 {
+	struct meta_ctx mc = { .rt = rt, .from = &rt->links[from] };
+	struct resp_sink sink = { .out = rt->client, .line = meta_line,
+	    .ctx = &mc };
 	struct str text = { 0 };
-	const char *tag = NULL;
-	size_t len, cap = 0;
-	int over = 0;
-	char *line;
+	struct reply *r = malloc(sizeof(*r));
+	enum reply_status rs = REPLY_LOST;
 
-	if (str_printf(&text, "%sFETCH %.*s (UID FLAGS INTERNALDATE)",
-	    uid ? "UID " : "", (int)set->len, set->s) == 0)
-		tag = internal_send(rt, from, text.s);
+	if (r != NULL && str_printf(&text, "%sFETCH %.*s (UID FLAGS "
+	    "INTERNALDATE)", uid ? "UID " : "", (int)set->len, set->s) == 0)
+		rs = backend_simple(mc.from->be, rt->cfg, text.s, &sink, r);
 	str_free(&text);
-	if (tag == NULL)
+	free(r);
+	*meta = mc.meta;
+	*count = mc.count;
+	if (rs == REPLY_NO || rs == REPLY_BAD)
+		return -2;
+	if (rs != REPLY_OK || mc.failed)
 		return -1;
-	for (;;) {
-		if (internal_line(rt, from, &line, &len) != IO_OK)
-			return -1;
-		if (is_tagged(line, len, tag)) {
-			if (strncmp(line + strlen(tag), " OK", 3) != 0)
-				return -2;
-			return over ? -3 : 0;
-		}
-		if (strstr(line, " FETCH (") == NULL || strstr(line, "UID ") ==
-		    NULL) {
-			if (client_write(rt, line, len) != 0 ||
-			    client_write(rt, "\r\n", 2) != 0)
-				return -1;
-			continue;
-		}
-		if (*count == CROSS_COPY_MAX) {
-			over = 1;
-			continue;
-		}
-		if (*count == cap) {
-			struct msg_meta *m;
-
-			cap = cap ? cap * 2 : 16;
-			if ((m = realloc(*meta, cap * sizeof(**meta))) == NULL)
-				return -1;
-			*meta = m;
-		}
-		(*meta)[*count].uid = strtoul(strstr(line, "UID ") + 4, NULL,
-		    10);
-		fetch_item(line, "FLAGS", '(', ')', (*meta)[*count].flags,
-		    sizeof((*meta)[*count].flags));
-		strip_recent((*meta)[*count].flags);
-		fetch_item(line, "INTERNALDATE", '"', '"',
-		    (*meta)[*count].date, sizeof((*meta)[*count].date));
-		(*count)++;
-	}
+	return mc.over ? -3 : 0;
 }
 
-/* The rest of the source's answer to an internal FETCH, up to its tag. */
-static int
-finish_fetch(struct router *rt, int from, const char *ftag)
-{
-	size_t len;
-	char *line;
+/* One message on its way from the source's FETCH to the destination. */
+struct body_copy {
+	struct router		*rt;
+	int			 to;
+	const struct token	*mbox;
+	const struct msg_meta	*m;
+	struct reply		*dest;	/* the destination's answer */
+	char			 atag[16];
+	uint64_t		 left;	/* of the body, still to send */
+	int			 first;	/* the next piece is the FETCH line */
+	enum { BODY_WAIT, BODY_SENDING, BODY_SENT, BODY_REFUSED,
+	    BODY_BROKEN }	 state;
+};
 
-	for (;;) {
-		if (internal_line(rt, from, &line, &len) != IO_OK)
-			return -1;
-		if (is_tagged(line, len, ftag))
-			return 0;
+/*
+ * The FETCH line announcing the body: the APPEND goes to the destination
+ * with the same size, and once it says "+" the body follows, piece by
+ * piece, as the source sends it.
+ */
+static enum sink_verdict
+body_line(void *ctx, const char *line, size_t len)
+{
+	struct body_copy *bc = ctx;
+	struct backend *to = bc->rt->links[bc->to].be;
+	const struct msg_meta *m = bc->m;
+	struct str append = { 0 };
+	enum reply_status rs = REPLY_LOST;
+	uint64_t size;
+	enum literal_kind k = literal_at_end(line, len, &size);
+
+	if (bc->state != BODY_WAIT || strstr(line, " FETCH (") == NULL ||
+	    (k != LIT_SYNC && k != LIT_NONSYNC))
+		return SINK_DROP;
+	snprintf(bc->atag, sizeof(bc->atag), "%s", backend_next_tag(to));
+	if (str_printf(&append, "%s APPEND ", bc->atag) == 0 &&
+	    imap_append_string(&append, bc->mbox->s, bc->mbox->len, 0) >= 0 &&
+	    str_printf(&append, " (%s)%s%s%s {%llu}\r\n", m->flags,
+	    m->date[0] ? " \"" : "", m->date, m->date[0] ? "\"" : "",
+	    (unsigned long long)size) == 0) {
+		to->io.deadline = deadline_in(bc->rt->cfg->backend_timeout);
+		if (iobuf_write(&to->io, append.s, append.len) == IO_OK)
+			rs = backend_await(to, bc->rt->cfg, bc->atag, NULL,
+			    bc->dest);
 	}
+	str_free(&append);
+	if (rs != REPLY_PLUS) {
+		/* refused: the body on its way from the source goes nowhere */
+		bc->state = rs == REPLY_NO || rs == REPLY_BAD ? BODY_REFUSED :
+		    BODY_BROKEN;
+		return SINK_DROP;
+	}
+	bc->state = BODY_SENDING;
+	bc->left = size;
+	bc->first = 1;
+	return SINK_KEEP;
+}
+
+static int
+body_data(void *ctx, const char *p, size_t n)
+{
+	struct body_copy *bc = ctx;
+	struct iobuf *io = &bc->rt->links[bc->to].be->io;
+
+	if (bc->first) {		/* the FETCH line itself */
+		bc->first = 0;
+		return 0;
+	}
+	if (bc->state != BODY_SENDING)
+		return 0;		/* ")" and the rest of the response */
+	if (n > bc->left)
+		n = (size_t)bc->left;
+	io->deadline = deadline_in(bc->rt->cfg->backend_timeout);
+	if (iobuf_write(io, p, n) != IO_OK) {
+		bc->state = BODY_BROKEN;
+		return -1;
+	}
+	if ((bc->left -= n) == 0) {
+		bc->state = BODY_BROKEN;
+		if (iobuf_write(io, "\r\n", 2) != IO_OK)
+			return -1;
+		bc->state = BODY_SENT;
+	}
+	return 0;
 }
 
 /*
  * One message: FETCH its body from the source and APPEND it to the
  * destination at the same time, the literal flowing straight through.
- * Returns 0, 1 when the message is gone from the source, -1 on failure.
+ * Returns 0; 1 when the message is gone from the source; -1 on failure
+ * of the source; -3 when the destination refused it (its answer in
+ * dest); -4 when the destination was left inside the APPEND.
  */
 static int
 copy_one(struct router *rt, int from, int to, const struct token *mbox,
-    const struct msg_meta *m, char *reply, size_t replylen)
+    const struct msg_meta *m, struct reply *dest)
 {
-	char text[64], *line;
-	const char *ftag, *atag;
-	struct str append = { 0 };
-	uint64_t size = 0;
-	size_t len;
-	int rc = -1;
+	struct body_copy bc = { .rt = rt, .to = to, .mbox = mbox, .m = m,
+	    .dest = dest, .state = BODY_WAIT };
+	struct resp_sink sink = { .line = body_line, .data = body_data,
+	    .ctx = &bc };
+	struct reply *r = malloc(sizeof(*r));
+	char text[64];
+	enum reply_status rs = REPLY_LOST;
 
 	snprintf(text, sizeof(text), "UID FETCH %lu BODY.PEEK[]", m->uid);
-	if ((ftag = internal_send(rt, from, text)) == NULL)
-		return -1;
-	for (;;) {		/* up to the body literal, or the end */
-		if (internal_line(rt, from, &line, &len) != IO_OK)
-			return -1;
-		if (is_tagged(line, len, ftag))
-			return 1;
-		if (strstr(line, " FETCH (") != NULL &&
-		    literal_at_end(line, len, &size) != LIT_NONE &&
-		    literal_at_end(line, len, &size) != LIT_INVALID) {
-			break;
-		}
-	}
-	atag = backend_next_tag(rt->links[to].be);
-	if (str_printf(&append, "%s APPEND ", atag) != 0 ||
-	    imap_append_string(&append, mbox->s, mbox->len, 0) < 0 ||
-	    str_printf(&append, " (%s)%s%s%s {%llu}\r\n", m->flags,
-	    m->date[0] ? " \"" : "", m->date, m->date[0] ? "\"" : "",
-	    (unsigned long long)size) != 0)
-		goto out;
-	rt->links[to].be->io.deadline = now_ms() +
-	    (int64_t)rt->cfg->backend_timeout * 1000;
-	if (iobuf_write(&rt->links[to].be->io, append.s, append.len) != IO_OK)
-		goto out;
-	switch (link_wait(rt, to, atag, DISCARD, 1, reply, replylen)) {
-	case W_CONTINUATION:
+	if (r != NULL)
+		rs = backend_simple(rt->links[from].be, rt->cfg, text, &sink,
+		    r);
+	free(r);
+	switch (bc.state) {
+	case BODY_WAIT:
+		return rs == REPLY_OK ? 1 : -1;
+	case BODY_REFUSED:
+		return rs == REPLY_OK ? -3 : -1;
+	case BODY_SENDING:
+	case BODY_BROKEN:
+		return -4;
+	case BODY_SENT:
 		break;
-	case W_TAGGED:
-		/* refused: the body on its way from the source goes nowhere */
-		if (pump(rt, &rt->links[from].be->io, rt->cfg->backend_timeout,
-		    NULL, size) == 0 &&
-		    finish_fetch(rt, from, ftag) == 0)
-			rc = -3;
-		goto out;
-	default:
-		goto out;
 	}
-	if (pump(rt, &rt->links[from].be->io, rt->cfg->backend_timeout,
-	    &rt->links[to].be->io, size) != 0 ||
-	    iobuf_write(&rt->links[to].be->io, "\r\n", 2) != IO_OK)
-		goto out;
-	if (finish_fetch(rt, from, ftag) != 0)
-		goto out;
-	if (link_wait(rt, to, atag, DISCARD, 0, reply, replylen) ==
-	    W_TAGGED)
-		rc = strncmp(reply + strlen(atag), " OK", 3) == 0 ? 0 : -3;
-out:
-	str_free(&append);
-	return rc;
+	rs = backend_await(rt->links[to].be, rt->cfg, bc.atag, NULL, dest);
+	if (rs == REPLY_OK)
+		return 0;
+	return rs == REPLY_NO || rs == REPLY_BAD ? -3 : -4;
 }
 
 /* One internal command on the source, its untagged answers to the client. */
 static int
 source_command(struct router *rt, int from, const char *text)
 {
-	char reply[TAGGED_LINE_MAX];
-	const char *tag = internal_send(rt, from, text);
+	struct sink_ctx ctx;
+	struct resp_sink sink;
+	struct reply *r = malloc(sizeof(*r));
+	enum reply_status rs = REPLY_LOST;
 
-	if (tag == NULL || link_wait(rt, from, tag, FORWARD, 0, reply,
-	    sizeof(reply)) != W_TAGGED)
-		return -1;
-	return strncmp(reply + strlen(tag), " OK", 3) == 0 ? 0 : -1;
+	if (r != NULL)
+		rs = backend_simple(rt->links[from].be, rt->cfg, text,
+		    sink_for(rt, &rt->links[from], FORWARD, &ctx, &sink), r);
+	free(r);
+	return rs == REPLY_OK ? 0 : -1;
 }
 
 #define UIDS_PER_COMMAND	200	/* keeps each line well under limits */
@@ -1709,22 +1900,30 @@ cross_copy(struct router *rt, const struct command *c, size_t first,
 {
 	const struct token *mbox = &c->tok[c->ntok - 1];
 	const char *what = move ? "MOVE" : "COPY";
-	char reply[TAGGED_LINE_MAX] = "";
+	struct reply *dest = malloc(sizeof(*dest));
 	struct msg_meta *meta = NULL;
 	size_t count = 0, copied = 0;
 	int rc;
 
+	if (dest == NULL) {
+		client_line(rt, "* BYE Out of memory.");
+		rt->end = END_LIMIT;
+		return;
+	}
+	dest->code = CODE_NONE;
 	if (move && !caps_has(rt->links[from].be->caps, "UIDPLUS")) {
 		client_line(rt, "%s NO [CANNOT] MOVE between servers needs "
 		    "UIDPLUS on the source server.", c->tag);
+		free(dest);
 		return;
 	}
-	if (to > 0 && public_unavailable(rt, to, c->tag))
+	if (to > 0 && public_unavailable(rt, to, c->tag)) {
+		free(dest);
 		return;
+	}
 	rc = collect_meta(rt, from, &c->tok[first], first == 1, &meta, &count);
 	for (size_t k = 0; rc == 0 && k < count; k++) {
-		rc = copy_one(rt, from, to, mbox, &meta[k], reply,
-		    sizeof(reply));
+		rc = copy_one(rt, from, to, mbox, &meta[k], dest);
 		if (rc == 0)
 			copied++;
 		else if (rc == 1)
@@ -1733,13 +1932,18 @@ cross_copy(struct router *rt, const struct command *c, size_t first,
 	if (rc == 0 && move)
 		rc = remove_originals(rt, from, meta, count);
 	free(meta);
+	if (rc == -4) {
+		/* inside an APPEND it cannot finish: that connection is lost */
+		command_failed_on_link(rt, to, c->tag, W_LINK_DOWN);
+		free(dest);
+		return;
+	}
 	if (rc == -2)
 		client_line(rt, "%s NO Invalid message set.", c->tag);
 	else if (rc == -3 && count > CROSS_COPY_MAX - 1 && copied == 0)
 		client_line(rt, "%s NO [LIMIT] At most %d messages can be "
 		    "copied between servers at once.", c->tag, CROSS_COPY_MAX);
-	else if (rc == -3 && strstr(reply, "[TRYCREATE]") != NULL &&
-	    copied == 0)
+	else if (rc == -3 && dest->code == CODE_TRYCREATE && copied == 0)
 		client_line(rt, "%s NO [TRYCREATE] The destination mailbox does "
 		    "not exist.", c->tag);
 	else if (rc != 0) {
@@ -1750,6 +1954,7 @@ cross_copy(struct router *rt, const struct command *c, size_t first,
 		    "UNAVAILABLE", what, copied, count);
 	} else
 		client_line(rt, "%s OK %s completed.", c->tag, what);
+	free(dest);
 }
 
 /*
@@ -1778,27 +1983,24 @@ copy_link(struct router *rt, const struct command *c, size_t first,
 static void
 cmd_logout(struct router *rt, const struct command *c)
 {
-	char line[TAGGED_LINE_MAX];
-
 	for (int i = 1; i < rt->nlinks; i++)
 		if (rt->links[i].up) {
 			link_internal(rt, i, "LOGOUT", NULL);
 			backend_close(rt->links[i].be);
 			rt->links[i].up = 0;
 		}
-	if (run_on_link(rt, 0, c->tag, 0, line, sizeof(line)) != OUT_FAILED &&
-	    rt->end == ROUTER_NONE)
-		rt->end = ROUTER_LOGOUT;
+	if (run_on_link(rt, 0, c->tag, NULL) != REPLY_LOST &&
+	    rt->end == END_NONE)
+		rt->end = END_LOGOUT;
 }
 
 /* ENABLE runs at home and is remembered for servers reached later. */
 static void
 cmd_enable(struct router *rt, const struct command *c)
 {
-	char line[TAGGED_LINE_MAX];
-	const char *args = rt->cmd.s + strlen(c->tag) + 1 + strlen("ENABLE");
+	const char *args = rt->cb.text.s + strlen(c->tag) + 1 + strlen("ENABLE");
 
-	if (run_on_link(rt, 0, c->tag, 0, line, sizeof(line)) != OUT_OK)
+	if (run_on_link(rt, 0, c->tag, NULL) != REPLY_OK)
 		return;
 	while (*args == ' ')
 		args++;
@@ -1809,10 +2011,49 @@ cmd_enable(struct router *rt, const struct command *c)
 			link_internal(rt, i, "ENABLE", rt->enabled);
 }
 
+/* Commands that may change which server is selected, or span servers. */
+static int
+runs_alone(const char *name)
+{
+	static const char *const names[] = { "LIST", "LSUB", "NAMESPACE",
+	    "CAPABILITY", "LOGOUT", "ENABLE", "RENAME", "CLOSE", "UNSELECT",
+	    "SELECT", "EXAMINE" };
+
+	for (size_t i = 0; i < sizeof(names) / sizeof(*names); i++)
+		if (strcmp(name, names[i]) == 0)
+			return 1;
+	return names_mailbox(name);
+}
+
+/*
+ * May this command go to the selected mailbox's server at once, behind
+ * the commands in flight there?  Only when it needs no other server, all
+ * of it is at hand, and nothing about the selection is in question.
+ */
+static int
+pipelinable(const struct router *rt, const struct command *c,
+    const char *name, size_t first)
+{
+	int cur = current_link(rt);
+
+	if (rt->cb.ncuts > 0 || rt->cb.stream_left > 0 || rt->selection_lost ||
+	    !rt->links[cur].up || rt->raw_for >= 0 || runs_alone(name) ||
+	    (rt->busy >= 0 && rt->busy != cur) ||
+	    rt->nflight == PIPELINE_MAX)
+		return 0;
+	if (strcmp(name, "COPY") == 0 || strcmp(name, "MOVE") == 0) {
+		const struct token *dst = &c->tok[c->ntok - 1];
+
+		return c->ntok >= first + 2 && is_mailbox_token(dst) &&
+		    mailbox_link(rt, dst->s, dst->len) == cur;
+	}
+	return 1;
+}
+
+
 static void
 dispatch(struct router *rt)
 {
-	char line[TAGGED_LINE_MAX];
 	struct str copy = { 0 };
 	struct command *c = malloc(sizeof(*c));
 	const char *why, *name;
@@ -1823,7 +2064,7 @@ dispatch(struct router *rt)
 
 	if (c == NULL) {
 		client_line(rt, "* BYE Out of memory.");
-		rt->end = ROUTER_LIMIT;
+		rt->end = END_LIMIT;
 		return;
 	}
 	ps = parse_copy(rt, &copy, c, &why);
@@ -1831,14 +2072,13 @@ dispatch(struct router *rt)
 		/* the current server answers malformed commands as it would */
 		char tag[TAG_MAX + 2];
 
-		early_tag(rt->cmd.s, rt->send_len, tag, sizeof(tag));
+		early_tag(rt->cb.text.s, rt->send_len, tag, sizeof(tag));
 		if (ps == PARSE_NOTAG || strlen(tag) > TAG_MAX ||
 		    strcmp(tag, "*") == 0)
 			client_line(rt, "* BAD %s", ps == PARSE_OK ?
 			    "Tag too long." : why);
-		else
-			run_on_link(rt, current_link(rt), tag, 0, line,
-			    sizeof(line));
+		else if (wait_idle(rt) == 0)
+			run_on_link(rt, current_link(rt), tag, NULL);
 		goto out;
 	}
 	name = c->name;
@@ -1851,6 +2091,12 @@ dispatch(struct router *rt)
 		name = sub;
 		first = 1;
 	}
+	if (pipelinable(rt, c, name, first)) {
+		send_pipelined(rt, current_link(rt), c->tag);
+		goto out;
+	}
+	if (wait_idle(rt) != 0)
+		goto out;
 	if (names_mailbox(name) && c->ntok > first &&
 	    is_mailbox_token(&c->tok[first])) {
 		cmd_mailbox(rt, c, mailbox_link(rt, c->tok[first].s,
@@ -1861,9 +2107,9 @@ dispatch(struct router *rt)
 	if (strcmp(name, "LIST") == 0 || strcmp(name, "LSUB") == 0)
 		cmd_list(rt, c);
 	else if (strcmp(name, "NAMESPACE") == 0)
-		run_rewriting(rt, c, "* NAMESPACE ", rewrite_namespace);
+		run_on_link_as(rt, 0, c->tag, REWRITE_NAMESPACE, NULL);
 	else if (strcmp(name, "CAPABILITY") == 0)
-		run_rewriting(rt, c, "* CAPABILITY ", rewrite_capability);
+		run_on_link_as(rt, 0, c->tag, REWRITE_CAPABILITY, NULL);
 	else if (strcmp(name, "LOGOUT") == 0)
 		cmd_logout(rt, c);
 	else if (strcmp(name, "ENABLE") == 0)
@@ -1890,8 +2136,8 @@ dispatch(struct router *rt)
 		int closing = strcmp(name, "CLOSE") == 0 ||
 		    strcmp(name, "UNSELECT") == 0;
 
-		if (run_on_link(rt, target, c->tag, 0, line, sizeof(line)) ==
-		    OUT_OK && closing)
+		if (run_on_link(rt, target, c->tag, NULL) == REPLY_OK &&
+		    closing)
 			rt->selected = -1;
 	}
 out:
@@ -1902,24 +2148,14 @@ out:
 /* ------------------------------------------------------------------ */
 /* the loop */
 
-/* Unsolicited data: the selected server's goes to the client. */
+/* What the links have sent: the selected server's goes to the client. */
 static int
 drain_links(struct router *rt)
 {
-	char line[TAGGED_LINE_MAX];
-
-	for (int i = 0; i < rt->nlinks; i++) {
-		struct link *l = &rt->links[i];
-
-		if (!l->up)
-			continue;
-		if (link_input(rt, l, NULL, i == current_link(rt) ? FORWARD :
-		    DISCARD, line, sizeof(line)) == EV_CLIENT_GONE) {
-			rt->end = ROUTER_CLIENT_GONE;
+	for (int i = 0; i < rt->nlinks && rt->end == END_NONE; i++)
+		if (rt->links[i].up && link_pump(rt, i) != 0)
 			return -1;
-		}
-	}
-	return 0;
+	return rt->end == END_NONE ? 0 : -1;
 }
 
 /*
@@ -1934,14 +2170,15 @@ keepalives(struct router *rt)
 {
 	int64_t now = now_ms(), next = now + KEEPALIVE_MS;
 
-	for (int i = 0; i < rt->nlinks && rt->end == ROUTER_NONE; i++) {
+	for (int i = 0; i < rt->nlinks && rt->end == END_NONE; i++) {
 		struct link *l = &rt->links[i];
 
-		if (!l->up || i == current_link(rt))
+		if (!l->up || i == current_link(rt) || i == rt->busy)
 			continue;
 		if (now - l->last_used >= KEEPALIVE_MS) {
 			if (link_internal(rt, i, "NOOP", NULL) != 0 && i == 0) {
-				command_failed_on_link(rt, 0, "*", W_LINK_DOWN);
+				command_failed_on_link(rt, 0, NULL,
+				    W_LINK_DOWN);
 				return 0;
 			}
 			l->last_used = now;
@@ -1952,30 +2189,105 @@ keepalives(struct router *rt)
 	return next - now;
 }
 
+/* A link whose connection failed while the router waited for input. */
 static void
-wait_for_input(struct router *rt)
+link_failed(struct router *rt, int i)
 {
-	struct pollfd pfd[1 + 16];
-	int n = 0, map[1 + 16];
-	int64_t left = rt->last_client + (int64_t)rt->cfg->idle_timeout *
-	    1000 - now_ms();
-
-	int64_t keep;
-
-	if (iobuf_pending(rt->client) > 0 || iobuf_has_decrypted(rt->client))
+	if (i == 0) {
+		command_failed_on_link(rt, 0, NULL, W_LINK_DOWN);
 		return;
+	}
+	if (rt->busy == i)
+		command_failed_on_link(rt, i, NULL, W_LINK_DOWN);
+	else
+		link_down(rt, i, "connection closed");
+}
+
+/* Can the client's next command be taken now? */
+static int
+client_may_send(const struct router *rt)
+{
+	return rt->nflight < PIPELINE_MAX;
+}
+
+/* Literal bodies at least this long go from a plain back-end to a plain
+ * client through a pipe with splice(2); shorter ones are not worth it. */
+#define SPLICE_MIN	(16 * 1024)
+#define SPLICE_MAX	(1024 * 1024)
+
+/* May link i's next bytes go to the client by splice(2), uncopied? */
+static int
+can_splice(const struct router *rt, int i)
+{
+	const struct backend *be = rt->links[i].be;
+
+	/* (-D traces what passes through the buffers: none of splice) */
+	return !rt->splice_off && !protocol_trace && be->io.ssl == NULL &&
+	    rt->client->ssl == NULL && iobuf_pending(&be->io) == 0 &&
+	    be->sc.literal_left >= SPLICE_MIN && !be->dropping &&
+	    i == current_link(rt) && mode_now(rt, i) == FORWARD;
+}
+
+/*
+ * Read from link i: into its buffer, or, inside a long literal bound for
+ * the client, straight on to the client (the scanner needs the count).
+ */
+static enum io_status
+link_read(struct router *rt, int i)
+{
+	struct backend *be = rt->links[i].be;
+	size_t moved;
+	int to_failed;
+	enum io_status st;
+
+	if (!can_splice(rt, i))
+		return iobuf_try_fill(&be->io);
+	if (rt->pipe[0] < 0 && pipe2(rt->pipe, O_CLOEXEC | O_NONBLOCK) != 0) {
+		rt->splice_off = 1;
+		return iobuf_try_fill(&be->io);
+	}
+	rt->client->deadline = deadline_in(rt->cfg->idle_timeout);
+	st = iobuf_splice(&be->io, rt->client, rt->pipe,
+	    be->sc.literal_left > SPLICE_MAX ? SPLICE_MAX :
+	    (size_t)be->sc.literal_left, &moved, &to_failed);
+	be->sc.literal_left -= moved;
+	if (st == IO_UNSUPPORTED) {
+		rt->splice_off = 1;
+		return iobuf_try_fill(&be->io);
+	}
+	if (to_failed) {
+		rt->end = END_CLIENT_GONE;
+		return IO_ERROR;
+	}
+	return st;
+}
+
+static void
+wait_for_input(struct router *rt, struct pollfd *pfd, int *map)
+{
+	int n = 0;
+	int64_t keep, left = rt->last_client +
+	    (int64_t)rt->cfg->idle_timeout * 1000 - now_ms();
+
 	if (left <= 0) {
-		client_line(rt, "* BYE Disconnected for inactivity.");
-		rt->end = ROUTER_TIMEOUT;
+		if (rt->busy >= 0)
+			bye_after_link(rt, rt->busy, "Disconnected for "
+			    "inactivity.");
+		else
+			client_line(rt, "* BYE Disconnected for inactivity.");
+		rt->end = END_TIMEOUT;
 		return;
 	}
 	if ((keep = keepalives(rt)) < left)
 		left = keep;
-	if (rt->end != ROUTER_NONE)
+	if (rt->end == END_NONE && flush_out(rt) != 0)
+		link_failed(rt, rt->busy);
+	if (rt->end != END_NONE)
 		return;
-	pfd[n] = (struct pollfd){ .fd = rt->client->rfd, .events = POLLIN };
+	pfd[n] = (struct pollfd){ .fd = client_may_send(rt) ?
+	    rt->client->rfd : -1, .events = POLLIN };
 	map[n++] = -1;
-	for (int i = 0; i < rt->nlinks && n < 17; i++)
+	for (int i = 0; i < rt->nlinks; i++)
 		if (rt->links[i].up) {
 			if (iobuf_has_decrypted(&rt->links[i].be->io))
 				left = 0;
@@ -1983,88 +2295,233 @@ wait_for_input(struct router *rt)
 			    .events = POLLIN };
 			map[n++] = i;
 		}
-	if (poll_wait(pfd, (nfds_t)n, (int)(left > 3600000 ? 3600000 :
+	if (client_may_send(rt) && iobuf_has_decrypted(rt->client))
+		left = 0;
+	if (poll_wait(pfd, (nfds_t)n, (int)(left > POLL_MAX_MS ? POLL_MAX_MS :
 	    left)) < 0) {
 		if (errno == EINTR && shutdown_requested) {
 			client_line(rt, "* BYE Server shutting down.");
-			rt->end = ROUTER_SHUTDOWN;
+			rt->end = END_SHUTDOWN;
 		}
 		return;
 	}
-	for (int k = 1; k < n; k++) {
+	for (int k = 1; k < n && rt->end == END_NONE; k++) {
 		int i = map[k];
 		enum io_status st;
 
 		if (pfd[k].revents == 0 &&
 		    !iobuf_has_decrypted(&rt->links[i].be->io))
 			continue;
-		st = iobuf_try_fill(&rt->links[i].be->io);
+		st = link_read(rt, i);
 		if (st == IO_OK || st == IO_AGAIN)
 			continue;
-		if (i == 0) {
-			drain_links(rt);
-			command_failed_on_link(rt, 0, "*", W_LINK_DOWN);
-			return;
-		}
-		link_down(rt, i, "connection closed");
+		if (rt->end != END_NONE)
+			break;
+		if (link_pump(rt, i) == 0)
+			link_failed(rt, i);
 	}
-	if (pfd[0].revents != 0) {
+	if (rt->end == END_NONE && (pfd[0].revents != 0 ||
+	    (client_may_send(rt) && iobuf_has_decrypted(rt->client)))) {
 		enum io_status st = iobuf_try_fill(rt->client);
 
-		if (st != IO_OK && st != IO_AGAIN)
-			rt->end = ROUTER_CLIENT_GONE;
+		if (st == IO_OK)
+			rt->last_client = now_ms();
+		else if (st != IO_AGAIN)
+			rt->end = END_CLIENT_GONE;
 	}
 }
 
-enum router_end
-router_run(const struct config *cfg, struct iobuf *client,
-    struct backend *home, const struct credentials *cr,
-    const struct client_info *ci, const char *user)
-{
-	struct router rt = { .cfg = cfg, .client = client, .cr = cr, .ci = ci,
-	    .user = user, .selected = -1, .end = ROUTER_NONE };
-	int n = 1;
+/* ------------------------------------------------------------------ */
+/* the relay: one back-end, nothing to route */
 
-	for (const struct route *r = cfg->publics; r != NULL; r = r->next)
-		n++;
-	rt.maxlinks = n + REFERRAL_LINKS_MAX;
-	if ((rt.links = calloc((size_t)rt.maxlinks, sizeof(*rt.links))) ==
-	    NULL)
-		return ROUTER_LIMIT;
-	rt.nlinks = rt.npublic = n;
-	rt.links[0].be = home;
-	rt.links[0].up = 1;
-	rt.links[0].last_used = now_ms();
-	rt.links[0].sc.at_line_start = 1;
-	n = 1;
-	for (const struct route *r = cfg->publics; r != NULL; r = r->next) {
-		rt.links[n].public = 1;
-		link_init(&rt.links[n++], r);
+/* A run of the client's bytes, on to the back-end. */
+static int
+relay_to_backend(struct router *rt, const char *p, size_t n)
+{
+	struct iobuf *b = &rt->links[0].be->io;
+
+	if (n == 0)
+		return 0;
+	b->deadline = deadline_in(rt->cfg->backend_timeout);
+	if (iobuf_write(b, p, n) == IO_OK)
+		return 0;
+	link_failed(rt, 0);
+	return -1;
+}
+
+/*
+ * A literal over max_literal_size, announced at the end of the client's
+ * line: refused with TOOBIG (RFC 9051 7.1) when the client waits for "+"
+ * before sending it and nothing of its command has gone on yet, as when
+ * routed; with BYE when it is on its way, or the back-end holds half a
+ * command.  Returns 0 when the session goes on.
+ */
+static int
+relay_literal_too_large(struct router *rt, const char *line, size_t len,
+    enum literal_kind k, uint64_t n)
+{
+	char tag[TAG_MAX + 2];
+
+	log_msg(LOG_NOTICE, "event=limit reason=\"literal of %llu bytes, more "
+	    "than max_literal_size\"", (unsigned long long)n);
+	if (k == LIT_SYNC && resp_scan_at_start(&rt->client_sc)) {
+		early_tag(line, len, tag, sizeof(tag));
+		return client_line(rt, "%s NO [TOOBIG] Literal too large.",
+		    tag);
 	}
-	rt.last_client = now_ms();
-	while (rt.end == ROUTER_NONE) {
-		if (drain_links(&rt) != 0)
-			break;
-		if (iobuf_pending(client) == 0 &&
-		    !iobuf_has_decrypted(client)) {
-			wait_for_input(&rt);
+	bye_after_link(rt, 0, "Literal too large.");
+	rt->end = END_LIMIT;
+	return -1;
+}
+
+/*
+ * Relayed, the client's bytes go to the back-end as they come, in one
+ * write for all that is whole, read only by the scanner that follows the
+ * literals they announce.
+ */
+static void
+relay_client(struct router *rt)
+{
+	struct iobuf *c = rt->client;
+	const char *p = c->buf + c->start;
+	size_t n = iobuf_pending(c), used = 0, from = 0;
+
+	while (used < n && rt->end == END_NONE) {
+		size_t k = resp_scan_piece(&rt->client_sc, p + used, n - used);
+		enum literal_kind lk = LIT_NONE;
+		uint64_t size = 0;
+
+		if (k == 0 && n - used < c->cap / 2)
+			break;		/* the rest of the line is to come */
+		if (k == 0)
+			k = n - used;	/* a very long line: on it goes */
+		else if (rt->client_sc.literal_left == 0) {
+			size_t len = k - 1 - (k > 1 && p[used + k - 2] == '\r');
+
+			lk = literal_at_end(p + used, len, &size);
+		}
+		if ((lk == LIT_SYNC || lk == LIT_NONSYNC) &&
+		    size > rt->cfg->max_literal_size) {
+			if (relay_to_backend(rt, p + from, used - from) != 0 ||
+			    relay_literal_too_large(rt, p + used, k, lk,
+			    size) != 0)
+				break;
+			used += k;
+			from = used;	/* that line goes nowhere */
 			continue;
 		}
-		switch (read_command(&rt)) {
-		case RD_COMPLETE:
-		case RD_STREAM:
-			dispatch(&rt);
+		resp_scan(&rt->client_sc, p + used, k);
+		used += k;
+	}
+	if (rt->end == END_NONE && rt->client_sc.largest_literal >
+	    rt->cfg->max_literal_size) {
+		/* announced at the end of a line too long to hold */
+		relay_literal_too_large(rt, p, 0, LIT_NONSYNC,
+		    rt->client_sc.largest_literal);
+	} else if (rt->end == END_NONE)
+		relay_to_backend(rt, p + from, used - from);
+	iobuf_consume(c, used);
+}
+
+/* Is a whole line of the client's buffered? */
+static int
+client_has_line(const struct router *rt)
+{
+	const struct iobuf *c = rt->client;
+
+	return memchr(c->buf + c->start, '\n', iobuf_pending(c)) != NULL;
+}
+
+static void
+router_loop(struct router *rt, struct pollfd *pfd, int *map)
+{
+	while (rt->end == END_NONE) {
+		if (drain_links(rt) != 0)
+			break;
+		if (rt->relayed) {
+			relay_client(rt);
+			if (rt->end == END_NONE)
+				wait_for_input(rt, pfd, map);
+			continue;
+		}
+		if (rt->raw_for >= 0 && client_has_line(rt)) {
+			int i = rt->raw_for;
+
+			if (raw_line_to_link(rt, i) == -2)
+				link_failed(rt, i);
+			continue;
+		}
+		if (rt->raw_for >= 0 || !client_may_send(rt) ||
+		    (iobuf_pending(rt->client) == 0 &&
+		    !iobuf_has_decrypted(rt->client))) {
+			wait_for_input(rt, pfd, map);
+			continue;
+		}
+		switch (read_command(rt)) {
+		case RD_COMMAND:
+			dispatch(rt);
 			break;
 		case RD_ANSWERED:
 		case RD_END:
 			break;
 		}
 	}
+}
+
+enum session_end
+router_run(const struct config *cfg, struct iobuf *client,
+    struct backend *home, const struct credentials *cr,
+    const struct client_info *ci, const char *user)
+{
+	struct router rt = { .cfg = cfg, .client = client, .cr = cr, .ci = ci,
+	    .user = user, .selected = -1, .busy = -1, .raw_for = -1,
+	    .relayed = !config_routed(cfg), .pipe = { -1, -1 },
+	    .end = END_NONE };
+	struct pollfd *pfd;
+	int n = 1, *map;
+
+	for (const struct route *r = cfg->publics; r != NULL; r = r->next)
+		n++;
+	rt.maxlinks = n + REFERRAL_LINKS_MAX;
+	rt.links = calloc((size_t)rt.maxlinks, sizeof(*rt.links));
+	pfd = calloc((size_t)rt.maxlinks + 1, sizeof(*pfd));
+	map = calloc((size_t)rt.maxlinks + 1, sizeof(*map));
+	if (rt.links == NULL || pfd == NULL || map == NULL) {
+		client_line(&rt, "* BYE Out of memory.");
+		rt.end = END_LIMIT;
+		n = 0;
+	}
+	rt.nlinks = rt.npublic = n;
+	if (n > 0) {
+		rt.links[0].be = home;
+		rt.links[0].up = 1;
+		rt.links[0].last_used = now_ms();
+	}
+	n = 1;
+	for (const struct route *r = cfg->publics; r != NULL &&
+	    rt.links != NULL; r = r->next) {
+		rt.links[n].public = 1;
+		link_init(&rt.links[n++], r);
+	}
+	rt.last_client = now_ms();
+	resp_scanner_init(&rt.client_sc);
+	router_loop(&rt, pfd, map);
+	/* After the back-end's BYE (a LOGOUT, mostly) either side may close. */
+	if (home->sc.saw_bye && (rt.end == END_BACKEND_GONE ||
+	    rt.end == END_CLIENT_GONE))
+		rt.end = END_LOGOUT;
 	for (int i = 1; i < rt.nlinks; i++)
 		backend_close(rt.links[i].be);
-	str_wipe(&rt.cmd);
-	str_free(&rt.cmd);
+	if (rt.pipe[0] >= 0) {
+		close(rt.pipe[0]);
+		close(rt.pipe[1]);
+	}
+	str_wipe(&rt.cb.text);
+	str_free(&rt.cb.text);
+	str_free(&rt.out);
 	free(rt.enabled);
 	free(rt.links);
+	free(pfd);
+	free(map);
 	return rt.end;
 }

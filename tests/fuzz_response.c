@@ -5,14 +5,58 @@
  */
 #include "fuzz_common.h"
 
+static enum sink_verdict
+drop_some(void *ctx, const char *line, size_t len)
+{
+	(void)ctx;
+	return len % 3 == 0 ? SINK_DROP : SINK_KEEP;
+}
+
+static int
+take_data(void *ctx, const char *p, size_t n)
+{
+	size_t *total = ctx;
+
+	(void)p;
+	*total += n;
+	return 0;
+}
+
+/* The dispatcher over the whole input: every byte used, none twice. */
+static void
+dispatch_all(const char *buf, size_t size, int filter)
+{
+	struct backend be;
+	struct reply r;
+	size_t total = 0;
+	struct resp_sink sink = { .line = filter ? drop_some : NULL,
+	    .data = take_data, .ctx = &total };
+	enum dispatch d;
+
+	memset(&be, 0, sizeof(be));
+	resp_scanner_init(&be.sc);
+	if (iobuf_init(&be.io, -1, -1, size + 1) != 0)
+		return;
+	memcpy(be.io.buf, buf, size);
+	be.io.end = size;
+	while ((d = backend_dispatch(&be, &sink, &r)) != DISPATCH_MORE &&
+	    d != DISPATCH_TOOLONG)
+		if (d == DISPATCH_FAILED || r.len >= sizeof(r.line))
+			abort();
+	if (iobuf_pending(&be.io) > size)
+		abort();
+	iobuf_free(&be.io);
+}
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	struct backend be;
 	struct resp_scanner sc;
 	struct referral ref;
+	struct status_resp st;
 	char *buf = fuzz_copy(data, size), *caps;
-	size_t cut = size > 0 ? data[0] % (size + 1) : 0, rest;
+	size_t cut = size > 0 ? data[0] % (size + 1) : 0;
 	const char *p, *end;
 
 	if (buf == NULL)
@@ -26,7 +70,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		const char *lf = memchr(p, '\n', (size_t)(end - p));
 		size_t l = lf != NULL ? (size_t)(lf - p) : (size_t)(end - p);
 
-		(void)resp_status(p, l, "F1", &rest);
+		(void)status_parse(p, l, "F1", &st);
 		(void)resp_is_tagged(p, l, "*");
 		backend_note_caps(&be, p, l);
 		p += l + 1;
@@ -39,6 +83,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		free(caps);
 	}
 	free(be.caps);
+	dispatch_all(buf, size, data[0] & 2);
 	free(buf);
 	return 0;
 }

@@ -270,13 +270,91 @@ test_scanner(void)
 static void
 test_resp_status(void)
 {
-	size_t rest;
+	struct status_resp st;
+	const char *l;
 
-	CHECK(strcmp(resp_status("F1 OK done", 10, "F1", &rest), "OK") == 0 &&
-	    rest == 5);
-	CHECK(strcmp(resp_status("* BYE", 5, NULL, &rest), "BYE") == 0);
-	CHECK(resp_status("F12 OK", 6, "F1", &rest) == NULL);
-	CHECK(resp_status("F1 OKAY", 7, "F1", &rest) == NULL);
+	CHECK(status_parse("F1 OK done", 10, "F1", &st) == 0 &&
+	    st.kind == RESP_OK && st.code == CODE_NONE && st.text_len == 4);
+	CHECK(status_parse("* BYE", 5, "*", &st) == 0 && st.kind == RESP_BYE);
+	CHECK(status_parse("F12 OK", 6, "F1", &st) != 0);
+	CHECK(status_parse("F1 OKAY", 7, "F1", &st) != 0);
+	l = "a NO [REFERRAL imap://h/x] go there";
+	CHECK(status_parse(l, strlen(l), "a", &st) == 0 && st.kind == RESP_NO &&
+	    st.code == CODE_REFERRAL && st.code_arg_len == 10 &&
+	    memcmp(st.code_arg, "imap://h/x", 10) == 0 &&
+	    strcmp(st.text, "go there") == 0);
+	l = "a no [unavailable] later";
+	CHECK(status_parse(l, strlen(l), "a", &st) == 0 && st.kind == RESP_NO &&
+	    st.code == CODE_UNAVAILABLE);
+	l = "a NO [X-SOMETHING 1 2] what";
+	CHECK(status_parse(l, strlen(l), "a", &st) == 0 &&
+	    st.code == CODE_OTHER);
+	l = "a NO [TRYCREATE no close";
+	CHECK(status_parse(l, strlen(l), "a", &st) == 0 &&
+	    st.code == CODE_NONE && st.text == l + 5);
+}
+
+/* The dispatcher over a stream in memory: what goes where. */
+struct collected {
+	struct str	 lines;
+	struct str	 data;
+};
+
+static enum sink_verdict
+collect_line(void *ctx, const char *line, size_t len)
+{
+	struct collected *c = ctx;
+
+	str_add(&c->lines, line, len);
+	str_add(&c->lines, "|", 1);
+	return len > 7 && memcmp(line, "* LIST ", 7) == 0 ? SINK_DROP :
+	    SINK_KEEP;
+}
+
+static int
+collect_data(void *ctx, const char *p, size_t n)
+{
+	struct collected *c = ctx;
+
+	return str_add(&c->data, p, n);
+}
+
+static void
+test_dispatch(void)
+{
+	static const char stream[] = "* 1 FETCH (BODY[] {12}\r\n"
+	    "a1 OK fake\r\n)\r\n* LIST () \"/\" {3}\r\nabc\r\n"
+	    "+ go on\r\n* BYE bye\r\na1 NO [TRYCREATE] no\r\n";
+	struct collected c = { { 0 }, { 0 } };
+	struct resp_sink sink = { .line = collect_line, .data = collect_data,
+	    .ctx = &c };
+	struct backend be;
+	struct reply r;
+
+	memset(&be, 0, sizeof(be));
+	resp_scanner_init(&be.sc);
+	CHECK(iobuf_init(&be.io, -1, -1, 4096) == 0);
+	memcpy(be.io.buf, stream, sizeof(stream) - 1);
+	be.io.end = sizeof(stream) - 1;
+	CHECK(backend_dispatch(&be, &sink, &r) == DISPATCH_CONTINUATION &&
+	    r.len == 7 && memcmp(r.line, "+ go on", 7) == 0);
+	/* the literal's "a1 OK" is data, the LIST response dropped whole */
+	CHECK(c.data.len == 39 && memcmp(c.data.s + 24, "a1 OK fake",
+	    10) == 0);
+	CHECK(backend_dispatch(&be, &sink, &r) == DISPATCH_TAGGED &&
+	    reply_is(&r, "a1") && r.status == REPLY_NO &&
+	    r.code == CODE_TRYCREATE);
+	CHECK(be.bye.status == REPLY_BYE && be.sc.saw_bye);
+	CHECK(backend_dispatch(&be, &sink, &r) == DISPATCH_MORE);
+	/* a line that has not ended yet waits */
+	memcpy(be.io.buf, "a2 OK do", 8);
+	be.io.start = 0;
+	be.io.end = 8;
+	CHECK(backend_dispatch(&be, &sink, &r) == DISPATCH_MORE &&
+	    iobuf_pending(&be.io) == 8);
+	iobuf_free(&be.io);
+	str_free(&c.lines);
+	str_free(&c.data);
 }
 
 static void
@@ -506,6 +584,7 @@ main(void)
 	test_caps();
 	test_scanner();
 	test_resp_status();
+	test_dispatch();
 	test_sanitize();
 	test_referral();
 	test_hostport();
