@@ -18,14 +18,6 @@
 
 #include "imapfe.h"
 
-/* A wipe the compiler cannot remove as a dead store (glibc 2.25). */
-void
-wipe(void *p, size_t len)
-{
-	if (p != NULL && len > 0)
-		explicit_bzero(p, len);
-}
-
 /*
  * A credential may not hold NUL, CR or LF: no back-end protocol carries
  * them intact, and refusing them here keeps them from ever reaching one.

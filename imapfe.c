@@ -37,29 +37,6 @@
 #define LINGER_MS		2000		/* see client_linger_close() */
 #define LINGER_MAX_BYTES	(1024 * 1024)
 
-volatile sig_atomic_t	shutdown_requested;
-
-/* ------------------------------------------------------------------ */
-/* logging */
-
-static char	log_session[32];
-static int	log_stderr;
-
-void
-log_msg(int prio, const char *fmt, ...)
-{
-	char msg[1024];
-	va_list ap;
-
-	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
-	va_end(ap);
-	if (log_session[0] != '\0')
-		syslog(prio, "session=%s %s", log_session, msg);
-	else
-		syslog(prio, "%s", msg);
-}
-
 /* ------------------------------------------------------------------ */
 /* configuration */
 
@@ -2169,6 +2146,7 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	struct endpoints ep;
 	size_t bufsize = CLIENT_BUFSIZE;
 	int one = 1, loopback_ok;
+	char id[32];
 
 	memset(&s, 0, sizeof(s));
 	cap_session_memory(cfg);
@@ -2176,8 +2154,8 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	s.tls_ctx = tls_ctx;
 	s.started = now_ms();
 	s.backend.io.rfd = s.backend.io.wfd = -1;
-	new_session_id(log_session, sizeof(log_session));
-	trace_session = log_session;
+	new_session_id(id, sizeof(id));
+	log_session_set(id);
 	endpoints_from_socket(&ep, rfd);
 	nonblocking(rfd);
 	if (endpoints_apply_proxy(&ep, cfg, rfd, &loopback_ok) != 0)
@@ -2187,7 +2165,7 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	else
 		snprintf(s.peer, sizeof(s.peer), "local");
 	s.peer_loopback = loopback_ok && ep.have_peer && is_loopback(&ep.peer);
-	client_info_init(&s.ci, &ep, log_session);
+	client_info_init(&s.ci, &ep, id);
 	setsockopt(wfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	nonblocking(wfd);
 	if (cfg->max_line_length + 2 > bufsize)
@@ -2241,7 +2219,7 @@ session_exit(int rc)
 #ifdef UNDER_ASAN
 	__lsan_do_leak_check();
 #endif
-	closelog();
+	log_close();
 	_exit(rc);
 }
 
@@ -2469,8 +2447,8 @@ startup_failed(const char *err, int no_client)
 	fprintf(stderr, "imapfe: %s\n", err);
 	if (!no_client)
 		bye_unavailable();
-	openlog("imapfe", LOG_PID, LOG_MAIL);
-	syslog(LOG_ERR, "event=config-error reason=\"%s\"", err);
+	log_open(LOG_MAIL, 0);
+	log_msg(LOG_ERR, "event=config-error reason=\"%s\"", err);
 	return 1;
 }
 
@@ -2646,7 +2624,7 @@ main(int argc, char *argv[])
 	const char *config_path = IMAPFE_DEFAULT_CONFIG, *listen_spec = NULL;
 	struct config cfg;
 	char err[512];
-	int ch, test_only = 0, implicit_tls = 0, lfd = -1, rc;
+	int ch, test_only = 0, implicit_tls = 0, to_stderr = 0, lfd = -1, rc;
 	SSL_CTX *tls_ctx = NULL;
 	struct rlimit no_core = { 0, 0 };
 
@@ -2656,7 +2634,7 @@ main(int argc, char *argv[])
 			protocol_trace = 1;
 			/* FALLTHROUGH */
 		case 'd':
-			log_stderr = 1;
+			to_stderr = 1;
 			break;
 		case 'f':
 			config_path = optarg;
@@ -2683,10 +2661,7 @@ main(int argc, char *argv[])
 	setrlimit(RLIMIT_CORE, &no_core);
 	if (config_load(&cfg, config_path, err, sizeof(err)) != 0)
 		return startup_failed(err, test_only || listen_spec != NULL);
-	/* LOG_NDELAY: the log socket is opened before a chroot hides it. */
-	openlog("imapfe", LOG_PID | LOG_NDELAY |
-	    (log_stderr || test_only ? LOG_PERROR : 0),
-	    cfg.syslog_facility);
+	log_open(cfg.syslog_facility, to_stderr || test_only);
 	if (client_tls_setup(&cfg, implicit_tls, &tls_ctx, err,
 	    sizeof(err)) != 0 || ((test_only || geteuid() == 0) &&
 	    preload_backend_tls(&cfg, test_only, err, sizeof(err)) != 0)) {
@@ -2765,6 +2740,6 @@ main(int argc, char *argv[])
 		sasl_server_teardown();
 	tls_server_ctx_free(tls_ctx);
 	config_free(&cfg);
-	closelog();
+	log_close();
 	return rc;
 }

@@ -5,6 +5,7 @@
  *   imapfe.c   process life, configuration, the client side, the relay
  *   auth.c     credentials: client AUTHENTICATE, base64, Cyrus SASL client
  *   backend.c  routing, back-end connections and their login
+ *   log.c      syslog lines with the session id; the protocol trace
  *   proto.c    the IMAP grammar: command parser, string quoting, response
  *              scanning (pure functions, shared by both sides, unit-tested
  *              and fuzzed on their own)
@@ -30,6 +31,21 @@
 
 #define IMAPFE_VERSION		"0.1"
 #define IMAPFE_DEFAULT_CONFIG	"/etc/imapfe/imapfe.conf"
+
+/* ------------------------------------------------------------------ */
+/* log.c: syslog lines and the protocol trace, under everything else */
+
+void		 log_open(int facility, int to_stderr);
+void		 log_close(void);
+void		 log_session_set(const char *id);
+void		 log_msg(int prio, const char *fmt, ...)
+		    __attribute__((format(printf, 2, 3)));
+
+/* The protocol trace on stderr (-D), credentials masked. */
+extern int	 protocol_trace;
+size_t		 trace_credential_prefix(const char *line, size_t len);
+void		 trace_data(const char *dir, const char *who, const void *,
+		    size_t, int secret);
 
 /* ------------------------------------------------------------------ */
 /* iobuf.c: buffered I/O over one descriptor pair */
@@ -88,13 +104,6 @@ enum io_status	 iobuf_vline(struct iobuf *, const char *fmt, va_list)
 void		 iobuf_discard(struct iobuf *);
 void		 iobuf_cork(struct iobuf *);
 int		 wait_readable(int fd, int64_t deadline);
-
-/* The protocol trace on stderr (-D), credentials masked. */
-extern int	 protocol_trace;
-extern const char *trace_session;
-size_t		 trace_credential_prefix(const char *line, size_t len);
-void		 trace_data(const char *dir, const char *who, const void *,
-		    size_t, int secret);
 
 /* Set by the SIGTERM handler: every wait gives up and the session ends. */
 extern volatile sig_atomic_t shutdown_requested;
@@ -181,6 +190,8 @@ struct str {
 	size_t	 cap;
 };
 
+/* A wipe the compiler cannot remove as a dead store. */
+void		 wipe(void *, size_t);
 int		 str_add(struct str *, const void *, size_t);
 int		 str_adds(struct str *, const char *);
 int		 str_printf(struct str *, const char *, ...)
@@ -372,12 +383,6 @@ int		 proxy_header_read(int fd, int timeout_s, struct proxy_header *,
 		    const char **why);
 
 /* ------------------------------------------------------------------ */
-/* logging (imapfe.c) */
-
-void		 log_msg(int prio, const char *fmt, ...)
-		    __attribute__((format(printf, 2, 3)));
-
-/* ------------------------------------------------------------------ */
 /* auth.c: credentials */
 
 struct credentials {
@@ -388,7 +393,6 @@ struct credentials {
 	char	*authzid;	/* owned; NULL: act as user itself */
 };
 
-void		 wipe(void *, size_t);
 int		 credentials_set(struct credentials *, const char *user,
 		    size_t ulen, const char *pass, size_t plen);
 void		 credentials_clear(struct credentials *);
