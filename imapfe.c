@@ -14,7 +14,6 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 
-#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
@@ -1372,33 +1371,11 @@ sasl_server_failed(struct session *s, const char *tag, const char *method,
 	login_failed(s, tag, code, text);
 }
 
-/* auth proxy: LOGIN's password is checked by the SASL configuration. */
-static int
-proxy_check_password(struct session *s, const char *tag)
-{
-	sasl_conn_t *conn = sasl_server_conn(s->cfg, plaintext_allowed(s));
-	int rc = SASL_FAIL;
-
-	sanitize(s->user, sizeof(s->user), s->cred.user, s->cred.user_len);
-	if (conn != NULL && credentials_acceptable(s->cred.user,
-	    s->cred.user_len) && credentials_acceptable(s->cred.pass,
-	    s->cred.pass_len))
-		rc = sasl_checkpass(conn, s->cred.user,
-		    (unsigned)s->cred.user_len, s->cred.pass,
-		    (unsigned)s->cred.pass_len);
-	else if (conn != NULL)
-		rc = SASL_BADAUTH;
-	sasl_dispose(&conn);
-	if (rc == SASL_OK)
-		return 0;
-	credentials_clear(&s->cred);
-	sasl_server_failed(s, tag, "LOGIN", rc);
-	return -1;
-}
-
 static void
 cmd_login(struct session *s, const struct command *c)
 {
+	int rc;
+
 	if (c->ntok != 2 || !is_string(&c->tok[0]) || !is_string(&c->tok[1])) {
 		bad_command(s, c->tag, "LOGIN takes a user name and a "
 		    "password.");
@@ -1411,211 +1388,71 @@ cmd_login(struct session *s, const struct command *c)
 		session_bye(s, END_LIMIT, "Out of memory.");
 		return;
 	}
-	if (s->cfg->auth == AUTH_PROXY && proxy_check_password(s, c->tag) != 0)
-		return;
+	if (s->cfg->auth == AUTH_PROXY) {
+		sanitize(s->user, sizeof(s->user), s->cred.user,
+		    s->cred.user_len);
+		rc = auth_check_password(s->cfg, plaintext_allowed(s), &s->cred);
+		if (rc != SASL_OK) {
+			credentials_clear(&s->cred);
+			sasl_server_failed(s, c->tag, "LOGIN", rc);
+			return;
+		}
+	}
 	do_login(s, c->tag, "LOGIN");
 }
 
-/*
- * One client response of an AUTHENTICATE exchange, base64-decoded into a
- * fresh buffer the caller wipes and frees.  Returns 1 for data, 0 when the
- * client cancelled or sent bad base64 (answered here), -1 when the
- * session ended.
- */
-static int
-auth_response(struct session *s, const char *tag, const char *prompt,
-    const struct token *ir, char **out, size_t *outlen)
+/* What the client is told when its AUTHENTICATE has ended. */
+static void
+authenticate_answer(struct session *s, const char *tag, const char *mech,
+    const struct auth_client *ac, enum auth_status st)
 {
-	const char *b64;
-	size_t len;
-	char *line;
-	enum io_status st;
-
-	if (ir != NULL) {
-		b64 = ir->s;
-		len = ir->len;
-	} else {
-		if (client_send(s, "+ %s", prompt) != 0)
-			return -1;
-		st = iobuf_getline(&s->client, s->cfg->max_line_length, &line,
-		    &len);
-		if (st != IO_OK) {
-			io_end(s, st);
-			return -1;
-		}
-		if (protocol_trace)
-			trace_data("from", "client", "<masked>", 8, 0);
-		b64 = line;
-	}
-	if (len == 1 && b64[0] == '*') {
+	switch (st) {
+	case AUTH_OK:
+		do_login(s, tag, mech);
+		break;
+	case AUTH_CANCELLED:
 		client_send(s, "%s BAD Authentication cancelled.", tag);
-		return 0;
-	}
-	if (len == 1 && b64[0] == '=' && ir != NULL)
-		len = 0;	/* SASL-IR: "=" is an empty initial response */
-	*out = malloc(len / 4 * 3 + 1);
-	if (*out == NULL || base64_decode(b64, len, *out, len / 4 * 3 + 1,
-	    outlen) != 0) {
-		free(*out);
-		*out = NULL;
+		break;
+	case AUTH_BAD_BASE64:
 		bad_command(s, tag, "Invalid base64 data.");
-		return 0;
-	}
-	return 1;
-}
-
-static void
-free_secret(char *p, size_t len)
-{
-	if (p != NULL) {
-		wipe(p, len);
-		free(p);
-	}
-}
-
-static void
-auth_plain(struct session *s, const char *tag, const struct token *ir)
-{
-	char *msg = NULL;
-	size_t len = 0;
-
-	if (auth_response(s, tag, "", ir, &msg, &len) != 1)
-		return;
-	switch (sasl_plain_split(msg, len, &s->cred)) {
-	case PLAIN_OK:
-		free_secret(msg, len);
-		do_login(s, tag, "PLAIN");
-		return;
-	case PLAIN_AUTHZID:
-		free_secret(msg, len);
+		break;
+	case AUTH_PLAIN_MALFORMED:
+		bad_command(s, tag, "Malformed PLAIN message.");
+		break;
+	case AUTH_PLAIN_AUTHZID:
 		log_msg(LOG_NOTICE, "event=login-failed method=PLAIN "
 		    "reason=\"authorization identity not allowed\"");
 		login_failed(s, tag, "AUTHORIZATIONFAILED",
 		    "Authorization identity not allowed.");
-		return;
-	case PLAIN_MALFORMED:
-		free_secret(msg, len);
-		bad_command(s, tag, "Malformed PLAIN message.");
-		return;
-	}
-}
-
-/* SASL LOGIN: user name, then password, each its own continuation. */
-static void
-auth_login(struct session *s, const char *tag, const struct token *ir)
-{
-	char *user = NULL, *pass = NULL;
-	size_t ulen = 0, plen = 0;
-	int rc;
-
-	/* "VXNlcm5hbWU6" and "UGFzc3dvcmQ6": "Username:" and "Password:" */
-	if (auth_response(s, tag, "VXNlcm5hbWU6", ir, &user, &ulen) != 1)
-		return;
-	rc = auth_response(s, tag, "UGFzc3dvcmQ6", NULL, &pass, &plen);
-	if (rc == 1 && credentials_set(&s->cred, user, ulen, pass, plen) != 0)
-		rc = -1;
-	free_secret(user, ulen);
-	free_secret(pass, plen);
-	if (rc == 1)
-		do_login(s, tag, "LOGIN");
-	else if (rc < 0 && s->end == END_NONE)
-		session_bye(s, END_LIMIT, "Out of memory.");
-}
-
-/* Send a SASL challenge and take the client's decoded response. */
-static int
-auth_challenge(struct session *s, const char *tag, const char *data,
-    unsigned len, char **out, size_t *outlen)
-{
-	size_t need = ((size_t)len + 2) / 3 * 4 + 1;
-	char *b64 = malloc(need);
-	int rc;
-
-	if (b64 == NULL) {
-		session_bye(s, END_LIMIT, "Out of memory.");
-		return -1;
-	}
-	base64_encode((const unsigned char *)data, len, b64, need);
-	rc = auth_response(s, tag, b64, NULL, out, outlen);
-	free(b64);
-	return rc;
-}
-
-/* Not a SASL code: the exchange ended with an answer already sent. */
-#define EXCHANGE_ANSWERED	1000
-
-/*
- * Run a SASL server exchange to its end.  Each client response is wiped
- * and freed as soon as the library has taken it.
- */
-static int
-server_exchange(struct session *s, sasl_conn_t *conn, const char *tag,
-    const char *mech, const struct token *ir)
-{
-	const char *out = NULL;
-	unsigned outlen = 0;
-	char *in = NULL;
-	size_t inlen = 0;
-	int rc;
-
-	if (ir != NULL && auth_response(s, tag, "", ir, &in, &inlen) != 1)
-		return EXCHANGE_ANSWERED;
-	/*
-	 * Without SASL_SUCCESS_DATA (IMAP has no success data) libsasl2 itself
-	 * turns a mechanism's final server message into one more challenge,
-	 * so every message to send comes with SASL_CONTINUE; what is left in
-	 * out after SASL_OK is stale and must not be sent.
-	 */
-	rc = sasl_server_start(conn, mech, in, (unsigned)inlen, &out, &outlen);
-	free_secret(in, inlen);
-	while (rc == SASL_CONTINUE) {
-		if (auth_challenge(s, tag, out, outlen, &in, &inlen) != 1)
-			return EXCHANGE_ANSWERED;
-		rc = sasl_server_step(conn, in, (unsigned)inlen, &out, &outlen);
-		free_secret(in, inlen);
-	}
-	return rc;
-}
-
-/*
- * auth proxy: AUTHENTICATE with any mechanism the SASL configuration
- * offers.  Success yields the identity to act as: the authorization
- * identity, which SASL's policy has allowed.  The connection object lives
- * for this one attempt.
- */
-static void
-auth_sasl_server(struct session *s, const char *tag, const char *mech,
-    const struct token *ir)
-{
-	sasl_conn_t *conn = sasl_server_conn(s->cfg, plaintext_allowed(s));
-	const char *user = NULL;
-	int rc = SASL_FAIL;
-
-	s->user[0] = '\0';
-	if (conn != NULL)
-		rc = server_exchange(s, conn, tag, mech, ir);
-	if (rc == SASL_OK && (sasl_getprop(conn, SASL_USERNAME,
-	    (const void **)&user) != SASL_OK || user == NULL))
-		rc = SASL_FAIL;
-	if (rc == SASL_OK &&
-	    credentials_set(&s->cred, user, strlen(user), "", 0) != 0)
-		rc = SASL_NOMEM;
-	sasl_dispose(&conn);
-	if (rc == SASL_OK)
-		do_login(s, tag, mech);
-	else if (rc == SASL_NOMECH)
+		break;
+	case AUTH_NOMECH:
 		client_send(s, "%s NO Unsupported authentication mechanism.",
 		    tag);
-	else if (rc != EXCHANGE_ANSWERED)
-		sasl_server_failed(s, tag, mech, rc);
+		break;
+	case AUTH_SASL_REFUSED:
+		sasl_server_failed(s, tag, mech, ac->sasl_code);
+		break;
+	case AUTH_READ_END:
+		io_end(s, ac->io_status);
+		break;
+	case AUTH_CLIENT_GONE:
+		s->end = END_CLIENT_GONE;
+		break;
+	case AUTH_NOMEM:
+		session_bye(s, END_LIMIT, "Out of memory.");
+		break;
+	}
 }
 
 static void
 cmd_authenticate(struct session *s, const struct command *c)
 {
+	struct auth_client ac = { .io = &s->client,
+	    .max_line = s->cfg->max_line_length,
+	    .idle_timeout = s->cfg->idle_timeout };
 	const struct token *ir;
 	char mech[SASL_MECHNAMEMAX + 1];
-	int plaintext_mech;
+	enum auth_status st;
 
 	if (c->ntok < 1 || c->ntok > 2 || c->tok[0].type != TOK_ATOM ||
 	    (c->ntok == 2 && c->tok[1].type != TOK_ATOM)) {
@@ -1624,28 +1461,19 @@ cmd_authenticate(struct session *s, const struct command *c)
 		return;
 	}
 	ir = c->ntok == 2 ? &c->tok[1] : NULL;
-	if (c->tok[0].len >= sizeof(mech)) {
+	if (auth_mech_name(c->tok[0].s, c->tok[0].len, mech,
+	    sizeof(mech)) != 0) {
 		client_send(s, "%s NO Unsupported authentication mechanism.",
 		    c->tag);
 		return;
 	}
-	memcpy(mech, c->tok[0].s, c->tok[0].len);
-	mech[c->tok[0].len] = '\0';
-	for (char *p = mech; *p != '\0'; p++)
-		*p = (char)toupper((unsigned char)*p);
-	plaintext_mech = strcmp(mech, "PLAIN") == 0 ||
-	    strcmp(mech, "LOGIN") == 0;
-	if (plaintext_mech && plaintext_refused(s, c->tag))
+	if (auth_mech_plaintext(mech) && plaintext_refused(s, c->tag))
 		return;
 	if (s->cfg->auth == AUTH_PROXY)
-		auth_sasl_server(s, c->tag, mech, ir);
-	else if (strcmp(mech, "PLAIN") == 0)
-		auth_plain(s, c->tag, ir);
-	else if (strcmp(mech, "LOGIN") == 0)
-		auth_login(s, c->tag, ir);
-	else
-		client_send(s, "%s NO Unsupported authentication mechanism.",
-		    c->tag);
+		s->user[0] = '\0';	/* the exchange names the user */
+	st = auth_client_exchange(&ac, s->cfg, plaintext_allowed(s), mech, ir,
+	    &s->cred);
+	authenticate_answer(s, c->tag, mech, &ac, st);
 }
 
 /* Commands that exist, but only after login (RFC 9051, RFC 3501). */

@@ -3,7 +3,8 @@
  *
  * Shared declarations.  The program is split by concern:
  *   imapfe.c   process life, configuration, the client side, the relay
- *   auth.c     credentials: client AUTHENTICATE, base64, Cyrus SASL client
+ *   auth.c     credentials: client LOGIN and AUTHENTICATE, base64, Cyrus
+ *              SASL on both sides
  *   backend.c  routing, back-end connections and their login
  *   log.c      syslog lines with the session id; the protocol trace
  *   proto.c    the IMAP grammar: command parser, string quoting, response
@@ -420,9 +421,42 @@ void		 sasl_client_teardown(void);
 
 int		 sasl_server_setup(const struct config *, char *err, size_t);
 void		 sasl_server_teardown(void);
-sasl_conn_t	*sasl_server_conn(const struct config *, int plaintext_ok);
 int		 sasl_server_mechs(const struct config *, int plaintext_ok,
 		    struct str *caps);
+
+/*
+ * The client's AUTHENTICATE: auth.c writes the challenges to the client's
+ * stream and reads the responses; what the client is told at the end,
+ * and what is logged, is the caller's to decide.
+ */
+enum auth_status {
+	AUTH_OK = 0,		/* credentials obtained */
+	AUTH_CANCELLED,		/* the client answered "*" */
+	AUTH_BAD_BASE64,	/* a response was not base64 */
+	AUTH_PLAIN_MALFORMED,	/* not [authzid] NUL user NUL password */
+	AUTH_PLAIN_AUTHZID,	/* PLAIN would act as someone else */
+	AUTH_NOMECH,		/* no such mechanism here */
+	AUTH_SASL_REFUSED,	/* the SASL server said no: sasl_code */
+	AUTH_READ_END,		/* no response came: io_status says why */
+	AUTH_CLIENT_GONE,	/* a challenge could not be written */
+	AUTH_NOMEM
+};
+
+struct auth_client {
+	struct iobuf	*io;		/* the client's stream */
+	size_t		 max_line;	/* longest response line */
+	int		 idle_timeout;	/* seconds, renewed by each challenge */
+	int		 sasl_code;	/* after AUTH_SASL_REFUSED */
+	enum io_status	 io_status;	/* after AUTH_READ_END */
+};
+
+int		 auth_mech_name(const char *, size_t, char *mech, size_t);
+int		 auth_mech_plaintext(const char *mech);
+enum auth_status auth_client_exchange(struct auth_client *,
+		    const struct config *, int plaintext_ok, const char *mech,
+		    const struct token *ir, struct credentials *);
+int		 auth_check_password(const struct config *, int plaintext_ok,
+		    const struct credentials *);
 
 /* ------------------------------------------------------------------ */
 /* backend.c */
