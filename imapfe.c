@@ -104,33 +104,66 @@ split_words(char *line, char **words, int max)
 	}
 }
 
-/* "host:port", "[v6addr]:port" */
-static int
-split_hostport(const char *s, char **host, char **port)
+#define BAD_PORT	"the port must be a number from 1 to 65535"
+
+/* Why word is not HOST:PORT, hostport_parse having refused it. */
+static const char *
+hostport_fault(const char *word)
 {
-	const char *colon;
-	size_t hl;
+	const char *close, *port = NULL;
 
-	if (*s == '[') {
-		const char *close = strchr(s, ']');
+	if (word[0] == '[') {
+		if ((close = strchr(word, ']')) == NULL)
+			return "no ']' after the IPv6 address";
+		if (close[1] != '\0' && close[1] != ':')
+			return "only :PORT may follow ']'";
+		if (close[1] == ':')
+			port = close + 2;
+	} else if ((port = strchr(word, ':')) != NULL &&
+	    strchr(port + 1, ':') == NULL)
+		port++;
+	else
+		port = NULL;
+	if (port != NULL && !port_is_valid(port, strlen(port)))
+		return BAD_PORT;
+	return "the host must be a name or an address";
+}
 
-		if (close == NULL || close[1] != ':')
-			return -1;
-		hl = (size_t)(close - s - 1);
-		s++;
-		colon = close + 1;
-	} else {
-		if ((colon = strrchr(s, ':')) == NULL)
-			return -1;
-		hl = (size_t)(colon - s);
-	}
-	if (hl == 0 || colon[1] == '\0')
+/*
+ * "host:port" or "[v6addr]:port", the port a number from 1 to 65535;
+ * "*:port" too when wildcard_ok (any address, for -l).  The same parser
+ * as for the servers that referrals and the directory name, but with
+ * the port required.  On failure err says why.
+ */
+static int
+split_hostport(const char *word, int wildcard_ok, char **host, char **port,
+    char *err, size_t errlen)
+{
+	char h[256], p[8];
+	const char *why = NULL;
+
+	*host = *port = NULL;
+	if (wildcard_ok && strncmp(word, "*:", 2) == 0) {
+		snprintf(h, sizeof(h), "*");
+		if (!port_is_valid(word + 2, strlen(word + 2)))
+			why = BAD_PORT;
+		else
+			snprintf(p, sizeof(p), "%s", word + 2);
+	} else if (hostport_parse(word, word + strlen(word), h, sizeof(h), p,
+	    sizeof(p)) != 0)
+		why = hostport_fault(word);
+	else if (p[0] == '\0')
+		why = word[0] != '[' && strchr(word, ':') != NULL ?
+		    "an IPv6 address goes in brackets: [ADDRESS]:PORT" :
+		    "the port is missing: HOST:PORT";
+	if (why != NULL) {
+		snprintf(err, errlen, "%s", why);
 		return -1;
-	*host = strndup(s, hl);
-	*port = strdup(colon + 1);
-	if (*host == NULL || *port == NULL) {
+	}
+	if ((*host = strdup(h)) == NULL || (*port = strdup(p)) == NULL) {
 		free(*host);
-		free(*port);
+		*host = NULL;
+		snprintf(err, errlen, "out of memory");
 		return -1;
 	}
 	return 0;
@@ -252,13 +285,19 @@ check_route_key(const char *kind, const char *key, char *err, size_t errlen)
  */
 static int
 route_target(struct route *r, const char *kind, const char *word,
-    int noptions)
+    int noptions, char *err, size_t errlen)
 {
 	if (strcmp(kind, "public") != 0 || strcmp(word, "ldap") != 0)
-		return split_hostport(word, &r->host, &r->port);
-	if (noptions != 0 || (r->host = strdup("directory")) == NULL ||
-	    (r->port = strdup("0")) == NULL)
+		return split_hostport(word, 0, &r->host, &r->port, err, errlen);
+	if (noptions != 0) {
+		snprintf(err, errlen, "ldap takes no options");
 		return -1;
+	}
+	if ((r->host = strdup("directory")) == NULL ||
+	    (r->port = strdup("0")) == NULL) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
 	r->from_directory = 1;
 	return 0;
 }
@@ -275,6 +314,7 @@ add_route(struct config *cfg, char **w, int n, char *err, size_t errlen)
 	int target = server ? 1 : 2;
 	const char *key = server ? "" : w[1];
 	struct route *r, **head, **tail;
+	char why[128];
 
 	route_lists(cfg, w[0], &head, &tail);
 	if (n < target + 1) {
@@ -286,14 +326,16 @@ add_route(struct config *cfg, char **w, int n, char *err, size_t errlen)
 	if (check_route_key(w[0], key, err, errlen) != 0)
 		return -1;
 	if ((r = calloc(1, sizeof(*r))) == NULL ||
-	    (r->pattern = strdup(key)) == NULL ||
-	    route_target(r, w[0], w[target], n - target - 1) != 0) {
-		if (r != NULL)
-			free(r->pattern);
+	    (r->pattern = strdup(key)) == NULL) {
 		free(r);
-		snprintf(err, errlen, "bad route target '%s' (HOST:PORT%s)",
-		    w[target], strcmp(w[0], "public") == 0 ?
-		    ", or ldap without options" : "");
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	if (route_target(r, w[0], w[target], n - target - 1, why,
+	    sizeof(why)) != 0) {
+		snprintf(err, errlen, "bad route target '%s': %s", w[target],
+		    why);
+		route_free(r);
 		return -1;
 	}
 	for (int i = target + 1; i < n; i++)
@@ -2083,11 +2125,11 @@ listen_on(const char *spec)
 {
 	struct addrinfo hints = { .ai_socktype = SOCK_STREAM,
 	    .ai_flags = AI_PASSIVE | AI_NUMERICHOST }, *res;
-	char *host = NULL, *port = NULL;
+	char *host = NULL, *port = NULL, why[128];
 	int fd = -1, one = 1, rc;
 
-	if (split_hostport(spec, &host, &port) != 0) {
-		fprintf(stderr, "imapfe: -l wants ADDRESS:PORT\n");
+	if (split_hostport(spec, 1, &host, &port, why, sizeof(why)) != 0) {
+		fprintf(stderr, "imapfe: -l %s: %s\n", spec, why);
 		return -1;
 	}
 	rc = getaddrinfo(strcmp(host, "*") == 0 ? NULL : host, port, &hints,
