@@ -1064,6 +1064,13 @@ session_bye(struct session *s, enum session_end end, const char *text)
 	s->end_reason = text;
 }
 
+/* Memory ran out: the session cannot go on. */
+static void
+session_nomem(struct session *s)
+{
+	session_bye(s, END_LIMIT, "Out of memory.");
+}
+
 /* May the client send a password here, in the clear or inside TLS? */
 static int
 plaintext_allowed(const struct session *s)
@@ -1427,7 +1434,7 @@ cmd_login(struct session *s, const struct command *c)
 		return;
 	if (credentials_set(&s->cred, c->tok[0].s, c->tok[0].len,
 	    c->tok[1].s, c->tok[1].len) != 0) {
-		session_bye(s, END_LIMIT, "Out of memory.");
+		session_nomem(s);
 		return;
 	}
 	if (s->cfg->auth == AUTH_PROXY) {
@@ -1481,7 +1488,7 @@ authenticate_answer(struct session *s, const char *tag, const char *mech,
 		s->end = END_CLIENT_GONE;
 		break;
 	case AUTH_NOMEM:
-		session_bye(s, END_LIMIT, "Out of memory.");
+		session_nomem(s);
 		break;
 	}
 }
@@ -1628,7 +1635,7 @@ session_prelogin(struct session *s)
 	enum parse_status ps;
 
 	if ((cmd = malloc(sizeof(*cmd))) == NULL) {
-		session_bye(s, END_LIMIT, "Out of memory.");
+		session_nomem(s);
 		return;
 	}
 	if (s->tls_ctx != NULL && s->cfg->tls_mode == TLS_IMPLICIT &&
@@ -1646,7 +1653,7 @@ session_prelogin(struct session *s)
 		trace_data("from", "client", s->cmdbuf.s, s->cmdbuf.len, 0);
 		/* parse_command needs one byte past the command */
 		if (str_add(&s->cmdbuf, "", 1) != 0) {
-			session_bye(s, END_LIMIT, "Out of memory.");
+			session_nomem(s);
 			break;
 		}
 		s->cmdbuf.len--;
@@ -2488,126 +2495,186 @@ usage(void)
 	exit(2);
 }
 
-int
-main(int argc, char *argv[])
-{
-	const char *config_path = IMAPFE_DEFAULT_CONFIG, *listen_spec = NULL;
-	struct config cfg;
-	char err[512];
-	int ch, test_only = 0, implicit_tls = 0, to_stderr = 0, lfd = -1, rc;
-	SSL_CTX *tls_ctx = NULL;
-	struct rlimit no_core = { 0, 0 };
+struct options {
+	const char	*config_path;
+	const char	*listen_spec;	/* -l; NULL: inetd, or systemd's */
+	int		 implicit_tls;	/* -T */
+	int		 test_only;	/* -t */
+	int		 to_stderr;	/* -d, -D */
+	int		 version;	/* -V */
+};
 
+static void
+parse_options(int argc, char *argv[], struct options *opt)
+{
+	int ch;
+
+	memset(opt, 0, sizeof(*opt));
+	opt->config_path = IMAPFE_DEFAULT_CONFIG;
 	while ((ch = getopt(argc, argv, "Ddf:l:TtV")) != -1) {
 		switch (ch) {
 		case 'D':
 			protocol_trace = 1;
 			/* FALLTHROUGH */
 		case 'd':
-			to_stderr = 1;
+			opt->to_stderr = 1;
 			break;
 		case 'f':
-			config_path = optarg;
+			opt->config_path = optarg;
 			break;
 		case 'l':
-			listen_spec = optarg;
+			opt->listen_spec = optarg;
 			break;
 		case 'T':
-			implicit_tls = 1;
+			opt->implicit_tls = 1;
 			break;
 		case 't':
-			test_only = 1;
+			opt->test_only = 1;
 			break;
 		case 'V':
-			printf("imapfe %s\n", IMAPFE_VERSION);
-			return 0;
+			opt->version = 1;
+			break;
 		default:
 			usage();
 		}
 	}
 	if (optind != argc)
 		usage();
-	/* A core dump would hold passwords. */
-	setrlimit(RLIMIT_CORE, &no_core);
-	if (config_load(&cfg, config_path, err, sizeof(err)) != 0)
-		return startup_failed(err, test_only || listen_spec != NULL);
-	log_open(cfg.syslog_facility, to_stderr || test_only);
-	if (client_tls_setup(&cfg, implicit_tls, &tls_ctx, err,
-	    sizeof(err)) != 0 || ((test_only || geteuid() == 0) &&
-	    preload_backend_tls(&cfg, test_only, err, sizeof(err)) != 0)) {
-		tls_server_ctx_free(tls_ctx);
-		config_free(&cfg);
-		return startup_failed(err, test_only || listen_spec != NULL);
-	}
-	if (tls_ctx == NULL && cfg.plaintext_auth == PLAINTEXT_NO &&
-	    cfg.auth == AUTH_PASSTHROUGH)
+}
+
+/*
+ * Everything -t checks beyond the file itself: the TLS contexts (all of
+ * them for -t; as root, those whose files may be root's alone), the run
+ * user; and what deserves a warning.
+ */
+static int
+startup_prepare(struct config *cfg, const struct options *opt,
+    SSL_CTX **tls_ctx, char *err, size_t errlen)
+{
+	uid_t uid;
+	gid_t gid;
+
+	if (client_tls_setup(cfg, opt->implicit_tls, tls_ctx, err,
+	    errlen) != 0 || ((opt->test_only || geteuid() == 0) &&
+	    preload_backend_tls(cfg, opt->test_only, err, errlen) != 0))
+		return -1;
+	if (*tls_ctx == NULL && cfg->plaintext_auth == PLAINTEXT_NO &&
+	    cfg->auth == AUTH_PASSTHROUGH)
 		log_msg(LOG_WARNING, "event=warning reason=\"plaintext_auth is "
 		    "no and there is no tls_cert: no client can log in\"");
-	if (test_only && cfg.run_user != NULL) {
-		uid_t uid;
-		gid_t gid;
-
-		if (lookup_run_ids(&cfg, &uid, &gid, err, sizeof(err)) != 0) {
-			tls_server_ctx_free(tls_ctx);
-			config_free(&cfg);
-			return startup_failed(err, 1);
-		}
-	}
+	if (opt->test_only && cfg->run_user != NULL &&
+	    lookup_run_ids(cfg, &uid, &gid, err, errlen) != 0)
+		return -1;
 	if (protocol_trace && stderr_is_stdin()) {
 		/* inetd hands the connection over as stderr too */
 		protocol_trace = 0;
 		log_msg(LOG_WARNING, "event=warning reason=\"-D ignored: stderr "
 		    "is the client's connection\"");
 	}
-	if (cfg.idle_timeout < 1800)
+	if (cfg->idle_timeout < 1800)
 		log_msg(LOG_WARNING, "event=warning reason=\"idle_timeout is "
 		    "below RFC 9051's 30 minutes\"");
-	if (test_only) {
-		printf("imapfe: %s: configuration OK\n", config_path);
-		tls_server_ctx_free(tls_ctx);
-		config_free(&cfg);
-		return 0;
-	}
-	install_signals();
-	if (listen_spec == NULL)
-		lfd = inherited_listener();
-	else if ((lfd = listen_on(listen_spec)) < 0) {
-		tls_server_ctx_free(tls_ctx);
-		config_free(&cfg);
-		return 1;
-	}
-	/* Done once here, so that forked sessions do not each pay for it. */
-	if (cfg.auth == AUTH_PROXY &&
-	    sasl_server_setup(&cfg, err, sizeof(err)) != 0) {
+	return 0;
+}
+
+/* Once here, so that forked sessions do not each pay for it. */
+static int
+sasl_setup(const struct config *cfg)
+{
+	char err[512];
+
+	if (cfg->auth == AUTH_PROXY &&
+	    sasl_server_setup(cfg, err, sizeof(err)) != 0) {
 		log_msg(LOG_ERR, "event=error reason=\"%s\"", err);
-		tls_server_ctx_free(tls_ctx);
-		config_free(&cfg);
-		return 1;
+		return -1;
 	}
-	if (sasl_client_setup(cfg.backend_mechanisms) != 0) {
+	if (sasl_client_setup(cfg->backend_mechanisms) != 0) {
 		log_msg(LOG_ERR, "event=error reason=\"SASL initialisation "
 		    "failed\"");
-		if (cfg.auth == AUTH_PROXY)
+		if (cfg->auth == AUTH_PROXY)
 			sasl_server_teardown();
-		tls_server_ctx_free(tls_ctx);
-		config_free(&cfg);
-		return 1;
+		return -1;
 	}
-	if (drop_privileges(&cfg, err, sizeof(err)) != 0) {
+	return 0;
+}
+
+static void
+sasl_teardown(const struct config *cfg)
+{
+	sasl_client_teardown();
+	if (cfg->auth == AUTH_PROXY)
+		sasl_server_teardown();
+}
+
+/*
+ * As the run user: the listener's connections, one process each, or the
+ * one connection on stdin and stdout.
+ */
+static int
+serve(const struct config *cfg, SSL_CTX *tls_ctx, int lfd)
+{
+	char err[512];
+
+	if (drop_privileges(cfg, err, sizeof(err)) != 0) {
 		log_msg(LOG_ERR, "event=config-error reason=\"%s\"", err);
 		if (lfd < 0)
 			bye_unavailable();
-		else
-			close(lfd);
-		rc = 1;
-	} else if (lfd >= 0) {
-		rc = serve_listener(&cfg, tls_ctx, lfd);
+		return 1;
+	}
+	if (lfd >= 0)
+		return serve_listener(cfg, tls_ctx, lfd);
+	return session_run(cfg, tls_ctx, 0, 1);
+}
+
+/* Listen where told, or take what inetd or systemd hands over; serve. */
+static int
+run(const struct config *cfg, SSL_CTX *tls_ctx, const char *listen_spec)
+{
+	int lfd, rc = 1;
+
+	install_signals();
+	if (listen_spec == NULL)
+		lfd = inherited_listener();
+	else if ((lfd = listen_on(listen_spec)) < 0)
+		return 1;
+	if (sasl_setup(cfg) == 0) {
+		rc = serve(cfg, tls_ctx, lfd);
+		sasl_teardown(cfg);
+	}
+	if (lfd >= 0)
 		close(lfd);
+	return rc;
+}
+
+int
+main(int argc, char *argv[])
+{
+	struct options opt;
+	struct config cfg;
+	SSL_CTX *tls_ctx = NULL;
+	struct rlimit no_core = { 0, 0 };
+	char err[512];
+	int no_client, rc;
+
+	parse_options(argc, argv, &opt);
+	if (opt.version) {
+		printf("imapfe %s\n", IMAPFE_VERSION);
+		return 0;
+	}
+	/* A core dump would hold passwords. */
+	setrlimit(RLIMIT_CORE, &no_core);
+	/* No client waits on stdout for a BYE. */
+	no_client = opt.test_only || opt.listen_spec != NULL;
+	if (config_load(&cfg, opt.config_path, err, sizeof(err)) != 0)
+		return startup_failed(err, no_client);
+	log_open(cfg.syslog_facility, opt.to_stderr || opt.test_only);
+	if (startup_prepare(&cfg, &opt, &tls_ctx, err, sizeof(err)) != 0)
+		rc = startup_failed(err, no_client);
+	else if (opt.test_only) {
+		printf("imapfe: %s: configuration OK\n", opt.config_path);
+		rc = 0;
 	} else
-		rc = session_run(&cfg, tls_ctx, 0, 1);
-	sasl_client_teardown();
-	if (cfg.auth == AUTH_PROXY)
-		sasl_server_teardown();
+		rc = run(&cfg, tls_ctx, opt.listen_spec);
 	tls_server_ctx_free(tls_ctx);
 	config_free(&cfg);
 	log_close();
