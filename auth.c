@@ -418,7 +418,7 @@ send_challenge(struct auth_client *ac, const char *data, size_t len)
 	memcpy(line, "+ ", 2);
 	n = 2 + base64_encode((const unsigned char *)data, len, line + 2, need);
 	memcpy(line + n, "\r\n", 2);
-	ac->io->deadline = now_ms() + (int64_t)ac->idle_timeout * 1000;
+	ac->io->deadline = deadline_in(ac->idle_timeout);
 	trace_data("to", "client", line, 1, 0);
 	st = iobuf_write(ac->io, line, n + 2);
 	free(line);

@@ -1032,7 +1032,7 @@ client_send(struct session *s, const char *fmt, ...)
 	enum io_status st;
 	va_list ap;
 
-	s->client.deadline = now_ms() + (int64_t)s->cfg->idle_timeout * 1000;
+	s->client.deadline = deadline_in(s->cfg->idle_timeout);
 	if (protocol_trace) {
 		char line[512];
 		int n;
@@ -1549,8 +1549,7 @@ client_tls_start(struct session *s)
 {
 	SSL *ssl = SSL_new(s->tls_ctx);
 
-	s->client.deadline = now_ms() +
-	    (int64_t)s->cfg->tls_handshake_timeout * 1000;
+	s->client.deadline = deadline_in(s->cfg->tls_handshake_timeout);
 	if (ssl == NULL) {
 		tls_error_text(s->client.tls_why, sizeof(s->client.tls_why));
 		s->end = END_TLS;

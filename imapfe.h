@@ -82,6 +82,7 @@ struct iobuf {
 };
 
 int64_t		 now_ms(void);
+int64_t		 deadline_in(int seconds);
 int		 iobuf_init(struct iobuf *, int rfd, int wfd, size_t cap);
 void		 iobuf_free(struct iobuf *);
 size_t		 iobuf_pending(const struct iobuf *);

@@ -32,6 +32,13 @@ now_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* The deadline a number of seconds from now, on now_ms()'s clock. */
+int64_t
+deadline_in(int seconds)
+{
+	return now_ms() + (int64_t)seconds * 1000;
+}
+
 static int
 poll_timeout(int64_t deadline)
 {
