@@ -1,6 +1,6 @@
 /*
- * Credentials: what a client's LOGIN or AUTHENTICATE yields, how it is
- * checked, and how imapfe logs in to a back-end with it through Cyrus
+ * Credentials: what a client's LOGIN or AUTHENTICATE yields (the exchange
+ * with the client included), how it is checked, and how imapfe logs in to a back-end with it through Cyrus
  * SASL's client library.  Secrets are wiped in the function that is done
  * with them.
  */
@@ -17,14 +17,6 @@
 #include <sasl/sasl.h>
 
 #include "imapfe.h"
-
-/* A wipe the compiler cannot remove as a dead store (glibc 2.25). */
-void
-wipe(void *p, size_t len)
-{
-	if (p != NULL && len > 0)
-		explicit_bzero(p, len);
-}
 
 /*
  * A credential may not hold NUL, CR or LF: no back-end protocol carries
@@ -313,7 +305,7 @@ sasl_server_teardown(void)
  * is ever negotiated (TLS protects the link); mechanisms that send the
  * password in the clear are withheld unless plaintext is allowed here.
  */
-sasl_conn_t *
+static sasl_conn_t *
 sasl_server_conn(const struct config *cfg, int plaintext_ok)
 {
 	sasl_security_properties_t props = {
@@ -352,6 +344,257 @@ sasl_server_mechs(const struct config *cfg, int plaintext_ok,
 		rc = count > 0 ? str_add(caps, list, len) : 0;
 	sasl_dispose(&conn);
 	return rc;
+}
+
+/* ------------------------------------------------------------------ */
+/* The client's side: LOGIN's password and AUTHENTICATE's exchange */
+
+/*
+ * The mechanism an AUTHENTICATE names, upper-cased into mech.  Returns -1
+ * when the name is too long to be any mechanism's.
+ */
+int
+auth_mech_name(const char *s, size_t len, char *mech, size_t size)
+{
+	if (len >= size)
+		return -1;
+	for (size_t i = 0; i < len; i++)
+		mech[i] = (char)toupper((unsigned char)s[i]);
+	mech[len] = '\0';
+	return 0;
+}
+
+/* Mechanisms that carry the password itself. */
+int
+auth_mech_plaintext(const char *mech)
+{
+	return strcmp(mech, "PLAIN") == 0 || strcmp(mech, "LOGIN") == 0;
+}
+
+/*
+ * auth proxy: LOGIN's password, checked by the SASL configuration.
+ * Returns a SASL code, SASL_OK when the password is right.
+ */
+int
+auth_check_password(const struct config *cfg, int plaintext_ok,
+    const struct credentials *cr)
+{
+	sasl_conn_t *conn = sasl_server_conn(cfg, plaintext_ok);
+	int rc = SASL_FAIL;
+
+	if (conn != NULL && credentials_acceptable(cr->user, cr->user_len) &&
+	    credentials_acceptable(cr->pass, cr->pass_len))
+		rc = sasl_checkpass(conn, cr->user, (unsigned)cr->user_len,
+		    cr->pass, (unsigned)cr->pass_len);
+	else if (conn != NULL)
+		rc = SASL_BADAUTH;
+	sasl_dispose(&conn);
+	return rc;
+}
+
+static void
+free_secret(char *p, size_t len)
+{
+	if (p != NULL) {
+		wipe(p, len);
+		free(p);
+	}
+}
+
+/*
+ * "+ " and the challenge in base64, in one write.  The trace shows the
+ * "+" alone: the challenge may hold what a mechanism keeps secret.
+ */
+static enum auth_status
+send_challenge(struct auth_client *ac, const char *data, size_t len)
+{
+	size_t need = (len + 2) / 3 * 4 + 1;
+	char *line = malloc(2 + need + 2);
+	size_t n;
+	enum io_status st;
+
+	if (line == NULL)
+		return AUTH_NOMEM;
+	memcpy(line, "+ ", 2);
+	n = 2 + base64_encode((const unsigned char *)data, len, line + 2, need);
+	memcpy(line + n, "\r\n", 2);
+	ac->io->deadline = deadline_in(ac->idle_timeout);
+	trace_data("to", "client", line, 1, 0);
+	st = iobuf_write(ac->io, line, n + 2);
+	free(line);
+	return st == IO_OK ? AUTH_OK : AUTH_CLIENT_GONE;
+}
+
+/*
+ * One response of the client's, base64-decoded into a fresh buffer the
+ * caller wipes and frees: the initial response ir when there is one,
+ * else the line the client answers the challenge with.
+ */
+static enum auth_status
+client_response(struct auth_client *ac, const char *challenge, size_t clen,
+    const struct token *ir, char **out, size_t *outlen)
+{
+	enum auth_status st;
+	enum io_status io;
+	const char *b64;
+	size_t len;
+	char *line;
+
+	*out = NULL;
+	*outlen = 0;
+	if (ir != NULL) {
+		b64 = ir->s;
+		len = ir->len;
+	} else {
+		if ((st = send_challenge(ac, challenge, clen)) != AUTH_OK)
+			return st;
+		if ((io = iobuf_getline(ac->io, ac->max_line, &line, &len)) !=
+		    IO_OK) {
+			ac->io_status = io;
+			return AUTH_READ_END;
+		}
+		trace_data("from", "client", "<masked>", 8, 0);
+		b64 = line;
+	}
+	if (len == 1 && b64[0] == '*')
+		return AUTH_CANCELLED;
+	if (len == 1 && b64[0] == '=' && ir != NULL)
+		len = 0;	/* SASL-IR: "=" is an empty initial response */
+	/* Memory short for the decoding is answered as bad data, too. */
+	if ((*out = malloc(len / 4 * 3 + 1)) == NULL ||
+	    base64_decode(b64, len, *out, len / 4 * 3 + 1, outlen) != 0) {
+		free(*out);
+		*out = NULL;
+		return AUTH_BAD_BASE64;
+	}
+	return AUTH_OK;
+}
+
+static enum auth_status
+auth_plain(struct auth_client *ac, const struct token *ir,
+    struct credentials *cr)
+{
+	enum plain_status ps;
+	enum auth_status st;
+	char *msg;
+	size_t len;
+
+	if ((st = client_response(ac, "", 0, ir, &msg, &len)) != AUTH_OK)
+		return st;
+	ps = sasl_plain_split(msg, len, cr);
+	free_secret(msg, len);
+	if (ps == PLAIN_AUTHZID)
+		return AUTH_PLAIN_AUTHZID;
+	return ps == PLAIN_OK ? AUTH_OK : AUTH_PLAIN_MALFORMED;
+}
+
+/* SASL LOGIN: user name, then password, each its own continuation. */
+static enum auth_status
+auth_login(struct auth_client *ac, const struct token *ir,
+    struct credentials *cr)
+{
+	char *user, *pass;
+	size_t ulen, plen;
+	enum auth_status st;
+
+	if ((st = client_response(ac, "Username:", 9, ir, &user, &ulen)) !=
+	    AUTH_OK)
+		return st;
+	st = client_response(ac, "Password:", 9, NULL, &pass, &plen);
+	if (st == AUTH_OK && credentials_set(cr, user, ulen, pass, plen) != 0)
+		st = AUTH_NOMEM;
+	free_secret(user, ulen);
+	free_secret(pass, plen);
+	return st;
+}
+
+/*
+ * Run a SASL server exchange to its end, the library's verdict in *rc.
+ * Each client response is wiped and freed as soon as the library has
+ * taken it.
+ */
+static enum auth_status
+server_exchange(struct auth_client *ac, sasl_conn_t *conn, const char *mech,
+    const struct token *ir, int *rc)
+{
+	const char *out = NULL;
+	unsigned outlen = 0;
+	char *in = NULL;
+	size_t inlen = 0;
+	enum auth_status st;
+
+	if (ir != NULL &&
+	    (st = client_response(ac, NULL, 0, ir, &in, &inlen)) != AUTH_OK)
+		return st;
+	/*
+	 * Without SASL_SUCCESS_DATA (IMAP has no success data) libsasl2 itself
+	 * turns a mechanism's final server message into one more challenge,
+	 * so every message to send comes with SASL_CONTINUE; what is left in
+	 * out after SASL_OK is stale and must not be sent.
+	 */
+	*rc = sasl_server_start(conn, mech, in, (unsigned)inlen, &out, &outlen);
+	free_secret(in, inlen);
+	while (*rc == SASL_CONTINUE) {
+		if ((st = client_response(ac, out, outlen, NULL, &in,
+		    &inlen)) != AUTH_OK)
+			return st;
+		*rc = sasl_server_step(conn, in, (unsigned)inlen, &out, &outlen);
+		free_secret(in, inlen);
+	}
+	return AUTH_OK;
+}
+
+/*
+ * auth proxy: AUTHENTICATE with any mechanism the SASL configuration
+ * offers.  Success yields the identity to act as: the authorization
+ * identity, which SASL's policy has allowed.  The connection object lives
+ * for this one attempt.
+ */
+static enum auth_status
+auth_sasl_server(struct auth_client *ac, const struct config *cfg,
+    int plaintext_ok, const char *mech, const struct token *ir,
+    struct credentials *cr)
+{
+	sasl_conn_t *conn = sasl_server_conn(cfg, plaintext_ok);
+	const char *user = NULL;
+	enum auth_status st = AUTH_OK;
+	int rc = SASL_FAIL;
+
+	if (conn != NULL)
+		st = server_exchange(ac, conn, mech, ir, &rc);
+	if (st == AUTH_OK && rc == SASL_OK && (sasl_getprop(conn,
+	    SASL_USERNAME, (const void **)&user) != SASL_OK || user == NULL))
+		rc = SASL_FAIL;
+	if (st == AUTH_OK && rc == SASL_OK &&
+	    credentials_set(cr, user, strlen(user), "", 0) != 0)
+		rc = SASL_NOMEM;
+	sasl_dispose(&conn);
+	if (st != AUTH_OK || rc == SASL_OK)
+		return st;
+	if (rc == SASL_NOMECH)
+		return AUTH_NOMECH;
+	ac->sasl_code = rc;
+	return AUTH_SASL_REFUSED;
+}
+
+/*
+ * The client's AUTHENTICATE with mech (upper-cased) and its initial
+ * response ir, if any: PLAIN and LOGIN, checked by the back-end, when
+ * passing through; whatever the SASL configuration offers in auth proxy
+ * mode.  AUTH_OK leaves the credentials in cr.
+ */
+enum auth_status
+auth_client_exchange(struct auth_client *ac, const struct config *cfg,
+    int plaintext_ok, const char *mech, const struct token *ir,
+    struct credentials *cr)
+{
+	if (cfg->auth == AUTH_PROXY)
+		return auth_sasl_server(ac, cfg, plaintext_ok, mech, ir, cr);
+	if (strcmp(mech, "PLAIN") == 0)
+		return auth_plain(ac, ir, cr);
+	if (strcmp(mech, "LOGIN") == 0)
+		return auth_login(ac, ir, cr);
+	return AUTH_NOMECH;
 }
 
 /* ------------------------------------------------------------------ */

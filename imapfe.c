@@ -14,7 +14,6 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 
-#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
@@ -36,29 +35,6 @@
 #define PRELOGIN_COMMAND_MAX	(64 * 1024)	/* lines and literals */
 #define LINGER_MS		2000		/* see client_linger_close() */
 #define LINGER_MAX_BYTES	(1024 * 1024)
-
-volatile sig_atomic_t	shutdown_requested;
-
-/* ------------------------------------------------------------------ */
-/* logging */
-
-static char	log_session[32];
-static int	log_stderr;
-
-void
-log_msg(int prio, const char *fmt, ...)
-{
-	char msg[1024];
-	va_list ap;
-
-	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
-	va_end(ap);
-	if (log_session[0] != '\0')
-		syslog(prio, "session=%s %s", log_session, msg);
-	else
-		syslog(prio, "%s", msg);
-}
 
 /* ------------------------------------------------------------------ */
 /* configuration */
@@ -128,33 +104,66 @@ split_words(char *line, char **words, int max)
 	}
 }
 
-/* "host:port", "[v6addr]:port" */
-static int
-split_hostport(const char *s, char **host, char **port)
+#define BAD_PORT	"the port must be a number from 1 to 65535"
+
+/* Why word is not HOST:PORT, hostport_parse having refused it. */
+static const char *
+hostport_fault(const char *word)
 {
-	const char *colon;
-	size_t hl;
+	const char *close, *port = NULL;
 
-	if (*s == '[') {
-		const char *close = strchr(s, ']');
+	if (word[0] == '[') {
+		if ((close = strchr(word, ']')) == NULL)
+			return "no ']' after the IPv6 address";
+		if (close[1] != '\0' && close[1] != ':')
+			return "only :PORT may follow ']'";
+		if (close[1] == ':')
+			port = close + 2;
+	} else if ((port = strchr(word, ':')) != NULL &&
+	    strchr(port + 1, ':') == NULL)
+		port++;
+	else
+		port = NULL;
+	if (port != NULL && !port_is_valid(port, strlen(port)))
+		return BAD_PORT;
+	return "the host must be a name or an address";
+}
 
-		if (close == NULL || close[1] != ':')
-			return -1;
-		hl = (size_t)(close - s - 1);
-		s++;
-		colon = close + 1;
-	} else {
-		if ((colon = strrchr(s, ':')) == NULL)
-			return -1;
-		hl = (size_t)(colon - s);
-	}
-	if (hl == 0 || colon[1] == '\0')
+/*
+ * "host:port" or "[v6addr]:port", the port a number from 1 to 65535;
+ * "*:port" too when wildcard_ok (any address, for -l).  The same parser
+ * as for the servers that referrals and the directory name, but with
+ * the port required.  On failure err says why.
+ */
+static int
+split_hostport(const char *word, int wildcard_ok, char **host, char **port,
+    char *err, size_t errlen)
+{
+	char h[256], p[8];
+	const char *why = NULL;
+
+	*host = *port = NULL;
+	if (wildcard_ok && strncmp(word, "*:", 2) == 0) {
+		snprintf(h, sizeof(h), "*");
+		if (!port_is_valid(word + 2, strlen(word + 2)))
+			why = BAD_PORT;
+		else
+			snprintf(p, sizeof(p), "%s", word + 2);
+	} else if (hostport_parse(word, word + strlen(word), h, sizeof(h), p,
+	    sizeof(p)) != 0)
+		why = hostport_fault(word);
+	else if (p[0] == '\0')
+		why = word[0] != '[' && strchr(word, ':') != NULL ?
+		    "an IPv6 address goes in brackets: [ADDRESS]:PORT" :
+		    "the port is missing: HOST:PORT";
+	if (why != NULL) {
+		snprintf(err, errlen, "%s", why);
 		return -1;
-	*host = strndup(s, hl);
-	*port = strdup(colon + 1);
-	if (*host == NULL || *port == NULL) {
+	}
+	if ((*host = strdup(h)) == NULL || (*port = strdup(p)) == NULL) {
 		free(*host);
-		free(*port);
+		*host = NULL;
+		snprintf(err, errlen, "out of memory");
 		return -1;
 	}
 	return 0;
@@ -276,13 +285,19 @@ check_route_key(const char *kind, const char *key, char *err, size_t errlen)
  */
 static int
 route_target(struct route *r, const char *kind, const char *word,
-    int noptions)
+    int noptions, char *err, size_t errlen)
 {
 	if (strcmp(kind, "public") != 0 || strcmp(word, "ldap") != 0)
-		return split_hostport(word, &r->host, &r->port);
-	if (noptions != 0 || (r->host = strdup("directory")) == NULL ||
-	    (r->port = strdup("0")) == NULL)
+		return split_hostport(word, 0, &r->host, &r->port, err, errlen);
+	if (noptions != 0) {
+		snprintf(err, errlen, "ldap takes no options");
 		return -1;
+	}
+	if ((r->host = strdup("directory")) == NULL ||
+	    (r->port = strdup("0")) == NULL) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
 	r->from_directory = 1;
 	return 0;
 }
@@ -299,6 +314,7 @@ add_route(struct config *cfg, char **w, int n, char *err, size_t errlen)
 	int target = server ? 1 : 2;
 	const char *key = server ? "" : w[1];
 	struct route *r, **head, **tail;
+	char why[128];
 
 	route_lists(cfg, w[0], &head, &tail);
 	if (n < target + 1) {
@@ -310,14 +326,16 @@ add_route(struct config *cfg, char **w, int n, char *err, size_t errlen)
 	if (check_route_key(w[0], key, err, errlen) != 0)
 		return -1;
 	if ((r = calloc(1, sizeof(*r))) == NULL ||
-	    (r->pattern = strdup(key)) == NULL ||
-	    route_target(r, w[0], w[target], n - target - 1) != 0) {
-		if (r != NULL)
-			free(r->pattern);
+	    (r->pattern = strdup(key)) == NULL) {
 		free(r);
-		snprintf(err, errlen, "bad route target '%s' (HOST:PORT%s)",
-		    w[target], strcmp(w[0], "public") == 0 ?
-		    ", or ldap without options" : "");
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	if (route_target(r, w[0], w[target], n - target - 1, why,
+	    sizeof(why)) != 0) {
+		snprintf(err, errlen, "bad route target '%s': %s", w[target],
+		    why);
+		route_free(r);
 		return -1;
 	}
 	for (int i = target + 1; i < n; i++)
@@ -1004,7 +1022,7 @@ client_send(struct session *s, const char *fmt, ...)
 	enum io_status st;
 	va_list ap;
 
-	s->client.deadline = now_ms() + (int64_t)s->cfg->idle_timeout * 1000;
+	s->client.deadline = deadline_in(s->cfg->idle_timeout);
 	if (protocol_trace) {
 		char line[512];
 		int n;
@@ -1034,6 +1052,13 @@ session_bye(struct session *s, enum session_end end, const char *text)
 	client_send(s, "* BYE %s", text);
 	s->end = end;
 	s->end_reason = text;
+}
+
+/* Memory ran out: the session cannot go on. */
+static void
+session_nomem(struct session *s)
+{
+	session_bye(s, END_LIMIT, "Out of memory.");
 }
 
 /* May the client send a password here, in the clear or inside TLS? */
@@ -1380,33 +1405,11 @@ sasl_server_failed(struct session *s, const char *tag, const char *method,
 	login_failed(s, tag, code, text);
 }
 
-/* auth proxy: LOGIN's password is checked by the SASL configuration. */
-static int
-proxy_check_password(struct session *s, const char *tag)
-{
-	sasl_conn_t *conn = sasl_server_conn(s->cfg, plaintext_allowed(s));
-	int rc = SASL_FAIL;
-
-	sanitize(s->user, sizeof(s->user), s->cred.user, s->cred.user_len);
-	if (conn != NULL && credentials_acceptable(s->cred.user,
-	    s->cred.user_len) && credentials_acceptable(s->cred.pass,
-	    s->cred.pass_len))
-		rc = sasl_checkpass(conn, s->cred.user,
-		    (unsigned)s->cred.user_len, s->cred.pass,
-		    (unsigned)s->cred.pass_len);
-	else if (conn != NULL)
-		rc = SASL_BADAUTH;
-	sasl_dispose(&conn);
-	if (rc == SASL_OK)
-		return 0;
-	credentials_clear(&s->cred);
-	sasl_server_failed(s, tag, "LOGIN", rc);
-	return -1;
-}
-
 static void
 cmd_login(struct session *s, const struct command *c)
 {
+	int rc;
+
 	if (c->ntok != 2 || !is_string(&c->tok[0]) || !is_string(&c->tok[1])) {
 		bad_command(s, c->tag, "LOGIN takes a user name and a "
 		    "password.");
@@ -1416,214 +1419,74 @@ cmd_login(struct session *s, const struct command *c)
 		return;
 	if (credentials_set(&s->cred, c->tok[0].s, c->tok[0].len,
 	    c->tok[1].s, c->tok[1].len) != 0) {
-		session_bye(s, END_LIMIT, "Out of memory.");
+		session_nomem(s);
 		return;
 	}
-	if (s->cfg->auth == AUTH_PROXY && proxy_check_password(s, c->tag) != 0)
-		return;
+	if (s->cfg->auth == AUTH_PROXY) {
+		sanitize(s->user, sizeof(s->user), s->cred.user,
+		    s->cred.user_len);
+		rc = auth_check_password(s->cfg, plaintext_allowed(s), &s->cred);
+		if (rc != SASL_OK) {
+			credentials_clear(&s->cred);
+			sasl_server_failed(s, c->tag, "LOGIN", rc);
+			return;
+		}
+	}
 	do_login(s, c->tag, "LOGIN");
 }
 
-/*
- * One client response of an AUTHENTICATE exchange, base64-decoded into a
- * fresh buffer the caller wipes and frees.  Returns 1 for data, 0 when the
- * client cancelled or sent bad base64 (answered here), -1 when the
- * session ended.
- */
-static int
-auth_response(struct session *s, const char *tag, const char *prompt,
-    const struct token *ir, char **out, size_t *outlen)
+/* What the client is told when its AUTHENTICATE has ended. */
+static void
+authenticate_answer(struct session *s, const char *tag, const char *mech,
+    const struct auth_client *ac, enum auth_status st)
 {
-	const char *b64;
-	size_t len;
-	char *line;
-	enum io_status st;
-
-	if (ir != NULL) {
-		b64 = ir->s;
-		len = ir->len;
-	} else {
-		if (client_send(s, "+ %s", prompt) != 0)
-			return -1;
-		st = iobuf_getline(&s->client, s->cfg->max_line_length, &line,
-		    &len);
-		if (st != IO_OK) {
-			io_end(s, st);
-			return -1;
-		}
-		if (protocol_trace)
-			trace_data("from", "client", "<masked>", 8, 0);
-		b64 = line;
-	}
-	if (len == 1 && b64[0] == '*') {
+	switch (st) {
+	case AUTH_OK:
+		do_login(s, tag, mech);
+		break;
+	case AUTH_CANCELLED:
 		client_send(s, "%s BAD Authentication cancelled.", tag);
-		return 0;
-	}
-	if (len == 1 && b64[0] == '=' && ir != NULL)
-		len = 0;	/* SASL-IR: "=" is an empty initial response */
-	*out = malloc(len / 4 * 3 + 1);
-	if (*out == NULL || base64_decode(b64, len, *out, len / 4 * 3 + 1,
-	    outlen) != 0) {
-		free(*out);
-		*out = NULL;
+		break;
+	case AUTH_BAD_BASE64:
 		bad_command(s, tag, "Invalid base64 data.");
-		return 0;
-	}
-	return 1;
-}
-
-static void
-free_secret(char *p, size_t len)
-{
-	if (p != NULL) {
-		wipe(p, len);
-		free(p);
-	}
-}
-
-static void
-auth_plain(struct session *s, const char *tag, const struct token *ir)
-{
-	char *msg = NULL;
-	size_t len = 0;
-
-	if (auth_response(s, tag, "", ir, &msg, &len) != 1)
-		return;
-	switch (sasl_plain_split(msg, len, &s->cred)) {
-	case PLAIN_OK:
-		free_secret(msg, len);
-		do_login(s, tag, "PLAIN");
-		return;
-	case PLAIN_AUTHZID:
-		free_secret(msg, len);
+		break;
+	case AUTH_PLAIN_MALFORMED:
+		bad_command(s, tag, "Malformed PLAIN message.");
+		break;
+	case AUTH_PLAIN_AUTHZID:
 		log_msg(LOG_NOTICE, "event=login-failed method=PLAIN "
 		    "reason=\"authorization identity not allowed\"");
 		login_failed(s, tag, "AUTHORIZATIONFAILED",
 		    "Authorization identity not allowed.");
-		return;
-	case PLAIN_MALFORMED:
-		free_secret(msg, len);
-		bad_command(s, tag, "Malformed PLAIN message.");
-		return;
-	}
-}
-
-/* SASL LOGIN: user name, then password, each its own continuation. */
-static void
-auth_login(struct session *s, const char *tag, const struct token *ir)
-{
-	char *user = NULL, *pass = NULL;
-	size_t ulen = 0, plen = 0;
-	int rc;
-
-	/* "VXNlcm5hbWU6" and "UGFzc3dvcmQ6": "Username:" and "Password:" */
-	if (auth_response(s, tag, "VXNlcm5hbWU6", ir, &user, &ulen) != 1)
-		return;
-	rc = auth_response(s, tag, "UGFzc3dvcmQ6", NULL, &pass, &plen);
-	if (rc == 1 && credentials_set(&s->cred, user, ulen, pass, plen) != 0)
-		rc = -1;
-	free_secret(user, ulen);
-	free_secret(pass, plen);
-	if (rc == 1)
-		do_login(s, tag, "LOGIN");
-	else if (rc < 0 && s->end == END_NONE)
-		session_bye(s, END_LIMIT, "Out of memory.");
-}
-
-/* Send a SASL challenge and take the client's decoded response. */
-static int
-auth_challenge(struct session *s, const char *tag, const char *data,
-    unsigned len, char **out, size_t *outlen)
-{
-	size_t need = ((size_t)len + 2) / 3 * 4 + 1;
-	char *b64 = malloc(need);
-	int rc;
-
-	if (b64 == NULL) {
-		session_bye(s, END_LIMIT, "Out of memory.");
-		return -1;
-	}
-	base64_encode((const unsigned char *)data, len, b64, need);
-	rc = auth_response(s, tag, b64, NULL, out, outlen);
-	free(b64);
-	return rc;
-}
-
-/* Not a SASL code: the exchange ended with an answer already sent. */
-#define EXCHANGE_ANSWERED	1000
-
-/*
- * Run a SASL server exchange to its end.  Each client response is wiped
- * and freed as soon as the library has taken it.
- */
-static int
-server_exchange(struct session *s, sasl_conn_t *conn, const char *tag,
-    const char *mech, const struct token *ir)
-{
-	const char *out = NULL;
-	unsigned outlen = 0;
-	char *in = NULL;
-	size_t inlen = 0;
-	int rc;
-
-	if (ir != NULL && auth_response(s, tag, "", ir, &in, &inlen) != 1)
-		return EXCHANGE_ANSWERED;
-	/*
-	 * Without SASL_SUCCESS_DATA (IMAP has no success data) libsasl2 itself
-	 * turns a mechanism's final server message into one more challenge,
-	 * so every message to send comes with SASL_CONTINUE; what is left in
-	 * out after SASL_OK is stale and must not be sent.
-	 */
-	rc = sasl_server_start(conn, mech, in, (unsigned)inlen, &out, &outlen);
-	free_secret(in, inlen);
-	while (rc == SASL_CONTINUE) {
-		if (auth_challenge(s, tag, out, outlen, &in, &inlen) != 1)
-			return EXCHANGE_ANSWERED;
-		rc = sasl_server_step(conn, in, (unsigned)inlen, &out, &outlen);
-		free_secret(in, inlen);
-	}
-	return rc;
-}
-
-/*
- * auth proxy: AUTHENTICATE with any mechanism the SASL configuration
- * offers.  Success yields the identity to act as: the authorization
- * identity, which SASL's policy has allowed.  The connection object lives
- * for this one attempt.
- */
-static void
-auth_sasl_server(struct session *s, const char *tag, const char *mech,
-    const struct token *ir)
-{
-	sasl_conn_t *conn = sasl_server_conn(s->cfg, plaintext_allowed(s));
-	const char *user = NULL;
-	int rc = SASL_FAIL;
-
-	s->user[0] = '\0';
-	if (conn != NULL)
-		rc = server_exchange(s, conn, tag, mech, ir);
-	if (rc == SASL_OK && (sasl_getprop(conn, SASL_USERNAME,
-	    (const void **)&user) != SASL_OK || user == NULL))
-		rc = SASL_FAIL;
-	if (rc == SASL_OK &&
-	    credentials_set(&s->cred, user, strlen(user), "", 0) != 0)
-		rc = SASL_NOMEM;
-	sasl_dispose(&conn);
-	if (rc == SASL_OK)
-		do_login(s, tag, mech);
-	else if (rc == SASL_NOMECH)
+		break;
+	case AUTH_NOMECH:
 		client_send(s, "%s NO Unsupported authentication mechanism.",
 		    tag);
-	else if (rc != EXCHANGE_ANSWERED)
-		sasl_server_failed(s, tag, mech, rc);
+		break;
+	case AUTH_SASL_REFUSED:
+		sasl_server_failed(s, tag, mech, ac->sasl_code);
+		break;
+	case AUTH_READ_END:
+		io_end(s, ac->io_status);
+		break;
+	case AUTH_CLIENT_GONE:
+		s->end = END_CLIENT_GONE;
+		break;
+	case AUTH_NOMEM:
+		session_nomem(s);
+		break;
+	}
 }
 
 static void
 cmd_authenticate(struct session *s, const struct command *c)
 {
+	struct auth_client ac = { .io = &s->client,
+	    .max_line = s->cfg->max_line_length,
+	    .idle_timeout = s->cfg->idle_timeout };
 	const struct token *ir;
 	char mech[SASL_MECHNAMEMAX + 1];
-	int plaintext_mech;
+	enum auth_status st;
 
 	if (c->ntok < 1 || c->ntok > 2 || c->tok[0].type != TOK_ATOM ||
 	    (c->ntok == 2 && c->tok[1].type != TOK_ATOM)) {
@@ -1632,28 +1495,19 @@ cmd_authenticate(struct session *s, const struct command *c)
 		return;
 	}
 	ir = c->ntok == 2 ? &c->tok[1] : NULL;
-	if (c->tok[0].len >= sizeof(mech)) {
+	if (auth_mech_name(c->tok[0].s, c->tok[0].len, mech,
+	    sizeof(mech)) != 0) {
 		client_send(s, "%s NO Unsupported authentication mechanism.",
 		    c->tag);
 		return;
 	}
-	memcpy(mech, c->tok[0].s, c->tok[0].len);
-	mech[c->tok[0].len] = '\0';
-	for (char *p = mech; *p != '\0'; p++)
-		*p = (char)toupper((unsigned char)*p);
-	plaintext_mech = strcmp(mech, "PLAIN") == 0 ||
-	    strcmp(mech, "LOGIN") == 0;
-	if (plaintext_mech && plaintext_refused(s, c->tag))
+	if (auth_mech_plaintext(mech) && plaintext_refused(s, c->tag))
 		return;
 	if (s->cfg->auth == AUTH_PROXY)
-		auth_sasl_server(s, c->tag, mech, ir);
-	else if (strcmp(mech, "PLAIN") == 0)
-		auth_plain(s, c->tag, ir);
-	else if (strcmp(mech, "LOGIN") == 0)
-		auth_login(s, c->tag, ir);
-	else
-		client_send(s, "%s NO Unsupported authentication mechanism.",
-		    c->tag);
+		s->user[0] = '\0';	/* the exchange names the user */
+	st = auth_client_exchange(&ac, s->cfg, plaintext_allowed(s), mech, ir,
+	    &s->cred);
+	authenticate_answer(s, c->tag, mech, &ac, st);
 }
 
 /* Commands that exist, but only after login (RFC 9051, RFC 3501). */
@@ -1680,8 +1534,7 @@ client_tls_start(struct session *s)
 {
 	SSL *ssl = SSL_new(s->tls_ctx);
 
-	s->client.deadline = now_ms() +
-	    (int64_t)s->cfg->tls_handshake_timeout * 1000;
+	s->client.deadline = deadline_in(s->cfg->tls_handshake_timeout);
 	if (ssl == NULL) {
 		tls_error_text(s->client.tls_why, sizeof(s->client.tls_why));
 		s->end = END_TLS;
@@ -1767,7 +1620,7 @@ session_prelogin(struct session *s)
 	size_t len;
 
 	if ((cmd = malloc(sizeof(*cmd))) == NULL) {
-		session_bye(s, END_LIMIT, "Out of memory.");
+		session_nomem(s);
 		return;
 	}
 	if (s->tls_ctx != NULL && s->cfg->tls_mode == TLS_IMPLICIT &&
@@ -1940,6 +1793,7 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	struct endpoints ep;
 	size_t bufsize = CLIENT_BUFSIZE;
 	int one = 1, loopback_ok;
+	char id[32];
 
 	memset(&s, 0, sizeof(s));
 	cap_session_memory(cfg);
@@ -1947,8 +1801,8 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	s.tls_ctx = tls_ctx;
 	s.started = now_ms();
 	s.backend.io.rfd = s.backend.io.wfd = -1;
-	new_session_id(log_session, sizeof(log_session));
-	trace_session = log_session;
+	new_session_id(id, sizeof(id));
+	log_session_set(id);
 	endpoints_from_socket(&ep, rfd);
 	nonblocking(rfd);
 	if (endpoints_apply_proxy(&ep, cfg, rfd, &loopback_ok) != 0)
@@ -1958,7 +1812,7 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	else
 		snprintf(s.peer, sizeof(s.peer), "local");
 	s.peer_loopback = loopback_ok && ep.have_peer && is_loopback(&ep.peer);
-	client_info_init(&s.ci, &ep, log_session);
+	client_info_init(&s.ci, &ep, id);
 	setsockopt(wfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	nonblocking(wfd);
 	if (cfg->max_line_length + 2 > bufsize)
@@ -2011,7 +1865,7 @@ session_exit(int rc)
 #ifdef UNDER_ASAN
 	__lsan_do_leak_check();
 #endif
-	closelog();
+	log_close();
 	_exit(rc);
 }
 
@@ -2047,11 +1901,11 @@ listen_on(const char *spec)
 {
 	struct addrinfo hints = { .ai_socktype = SOCK_STREAM,
 	    .ai_flags = AI_PASSIVE | AI_NUMERICHOST }, *res;
-	char *host = NULL, *port = NULL;
+	char *host = NULL, *port = NULL, why[128];
 	int fd = -1, one = 1, rc;
 
-	if (split_hostport(spec, &host, &port) != 0) {
-		fprintf(stderr, "imapfe: -l wants ADDRESS:PORT\n");
+	if (split_hostport(spec, 1, &host, &port, why, sizeof(why)) != 0) {
+		fprintf(stderr, "imapfe: -l %s: %s\n", spec, why);
 		return -1;
 	}
 	rc = getaddrinfo(strcmp(host, "*") == 0 ? NULL : host, port, &hints,
@@ -2239,8 +2093,8 @@ startup_failed(const char *err, int no_client)
 	fprintf(stderr, "imapfe: %s\n", err);
 	if (!no_client)
 		bye_unavailable();
-	openlog("imapfe", LOG_PID, LOG_MAIL);
-	syslog(LOG_ERR, "event=config-error reason=\"%s\"", err);
+	log_open(LOG_MAIL, 0);
+	log_msg(LOG_ERR, "event=config-error reason=\"%s\"", err);
 	return 1;
 }
 
@@ -2410,131 +2264,188 @@ usage(void)
 	exit(2);
 }
 
-int
-main(int argc, char *argv[])
-{
-	const char *config_path = IMAPFE_DEFAULT_CONFIG, *listen_spec = NULL;
-	struct config cfg;
-	char err[512];
-	int ch, test_only = 0, implicit_tls = 0, lfd = -1, rc;
-	SSL_CTX *tls_ctx = NULL;
-	struct rlimit no_core = { 0, 0 };
+struct options {
+	const char	*config_path;
+	const char	*listen_spec;	/* -l; NULL: inetd, or systemd's */
+	int		 implicit_tls;	/* -T */
+	int		 test_only;	/* -t */
+	int		 to_stderr;	/* -d, -D */
+	int		 version;	/* -V */
+};
 
+static void
+parse_options(int argc, char *argv[], struct options *opt)
+{
+	int ch;
+
+	memset(opt, 0, sizeof(*opt));
+	opt->config_path = IMAPFE_DEFAULT_CONFIG;
 	while ((ch = getopt(argc, argv, "Ddf:l:TtV")) != -1) {
 		switch (ch) {
 		case 'D':
 			protocol_trace = 1;
 			/* FALLTHROUGH */
 		case 'd':
-			log_stderr = 1;
+			opt->to_stderr = 1;
 			break;
 		case 'f':
-			config_path = optarg;
+			opt->config_path = optarg;
 			break;
 		case 'l':
-			listen_spec = optarg;
+			opt->listen_spec = optarg;
 			break;
 		case 'T':
-			implicit_tls = 1;
+			opt->implicit_tls = 1;
 			break;
 		case 't':
-			test_only = 1;
+			opt->test_only = 1;
 			break;
 		case 'V':
-			printf("imapfe %s\n", IMAPFE_VERSION);
-			return 0;
+			opt->version = 1;
+			break;
 		default:
 			usage();
 		}
 	}
 	if (optind != argc)
 		usage();
-	/* A core dump would hold passwords. */
-	setrlimit(RLIMIT_CORE, &no_core);
-	if (config_load(&cfg, config_path, err, sizeof(err)) != 0)
-		return startup_failed(err, test_only || listen_spec != NULL);
-	/* LOG_NDELAY: the log socket is opened before a chroot hides it. */
-	openlog("imapfe", LOG_PID | LOG_NDELAY |
-	    (log_stderr || test_only ? LOG_PERROR : 0),
-	    cfg.syslog_facility);
-	if (client_tls_setup(&cfg, implicit_tls, &tls_ctx, err,
-	    sizeof(err)) != 0 || ((test_only || geteuid() == 0) &&
-	    preload_backend_tls(&cfg, test_only, err, sizeof(err)) != 0)) {
-		tls_server_ctx_free(tls_ctx);
-		config_free(&cfg);
-		return startup_failed(err, test_only || listen_spec != NULL);
-	}
-	if (tls_ctx == NULL && cfg.plaintext_auth == PLAINTEXT_NO &&
-	    cfg.auth == AUTH_PASSTHROUGH)
+}
+
+/*
+ * Everything -t checks beyond the file itself: the TLS contexts (all of
+ * them for -t; as root, those whose files may be root's alone), the run
+ * user; and what deserves a warning.
+ */
+static int
+startup_prepare(struct config *cfg, const struct options *opt,
+    SSL_CTX **tls_ctx, char *err, size_t errlen)
+{
+	uid_t uid;
+	gid_t gid;
+
+	if (client_tls_setup(cfg, opt->implicit_tls, tls_ctx, err,
+	    errlen) != 0 || ((opt->test_only || geteuid() == 0) &&
+	    preload_backend_tls(cfg, opt->test_only, err, errlen) != 0))
+		return -1;
+	if (*tls_ctx == NULL && cfg->plaintext_auth == PLAINTEXT_NO &&
+	    cfg->auth == AUTH_PASSTHROUGH)
 		log_msg(LOG_WARNING, "event=warning reason=\"plaintext_auth is "
 		    "no and there is no tls_cert: no client can log in\"");
-	if (test_only && cfg.run_user != NULL) {
-		uid_t uid;
-		gid_t gid;
-
-		if (lookup_run_ids(&cfg, &uid, &gid, err, sizeof(err)) != 0) {
-			tls_server_ctx_free(tls_ctx);
-			config_free(&cfg);
-			return startup_failed(err, 1);
-		}
-	}
+	if (opt->test_only && cfg->run_user != NULL &&
+	    lookup_run_ids(cfg, &uid, &gid, err, errlen) != 0)
+		return -1;
 	if (protocol_trace && stderr_is_stdin()) {
 		/* inetd hands the connection over as stderr too */
 		protocol_trace = 0;
 		log_msg(LOG_WARNING, "event=warning reason=\"-D ignored: stderr "
 		    "is the client's connection\"");
 	}
-	if (cfg.idle_timeout < 1800)
+	if (cfg->idle_timeout < 1800)
 		log_msg(LOG_WARNING, "event=warning reason=\"idle_timeout is "
 		    "below RFC 9051's 30 minutes\"");
-	if (test_only) {
-		printf("imapfe: %s: configuration OK\n", config_path);
-		tls_server_ctx_free(tls_ctx);
-		config_free(&cfg);
-		return 0;
-	}
-	install_signals();
-	if (listen_spec == NULL)
-		lfd = inherited_listener();
-	else if ((lfd = listen_on(listen_spec)) < 0) {
-		tls_server_ctx_free(tls_ctx);
-		config_free(&cfg);
-		return 1;
-	}
-	/* Done once here, so that forked sessions do not each pay for it. */
-	if (cfg.auth == AUTH_PROXY &&
-	    sasl_server_setup(&cfg, err, sizeof(err)) != 0) {
+	return 0;
+}
+
+/* Once here, so that forked sessions do not each pay for it. */
+static int
+sasl_setup(const struct config *cfg)
+{
+	char err[512];
+
+	if (cfg->auth == AUTH_PROXY &&
+	    sasl_server_setup(cfg, err, sizeof(err)) != 0) {
 		log_msg(LOG_ERR, "event=error reason=\"%s\"", err);
-		tls_server_ctx_free(tls_ctx);
-		config_free(&cfg);
-		return 1;
+		return -1;
 	}
-	if (sasl_client_setup(cfg.backend_mechanisms) != 0) {
+	if (sasl_client_setup(cfg->backend_mechanisms) != 0) {
 		log_msg(LOG_ERR, "event=error reason=\"SASL initialisation "
 		    "failed\"");
-		if (cfg.auth == AUTH_PROXY)
+		if (cfg->auth == AUTH_PROXY)
 			sasl_server_teardown();
-		tls_server_ctx_free(tls_ctx);
-		config_free(&cfg);
-		return 1;
+		return -1;
 	}
-	if (drop_privileges(&cfg, err, sizeof(err)) != 0) {
+	return 0;
+}
+
+static void
+sasl_teardown(const struct config *cfg)
+{
+	sasl_client_teardown();
+	if (cfg->auth == AUTH_PROXY)
+		sasl_server_teardown();
+}
+
+/*
+ * As the run user: the listener's connections, one process each, or the
+ * one connection on stdin and stdout.
+ */
+static int
+serve(const struct config *cfg, SSL_CTX *tls_ctx, int lfd)
+{
+	char err[512];
+
+	if (drop_privileges(cfg, err, sizeof(err)) != 0) {
 		log_msg(LOG_ERR, "event=config-error reason=\"%s\"", err);
 		if (lfd < 0)
 			bye_unavailable();
-		else
-			close(lfd);
-		rc = 1;
-	} else if (lfd >= 0) {
-		rc = serve_listener(&cfg, tls_ctx, lfd);
+		return 1;
+	}
+	if (lfd >= 0)
+		return serve_listener(cfg, tls_ctx, lfd);
+	return session_run(cfg, tls_ctx, 0, 1);
+}
+
+/* Listen where told, or take what inetd or systemd hands over; serve. */
+static int
+run(const struct config *cfg, SSL_CTX *tls_ctx, const char *listen_spec)
+{
+	int lfd, rc = 1;
+
+	install_signals();
+	if (listen_spec == NULL)
+		lfd = inherited_listener();
+	else if ((lfd = listen_on(listen_spec)) < 0)
+		return 1;
+	if (sasl_setup(cfg) == 0) {
+		rc = serve(cfg, tls_ctx, lfd);
+		sasl_teardown(cfg);
+	}
+	if (lfd >= 0)
 		close(lfd);
+	return rc;
+}
+
+int
+main(int argc, char *argv[])
+{
+	struct options opt;
+	struct config cfg;
+	SSL_CTX *tls_ctx = NULL;
+	struct rlimit no_core = { 0, 0 };
+	char err[512];
+	int no_client, rc;
+
+	parse_options(argc, argv, &opt);
+	if (opt.version) {
+		printf("imapfe %s\n", IMAPFE_VERSION);
+		return 0;
+	}
+	/* A core dump would hold passwords. */
+	setrlimit(RLIMIT_CORE, &no_core);
+	/* No client waits on stdout for a BYE. */
+	no_client = opt.test_only || opt.listen_spec != NULL;
+	if (config_load(&cfg, opt.config_path, err, sizeof(err)) != 0)
+		return startup_failed(err, no_client);
+	log_open(cfg.syslog_facility, opt.to_stderr || opt.test_only);
+	if (startup_prepare(&cfg, &opt, &tls_ctx, err, sizeof(err)) != 0)
+		rc = startup_failed(err, no_client);
+	else if (opt.test_only) {
+		printf("imapfe: %s: configuration OK\n", opt.config_path);
+		rc = 0;
 	} else
-		rc = session_run(&cfg, tls_ctx, 0, 1);
-	sasl_client_teardown();
-	if (cfg.auth == AUTH_PROXY)
-		sasl_server_teardown();
+		rc = run(&cfg, tls_ctx, opt.listen_spec);
 	tls_server_ctx_free(tls_ctx);
 	config_free(&cfg);
-	closelog();
+	log_close();
 	return rc;
 }

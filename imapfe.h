@@ -3,8 +3,10 @@
  *
  * Shared declarations.  The program is split by concern:
  *   imapfe.c   process life, configuration, the client side, the relay
- *   auth.c     credentials: client AUTHENTICATE, base64, Cyrus SASL client
+ *   auth.c     credentials: client LOGIN and AUTHENTICATE, base64, Cyrus
+ *              SASL on both sides
  *   backend.c  routing, back-end connections and their login
+ *   log.c      syslog lines with the session id; the protocol trace
  *   proto.c    the IMAP grammar: command parser, string quoting, response
  *              scanning (pure functions, shared by both sides, unit-tested
  *              and fuzzed on their own)
@@ -30,6 +32,21 @@
 
 #define IMAPFE_VERSION		"0.1"
 #define IMAPFE_DEFAULT_CONFIG	"/etc/imapfe/imapfe.conf"
+
+/* ------------------------------------------------------------------ */
+/* log.c: syslog lines and the protocol trace, under everything else */
+
+void		 log_open(int facility, int to_stderr);
+void		 log_close(void);
+void		 log_session_set(const char *id);
+void		 log_msg(int prio, const char *fmt, ...)
+		    __attribute__((format(printf, 2, 3)));
+
+/* The protocol trace on stderr (-D), credentials masked. */
+extern int	 protocol_trace;
+size_t		 trace_credential_prefix(const char *line, size_t len);
+void		 trace_data(const char *dir, const char *who, const void *,
+		    size_t, int secret);
 
 /* ------------------------------------------------------------------ */
 /* iobuf.c: buffered I/O over one descriptor pair */
@@ -101,13 +118,6 @@ enum session_end {
 	END_SHUTDOWN,
 	END_TLS			/* the TLS handshake failed */
 };
-
-/* The protocol trace on stderr (-D), credentials masked. */
-extern int	 protocol_trace;
-extern const char *trace_session;
-size_t		 trace_credential_prefix(const char *line, size_t len);
-void		 trace_data(const char *dir, const char *who, const void *,
-		    size_t, int secret);
 
 /* Set by the SIGTERM handler: every wait gives up and the session ends. */
 extern volatile sig_atomic_t shutdown_requested;
@@ -194,6 +204,8 @@ struct str {
 	size_t	 cap;
 };
 
+/* A wipe the compiler cannot remove as a dead store. */
+void		 wipe(void *, size_t);
 int		 str_add(struct str *, const void *, size_t);
 int		 str_adds(struct str *, const char *);
 int		 str_printf(struct str *, const char *, ...)
@@ -463,12 +475,6 @@ int		 proxy_header_read(int fd, int timeout_s, struct proxy_header *,
 		    const char **why);
 
 /* ------------------------------------------------------------------ */
-/* logging (imapfe.c) */
-
-void		 log_msg(int prio, const char *fmt, ...)
-		    __attribute__((format(printf, 2, 3)));
-
-/* ------------------------------------------------------------------ */
 /* auth.c: credentials */
 
 struct credentials {
@@ -479,7 +485,6 @@ struct credentials {
 	char	*authzid;	/* owned; NULL: act as user itself */
 };
 
-void		 wipe(void *, size_t);
 int		 credentials_set(struct credentials *, const char *user,
 		    size_t ulen, const char *pass, size_t plen);
 void		 credentials_clear(struct credentials *);
@@ -507,9 +512,42 @@ void		 sasl_client_teardown(void);
 
 int		 sasl_server_setup(const struct config *, char *err, size_t);
 void		 sasl_server_teardown(void);
-sasl_conn_t	*sasl_server_conn(const struct config *, int plaintext_ok);
 int		 sasl_server_mechs(const struct config *, int plaintext_ok,
 		    struct str *caps);
+
+/*
+ * The client's AUTHENTICATE: auth.c writes the challenges to the client's
+ * stream and reads the responses; what the client is told at the end,
+ * and what is logged, is the caller's to decide.
+ */
+enum auth_status {
+	AUTH_OK = 0,		/* credentials obtained */
+	AUTH_CANCELLED,		/* the client answered "*" */
+	AUTH_BAD_BASE64,	/* a response was not base64 */
+	AUTH_PLAIN_MALFORMED,	/* not [authzid] NUL user NUL password */
+	AUTH_PLAIN_AUTHZID,	/* PLAIN would act as someone else */
+	AUTH_NOMECH,		/* no such mechanism here */
+	AUTH_SASL_REFUSED,	/* the SASL server said no: sasl_code */
+	AUTH_READ_END,		/* no response came: io_status says why */
+	AUTH_CLIENT_GONE,	/* a challenge could not be written */
+	AUTH_NOMEM
+};
+
+struct auth_client {
+	struct iobuf	*io;		/* the client's stream */
+	size_t		 max_line;	/* longest response line */
+	int		 idle_timeout;	/* seconds, renewed by each challenge */
+	int		 sasl_code;	/* after AUTH_SASL_REFUSED */
+	enum io_status	 io_status;	/* after AUTH_READ_END */
+};
+
+int		 auth_mech_name(const char *, size_t, char *mech, size_t);
+int		 auth_mech_plaintext(const char *mech);
+enum auth_status auth_client_exchange(struct auth_client *,
+		    const struct config *, int plaintext_ok, const char *mech,
+		    const struct token *ir, struct credentials *);
+int		 auth_check_password(const struct config *, int plaintext_ok,
+		    const struct credentials *);
 
 /* ------------------------------------------------------------------ */
 /* backend.c */

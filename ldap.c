@@ -289,7 +289,7 @@ static ber_slen_t
 wait_then(Sockbuf_IO_Desc *sbiod, void *buf, ber_len_t len, int writing)
 {
 	const struct timeval *tv = sbiod->sbiod_pvt;
-	int64_t deadline = now_ms() + (int64_t)tv->tv_sec * 1000;
+	int64_t deadline = deadline_in((int)tv->tv_sec);
 	struct pollfd pfd = { .events = writing ? POLLOUT : POLLIN };
 	ber_socket_t fd;
 

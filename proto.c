@@ -313,6 +313,14 @@ parse_command(char *buf, size_t len, struct command *cmd, const char **why)
 
 /* ------------------------------------------------------------------ */
 
+/* A wipe the compiler cannot remove as a dead store (glibc 2.25). */
+void
+wipe(void *p, size_t len)
+{
+	if (p != NULL && len > 0)
+		explicit_bzero(p, len);
+}
+
 int
 str_add(struct str *b, const void *data, size_t len)
 {

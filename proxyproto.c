@@ -372,7 +372,7 @@ proxy_header_read(int fd, int timeout_s, struct proxy_header *out,
     const char **why)
 {
 	unsigned char buf[PP_V2_HEAD + PP_V2_BODY_MAX];
-	int64_t deadline = now_ms() + (int64_t)timeout_s * 1000;
+	int64_t deadline = deadline_in(timeout_s);
 	enum io_status st;
 
 	memset(out, 0, sizeof(*out));

@@ -1,25 +1,15 @@
 /*
- * What every fuzz target links in place of imapfe.c: logging goes
- * nowhere, and no shutdown is ever requested.  Included once per target.
+ * What every fuzz target shares; each links the files below imapfe.c as
+ * they are.  Included once per target.
  */
 #ifndef FUZZ_COMMON_H
 #define FUZZ_COMMON_H
 
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "imapfe.h"
-
-volatile sig_atomic_t shutdown_requested;
-
-void
-log_msg(int prio, const char *fmt, ...)
-{
-	(void)prio;
-	(void)fmt;
-}
 
 /* The input as a NUL-terminated copy with one spare byte after it. */
 static char *

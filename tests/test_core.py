@@ -625,6 +625,49 @@ def test_config_check_flag(imapfe_factory, tmp_path):
     assert r.returncode == 1 and "bad.conf:1: bad route target" in r.stderr
 
 
+@pytest.mark.parametrize("line, why", [
+    ("route * mail.example.org:99999",
+     "the port must be a number from 1 to 65535"),
+    ("route * mail.example.org:0", "the port must be a number from 1 to 65535"),
+    ("route * mail.example.org:imap",
+     "the port must be a number from 1 to 65535"),
+    ("route * mail.example.org", "the port is missing"),
+    ("route * [::1]", "the port is missing"),
+    ("route * ::1:143", "an IPv6 address goes in brackets"),
+    ("route * [::1:143", "no ']' after the IPv6 address"),
+    ("server mail/example:143", "the host must be a name or an address"),
+    ('public "Shared/" mail.example.org:65536',
+     "the port must be a number from 1 to 65535"),
+    ('public "Shared/" ldap tls=none', "ldap takes no options"),
+])
+def test_config_check_rejects_bad_host_port(tmp_path, line, why):
+    bad = tmp_path / "bad.conf"
+    bad.write_text("plaintext_auth yes\n%s\n" % line)
+    r = subprocess.run([os.environ.get("IMAPFE_BIN") or
+                        os.path.join(os.path.dirname(__file__), "..",
+                                     "imapfe"), "-t", "-f", str(bad)],
+                       capture_output=True, text=True)
+    target = line.split()[1 if line.startswith("server") else 2]
+    assert r.returncode == 1
+    assert "bad.conf:2: bad route target '%s': %s" % (target, why) in r.stderr
+
+
+@pytest.mark.parametrize("spec, why", [
+    ("127.0.0.1:0", "the port must be a number from 1 to 65535"),
+    ("127.0.0.1", "the port is missing"),
+    ("*:70000", "the port must be a number from 1 to 65535"),
+])
+def test_listen_spec_rejected(imapfe_factory, spec, why):
+    f = imapfe_factory(base_config(9))     # never connected to
+    r = subprocess.run([os.environ.get("IMAPFE_BIN") or
+                        os.path.join(os.path.dirname(__file__), "..",
+                                     "imapfe"), "-f", f.conf,
+                        "-l", spec], capture_output=True, text=True,
+                       timeout=20)
+    assert r.returncode == 1
+    assert "imapfe: -l %s: %s" % (spec, why) in r.stderr
+
+
 def _ppid(pid):
     try:
         with open("/proc/%d/stat" % pid) as f:

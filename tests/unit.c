@@ -12,8 +12,6 @@
 
 #include "imapfe.h"
 
-volatile sig_atomic_t shutdown_requested;
-
 static int passed, failed;
 
 #define CHECK(cond) check((cond), #cond, __FILE__, __LINE__)
@@ -27,13 +25,6 @@ check(int ok, const char *what, const char *file, int line)
 	}
 	failed++;
 	printf("FAIL %s:%d: %s\n", file, line, what);
-}
-
-void
-log_msg(int prio, const char *fmt, ...)
-{
-	(void)prio;
-	(void)fmt;
 }
 
 /* Parse text (a C string, literals inline) into cmd. */
