@@ -88,7 +88,8 @@ imapfe-asan: $(SRCS) $(HDRS)
 unit: tests/unit
 	./tests/unit
 
-# The whole suite three ways: plain, under ASan+UBSan, under valgrind.
+# The whole suite four ways: plain, under ASan+UBSan, under valgrind, and
+# with every session going through the router (IMAPFE_ROUTED=1).
 check: deps imapfe tests/unit tests/unit-asan imapfe-asan
 	./tests/unit
 	./tests/unit-asan
@@ -97,8 +98,7 @@ check: deps imapfe tests/unit tests/unit-asan imapfe-asan
 	$(PYTEST) tests
 	IMAPFE_BIN=$(CURDIR)/imapfe-asan $(PYTEST) tests
 	IMAPFE_VALGRIND=1 $(PYTEST) tests
-	IMAPFE_ROUTED=1 $(PYTEST) tests/test_core.py tests/test_tls.py \
-	    tests/test_sasl.py
+	IMAPFE_ROUTED=1 $(PYTEST) tests
 
 check-quick: imapfe tests/unit
 	./tests/unit
