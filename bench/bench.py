@@ -218,7 +218,8 @@ def greeting_time(port, tls, count):
     return statistics.median(times) * 1e6
 
 
-PIPELINE_COMMAND = b"P%d UID FETCH %d (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])"
+PIPELINE_COMMAND = (b"P%d UID FETCH %d "
+                    b"(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
 
 
 def pipelined_batch(count):
@@ -226,11 +227,11 @@ def pipelined_batch(count):
     send them when syncing, tagged P0..P<count-1>, in one piece."""
     batch = b"".join(PIPELINE_COMMAND % (i, i + 1) + b"\r\n"
                      for i in range(count))
-    # Written with one sendall before anything is read: that cannot
-    # deadlock while the batch fits in the socket buffers between here and
-    # Dovecot (16 KiB is the smallest initial send buffer on Linux) and
-    # the answers (about 30 KiB) fit in this side's receive buffer, even if
-    # the target answers one command at a time.
+    # Written with one sendall before anything is read.  That cannot
+    # deadlock: a batch within Linux's default initial send buffer (16
+    # KiB, tcp_wmem) is taken by the kernel at once, whether the target
+    # reads it or not, and only then does the client read, to the end.
+    # 200 commands make 12 KiB; their answers 26 KiB.
     assert len(batch) <= 16384, len(batch)
     return batch
 
