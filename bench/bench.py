@@ -1,14 +1,15 @@
 #!/usr/bin/python3
 """imapfe's benchmark: direct access to a real Dovecot, imapfe under
-xinetd and under -l, nginx's mail proxy and perdition, side by side in
-one run.  See bench/README.md for what each figure means.
+xinetd and under -l (relayed, and routed through the command router),
+nginx's mail proxy, perdition and HAProxy, side by side in one run.  See
+bench/README.md for what each figure means.
 
 Servers run on CPU 0 and this load generator on CPU 1 when there are two
 CPUs.  Every figure is the median of ROUNDS rounds, the targets taking
 turns within each round so that noise from a shared machine spreads over
 all of them alike.
 
-usage: bench/bench.py [--rounds N] [--quick] [--json FILE]
+usage: bench/bench.py [--rounds N] [--quick] [--json FILE] [--only NAME]
 """
 import argparse
 import json
@@ -34,6 +35,7 @@ BIN = os.environ.get("IMAPFE_BIN", os.path.join(TOP, "imapfe"))
 USER, PASSWORD = "alice", USERS["alice"]
 BIG = 10 * 1024 * 1024
 SMALL_COUNT = 1000
+PIPELINED = 200          # commands in the pipelined figure, <= SMALL_COUNT
 MB = 1e6
 
 
@@ -216,6 +218,102 @@ def greeting_time(port, tls, count):
     return statistics.median(times) * 1e6
 
 
+PIPELINE_COMMAND = (b"P%d UID FETCH %d "
+                    b"(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+
+
+def pipelined_batch(count):
+    """count UID FETCHes of flags and Subject, as mbsync and Thunderbird
+    send them when syncing, tagged P0..P<count-1>, in one piece."""
+    batch = b"".join(PIPELINE_COMMAND % (i, i + 1) + b"\r\n"
+                     for i in range(count))
+    # Written with one sendall before anything is read.  That cannot
+    # deadlock: a batch within Linux's default initial send buffer (16
+    # KiB, tcp_wmem) is taken by the kernel at once, whether the target
+    # reads it or not, and only then does the client read, to the end.
+    # 200 commands make 12 KiB; their answers 26 KiB.
+    assert len(batch) <= 16384, len(batch)
+    return batch
+
+
+def check_tagged(buf, count):
+    """Parse answers in buf, skipping literals: the number of tagged ones
+    (each must be OK), of FETCH responses, and the end of the last whole
+    answer."""
+    pos = tagged = fetched = 0
+    while tagged < count:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            break
+        line = bytes(buf[pos:eol])
+        if line.startswith(b"* ") and b" FETCH " in line:
+            fetched += 1
+        if line.endswith(b"}"):
+            size = int(line[line.rindex(b"{") + 1:-1])
+            if len(buf) < eol + 2 + size:
+                break               # the literal is not all in yet
+            pos = eol + 2 + size
+            continue
+        if line.startswith(b"P"):
+            if not line.partition(b" ")[2].startswith(b"OK"):
+                raise RuntimeError("pipelined: %r" % line)
+            tagged += 1
+        pos = eol + 2
+    return tagged, fetched, pos
+
+
+def read_tagged(conn, count):
+    """Read until the count tagged answers to pipelined_batch are in and
+    return the time the last one arrived.  While reading, only the last
+    tag is looked for (so that the client's own parsing is not what is
+    measured); then everything is parsed: each answer must be OK and each
+    command must have had its FETCH response."""
+    buf = bytearray(conn.buf)
+    conn.buf = b""
+    last = b"\r\nP%d " % (count - 1)
+    chunk = bytearray(1 << 16)
+    seen = -1
+    while True:
+        n = conn.sock.recv_into(chunk)
+        arrived = time.perf_counter()
+        if n == 0:
+            raise EOFError("closed during pipelined FETCH")
+        searched = max(0, len(buf) - len(last))
+        buf += chunk[:n]
+        if seen < 0:
+            seen = buf.find(last, searched)
+        if seen < 0 or buf.find(b"\r\n", seen + 2) < 0:
+            continue
+        tagged, fetched, pos = check_tagged(buf, count)
+        if tagged == count:         # else answered out of order: read on
+            break
+    if fetched != count:
+        raise RuntimeError("pipelined: %d FETCH responses for %d commands"
+                           % (fetched, count))
+    conn.buf = bytes(buf[pos:])
+    return arrived
+
+
+def pipelined(port, count, repeat):
+    """Milliseconds from writing count pipelined UID FETCHes in one piece
+    to the last tagged answer, median of repeat on one session in
+    `small` (after one batch to warm Dovecot's cache)."""
+    c = Conn(port)
+    try:
+        c.login(b"small")
+        batch = pipelined_batch(count)
+        times = []
+        for i in range(repeat + 1):
+            t0 = time.perf_counter()
+            c.sock.sendall(batch)
+            arrived = read_tagged(c, count)
+            if i > 0:
+                times.append(arrived - t0)
+        return statistics.median(times) * 1e3
+    finally:
+        c.close()
+
+
 # ---------------------------------------------------------------------------
 # memory: USS of the processes that serve idle logged-in sessions
 
@@ -327,6 +425,13 @@ def imapfe_config(bed, tls):
                    "backend_ca_file %s\ntls_cert %s\ntls_key %s\n"
                    % (bed.dovecot.imaps_port, bed.certs.ca,
                       bed.certs.imapfe, bed.certs.imapfe_key))
+
+
+def routed_config(bed, tls):
+    """The same with a server line that nothing routes to, as the suite's
+    IMAPFE_ROUTED=1 adds: every session then goes through the command
+    router after login instead of the byte relay, to the same Dovecot."""
+    return imapfe_config(bed, tls) + "server 127.0.0.1:9\n"
 
 
 def write(path, text):
@@ -636,19 +741,25 @@ def installed(cmd, extra=None):
     return extra is None or os.path.exists(extra)
 
 
-# The imapfe configurations measured, each under xinetd and -l: (suffix
-# for the target's name, function(bed, tls) -> configuration text).
+# The imapfe configurations measured: (suffix for the target's name,
+# function(bed, tls) -> configuration text, whether under xinetd too).
 # Issue 9 adds its LDAP route map here, beside the file's route lines.
+# The routed one runs under -l only, measured beside the relayed -l in the
+# same rounds (ROUTED_VS_RELAYED).
 IMAPFE_CONFIGS = [
-    ("", imapfe_config),
+    ("", imapfe_config, True),
+    (" routed", routed_config, False),
 ]
+RELAYED, ROUTED = "imapfe -l", "imapfe -l routed"
 
 
 def imapfe_targets():
-    for suffix, config in IMAPFE_CONFIGS:
-        yield ("imapfe xinetd" + suffix,
-               lambda b, c=config, x=suffix: ImapfeXinetd(b, c, x),
-               ("xinetd", None))
+    for suffix, config, xinetd in IMAPFE_CONFIGS:
+        if xinetd:
+            yield ("imapfe xinetd" + suffix,
+                   lambda b, c=config, x=suffix: ImapfeXinetd(b, c, x),
+                   ("xinetd", None))
+    for suffix, config, xinetd in IMAPFE_CONFIGS:
         yield ("imapfe -l" + suffix,
                lambda b, c=config, x=suffix: ImapfeListener(b, c, x), None)
 
@@ -684,6 +795,9 @@ def measures(quick):
         ("noop", "NOOP round trip, paired ratio",
          lambda t, b: noop_latency(t.port, b.dovecot.port,
                                    300 if quick else 1000), plain_only),
+        ("pipelined_ms", "200 pipelined UID FETCH, ms",
+         lambda t, b: pipelined(t.port, PIPELINED, 5 if quick else 20),
+         plain_only),
         ("greeting_us", "connect to greeting, us",
          lambda t, b: greeting_time(t.port, None, 20 if quick else 50),
          plain_only),
@@ -737,7 +851,9 @@ def run(rounds, quick, only=None):
                       file=sys.stderr)
                 missing.append(name)
         pin_client()
-        results = {t.name: {} for t in targets}
+        # Every round's sample is kept (None where it failed), so that two
+        # targets can be compared round by round (ROUTED_VS_RELAYED).
+        results = {t.name: {"rounds": {}} for t in targets}
         for key, label, fn, applies in measures(quick):
             samples = {t.name: [] for t in targets}
             for _ in range(rounds):
@@ -749,8 +865,11 @@ def run(rounds, quick, only=None):
                     except Exception as e:
                         print("bench: %s %s: %r" % (t.name, key, e),
                               file=sys.stderr)
+                        samples[t.name].append(None)
             for t in targets:
-                results[t.name][key] = median_of(samples[t.name])
+                got = [v for v in samples[t.name] if v is not None]
+                results[t.name][key] = median_of(got)
+                results[t.name]["rounds"][key] = samples[t.name]
             print("bench: %s done" % label, file=sys.stderr)
         return results, missing, {t.name: t.tls_note for t in targets}
     finally:
@@ -769,6 +888,7 @@ ROWS = [
     ("noop_median", "NOOP median, us", "lo"),
     ("noop_p99", "NOOP 99th pct, us", "lo"),
     ("noop_ratio", "NOOP paired ratio to direct", "ratio"),
+    ("pipelined_ms", "200 pipelined UID FETCH, ms", "lo"),
     ("greeting_us", "connect to greeting, us", "lo"),
     ("uss_kib", "USS/idle session, KiB", "abs"),
     ("uss_tls_kib", "USS/idle TLS session, KiB", "abs"),
@@ -779,11 +899,21 @@ ROWS = [
 ]
 
 
+NOOP_PARTS = ("noop_median", "noop_p99", "noop_ratio")
+
+
 def flatten(results):
+    """Split the NOOP figure's (median, p99, paired ratio) into three, in
+    the medians and in the rounds."""
     for r in results.values():
         noop = r.pop("noop", None)
         if noop is not None:
-            r["noop_median"], r["noop_p99"], r["noop_ratio"] = noop
+            r.update(zip(NOOP_PARTS, noop))
+        rounds = r["rounds"].pop("noop", None)
+        if rounds is not None:
+            for i, part in enumerate(NOOP_PARTS):
+                r["rounds"][part] = [None if v is None else v[i]
+                                     for v in rounds]
 
 
 def cell(value, direct, kind):
@@ -818,6 +948,89 @@ def table(results, missing):
     return "\n".join(out)
 
 
+# The routed imapfe -l against the relayed one, round by round in the same
+# run: (key, label, "ratio" for routed / relayed or "minus" for routed -
+# relayed, the issue's criterion as (operator, bound) or None).
+AT_LEAST, AT_MOST, WITHIN = ">=", "<=", "within"
+ROUTED_VS_RELAYED = [
+    ("login_c1", "logins/s, 1 client", "ratio", (AT_LEAST, 0.95)),
+    ("login_c16", "logins/s, 16 clients", "ratio", (AT_LEAST, 0.95)),
+    ("fetch_big", "FETCH 10 MiB, MB/s", "ratio", (AT_LEAST, 0.95)),
+    ("fetch_small", "FETCH 1,000 x 2 KiB, MB/s", "ratio", (AT_LEAST, 0.95)),
+    ("noop_ratio", "NOOP paired ratio, routed minus relayed", "minus",
+     (WITHIN, 0.03)),
+    ("pipelined_ms", "200 pipelined UID FETCH, time", "ratio",
+     (AT_MOST, 1.2)),
+    ("noop_median", "NOOP median, time", "ratio", None),
+    ("noop_p99", "NOOP 99th pct, time", "ratio", None),
+    ("greeting_us", "connect to greeting, time", "ratio", None),
+    ("uss_kib", "USS/idle session", "ratio", None),
+    ("uss_tls_kib", "USS/idle TLS session", "ratio", None),
+    ("tls_login_c1", "TLS logins/s, 1 client", "ratio", None),
+    ("tls_login_c16", "TLS logins/s, 16 clients", "ratio", None),
+    ("tls_fetch_big", "TLS FETCH 10 MiB, MB/s", "ratio", None),
+    ("tls_fetch_small", "TLS FETCH 1,000 x 2 KiB, MB/s", "ratio", None),
+]
+
+
+def meets(value, criterion):
+    op, bound = criterion
+    if op == AT_LEAST:
+        return value >= bound
+    if op == AT_MOST:
+        return value <= bound
+    return abs(value) <= bound
+
+
+def routed_vs_relayed(results):
+    """Per figure: the routed sample over (or minus) the relayed one of
+    the same round, for every round where both were measured, and their
+    median; None when either target is missing."""
+    if RELAYED not in results or ROUTED not in results:
+        return None
+    out = {}
+    for key, label, how, criterion in ROUTED_VS_RELAYED:
+        pairs = zip(results[ROUTED]["rounds"].get(key, []),
+                    results[RELAYED]["rounds"].get(key, []))
+        per_round = [(a / b if how == "ratio" else a - b)
+                     for a, b in pairs
+                     if a is not None and b is not None
+                     and (how == "minus" or b != 0)]
+        med = statistics.median(per_round) if per_round else None
+        out[key] = {"label": label, "how": how, "rounds": per_round,
+                    "median": med, "criterion": criterion,
+                    "met": (None if med is None or criterion is None
+                            else meets(med, criterion))}
+    return out
+
+
+def comparison_table(comparison):
+    head = ["routed vs relayed, imapfe -l, same rounds", "routed/relayed",
+            "each round", "issue's criterion"]
+    rows = []
+    for key, c in comparison.items():
+        fmt = "%+.3f" if c["how"] == "minus" else "%.2f"
+        value = "-" if c["median"] is None else fmt % c["median"]
+        if c["how"] == "ratio" and c["median"] is not None:
+            value += "x"
+        crit = ""
+        if c["criterion"] is not None:
+            op, bound = c["criterion"]
+            crit = "%s %s: %s" % (op, bound, {None: "not measured",
+                                              True: "met",
+                                              False: "NOT met"}[c["met"]])
+        rows.append([c["label"], value,
+                     " ".join(fmt % v for v in c["rounds"]), crit])
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+    out = []
+    for r in [head] + rows:
+        out.append("| " + " | ".join(x.ljust(w) for x, w in zip(r, widths))
+                   + " |")
+        if r is head:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -825,11 +1038,14 @@ def main():
                     help="shorter runs, for trying the bench out")
     ap.add_argument("--json", default=os.path.join(HERE, "results.json"))
     ap.add_argument("--only", action="append",
-                    help="measure only this target (and direct)")
+                    help="measure only this target (and direct; the "
+                    "routed imapfe -l brings the relayed one)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: run as root (Dovecot, xinetd and smaps_rollup)")
     only = set(args.only + ["direct"]) if args.only else None
+    if only and ROUTED in only:
+        only.add(RELAYED)           # the routed row is read against it
     t0 = time.monotonic()
     results, missing, notes = run(args.rounds, args.quick, only)
     flatten(results)
@@ -838,9 +1054,14 @@ def main():
             "rounds": args.rounds, "quick": args.quick,
             "loadavg": os.getloadavg(), "seconds": time.monotonic() - t0,
             "not_installed": missing, "notes": notes}
+    comparison = routed_vs_relayed(results)
     with open(args.json, "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
+        json.dump({"meta": meta, "results": results,
+                   "routed_vs_relayed": comparison}, f, indent=1)
     print(table(results, missing))
+    if comparison is not None:
+        print()
+        print(comparison_table(comparison))
     print("\n%s, %d CPUs%s, medians of %d rounds, load average %.1f, "
           "%.0f s" % (meta["date"], meta["cpus"],
                       " (servers CPU 0, client CPU 1)" if PINNED else "",
