@@ -356,6 +356,50 @@ response_length(const char *p, size_t n)
 }
 
 /*
+ * Copy the response at p (len bytes, without its final CRLF) for the
+ * command parser: "x" for its "*", and a space between two parenthesized
+ * lists where the response abuts them (NAMESPACE's "(..)(..)"), which a
+ * command never does; quoted strings and literals are copied as they are.
+ */
+static int
+untagged_copy(const char *p, size_t len, struct str *copy)
+{
+	size_t line = 0;
+	int quoted = 0, after_rparen = 0, rc = str_adds(copy, "x");
+
+	for (size_t i = 1; i < len && rc == 0; i++) {
+		enum literal_kind k;
+		uint64_t n;
+		size_t ll;
+
+		if (quoted) {
+			if (p[i] == '\\' && i + 1 < len)
+				rc = str_add(copy, p + i++, 1);
+			else if (p[i] == '"')
+				quoted = 0;
+		} else if (p[i] == '"')
+			quoted = 1;
+		else if (p[i] == '(' && after_rparen)
+			rc = str_adds(copy, " ");
+		else if (p[i] == '\n') {
+			ll = i - line - (i > line && p[i - 1] == '\r');
+			k = literal_at_end(p + line, ll, &n);
+			if ((k == LIT_SYNC || k == LIT_NONSYNC) && n < len - i) {
+				rc = str_add(copy, p + i, (size_t)n + 1);
+				i += (size_t)n;
+				line = i + 1;
+				after_rparen = 0;
+				continue;
+			}
+		}
+		after_rparen = !quoted && p[i] == ')';
+		if (rc == 0)
+			rc = str_add(copy, p + i, 1);
+	}
+	return rc;
+}
+
+/*
  * Parse the untagged response at p (len bytes, without its final CRLF)
  * with the command parser: "* LIST ..." is read as the command
  * "x LIST ...", so names come out as tokens, literals and escapes undone.
@@ -368,7 +412,7 @@ parse_untagged(const char *p, size_t len, struct str *copy,
 
 	str_wipe(copy);
 	if (len < 3 || p[0] != '*' || p[1] != ' ' ||
-	    str_adds(copy, "x") != 0 || str_add(copy, p + 1, len - 1) != 0)
+	    untagged_copy(p, len, copy) != 0)
 		return -1;
 	return parse_command(copy->s, copy->len, c, &why) == PARSE_OK ? 0 : -1;
 }

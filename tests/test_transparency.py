@@ -21,6 +21,7 @@ import tempfile
 import pytest
 
 from conftest import (MAILUID, SLOW, Dovecot, Raw, base_config, wait_for)
+from fakebackend import FakeBackend, plain_server
 
 PREFIX = "Public Folders/"
 ROOT = "Public Folders"
@@ -279,6 +280,53 @@ def test_namespace_names_the_prefix_once(relayed, routed):
     got = untagged(b.cmd("n", "NAMESPACE"))
     assert want == ['* NAMESPACE (("" "/")) NIL (("%s" "/"))' % PREFIX]
     assert got == want, got
+
+
+def rootless_public(status):
+    """A public server that lists its folders but never its root, and
+    answers LIST with status ("OK" or "NO")."""
+    def script(conn):
+        def after(cn):
+            while True:
+                ln = cn.line()
+                if ln is None:
+                    return
+                tag, _, rest = ln.partition(" ")
+                cmd = rest.split(" ", 1)[0].upper()
+                if cmd == "LOGOUT":
+                    cn.send("* BYE bye\r\n%s OK bye\r\n" % tag)
+                    return
+                if cmd == "LIST" and status == "OK":
+                    cn.send('* LIST () "/" INBOX\r\n'
+                            '* LIST () "/" "Public Folders/News"\r\n')
+                cn.send("%s %s %s\r\n" % (tag, status, cmd))
+        plain_server(conn, after_login=after)
+    return FakeBackend(script)
+
+
+@pytest.mark.parametrize("status", ["OK", "NO"])
+def test_root_from_home_when_the_public_server_lists_none(imapfe_factory,
+                                                         topo, status):
+    """The root is the public server's to list; where it answers without
+    one, the home server's root is shown, once; where it fails, nothing
+    of the prefix is."""
+    pub = rootless_public(status)
+    try:
+        f = imapfe_factory(base_config(topo.home.port, 'public "%s" '
+                                       '127.0.0.1:%d\n' % (PREFIX, pub.port)))
+        f.start_inetd()
+        c = raw_login(f)
+        lines = untagged(c.cmd("a", 'LIST "" "%"'))
+        roots = [ln for ln in lines if ln.endswith(' "%s"' % ROOT)]
+        assert roots == (['* LIST (\\Noselect \\HasChildren) "/" "%s"' % ROOT]
+                         if status == "OK" else []), lines
+        names = names_of(untagged(c.cmd("b", 'LIST "" "*"')))
+        under = [n for n in names if n.startswith(PREFIX)]
+        assert under == ([PREFIX + "News"] if status == "OK" else []), names
+        assert names.count("INBOX") == 1, names
+        c.cmd("z", "LOGOUT")
+    finally:
+        pub.close()
 
 
 def mailbox_contents(m):
