@@ -1494,6 +1494,24 @@ list_needs(const struct router *rt, const struct command *c, int i)
 }
 
 /*
+ * LSUB, or LIST (SUBSCRIBED ...): the home server's root of a prefix then
+ * comes from its own subscriptions, which say nothing of the public
+ * server's folders, so it is never shown in place of that server's.
+ */
+static int
+lists_subscriptions(const struct command *c)
+{
+	if (strcmp(c->name, "LSUB") == 0)
+		return 1;
+	for (size_t i = 1; c->ntok > 0 && c->tok[0].type == TOK_LPAREN &&
+	    i < c->ntok && c->tok[i].type == TOK_ATOM; i++)
+		if (c->tok[i].len == 10 &&
+		    strncasecmp(c->tok[i].s, "SUBSCRIBED", 10) == 0)
+			return 1;
+	return 0;
+}
+
+/*
  * LIST and LSUB: every server whose names the patterns can match answers
  * in turn, public servers first, and each passes only the names it owns
  * (FILTER_LIST): the client sees every mailbox once and one tagged
@@ -1523,7 +1541,8 @@ cmd_list(struct router *rt, const struct command *c)
 		rt->merging = 0;
 		if (rt->end != ROUTER_NONE)
 			return;
-		if (o == OUT_OK && l->root == ROOT_UNASKED)
+		if (o == OUT_OK && l->root == ROOT_UNASKED &&
+		    !lists_subscriptions(c))
 			l->root = ROOT_MISSING;
 		if (o != OUT_FAILED)
 			memcpy(answer, line, sizeof(answer));

@@ -292,7 +292,7 @@ def test_namespace_names_the_prefix_once(relayed, routed):
 
 def rootless_public(status):
     """A public server that lists its folders but never its root, and
-    answers LIST with status ("OK" or "NO")."""
+    answers LIST with status ("OK" or "NO"); it has no subscriptions."""
     def script(conn):
         def after(cn):
             while True:
@@ -304,7 +304,8 @@ def rootless_public(status):
                 if cmd == "LOGOUT":
                     cn.send("* BYE bye\r\n%s OK bye\r\n" % tag)
                     return
-                if cmd == "LIST" and status == "OK":
+                if cmd == "LIST" and status == "OK" and \
+                        "SUBSCRIBED" not in rest.upper():
                     cn.send('* LIST () "/" INBOX\r\n'
                             '* LIST () "/" "Public Folders/News"\r\n')
                 cn.send("%s %s %s\r\n" % (tag, status, cmd))
@@ -332,6 +333,16 @@ def test_root_from_home_when_the_public_server_lists_none(imapfe_factory,
         under = [n for n in names if n.startswith(PREFIX)]
         assert under == ([PREFIX + "News"] if status == "OK" else []), names
         assert names.count("INBOX") == 1, names
+        # The home server lists the root for its subscriptions under the
+        # prefix; they say nothing of the public server's: no root.
+        for cmd in ('LSUB "" "%"', 'LIST (SUBSCRIBED RECURSIVEMATCH) "" "%"'):
+            lines = untagged(c.cmd("c", cmd))
+            assert names_of(lines) == ["Drafts"], (cmd, lines)
+        direct = topo.home.imap("alice")
+        home_lsub = names_of(["* LSUB " + x.decode()
+                              for x in direct.lsub('""', "%")[1]])
+        assert ROOT in home_lsub, home_lsub
+        direct.logout()
         c.cmd("z", "LOGOUT")
     finally:
         pub.close()
