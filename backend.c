@@ -521,6 +521,25 @@ untagged_start(struct backend *be, const struct resp_sink *sink,
 }
 
 /*
+ * How long the response at p is, its literals and the rest of its lines
+ * included, when all of it is among the n bytes there; 0 until then.
+ */
+static size_t
+response_extent(const struct resp_scanner *sc, const char *p, size_t n)
+{
+	struct resp_scanner ahead = *sc;
+	size_t at = 0, k;
+
+	while (at < n && (k = resp_scan_piece(&ahead, p + at, n - at)) > 0) {
+		resp_scan(&ahead, p + at, k);
+		at += k;
+		if (resp_scan_at_start(&ahead))
+			return at;
+	}
+	return 0;
+}
+
+/*
  * Follow what back-end be has buffered: untagged responses go to the
  * sink as they come (NULL: nowhere), up to the next tagged answer or "+"
  * continuation, which end up in r.  Never reads: DISPATCH_MORE asks the
@@ -583,10 +602,22 @@ backend_dispatch(struct backend *be, const struct resp_sink *sink,
 			break;
 		}
 		if (start) {
+			size_t whole = 0;
+
+			if (sink != NULL && sink->whole_max > 0 &&
+			    (whole = response_extent(&be->sc, p, n)) == 0 &&
+			    n < sink->whole_max && n < io->cap)
+				break;	/* the rest of the response is to come */
 			be->dropping = 0;
-			if (untagged_start(be, sink, &run, p, k) != 0) {
+			if (untagged_start(be, sink, &run, p, whole > 0 ? whole :
+			    k) != 0) {
 				d = DISPATCH_FAILED;
 				break;
+			}
+			if (be->dropping && whole > 0) {
+				resp_scan(&be->sc, p, whole);
+				iobuf_consume(io, whole);
+				continue;
 			}
 		}
 		if (deliver(be, sink, &run, p, k) != 0) {

@@ -592,8 +592,9 @@ struct backend {
 
 /*
  * Where a back-end's untagged responses go while a command runs.  Each
- * response's first line is shown to line (when set), which keeps or
- * drops the whole response; what is kept is written to out (the client)
+ * response's first line (with whole_max, all of it up to that size,
+ * literals included) is shown to line (when set), which keeps or drops
+ * the whole response; what is kept is written to out (the client)
  * or, without out, handed to data piece by piece.  A "+" that no literal
  * of imapfe's waits for goes to continuation, which must answer it.  A
  * tagged answer for which tagged (when set) returns 1 is written to out
@@ -608,6 +609,7 @@ struct resp_sink {
 	int		(*continuation)(void *ctx, struct backend *,
 			    const char *line, size_t len);
 	int		(*tagged)(void *ctx, const struct reply *);
+	size_t		 whole_max;	/* line sees responses this long whole */
 	void		*ctx;
 };
 

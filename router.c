@@ -37,6 +37,13 @@
 #define PIPELINE_MAX		64		/* client commands in flight */
 #define POLL_MAX_MS		3600000		/* poll(2) waits at most this */
 
+/* What a LIST over several servers learnt of a public prefix's root. */
+enum root_seen {
+	ROOT_UNASKED,		/* its server has not answered this LIST */
+	ROOT_MISSING,		/* it answered without listing the root */
+	ROOT_LISTED
+};
+
 struct link {
 	int64_t		 last_used;	/* for keepalives */
 	const struct route *route;	/* NULL for the home back-end */
@@ -47,12 +54,14 @@ struct link {
 	struct backend	 own;
 	int		 up;
 	int64_t		 retry_after;	/* hold-down after a failure */
+	enum root_seen	 root;		/* in the LIST being merged */
 };
 
 /*
  * FORWARD: untagged responses go to the client; DISCARD: nowhere;
- * FILTER_LIST: a public server's LIST/LSUB lines go only for names under
- * its own prefix (it has an INBOX and more of its own to hide);
+ * FILTER_LIST: a server's LIST, LSUB and LIST-STATUS responses go only
+ * for names it owns: a public server's under its prefix (it has an INBOX
+ * and more of its own to hide), the home server's outside every prefix;
  * NAMESPACE and CAPABILITY: that response is rewritten on its way.
  */
 enum mode { FORWARD, DISCARD, FILTER_LIST, REWRITE_NAMESPACE,
@@ -273,94 +282,222 @@ link_up(struct router *rt, int i)
 	return 0;
 }
 
-/* The link that owns a mailbox name: the public prefix it starts with. */
+/*
+ * Does a name (or a pattern) start with INBOX as a whole level?  INBOX is
+ * case-insensitive (RFC 9051 5.1), "inbox/x" included.
+ */
+static int
+leading_inbox(const char *s, size_t len)
+{
+	return len >= 5 && strncasecmp(s, "INBOX", 5) == 0 &&
+	    (len == 5 || !isalnum((unsigned char)s[5]));
+}
+
+/* Do the first n bytes of two names agree, a leading INBOX in any case? */
+static int
+name_head_equal(const char *a, size_t alen, const char *b, size_t blen,
+    size_t n)
+{
+	int fold = leading_inbox(a, alen) && leading_inbox(b, blen);
+
+	for (size_t i = 0; i < n; i++) {
+		if (fold && i < 5 ? toupper((unsigned char)a[i]) !=
+		    toupper((unsigned char)b[i]) : a[i] != b[i])
+			return 0;
+	}
+	return 1;
+}
+
+/* The root a prefix names: "Public Folders" for "Public Folders/". */
+static size_t
+prefix_root_len(const char *prefix)
+{
+	size_t pl = strlen(prefix);
+
+	return pl > 1 && !isalnum((unsigned char)prefix[pl - 1]) ? pl - 1 : pl;
+}
+
+/* Is name the root of prefix, the prefix without its delimiter? */
+static int
+name_is_root(const char *name, size_t len, const char *prefix)
+{
+	size_t pl = strlen(prefix), rl = prefix_root_len(prefix);
+
+	return rl < pl && len == rl && name_head_equal(name, len, prefix, pl,
+	    rl);
+}
+
+/*
+ * The link that owns a mailbox name: the public prefix it is under or
+ * whose root it is, the longest when prefixes nest; the home server's
+ * otherwise.  A prefix belongs to its server alone.
+ */
 static int
 mailbox_link(const struct router *rt, const char *name, size_t len)
 {
+	size_t best = 0;
+	int owner = 0;
+
 	for (int i = 1; i < rt->npublic; i++) {
 		const char *p = rt->links[i].route->pattern;
 		size_t pl = strlen(p);
 
-		if (len >= pl && memcmp(name, p, pl) == 0)
-			return i;
-		/* The prefix itself, without its trailing delimiter. */
-		if (pl > 1 && len == pl - 1 && memcmp(name, p, len) == 0 &&
-		    !isalnum((unsigned char)p[pl - 1]))
-			return i;
+		if (pl > best && ((len >= pl && name_head_equal(name, len, p,
+		    pl, pl)) || name_is_root(name, len, p))) {
+			best = pl;
+			owner = i;
+		}
 	}
-	return 0;
+	return owner;
 }
 
 /* ------------------------------------------------------------------ */
 /* LIST lines */
 
-/* A mailbox name (quoted or atom) at p, unquoted into name. */
+static int	is_mailbox_token(const struct token *);
+
+/* Is the untagged response at p one that names a mailbox per line? */
 static int
-name_at(const char *p, const char *end, char *name, size_t namelen)
+is_list_response(const char *p, size_t len)
 {
-	size_t n = 0;
+	static const char *const names[] = { "* LIST ", "* LSUB ",
+	    "* STATUS " };
 
-	if (p < end && *p == '"') {
-		for (p++; p < end && *p != '"' && n + 1 < namelen; p++) {
-			if (*p == '\\' && p + 1 < end)
-				p++;
-			name[n++] = *p;
-		}
-	} else
-		while (p < end && *p != ' ' && n + 1 < namelen)
-			name[n++] = *p++;
-	name[n] = '\0';
-	return n > 0 ? 0 : -1;
-}
-
-/* The mailbox name of a "* STATUS name (...)" line. */
-static int
-status_line_name(const char *line, size_t len, char *name, size_t namelen)
-{
-	return name_at(line + 9, line + len, name, namelen);
-}
-
-/* The mailbox name of a "* LIST (flags) delim name" line, unquoted. */
-static int
-list_line_name(const char *line, size_t len, char *name, size_t namelen)
-{
-	const char *p = line + 7, *end = line + len;	/* "* LIST " */
-
-	if ((p = memchr(p, ')', (size_t)(end - p))) == NULL)
-		return -1;
-	p++;
-	while (p < end && *p == ' ')
-		p++;
-	if (end - p >= 3 && strncasecmp(p, "NIL", 3) == 0)
-		p += 3;
-	else if (end - p >= 3 && *p == '"')
-		p += p[1] == '\\' ? 4 : 3;
-	else
-		return -1;
-	while (p < end && *p == ' ')
-		p++;
-	return name_at(p, end, name, namelen);
-}
-
-/* In FILTER_LIST mode: does this whole untagged line belong to link l? */
-static int
-list_line_wanted(const struct router *rt, const struct link *l,
-    const char *p, size_t len)
-{
-	char name[1024];
-
-	if (len > 0 && p[len - 1] == '\r')
-		len--;
-	if (len > 9 && strncasecmp(p, "* STATUS ", 9) == 0) {
-		/* LIST-STATUS: "* STATUS name (...)" */
-		if (status_line_name(p, len, name, sizeof(name)) != 0)
+	for (size_t i = 0; i < sizeof(names) / sizeof(*names); i++)
+		if (len > strlen(names[i]) &&
+		    strncasecmp(p, names[i], strlen(names[i])) == 0)
 			return 1;
-	} else if (len < 8 || (strncasecmp(p, "* LIST ", 7) != 0 &&
-	    strncasecmp(p, "* LSUB ", 7) != 0))
+	return 0;
+}
+
+/*
+ * Copy the response at p (len bytes, without its final CRLF) for the
+ * command parser: "x" for its "*", and a space between two parenthesized
+ * lists where the response abuts them (NAMESPACE's "(..)(..)"), which a
+ * command never does; quoted strings and literals are copied as they are.
+ */
+static int
+untagged_copy(const char *p, size_t len, struct str *copy)
+{
+	size_t line = 0;
+	int quoted = 0, after_rparen = 0, rc = str_adds(copy, "x");
+
+	for (size_t i = 1; i < len && rc == 0; i++) {
+		enum literal_kind k;
+		uint64_t n;
+		size_t ll;
+
+		if (quoted) {
+			if (p[i] == '\\' && i + 1 < len)
+				rc = str_add(copy, p + i++, 1);
+			else if (p[i] == '"')
+				quoted = 0;
+		} else if (p[i] == '"')
+			quoted = 1;
+		else if (p[i] == '(' && after_rparen)
+			rc = str_adds(copy, " ");
+		else if (p[i] == '\n') {
+			ll = i - line - (i > line && p[i - 1] == '\r');
+			k = literal_at_end(p + line, ll, &n);
+			if ((k == LIT_SYNC || k == LIT_NONSYNC) && n < len - i) {
+				rc = str_add(copy, p + i, (size_t)n + 1);
+				i += (size_t)n;
+				line = i + 1;
+				after_rparen = 0;
+				continue;
+			}
+		}
+		after_rparen = !quoted && p[i] == ')';
+		if (rc == 0)
+			rc = str_add(copy, p + i, 1);
+	}
+	return rc;
+}
+
+/*
+ * Parse the untagged response at p (len bytes, without its final CRLF)
+ * with the command parser: "* LIST ..." is read as the command
+ * "x LIST ...", so names come out as tokens, literals and escapes undone.
+ */
+static int
+parse_untagged(const char *p, size_t len, struct str *copy,
+    struct command *c)
+{
+	const char *why;
+
+	str_wipe(copy);
+	if (len < 3 || p[0] != '*' || p[1] != ' ' ||
+	    untagged_copy(p, len, copy) != 0)
+		return -1;
+	return parse_command(copy->s, copy->len, c, &why) == PARSE_OK ? 0 : -1;
+}
+
+/* The mailbox a LIST, LSUB or STATUS response names, or NULL. */
+static const struct token *
+listed_mailbox(const struct command *c)
+{
+	size_t i = 0;
+
+	if (strcmp(c->name, "STATUS") == 0)
+		return c->ntok > 0 && is_mailbox_token(&c->tok[0]) ?
+		    &c->tok[0] : NULL;
+	/* "(flags) delimiter name [extended data]" */
+	if (c->ntok == 0 || c->tok[0].type != TOK_LPAREN)
+		return NULL;
+	while (i < c->ntok && c->tok[i].type != TOK_RPAREN)
+		i++;
+	i += 2;
+	if (i >= c->ntok || (c->tok[i - 1].type != TOK_QUOTED &&
+	    c->tok[i - 1].type != TOK_NIL))
+		return NULL;
+	return is_mailbox_token(&c->tok[i]) ? &c->tok[i] : NULL;
+}
+
+/* Does the response naming mailbox t go to the client from link self? */
+static int
+listed_name_wanted(struct router *rt, int self, const struct token *t)
+{
+	int owner = mailbox_link(rt, t->s, t->len);
+	struct link *o = &rt->links[owner];
+
+	if (owner == 0 || !name_is_root(t->s, t->len, o->route->pattern))
+		return owner == self;
+	/*
+	 * The root of a prefix ("Public Folders", \Noselect on most servers)
+	 * is its server's to list, with that server's flags; the home
+	 * server's copy goes only where that server answered without one.
+	 */
+	if (owner == self) {
+		o->root = ROOT_LISTED;
 		return 1;
-	else if (list_line_name(p, len, name, sizeof(name)) != 0)
+	}
+	return self == 0 && o->root == ROOT_MISSING;
+}
+
+/*
+ * In FILTER_LIST mode: does the untagged response at p (len bytes, whole,
+ * literals and all, its final CRLF removed) go to the client from link l?
+ * A LIST, LSUB or LIST-STATUS response is parsed; anything else, or one
+ * that does not parse, passes.
+ */
+static int
+list_response_wanted(struct router *rt, struct link *l, const char *p,
+    size_t len)
+{
+	const struct token *name;
+	struct str copy = { 0 };
+	struct command *c;
+	int wanted = 1;
+
+	if (!is_list_response(p, len) || (c = malloc(sizeof(*c))) == NULL)
 		return 1;
-	return mailbox_link(rt, name, strlen(name)) == (int)(l - rt->links);
+	if (parse_untagged(p, len, &copy, c) == 0 &&
+	    (name = listed_mailbox(c)) != NULL &&
+	    !listed_name_wanted(rt, (int)(l - rt->links), name))
+		wanted = 0;
+	str_free(&copy);
+	free(c);
+	return wanted;
 }
 
 /* ------------------------------------------------------------------ */
@@ -422,11 +559,8 @@ response_line(void *ctx, const char *line, size_t len)
 		return SINK_DROP;
 	switch (sc->mode) {
 	case FILTER_LIST:
-		/* (a name sent as a literal passes unfiltered) */
-		if (len > 0 && line[len - 1] == '}')
-			return SINK_KEEP;
-		return list_line_wanted(sc->rt, sc->l, line, len) ? SINK_KEEP :
-		    SINK_DROP;
+		return list_response_wanted(sc->rt, sc->l, line, len) ?
+		    SINK_KEEP : SINK_DROP;
 	case REWRITE_NAMESPACE:
 		if (starts_with(line, len, "* NAMESPACE "))
 			return rewritten(sc->rt, line, len, rewrite_namespace);
@@ -487,7 +621,8 @@ sink_for(struct router *rt, struct link *l, enum mode m,
 	*ctx = (struct sink_ctx){ rt, l, m };
 	*sink = (struct resp_sink){ .out = rt->client, .ctx = ctx,
 	    .line = l != rt->links || m != FORWARD ? response_line : NULL,
-	    .tagged = answer_inline };
+	    .tagged = answer_inline,
+	    .whole_max = m == FILTER_LIST ? TAGGED_LINE_MAX : 0 };
 	return sink;
 }
 
@@ -1392,8 +1527,9 @@ cmd_mailbox(struct router *rt, const struct command *c, int i,
 
 /*
  * Could a LIST pattern (reference and mailbox joined) match names under
- * prefix?  Wildcards are taken generously: asking a server that then
- * lists nothing costs a round trip, missing one would hide folders.
+ * prefix, or its root?  Wildcards are taken generously: asking a server
+ * that then lists nothing costs a round trip, missing one would hide
+ * folders.
  */
 static int
 pattern_reaches(const char *pat, size_t plen, const char *prefix)
@@ -1405,10 +1541,10 @@ pattern_reaches(const char *pat, size_t plen, const char *prefix)
 			return 1;
 		if (j == pl)
 			return 1;
-		if (pat[i] != prefix[j])
+		if (!name_head_equal(pat, plen, prefix, pl, i + 1))
 			return 0;
 	}
-	return j >= pl - 1;	/* the prefix itself, or all of it */
+	return j >= prefix_root_len(prefix);	/* the root, or all of it */
 }
 
 /* Does the pattern stay inside prefix, so the home server has no part? */
@@ -1417,24 +1553,112 @@ pattern_inside(const char *pat, size_t plen, const char *prefix)
 {
 	size_t pl = strlen(prefix);
 
-	if (plen < pl || memcmp(pat, prefix, pl) != 0)
-		return 0;
-	return 1;
+	return plen >= pl && name_head_equal(pat, plen, prefix, pl, pl);
 }
 
 /*
- * LIST and LSUB: every server whose names the pattern can match answers
- * in turn; the client sees the untagged answers of all and one tagged
+ * The arguments of a LIST or LSUB: the reference's token, and the
+ * patterns' [*first, *end) -- one, or a LIST-EXTENDED list of them --
+ * after any selection options.  -1 for a command not understood.
+ */
+static int
+list_arguments(const struct command *c, size_t *ref, size_t *first,
+    size_t *end)
+{
+	size_t i = 0;
+
+	if (c->ntok > 0 && c->tok[0].type == TOK_LPAREN) {
+		while (i < c->ntok && c->tok[i].type != TOK_RPAREN)
+			i++;
+		i++;
+	}
+	if (i + 1 >= c->ntok || !is_mailbox_token(&c->tok[i]))
+		return -1;
+	*ref = i++;
+	if (c->tok[i].type != TOK_LPAREN) {
+		*first = i;
+		*end = i + 1;
+		return is_mailbox_token(&c->tok[i]) ? 0 : -1;
+	}
+	*first = ++i;
+	while (i < c->ntok && is_mailbox_token(&c->tok[i]))
+		i++;
+	*end = i;
+	return i > *first && i < c->ntok && c->tok[i].type == TOK_RPAREN ?
+	    0 : -1;
+}
+
+/* Pattern k joined to the reference, as a server joins them. */
+static size_t
+list_pattern(const struct command *c, size_t ref, size_t k, char *pat,
+    size_t patlen)
+{
+	int n = snprintf(pat, patlen, "%.*s%.*s", (int)c->tok[ref].len,
+	    c->tok[ref].s, (int)c->tok[k].len, c->tok[k].s);
+
+	return n < 0 ? 0 : (size_t)n >= patlen ? patlen - 1 : (size_t)n;
+}
+
+/*
+ * Which servers a LIST or LSUB needs.  Link i > 0: does a pattern reach
+ * its prefix?  Link 0: does a pattern reach outside every prefix?  A
+ * command not understood goes everywhere, each server answers it as it
+ * would.
+ */
+static int
+list_needs(const struct router *rt, const struct command *c, int i)
+{
+	size_t ref, first, end, plen;
+	char pat[1024];
+
+	if (list_arguments(c, &ref, &first, &end) != 0)
+		return 1;
+	for (size_t k = first; k < end; k++) {
+		int inside = 0;
+
+		plen = list_pattern(c, ref, k, pat, sizeof(pat));
+		if (i > 0 && pattern_reaches(pat, plen,
+		    rt->links[i].route->pattern))
+			return 1;
+		for (int j = 1; i == 0 && j < rt->npublic; j++)
+			if (pattern_inside(pat, plen,
+			    rt->links[j].route->pattern))
+				inside = 1;
+		if (i == 0 && !inside)
+			return 1;
+	}
+	return 0;
+}
+
+/*
+ * LSUB, or LIST (SUBSCRIBED ...): the home server's root of a prefix then
+ * comes from its own subscriptions, which say nothing of the public
+ * server's folders, so it is never shown in place of that server's.
+ */
+static int
+lists_subscriptions(const struct command *c)
+{
+	if (strcmp(c->name, "LSUB") == 0)
+		return 1;
+	for (size_t i = 1; c->ntok > 0 && c->tok[0].type == TOK_LPAREN &&
+	    i < c->ntok && c->tok[i].type == TOK_ATOM; i++)
+		if (c->tok[i].len == 10 &&
+		    strncasecmp(c->tok[i].s, "SUBSCRIBED", 10) == 0)
+			return 1;
+	return 0;
+}
+
+/*
+ * LIST and LSUB: every server whose names the patterns can match answers
+ * in turn, public servers first, and each passes only the names it owns
+ * (FILTER_LIST): the client sees every mailbox once and one tagged
  * answer, the home server's when it took part.
  */
 static void
 cmd_list(struct router *rt, const struct command *c)
 {
-	struct reply *r = malloc(2 * sizeof(*r)), *home_r = r + 1;
-	const struct token *ref, *mbox;
-	char pat[1024];
-	size_t argi = 0, plen;
-	int home = 1, asked = 0;
+	struct reply *r = malloc(2 * sizeof(*r)), *answer = r + 1;
+	int home = list_needs(rt, c, 0);
 	enum reply_status rs;
 
 	if (r == NULL) {
@@ -1442,41 +1666,16 @@ cmd_list(struct router *rt, const struct command *c)
 		rt->end = END_LIMIT;
 		return;
 	}
-
-	if (c->ntok > 0 && c->tok[0].type == TOK_LPAREN) {
-		/* LIST-EXTENDED selection options: skip to the reference */
-		while (argi < c->ntok && c->tok[argi].type != TOK_RPAREN)
-			argi++;
-		argi++;
-	}
-	if (argi + 1 >= c->ntok || !is_mailbox_token(&c->tok[argi]) ||
-	    !is_mailbox_token(&c->tok[argi + 1])) {
-		/* several patterns, or a malformed command: ask everyone */
-		ref = mbox = NULL;
-		plen = 0;
-	} else {
-		ref = &c->tok[argi];
-		mbox = &c->tok[argi + 1];
-		plen = (size_t)snprintf(pat, sizeof(pat), "%.*s%.*s",
-		    (int)ref->len, ref->s, (int)mbox->len, mbox->s);
-		if (plen >= sizeof(pat))
-			plen = sizeof(pat) - 1;
-	}
-	for (int i = 1; i < rt->npublic && mbox != NULL; i++)
-		if (pattern_inside(pat, plen, rt->links[i].route->pattern))
-			home = 0;
-	if (home) {
-		if (run_on_link(rt, 0, c->tag, home_r) == REPLY_LOST)
-			goto out;
-		asked++;
-	}
+	answer->status = REPLY_LOST;
 	for (int i = 1; i < rt->npublic; i++) {
-		if (mbox != NULL && !pattern_reaches(pat, plen,
-		    rt->links[i].route->pattern))
+		struct link *l = &rt->links[i];
+
+		l->root = ROOT_UNASKED;
+		if (!list_needs(rt, c, i))
 			continue;
 		if (link_up(rt, i) != 0) {
 			client_line(rt, "* NO [UNAVAILABLE] The server for "
-			    "\"%s\" is unavailable.", rt->links[i].route->pattern);
+			    "\"%s\" is unavailable.", l->route->pattern);
 			continue;
 		}
 		rt->merging = 1;
@@ -1484,13 +1683,17 @@ cmd_list(struct router *rt, const struct command *c)
 		rt->merging = 0;
 		if (rt->end != END_NONE)
 			goto out;
+		if (rs == REPLY_OK && l->root == ROOT_UNASKED &&
+		    !lists_subscriptions(c))
+			l->root = ROOT_MISSING;
 		if (rs != REPLY_LOST)
-			asked++;
+			*answer = *r;
 	}
-	if (home)
-		client_reply(rt, home_r);
-	else if (asked > 0)
-		client_reply(rt, r);
+	if (home && run_on_link_as(rt, 0, c->tag, FILTER_LIST, answer) ==
+	    REPLY_LOST)
+		goto out;
+	if (answer->status != REPLY_LOST)
+		client_reply(rt, answer);
 	else
 		client_line(rt, "%s NO [UNAVAILABLE] The public folder servers "
 		    "are unavailable, try again later.", c->tag);
@@ -1498,70 +1701,169 @@ out:
 	free(r);
 }
 
-/* Append the public prefixes to the shared namespace of a NAMESPACE line. */
+/*
+ * Append tokens [from, to) -- one NAMESPACE item -- to out, strings quoted
+ * again (or sent as literals) by imap_append_string.  Namespace
+ * descriptions follow each other without a space: "(("" "/")("x/" "/"))".
+ */
+static int
+append_tokens(struct str *out, const struct token *t, size_t from,
+    size_t to)
+{
+	for (size_t i = from; i < to; i++) {
+		int rc;
+
+		if (i > from && t[i].type != TOK_RPAREN &&
+		    t[i - 1].type != TOK_LPAREN &&
+		    !(t[i - 1].type == TOK_RPAREN && t[i].type == TOK_LPAREN) &&
+		    str_adds(out, " ") != 0)
+			return -1;
+		switch (t[i].type) {
+		case TOK_LPAREN:
+			rc = str_adds(out, "(");
+			break;
+		case TOK_RPAREN:
+			rc = str_adds(out, ")");
+			break;
+		case TOK_NIL:
+			rc = str_adds(out, "NIL");
+			break;
+		case TOK_ATOM:
+			rc = str_add(out, t[i].s, t[i].len);
+			break;
+		default:
+			rc = imap_append_string(out, t[i].s, t[i].len, 0) < 0;
+			break;
+		}
+		if (rc != 0)
+			return -1;
+	}
+	return 0;
+}
+
+/* The index after the token at i, or after the list it opens. */
+static size_t
+group_end(const struct command *c, size_t i)
+{
+	int depth = 0;
+
+	do {
+		if (c->tok[i].type == TOK_LPAREN)
+			depth++;
+		else if (c->tok[i].type == TOK_RPAREN)
+			depth--;
+		i++;
+	} while (i < c->ntok && depth > 0);
+	return i;
+}
+
+/*
+ * The public link whose prefix a namespace description names: the same
+ * prefix, or the same root with another delimiter ("Public Folders." for
+ * "Public Folders/"), for LIST shows that root once, the public
+ * server's.  0 for none.
+ */
+static int
+namespace_owner(const struct router *rt, const struct token *t)
+{
+	for (int i = 1; i < rt->npublic; i++) {
+		const char *p = rt->links[i].route->pattern;
+		size_t pl = strlen(p), rl = prefix_root_len(p);
+
+		if (t->len == pl && name_head_equal(t->s, t->len, p, pl, pl))
+			return i;
+		if (rl < pl && t->len == pl &&
+		    !isalnum((unsigned char)t->s[rl]) &&
+		    name_head_equal(t->s, t->len, p, pl, rl))
+			return i;
+	}
+	return 0;
+}
+
+/* A public prefix's namespace description: its delimiter ends it. */
+static int
+append_public_namespace(struct str *out, const char *pfx)
+{
+	char delim = pfx[strlen(pfx) - 1];
+
+	if (isalnum((unsigned char)delim))
+		delim = '/';
+	if (str_adds(out, "(") != 0 ||
+	    imap_append_string(out, pfx, strlen(pfx), 0) < 0)
+		return -1;
+	return str_printf(out, " \"%s%c\")", delim == '"' || delim == '\\' ?
+	    "\\" : "", delim);
+}
+
+/*
+ * The shared namespaces (the third item, at tok[at]) with every public
+ * prefix once: a description of the home server's that names one is
+ * replaced where it stands, the others are added at the end.
+ */
+static int
+append_shared_namespaces(struct router *rt, const struct command *c,
+    size_t at, struct str *out)
+{
+	char *shown = calloc((size_t)rt->npublic, 1);
+	int rc = -1;
+
+	if (shown == NULL || str_adds(out, "(") != 0)
+		goto out;
+	for (size_t j = at + 1; c->tok[at].type == TOK_LPAREN &&
+	    j < c->ntok && c->tok[j].type == TOK_LPAREN;) {
+		size_t next = group_end(c, j);
+		int owner = j + 1 < next && is_mailbox_token(&c->tok[j + 1]) ?
+		    namespace_owner(rt, &c->tok[j + 1]) : 0;
+
+		if (owner == 0 && append_tokens(out, c->tok, j, next) != 0)
+			goto out;
+		if (owner > 0 && !shown[owner] && append_public_namespace(out,
+		    rt->links[owner].route->pattern) != 0)
+			goto out;
+		if (owner > 0)
+			shown[owner] = 1;
+		j = next;
+	}
+	for (int i = 1; i < rt->npublic; i++)
+		if (!shown[i] && append_public_namespace(out,
+		    rt->links[i].route->pattern) != 0)
+			goto out;
+	rc = str_adds(out, ")");
+out:
+	free(shown);
+	return rc;
+}
+
+/*
+ * NAMESPACE: the home server's personal and other users' namespaces as
+ * they are, its shared ones with each public prefix once.  A line that
+ * does not parse goes as it came.
+ */
 static int
 rewrite_namespace(struct router *rt, const char *line, size_t len,
     struct str *out)
 {
-	const char *p = line + strlen("* NAMESPACE "), *end = line + len;
-	const char *third = NULL;
-	int item = 0;
+	struct command *c = malloc(sizeof(*c));
+	struct str copy = { 0 };
+	size_t second, third;
+	int rc;
 
-	/* find where the third top-level item starts */
-	while (p < end && item < 2) {
-		if (*p == '(') {
-			int depth = 0, quoted = 0;
-
-			for (; p < end; p++) {
-				if (quoted) {
-					if (*p == '\\' && p + 1 < end)
-						p++;
-					else if (*p == '"')
-						quoted = 0;
-				} else if (*p == '"')
-					quoted = 1;
-				else if (*p == '(')
-					depth++;
-				else if (*p == ')' && --depth == 0) {
-					p++;
-					break;
-				}
-			}
-		} else
-			p += strcspn(p, " ");
-		while (p < end && *p == ' ')
-			p++;
-		item++;
-	}
-	third = p;
-	if (item < 2 || third >= end)
-		return str_add(out, line, len);
-	if (str_add(out, line, (size_t)(third - line)) != 0 ||
-	    str_adds(out, "(") != 0)
-		return -1;
-	if (strncasecmp(third, "NIL", 3) != 0 && third[0] == '(') {
-		/* keep the server's own shared namespaces first */
-		const char *close = end;
-
-		while (close > third && close[-1] != ')')
-			close--;
-		if (close - third >= 2 &&
-		    str_add(out, third + 1, (size_t)(close - third - 2)) != 0)
-			return -1;
-	}
-	for (int i = 1; i < rt->npublic; i++) {
-		const char *pfx = rt->links[i].route->pattern;
-		char delim = pfx[strlen(pfx) - 1];
-
-		if (isalnum((unsigned char)delim))
-			delim = '/';
-		if (str_adds(out, "(") != 0 ||
-		    imap_append_string(out, pfx, strlen(pfx), 0) < 0 ||
-		    str_printf(out, " \"%s%c\")", delim == '"' || delim == '\\' ?
-		    "\\" : "", delim) != 0)
-			return -1;
-	}
-	return str_adds(out, ")");
+	if (c == NULL || parse_untagged(line, len, &copy, c) != 0 ||
+	    strcmp(c->name, "NAMESPACE") != 0 || c->ntok == 0 ||
+	    (second = group_end(c, 0)) >= c->ntok ||
+	    (third = group_end(c, second)) >= c->ntok ||
+	    group_end(c, third) != c->ntok)
+		rc = str_add(out, line, len);
+	else
+		rc = str_adds(out, "* NAMESPACE ") != 0 ||
+		    append_tokens(out, c->tok, 0, second) != 0 ||
+		    str_adds(out, " ") != 0 ||
+		    append_tokens(out, c->tok, second, third) != 0 ||
+		    str_adds(out, " ") != 0 ||
+		    append_shared_namespaces(rt, c, third, out) != 0 ? -1 : 0;
+	str_free(&copy);
+	free(c);
+	return rc;
 }
 
 /* CAPABILITY after login: what the router can honour, as at login. */

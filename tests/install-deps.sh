@@ -18,7 +18,7 @@ umask 022
 pkgs="build-essential clang pkg-config libssl-dev libsasl2-dev libsasl2-modules
 sasl2-bin dovecot-core dovecot-imapd python3 python3-pytest curl openssl
 valgrind mandoc libsasl2-modules-db cyrus-common libclang-rt-14-dev xinetd
-haproxy libldap-dev slapd ldap-utils"
+haproxy libldap-dev slapd ldap-utils isync mutt tmux"
 cache=/var/cache/imapfe-tests
 cyrus_dir=$cache/cyrus-imapd
 

@@ -22,6 +22,7 @@ import time
 
 import pytest
 
+from fakebackend import FakeBackend, plain_server
 from conftest import (BIN, MAILUID, SLOW, VALGRIND, Dovecot, Raw,
                       base_config, sample_message, wait_for)
 
@@ -1092,3 +1093,107 @@ def test_plain_session_with_public_configured(pfe, home):
     assert "event=public-login" not in log
     assert "event=public-failed" not in log
     assert re.search(r"bytes_in=(\d{8})", log), log
+
+
+# --- a home server that speaks differently --------------------------------
+# What no test Dovecot sends: names as literals, a home NAMESPACE naming the
+# public prefix with extensions or another delimiter.  The home server is
+# scripted (it answers LIST, LSUB and NAMESPACE from a table); the public
+# server is the real one.
+
+def scripted_home(answers):
+    """A home back-end: after login, each command whose name is in answers
+    gets those bytes (untagged responses) and a tagged OK."""
+    def script(conn):
+        def after(cn):
+            while True:
+                ln = cn.line()
+                if ln is None:
+                    return
+                tag, _, rest = ln.partition(" ")
+                cmd = rest.split(" ", 1)[0].upper()
+                if cmd == "LOGOUT":
+                    cn.send("* BYE bye\r\n%s OK bye\r\n" % tag)
+                    return
+                cn.send(answers.get(cmd, b"") + b"%s OK %s done\r\n"
+                        % (tag.encode(), cmd.encode()))
+        plain_server(conn, after_login=after)
+    return FakeBackend(script)
+
+
+@pytest.fixture
+def odd_home():
+    made = []
+
+    def make(answers):
+        fake = scripted_home(answers)
+        made.append(fake)
+        return fake
+    yield make
+    for fake in made:
+        fake.close()
+
+
+def routed_to(imapfe_factory, home_port, pub_port):
+    f = imapfe_factory(base_config(home_port, 'public "%s" 127.0.0.1:%d\n'
+                                   % (PREFIX, pub_port)))
+    f.start_inetd()
+    return f
+
+
+def test_home_names_sent_as_literals_are_filtered_too(imapfe_factory,
+                                                      odd_home, public):
+    home = odd_home({"LIST": (
+        b'* LIST (\\HasNoChildren) "/" INBOX\r\n'
+        b'* LIST (\\HasNoChildren) "/" {6}\r\nDrafts\r\n'
+        b'* LIST (\\Noselect \\HasChildren) "/" {14}\r\nPublic Folders\r\n'
+        b'* LIST (\\HasNoChildren) "/" {19}\r\nPublic Folders/News\r\n'
+        b'* LIST (\\HasNoChildren) "/" "Public Folders/Stale"\r\n'
+        b'* LIST () "/" "public folders/lower case"\r\n'
+        b'* STATUS {19}\r\nPublic Folders/News (MESSAGES 9)\r\n'
+        b'* STATUS "Public Folders/Stale" (MESSAGES 8)\r\n'
+        b'* STATUS {6}\r\nDrafts (MESSAGES 1)\r\n')})
+    f = routed_to(imapfe_factory, home.port, public.port)
+    c = raw_login(f)
+    lines = c.cmd("a", 'LIST "" "*" RETURN (STATUS (MESSAGES))')
+    assert lines[-1].startswith("a OK LIST"), lines     # the home's answer
+    text = "\n".join(lines)
+    # The home's names outside the prefix, literals kept as literals ...
+    assert '* LIST (\\HasNoChildren) "/" {6}\nDrafts' in text, lines
+    assert '* STATUS {6}\nDrafts (MESSAGES 1)' in text, lines
+    assert '"public folders/lower case"' in text, lines
+    # ... its names under the prefix gone, literal or quoted ...
+    assert "Stale" not in text and "(MESSAGES 9)" not in text, lines
+    # ... and the public server's own, each once, the root too.
+    for name in (NEWS, EVENTS, "Public Folders"):
+        listed = [ln for ln in lines if ln.startswith("* LIST ") and
+                  ln.endswith(' "/" "%s"' % name)]
+        assert len(listed) == 1, (name, lines)
+    # the root as the public server lists it (RFC 5258: \NonExistent)
+    assert '* LIST (\\NonExistent) "/" "Public Folders"' in lines, lines
+    assert lines.count('* STATUS "%s" (MESSAGES 3)' % NEWS) == 1, lines
+    assert c.cmd("z", "LOGOUT")[-1].startswith("z OK")
+
+
+@pytest.mark.parametrize("home_ns, want", [
+    # the prefix named with another delimiter: shown once, the public's
+    (b'(("" "/")) NIL (("Public Folders." ".")("Other Users/" "/"))',
+     '(("" "/")) NIL (("Public Folders/" "/")("Other Users/" "/"))'),
+    # with extension data of the home's: the public server's entry instead
+    (b'(("" "/")) (("~" "/")) (("Public Folders/" "/" "X-PARAM" ("a" "b")))',
+     '(("" "/")) (("~" "/")) (("Public Folders/" "/"))'),
+    # not named: added after the home's own, whose quoting survives
+    (b'(("" "/")) NIL (("Sh\\"ared/" "/"))',
+     '(("" "/")) NIL (("Sh\\"ared/" "/")("Public Folders/" "/"))'),
+    # no shared namespace at all
+    (b'(("INBOX." ".")) NIL NIL',
+     '(("INBOX." ".")) NIL (("Public Folders/" "/"))'),
+])
+def test_namespace_shows_each_public_prefix_once(imapfe_factory, odd_home,
+                                                 public, home_ns, want):
+    home = odd_home({"NAMESPACE": b"* NAMESPACE " + home_ns + b"\r\n"})
+    f = routed_to(imapfe_factory, home.port, public.port)
+    c = raw_login(f)
+    lines = c.cmd("n", "NAMESPACE")
+    assert lines == ["* NAMESPACE " + want, "n OK NAMESPACE done"], lines
+    assert c.cmd("z", "LOGOUT")[-1].startswith("z OK")
