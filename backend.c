@@ -564,7 +564,7 @@ backend_dispatch(struct backend *be, const struct resp_sink *sink,
 		k = resp_scan_piece(&be->sc, p, n);
 		if (k == 0 && start && n < io->cap)
 			break;		/* the rest of the line is to come */
-		if (k == 0 && sink == NULL) {
+		if (k == 0 && (sink == NULL || !sink->long_lines)) {
 			d = DISPATCH_TOOLONG;	/* imapfe reads whole lines */
 			break;
 		}

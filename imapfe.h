@@ -610,6 +610,7 @@ struct resp_sink {
 			    const char *line, size_t len);
 	int		(*tagged)(void *ctx, const struct reply *);
 	size_t		 whole_max;	/* line sees responses this long whole */
+	int		 long_lines;	/* pass lines longer than the buffer */
 	void		*ctx;
 };
 
@@ -618,7 +619,7 @@ enum dispatch {
 	DISPATCH_TAGGED,	/* a tagged answer, in the reply */
 	DISPATCH_CONTINUATION,	/* a "+" line, in the reply */
 	DISPATCH_FAILED,	/* the sink could not write */
-	DISPATCH_TOOLONG	/* a line longer than the buffer, no sink */
+	DISPATCH_TOOLONG	/* a line longer than the buffer, not passed */
 };
 
 enum dispatch	 backend_dispatch(struct backend *, const struct resp_sink *,

@@ -614,14 +614,15 @@ static const struct resp_sink *
 sink_for(struct router *rt, struct link *l, enum mode m,
     struct sink_ctx *ctx, struct resp_sink *sink)
 {
-	static const struct resp_sink nowhere = { .data = swallow };
+	static const struct resp_sink nowhere = { .data = swallow,
+	    .long_lines = 1 };
 
 	if (m == DISCARD)
 		return &nowhere;
 	*ctx = (struct sink_ctx){ rt, l, m };
 	*sink = (struct resp_sink){ .out = rt->client, .ctx = ctx,
 	    .line = l != rt->links || m != FORWARD ? response_line : NULL,
-	    .tagged = answer_inline,
+	    .tagged = answer_inline, .long_lines = 1,
 	    .whole_max = m == FILTER_LIST ? TAGGED_LINE_MAX : 0 };
 	return sink;
 }
@@ -1998,7 +1999,7 @@ collect_meta(struct router *rt, int from, const struct token *set, int uid,
 {
 	struct meta_ctx mc = { .rt = rt, .from = &rt->links[from] };
 	struct resp_sink sink = { .out = rt->client, .line = meta_line,
-	    .ctx = &mc };
+	    .long_lines = 1, .ctx = &mc };
 	struct str text = { 0 };
 	struct reply *r = malloc(sizeof(*r));
 	enum reply_status rs = REPLY_LOST;

@@ -30,7 +30,7 @@ dispatch_all(const char *buf, size_t size, int filter)
 	struct reply r;
 	size_t total = 0;
 	struct resp_sink sink = { .line = filter ? drop_some : NULL,
-	    .data = take_data, .ctx = &total };
+	    .data = take_data, .long_lines = filter, .ctx = &total };
 	enum dispatch d;
 
 	memset(&be, 0, sizeof(be));
