@@ -452,6 +452,26 @@ test_cmd_read_literals(void)
 	reader_close(&rb);
 }
 
+/* A command of n empty literals, each announced on a line of its own. */
+static enum cmd_status
+read_many_literals(int n)
+{
+	struct reader_bed rb;
+	struct str in = { 0 };
+	enum cmd_status st = CMD_END;
+	int ok = str_adds(&in, "a X") == 0;
+
+	for (int i = 0; ok && i < n; i++)
+		ok = str_adds(&in, " {0}\r\n") == 0;
+	if (ok && str_adds(&in, "\r\n") == 0 && reader_open(&rb, in.s) == 0) {
+		st = cmd_read(&rb.io, &prelogin_limits, &rb.cb);
+		CHECK(rb.cb.ncuts <= CMD_MAX_LITERALS);
+		reader_close(&rb);
+	}
+	str_free(&in);
+	return st;
+}
+
 static void
 test_cmd_read_limits(void)
 {
@@ -497,6 +517,9 @@ test_cmd_read_limits(void)
 	CHECK(rb.cb.end == END_LIMIT && rb.cb.bye != NULL &&
 	    strcmp(rb.cb.bye, "Command line too long.") == 0);
 	reader_close(&rb);
+	/* the literals of one command are counted */
+	CHECK(read_many_literals(CMD_MAX_LITERALS - 1) == CMD_COMPLETE);
+	CHECK(read_many_literals(CMD_MAX_LITERALS + 1) == CMD_END);
 }
 
 static void
