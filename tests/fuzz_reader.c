@@ -15,7 +15,7 @@
 #define LIMIT_BYTES	5	/* the limits, then what the client sends */
 #define READY		"+ Ready for literal data\r\n"
 
-/* What the client sent and how much of it the reader has taken. */
+/* What the client sent, after the limit bytes. */
 struct feed {
 	const uint8_t	*in;
 	size_t		 size;
