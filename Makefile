@@ -35,7 +35,8 @@ LIBSRCS	 = log.c auth.c backend.c proto.c iobuf.c tls.c proxyproto.c ldap.c
 # with the binary's installed path.
 SERVICE_FILES = imapfe.xinetd imapfe.inetd imapfe.socket imapfe@.service
 
-FUZZERS	 = tests/fuzz_command tests/fuzz_response tests/fuzz_sasl
+FUZZERS	 = tests/fuzz_command tests/fuzz_reader tests/fuzz_response \
+	   tests/fuzz_sasl
 FUZZ_SECONDS ?= 180
 SANFLAGS = -fno-omit-frame-pointer -fsanitize=address,undefined \
 	   -fno-sanitize-recover=all

@@ -1,14 +1,17 @@
 /*
  * Unit tests for the pure parts of imapfe: the command parser, literal
  * announcements, IMAP string quoting, base64, SASL PLAIN, capability
- * filtering, the response scanner and LDAP filter escaping.  Ends with "N passed, N failed".
+ * filtering, the response scanner, the reader of client commands (over
+ * pipes) and LDAP filter escaping.  Ends with "N passed, N failed".
  */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "imapfe.h"
 
@@ -348,6 +351,194 @@ test_dispatch(void)
 	str_free(&c.data);
 }
 
+/* cmd_read over pipes: the client's bytes sent whole, then its end. */
+struct reader_bed {
+	struct iobuf	 io;
+	int		 answers;	/* what the reader wrote, to read back */
+	struct cmd_buf	 cb;
+	char		 said[512];
+};
+
+static const struct cmd_limits prelogin_limits = { .line_max = 1000,
+    .command_max = 65536, .literal_max = 4096, .hold_max = 4096,
+    .literal_name = "max_prelogin_literal" };
+static const struct cmd_limits routed_limits = { .line_max = 1000,
+    .command_max = 65536, .literal_max = 100, .hold_max = 16, .toobig = 1,
+    .literal_name = "max_literal_size" };
+
+static int
+reader_open(struct reader_bed *rb, const char *client)
+{
+	size_t len = strlen(client);
+	int in[2], out[2];
+
+	memset(rb, 0, sizeof(*rb));
+	if (pipe(in) != 0)
+		return -1;
+	if (pipe2(out, O_NONBLOCK) != 0) {
+		close(in[0]);
+		close(in[1]);
+		return -1;
+	}
+	if (write(in[1], client, len) != (ssize_t)len ||
+	    iobuf_init(&rb->io, in[0], out[1], 1024) != 0) {
+		close(in[0]);
+		close(in[1]);
+		close(out[0]);
+		close(out[1]);
+		return -1;
+	}
+	close(in[1]);
+	rb->answers = out[0];
+	return 0;
+}
+
+/* Everything the reader has written since the last look. */
+static const char *
+reader_said(struct reader_bed *rb)
+{
+	ssize_t n = read(rb->answers, rb->said, sizeof(rb->said) - 1);
+
+	rb->said[n > 0 ? n : 0] = '\0';
+	return rb->said;
+}
+
+static int
+reader_text_is(const struct reader_bed *rb, const char *s)
+{
+	return rb->cb.text.len == strlen(s) &&
+	    memcmp(rb->cb.text.s, s, rb->cb.text.len) == 0;
+}
+
+static void
+reader_close(struct reader_bed *rb)
+{
+	close(rb->io.rfd);
+	close(rb->io.wfd);
+	close(rb->answers);
+	iobuf_free(&rb->io);
+	str_free(&rb->cb.text);
+}
+
+static void
+test_cmd_read_literals(void)
+{
+	struct reader_bed rb;
+
+	/* a synchronizing literal gets its "+" and is held as sent */
+	CHECK(reader_open(&rb, "a LOGIN {5}\r\nalice {6}\r\nsecret\r\n") == 0);
+	CHECK(cmd_read(&rb.io, &prelogin_limits, &rb.cb) == CMD_COMPLETE);
+	CHECK(reader_text_is(&rb, "a LOGIN {5}\r\nalice {6}\r\nsecret\r\n"));
+	CHECK(rb.cb.ncuts == 2 && rb.cb.cuts[0] == 13 && rb.cb.cuts[1] == 24);
+	CHECK(strcmp(reader_said(&rb), "+ Ready for literal data\r\n"
+	    "+ Ready for literal data\r\n") == 0);
+	CHECK(strcmp(rb.cb.tag, "a") == 0);
+	reader_close(&rb);
+	/* a non-synchronizing one is held synchronizing, without a "+" */
+	CHECK(reader_open(&rb, "b LOGIN {05+}\r\nalice pw\nc NOOP\r\n") == 0);
+	CHECK(cmd_read(&rb.io, &prelogin_limits, &rb.cb) == CMD_COMPLETE);
+	CHECK(reader_text_is(&rb, "b LOGIN {5}\r\nalice pw\r\n"));
+	CHECK(rb.cb.ncuts == 1 && rb.cb.cuts[0] == 13);
+	CHECK(strcmp(reader_said(&rb), "") == 0);
+	CHECK(cmd_read(&rb.io, &prelogin_limits, &rb.cb) == CMD_COMPLETE);
+	CHECK(reader_text_is(&rb, "c NOOP\r\n") && rb.cb.ncuts == 0);
+	reader_close(&rb);
+	/* an invalid size is refused, and the next command read */
+	CHECK(reader_open(&rb, "d LOGIN {x}\r\ne NOOP\r\n") == 0);
+	CHECK(cmd_read(&rb.io, &prelogin_limits, &rb.cb) == CMD_BAD_LITERAL);
+	CHECK(strcmp(reader_said(&rb), "d BAD Invalid literal size.\r\n") == 0);
+	CHECK(cmd_read(&rb.io, &prelogin_limits, &rb.cb) == CMD_COMPLETE);
+	CHECK(reader_text_is(&rb, "e NOOP\r\n"));
+	reader_close(&rb);
+}
+
+/* A command of n empty literals, each announced on a line of its own. */
+static enum cmd_status
+read_many_literals(int n)
+{
+	struct reader_bed rb;
+	struct str in = { 0 };
+	enum cmd_status st = CMD_END;
+	int ok = str_adds(&in, "a X") == 0;
+
+	for (int i = 0; ok && i < n; i++)
+		ok = str_adds(&in, " {0}\r\n") == 0;
+	if (ok && str_adds(&in, "\r\n") == 0 && reader_open(&rb, in.s) == 0) {
+		st = cmd_read(&rb.io, &prelogin_limits, &rb.cb);
+		CHECK(rb.cb.ncuts <= CMD_MAX_LITERALS);
+		reader_close(&rb);
+	}
+	str_free(&in);
+	return st;
+}
+
+static void
+test_cmd_read_limits(void)
+{
+	struct reader_bed rb;
+	struct str scratch = { 0 };
+
+	/* after login, a synchronizing literal over the limit: TOOBIG */
+	CHECK(reader_open(&rb, "a APPEND INBOX {1000}\r\nb NOOP\r\n") == 0);
+	CHECK(cmd_read(&rb.io, &routed_limits, &rb.cb) == CMD_ANSWERED);
+	CHECK(strcmp(reader_said(&rb), "a NO [TOOBIG] Literal too large.\r\n")
+	    == 0);
+	CHECK(cmd_read(&rb.io, &routed_limits, &rb.cb) == CMD_COMPLETE);
+	CHECK(reader_text_is(&rb, "b NOOP\r\n"));
+	reader_close(&rb);
+	/* before login the same literal ends the session */
+	CHECK(reader_open(&rb, "a APPEND INBOX {5000}\r\n") == 0);
+	CHECK(cmd_read(&rb.io, &prelogin_limits, &rb.cb) == CMD_END);
+	CHECK(rb.cb.end == END_LIMIT && rb.cb.bye != NULL &&
+	    strcmp(rb.cb.bye, "Literal too large.") == 0);
+	CHECK(strcmp(reader_said(&rb), "") == 0);
+	reader_close(&rb);
+	/* over hold_max: the caller streams it, then reads the rest */
+	CHECK(reader_open(&rb, "c APPEND INBOX {20}\r\n"
+	    "01234567890123456789 {2+}\r\nok\r\n") == 0);
+	CHECK(cmd_read(&rb.io, &routed_limits, &rb.cb) == CMD_STREAM);
+	CHECK(rb.cb.stream_left == 20 && rb.cb.stream_sync == 1);
+	CHECK(reader_text_is(&rb, "c APPEND INBOX {20}\r\n") &&
+	    rb.cb.ncuts == 1 && rb.cb.cuts[0] == rb.cb.text.len);
+	CHECK(strcmp(reader_said(&rb), "") == 0);
+	CHECK(iobuf_read_into(&rb.io, rb.cb.stream_left, &scratch) == IO_OK &&
+	    scratch.len == 20 && memcmp(scratch.s, "01234567890123456789",
+	    20) == 0);
+	rb.cb.continuing = 1;
+	CHECK(cmd_read(&rb.io, &routed_limits, &rb.cb) == CMD_COMPLETE);
+	CHECK(reader_text_is(&rb, " {2}\r\nok\r\n") && rb.cb.ncuts == 1);
+	CHECK(strcmp(rb.cb.tag, "c") == 0);
+	str_free(&scratch);
+	reader_close(&rb);
+	/* a line over line_max ends the session with a BYE */
+	CHECK(reader_open(&rb, "a NOOP") == 0);
+	CHECK(cmd_read(&rb.io, &(struct cmd_limits){ .line_max = 4,
+	    .command_max = 100 }, &rb.cb) == CMD_END);
+	CHECK(rb.cb.end == END_LIMIT && rb.cb.bye != NULL &&
+	    strcmp(rb.cb.bye, "Command line too long.") == 0);
+	reader_close(&rb);
+	/* the literals of one command are counted */
+	CHECK(read_many_literals(CMD_MAX_LITERALS - 1) == CMD_COMPLETE);
+	CHECK(read_many_literals(CMD_MAX_LITERALS + 1) == CMD_END);
+}
+
+static void
+test_cmd_read_end(void)
+{
+	struct reader_bed rb;
+
+	/* the client's end, between commands or inside one: no BYE */
+	CHECK(reader_open(&rb, "") == 0);
+	CHECK(cmd_read(&rb.io, &prelogin_limits, &rb.cb) == CMD_END);
+	CHECK(rb.cb.end == END_CLIENT_GONE && rb.cb.bye == NULL);
+	reader_close(&rb);
+	CHECK(reader_open(&rb, "a LOGIN {10}\r\nalice") == 0);
+	CHECK(cmd_read(&rb.io, &prelogin_limits, &rb.cb) == CMD_END);
+	CHECK(rb.cb.end == END_CLIENT_GONE && rb.cb.bye == NULL);
+	CHECK(strcmp(reader_said(&rb), "+ Ready for literal data\r\n") == 0);
+	reader_close(&rb);
+}
+
 static void
 test_sanitize(void)
 {
@@ -576,6 +767,9 @@ main(void)
 	test_scanner();
 	test_resp_status();
 	test_dispatch();
+	test_cmd_read_literals();
+	test_cmd_read_limits();
+	test_cmd_read_end();
 	test_sanitize();
 	test_referral();
 	test_hostport();
