@@ -1,5 +1,6 @@
 # imapfe: an IMAP front-end, one process per client connection.
-# See README.md for the two commands that do everything, and imapfe.8.
+# See README.md for the two commands that do everything, imapfe.8 and
+# imapfe.conf.5.
 
 PREFIX	?= /usr/local
 SBINDIR	?= $(PREFIX)/sbin

@@ -290,7 +290,8 @@ route_target(struct route *r, const char *kind, const char *word,
 	if (strcmp(kind, "public") != 0 || strcmp(word, "ldap") != 0)
 		return split_hostport(word, 0, &r->host, &r->port, err, errlen);
 	if (noptions != 0) {
-		snprintf(err, errlen, "ldap takes no options");
+		snprintf(err, errlen, "a public line takes HOST:PORT with "
+		    "options, or ldap without");
 		return -1;
 	}
 	if ((r->host = strdup("directory")) == NULL ||
@@ -1125,11 +1126,12 @@ io_end(struct session *s, enum io_status st)
 }
 
 /*
- * Before login a line may be as long as max_line_length, or as a valid
- * ID at RFC 2971's sizes (30 pairs, fields of 30 octets and values of
- * 1024, every byte of them escaped in a quoted string) is: such an ID is
- * answered, as Dovecot answers it; what goes on to a back-end stays
- * bounded by the max_id settings.
+ * Before login a line may be as long as max_line_length, or, for ID, as
+ * a valid ID at RFC 2971's sizes (30 pairs, fields of 30 octets and values
+ * of 1024, every byte of them escaped in a quoted string) is: such an ID
+ * is answered, as Dovecot answers it, and what goes on to a back-end stays
+ * bounded by the max_id settings.  The reader takes lines up to that
+ * size; session_prelogin() holds other commands to max_line_length.
  */
 static size_t
 prelogin_line_max(const struct config *cfg)
@@ -1205,14 +1207,20 @@ cmd_capability(struct session *s, const struct command *c)
 /*
  * Keep one of the client's ID fields for the back-end.  Fields that would
  * let a client pose as another address or session are dropped; a hop
- * count is believed only when it is lower than ours.
+ * count is believed only when it is lower than ours.  What is kept stays
+ * within FORWARDED_ID_MAX, the rest is dropped: a back-end reads an ID
+ * before login into a small buffer (Dovecot's imap-login, 4 KB, ends the
+ * connection over it), however much RFC 2971 lets a client send.
  */
+#define FORWARDED_ID_MAX	2048
+
 static void
 id_keep(struct session *s, const struct token *f, const struct token *v)
 {
 	static const char *const reserved[] = { "x-originating-",
 	    "x-connected-", "x-session-", "x-proxy-ttl", "x-forward-" };
 	struct str *out = &s->ci.id_fields;
+	size_t kept;
 
 	if (f->len == 11 && strncasecmp(f->s, "x-proxy-ttl", 11) == 0 &&
 	    v->type != TOK_NIL && v->len > 0 && v->len < 6) {
@@ -1232,6 +1240,7 @@ id_keep(struct session *s, const struct token *f, const struct token *v)
 	if (!credentials_acceptable(f->s, f->len) ||
 	    (v->type != TOK_NIL && !credentials_acceptable(v->s, v->len)))
 		return;
+	kept = out->len;
 	if ((out->len > 0 && str_add(out, " ", 1) != 0) ||
 	    imap_append_string(out, f->s, f->len, 0) < 0 ||
 	    str_add(out, " ", 1) != 0)
@@ -1239,6 +1248,8 @@ id_keep(struct session *s, const struct token *f, const struct token *v)
 	else if (v->type == TOK_NIL ? str_adds(out, "NIL") != 0 :
 	    imap_append_string(out, v->s, v->len, 0) < 0)
 		str_wipe(out);
+	else if (out->len > FORWARDED_ID_MAX)
+		out->len = kept;	/* this pair would make it too long */
 }
 
 /* ID NIL, or ID ("field" "value" ...) within RFC 2971's limits. */
@@ -1639,13 +1650,17 @@ session_prelogin(struct session *s)
 		len = s->cmdbuf.text.len - 2;
 		trace_data("from", "client", s->cmdbuf.text.s, len, 0);
 		ps = parse_command(s->cmdbuf.text.s, len, cmd, &why);
-		if (ps == PARSE_NOTAG)
+		if (s->cmdbuf.longest > s->cfg->max_line_length &&
+		    (ps != PARSE_OK || strcmp(cmd->name, "ID") != 0))
+			session_bye(s, END_LIMIT, "Command line too long.");
+		else if (ps == PARSE_NOTAG)
 			bad_command(s, "*", why);
 		else if (ps == PARSE_BAD)
 			bad_command(s, cmd->tag, why);
 		else
 			dispatch_prelogin(s, cmd);
 next:
+		str_wipe(&s->cmdbuf.text);	/* a LOGIN's password, say */
 		if (s->end == END_NONE && s->bad_commands >=
 		    s->cfg->max_bad_commands)
 			session_bye(s, END_LIMIT, "Too many invalid commands.");

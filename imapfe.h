@@ -236,6 +236,7 @@ struct cmd_buf {
 	int		 stream_sync;	/* and whether the client waits */
 	const char	*bye;		/* CMD_END: the BYE's text, or none */
 	enum session_end end;		/* CMD_END: how the session ends */
+	size_t		 longest;	/* its longest line */
 	char		 tag[72];	/* the command's, for answers */
 	int		 continuing;	/* the rest of a streamed command */
 };

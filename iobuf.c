@@ -701,7 +701,8 @@ cmd_read(struct iobuf *io, const struct cmd_limits *lim, struct cmd_buf *cb)
 	size_t len;
 	uint64_t n;
 
-	str_wipe(&cb->text);
+	cb->text.len = 0;	/* before login the caller wipes it */
+	cb->longest = 0;
 	cb->ncuts = 0;
 	cb->stream_left = 0;
 	cb->bye = NULL;
@@ -710,6 +711,8 @@ cmd_read(struct iobuf *io, const struct cmd_limits *lim, struct cmd_buf *cb)
 		if ((st = iobuf_getline(io, lim->line_max, &line, &len)) !=
 		    IO_OK)
 			return cmd_io_end(cb, st);
+		if (len > cb->longest)
+			cb->longest = len;
 		if (cb->text.len == 0 && !cb->continuing)
 			early_tag(line, len, cb->tag, sizeof(cb->tag));
 		k = literal_at_end(line, len, &n);
@@ -722,7 +725,7 @@ cmd_read(struct iobuf *io, const struct cmd_limits *lim, struct cmd_buf *cb)
 			return CMD_BAD_LITERAL;
 		}
 		if (cb->text.len + len + 32 > lim->command_max ||
-		    cb->ncuts == CMD_MAX_LITERALS)
+		    (k != LIT_NONE && cb->ncuts == CMD_MAX_LITERALS))
 			return cmd_limit(cb, "Command too long.");
 		if (cmd_add_line(cb, line, len, k, n) != 0)
 			return cmd_io_end(cb, IO_NOMEM);

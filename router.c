@@ -106,6 +106,8 @@ struct router {
 	enum session_end		 end;
 };
 
+static void	router_bye(struct router *, enum session_end, const char *);
+
 /* ------------------------------------------------------------------ */
 /* the client side */
 
@@ -705,8 +707,7 @@ link_pump(struct router *rt, int i)
 	int rc = 0;
 
 	if (r == NULL) {
-		client_line(rt, "* BYE Out of memory.");
-		rt->end = END_LIMIT;
+		router_bye(rt, END_LIMIT, "Out of memory.");
 		return -1;
 	}
 	while (rc == 0 && rt->end == END_NONE) {
@@ -941,7 +942,7 @@ read_command(struct router *rt)
 		break;
 	}
 	if (rt->cb.bye != NULL)
-		client_line(rt, "* BYE %s", rt->cb.bye);
+		router_bye(rt, rt->cb.end, rt->cb.bye);
 	rt->end = rt->cb.end;
 	return RD_END;
 }
@@ -1047,6 +1048,40 @@ bye_after_link(struct router *rt, int i, const char *text)
 	client_line(rt, "* BYE %s", text);
 }
 
+/* The link whose answers the client is reading now. */
+static int
+answering_link(const struct router *rt)
+{
+	return rt->busy >= 0 ? rt->busy : current_link(rt);
+}
+
+/* End the session with a BYE the client can read as one. */
+static void
+router_bye(struct router *rt, enum session_end end, const char *text)
+{
+	bye_after_link(rt, answering_link(rt), text);
+	rt->end = end;
+}
+
+/*
+ * What a lost link left of a response line goes on to the client, when
+ * the client was reading that link's answers, as a relay would pass it:
+ * what imapfe says next then ends that line first.
+ */
+static void
+link_flush_partial(struct router *rt, int i)
+{
+	struct backend *be = rt->links[i].be;
+	const char *p = be->io.buf + be->io.start;
+	size_t n = iobuf_pending(&be->io);
+
+	if (n == 0 || be->dropping || i != answering_link(rt) ||
+	    mode_now(rt, i) == DISCARD || client_write(rt, p, n) != 0)
+		return;
+	resp_scan(&be->sc, p, n);
+	iobuf_consume(&be->io, n);
+}
+
 /*
  * The rest of a command whose literal is too big to hold: each such
  * literal streams from the client to the link once the link said "+",
@@ -1130,6 +1165,7 @@ command_failed_on_link(struct router *rt, int i, const char *tag,
 		rt->end = END_TIMEOUT;
 		return;
 	}
+	link_flush_partial(rt, i);
 	if (i == 0) {
 		if (rt->links[0].be->io.tls_why[0] != '\0')
 			log_msg(LOG_NOTICE, "event=tls-error side=backend "
@@ -1148,6 +1184,8 @@ command_failed_on_link(struct router *rt, int i, const char *tag,
 		rt->end = END_BACKEND_GONE;
 		return;
 	}
+	if (!resp_scan_at_start(sc) && client_write(rt, "\r\n", 2) != 0)
+		return;
 	link_down(rt, i, "connection lost");
 	if (rt->merging)	/* the home server's answer is still to come */
 		client_line(rt, "* NO [UNAVAILABLE] The server for \"%s\" was "
@@ -1185,8 +1223,7 @@ run_on_link_as(struct router *rt, int i, const char *tag, enum mode m,
 	int answered = 0;
 
 	if (r == NULL) {
-		client_line(rt, "* BYE Out of memory.");
-		rt->end = END_LIMIT;
+		router_bye(rt, END_LIMIT, "Out of memory.");
 		return REPLY_LOST;
 	}
 	r->status = REPLY_LOST;
@@ -1229,8 +1266,7 @@ send_pipelined(struct router *rt, int i, const char *tag)
 {
 	flight_add(rt, i, tag, FORWARD, NULL, 1);
 	if (str_add(&rt->out, rt->cb.text.s, rt->send_len) != 0) {
-		client_line(rt, "* BYE Out of memory.");
-		rt->end = END_LIMIT;
+		router_bye(rt, END_LIMIT, "Out of memory.");
 	}
 }
 
@@ -1431,8 +1467,7 @@ run_referred(struct router *rt, const struct command *c, size_t name_end,
 	    str_add(&cmd, rt->cb.text.s + name_end, rt->send_len - name_end) == 0)
 		rs = run_text_on_link(rt, j, c->tag, &cmd, r);
 	else {
-		client_line(rt, "* BYE Out of memory.");
-		rt->end = END_LIMIT;
+		router_bye(rt, END_LIMIT, "Out of memory.");
 	}
 	str_free(&cmd);
 	return rs;
@@ -1512,8 +1547,7 @@ cmd_mailbox(struct router *rt, const struct command *c, int i,
 	if (i > 0 && public_unavailable(rt, i, c->tag))
 		return;
 	if ((r = malloc(sizeof(*r))) == NULL) {
-		client_line(rt, "* BYE Out of memory.");
-		rt->end = END_LIMIT;
+		router_bye(rt, END_LIMIT, "Out of memory.");
 		return;
 	}
 	rs = run_on_link(rt, i, c->tag, r);
@@ -1663,8 +1697,7 @@ cmd_list(struct router *rt, const struct command *c)
 	enum reply_status rs;
 
 	if (r == NULL) {
-		client_line(rt, "* BYE Out of memory.");
-		rt->end = END_LIMIT;
+		router_bye(rt, END_LIMIT, "Out of memory.");
 		return;
 	}
 	answer->status = REPLY_LOST;
@@ -2209,8 +2242,7 @@ cross_copy(struct router *rt, const struct command *c, size_t first,
 	int rc;
 
 	if (dest == NULL) {
-		client_line(rt, "* BYE Out of memory.");
-		rt->end = END_LIMIT;
+		router_bye(rt, END_LIMIT, "Out of memory.");
 		return;
 	}
 	dest->code = CODE_NONE;
@@ -2366,8 +2398,7 @@ dispatch(struct router *rt)
 	size_t first = 0;
 
 	if (c == NULL) {
-		client_line(rt, "* BYE Out of memory.");
-		rt->end = END_LIMIT;
+		router_bye(rt, END_LIMIT, "Out of memory.");
 		return;
 	}
 	ps = parse_copy(rt, &copy, c, &why);
@@ -2573,12 +2604,7 @@ wait_for_input(struct router *rt, struct pollfd *pfd, int *map)
 	    (int64_t)rt->cfg->idle_timeout * 1000 - now_ms();
 
 	if (left <= 0) {
-		if (rt->busy >= 0)
-			bye_after_link(rt, rt->busy, "Disconnected for "
-			    "inactivity.");
-		else
-			client_line(rt, "* BYE Disconnected for inactivity.");
-		rt->end = END_TIMEOUT;
+		router_bye(rt, END_TIMEOUT, "Disconnected for inactivity.");
 		return;
 	}
 	if ((keep = keepalives(rt)) < left)
@@ -2602,10 +2628,8 @@ wait_for_input(struct router *rt, struct pollfd *pfd, int *map)
 		left = 0;
 	if (poll_wait(pfd, (nfds_t)n, (int)(left > POLL_MAX_MS ? POLL_MAX_MS :
 	    left)) < 0) {
-		if (errno == EINTR && shutdown_requested) {
-			client_line(rt, "* BYE Server shutting down.");
-			rt->end = END_SHUTDOWN;
-		}
+		if (errno == EINTR && shutdown_requested)
+			router_bye(rt, END_SHUTDOWN, "Server shutting down.");
 		return;
 	}
 	for (int k = 1; k < n && rt->end == END_NONE; k++) {

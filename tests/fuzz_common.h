@@ -12,7 +12,7 @@
 #include "imapfe.h"
 
 /* The input as a NUL-terminated copy with one spare byte after it. */
-static char *
+static inline char *
 fuzz_copy(const uint8_t *data, size_t size)
 {
 	char *p = malloc(size + 2);

@@ -638,7 +638,8 @@ def test_config_check_flag(imapfe_factory, tmp_path):
     ("server mail/example:143", "the host must be a name or an address"),
     ('public "Shared/" mail.example.org:65536',
      "the port must be a number from 1 to 65535"),
-    ('public "Shared/" ldap tls=none', "ldap takes no options"),
+    ('public "Shared/" ldap tls=none',
+     "a public line takes HOST:PORT with options, or ldap without"),
 ])
 def test_config_check_rejects_bad_host_port(tmp_path, line, why):
     bad = tmp_path / "bad.conf"
@@ -757,6 +758,39 @@ def test_backend_learns_the_client_address(imapfe_factory, trusting_dovecot):
         "rip=127.0.0.2" in login_line()
     assert "192.0.2.66" not in log
     assert "name=mutt" in log and session in log
+
+
+@pytest.mark.parametrize("routed", [False, True], ids=["relay", "routed"])
+def test_id_at_rfc2971_sizes_is_answered(imapfe_factory, trusting_dovecot,
+                                         routed):
+    """RFC 2971 allows 30 pairs, fields of 30 octets and values of 1024:
+    about 32 KB on one line, more with escapes.  Such an ID is answered
+    (Dovecot answers it) in both modes, what reaches the back-end is the
+    same, and another command that long still ends the session."""
+    conf = base_config(trusting_dovecot.port)
+    if routed:
+        conf += "server 127.0.0.1:9\n"
+    f = imapfe_factory(conf)
+    f.start_inetd()
+    c = Raw(f.port)
+    value = '\\"' * 1024    # 1024 octets, each escaped: 2048 on the wire
+    pairs = " ".join('"%s" "%s"' % ("f%02d" % i + "x" * 27, value)
+                     for i in range(30))
+    assert len("i ID (%s)" % pairs) > 60000
+    assert c.cmd("i", "ID (%s)" % pairs) == ["* ID NIL", "i OK ID completed."]
+    assert c.cmd("a", "LOGIN alice secret")[-1].startswith("a OK")
+    assert c.cmd("n", "NOOP")[-1].startswith("n OK")
+    c.cmd("z", "LOGOUT")
+    c.close()
+    session = re.search(r"session=([0-9a-f]{12})",
+                        f.wait_log("reason=logout")).group(1)
+    wait_for(lambda: session in trusting_dovecot.log_text(), 10 * SLOW,
+             "Dovecot to log the forwarded ID")
+    # a line that long that is not an ID is still too long
+    d = Raw(f.port)
+    d.send("a NOOP " + "x" * 20000 + "\r\n")
+    assert d.line() == "* BYE Command line too long."
+    d.close()
 
 
 def test_client_id_with_8bit_value_still_logs_in(imapfe_factory,
