@@ -562,7 +562,8 @@ backend_dispatch(struct backend *be, const struct resp_sink *sink,
 		if (n == 0)
 			break;
 		k = resp_scan_piece(&be->sc, p, n);
-		if (k == 0 && start && n < io->cap)
+		if (k == 0 && n < io->cap && (start || sink == NULL ||
+		    !sink->long_lines))
 			break;		/* the rest of the line is to come */
 		if (k == 0 && (sink == NULL || !sink->long_lines)) {
 			d = DISPATCH_TOOLONG;	/* imapfe reads whole lines */

@@ -78,7 +78,9 @@ trace_credential_prefix(const char *line, size_t len)
 
 	if (sp == NULL)
 		return 0;
-	name = sp + 1;
+	/* (more than one space is a client's error, not a way around this) */
+	for (name = sp; name < line + len && *name == ' '; name++)
+		;
 	end = memchr(name, ' ', len - (size_t)(name - line));
 	if (end == NULL)
 		return 0;	/* nothing after the name: nothing secret */

@@ -231,7 +231,7 @@ link_internal(struct router *rt, int i, const char *verb, const char *args)
 	if (str_printf(&text, "%s%s%s", verb, args ? " " : "",
 	    args ? args : "") == 0 &&
 	    backend_simple(rt->links[i].be, rt->cfg, text.s, NULL, &r) <
-	    REPLY_BYE)
+	    REPLY_PLUS)
 		rc = 0;
 	str_free(&text);
 	rt->links[i].last_used = now_ms();
@@ -1123,7 +1123,7 @@ stream_rest(struct router *rt, int i, const char *tag, int *answered)
 		    *answered)
 			return w;
 	} while (st == CMD_STREAM);
-	return W_DONE;
+	return W_DONE;	/* (cmd_read left stream_left 0: all of it went) */
 }
 
 /* ------------------------------------------------------------------ */
@@ -1187,11 +1187,46 @@ command_failed_on_link(struct router *rt, int i, const char *tag,
 	if (!resp_scan_at_start(sc) && client_write(rt, "\r\n", 2) != 0)
 		return;
 	link_down(rt, i, "connection lost");
-	if (rt->merging)	/* the home server's answer is still to come */
+	if (rt->merging) {	/* the home server's answer is still to come */
+		flight_drop(rt, i);
 		client_line(rt, "* NO [UNAVAILABLE] The server for \"%s\" was "
 		    "lost.", rt->links[i].route->pattern);
+	}
 	else
 		flight_unavailable(rt, i, tag);
+}
+
+/*
+ * A command whose streamed literal did not go (refused before the "+",
+ * its server unavailable or lost): what the client sends of it anyway,
+ * a non-synchronizing literal and the rest of the command, is read and
+ * dropped, so that none of it is taken for a command.  A synchronizing
+ * one the client never sends: it has its answer.
+ */
+static void
+discard_rest(struct router *rt)
+{
+	struct cmd_limits lim;
+	enum cmd_status st = CMD_STREAM;
+
+	routed_limits(rt, &lim);
+	while (st == CMD_STREAM && rt->cb.stream_left > 0 &&
+	    !rt->cb.stream_sync && rt->end == END_NONE) {
+		if (pump(rt, rt->client, rt->cfg->idle_timeout, NULL,
+		    rt->cb.stream_left) != 0) {
+			rt->end = END_CLIENT_GONE;
+			break;
+		}
+		rt->cb.continuing = 1;
+		st = cmd_read(rt->client, &lim, &rt->cb);
+		rt->cb.continuing = 0;
+		if (st == CMD_END) {
+			if (rt->cb.bye != NULL)
+				router_bye(rt, rt->cb.end, rt->cb.bye);
+			rt->end = rt->cb.end;
+		}
+	}
+	rt->cb.stream_left = 0;
 }
 
 /* The commands in flight are answered: the next may run alone. */
@@ -1986,15 +2021,13 @@ struct meta_ctx {
 	int		 failed;	/* out of memory */
 };
 
-/* A FETCH answer of the collecting FETCH: kept; anything else passes. */
+/* A FETCH answer of the collecting FETCH is kept, not passed on. */
+/* A FETCH answer of the collecting FETCH is kept, not passed on. */
 static enum sink_verdict
-meta_line(void *ctx, const char *line, size_t len)
+meta_keep(struct meta_ctx *mc, const char *line)
 {
-	struct meta_ctx *mc = ctx;
 	struct msg_meta *m;
 
-	if (mc->from != mc->rt->links && is_bye(line, len))
-		return SINK_DROP;
 	if (strstr(line, " FETCH (") == NULL || strstr(line, "UID ") == NULL)
 		return SINK_KEEP;	/* the selected mailbox's news */
 	if (mc->count == CROSS_COPY_MAX) {
@@ -2018,6 +2051,26 @@ meta_line(void *ctx, const char *line, size_t len)
 	fetch_item(line, "INTERNALDATE", '"', '"', m->date, sizeof(m->date));
 	return SINK_DROP;
 }
+
+static enum sink_verdict
+meta_line(void *ctx, const char *raw, size_t len)
+{
+	struct meta_ctx *mc = ctx;
+	char *line;
+	enum sink_verdict v;
+
+	if (mc->from != mc->rt->links && is_bye(raw, len))
+		return SINK_DROP;
+	/* the response as a string of its own: it ends where its line does */
+	if ((line = strndup(raw, len)) == NULL) {
+		mc->failed = 1;
+		return SINK_FAIL;
+	}
+	v = meta_keep(mc, line);
+	free(line);
+	return v;
+}
+
 
 /*
  * The messages a client's sequence set names on the source: UID, flags
@@ -2081,7 +2134,7 @@ body_line(void *ctx, const char *line, size_t len)
 	uint64_t size;
 	enum literal_kind k = literal_at_end(line, len, &size);
 
-	if (bc->state != BODY_WAIT || strstr(line, " FETCH (") == NULL ||
+	if (bc->state != BODY_WAIT || memmem(line, len, " FETCH (", 8) == NULL ||
 	    (k != LIT_SYNC && k != LIT_NONSYNC))
 		return SINK_DROP;
 	snprintf(bc->atag, sizeof(bc->atag), "%s", backend_next_tag(to));
@@ -2329,18 +2382,30 @@ cmd_logout(struct router *rt, const struct command *c)
 		rt->end = END_LOGOUT;
 }
 
-/* ENABLE runs at home and is remembered for servers reached later. */
+/*
+ * ENABLE runs at home and is remembered for servers reached later: its
+ * capability names, atoms all (RFC 5161), composed anew; anything else
+ * in the command is not replayed.
+ */
 static void
 cmd_enable(struct router *rt, const struct command *c)
 {
-	const char *args = rt->cb.text.s + strlen(c->tag) + 1 + strlen("ENABLE");
+	struct str args = { 0 };
+	int ok = 1;
 
 	if (run_on_link(rt, 0, c->tag, NULL) != REPLY_OK)
 		return;
-	while (*args == ' ')
-		args++;
+	for (size_t k = 0; k < c->ntok && ok; k++)
+		if (c->tok[k].type == TOK_ATOM)
+			ok = (args.len == 0 || str_add(&args, " ", 1) == 0) &&
+			    str_add(&args, c->tok[k].s, c->tok[k].len) == 0;
 	free(rt->enabled);
-	rt->enabled = strndup(args, strcspn(args, "\r\n"));
+	rt->enabled = NULL;
+	if (ok && args.len > 0 && str_add(&args, "", 1) == 0) {
+		rt->enabled = args.s;	/* the router owns it from here */
+		args.s = NULL;
+	}
+	str_free(&args);
 	for (int i = 1; i < rt->nlinks && rt->enabled != NULL; i++)
 		if (rt->links[i].up)
 			link_internal(rt, i, "ENABLE", rt->enabled);
@@ -2475,6 +2540,8 @@ dispatch(struct router *rt)
 			rt->selected = -1;
 	}
 out:
+	if (rt->cb.stream_left > 0 && rt->end == END_NONE)
+		discard_rest(rt);
 	str_free(&copy);
 	free(c);
 }
@@ -2537,11 +2604,21 @@ link_failed(struct router *rt, int i)
 		link_down(rt, i, "connection closed");
 }
 
-/* Can the client's next command be taken now? */
+/*
+ * Can the client's next command be taken now?  Not while the answers in
+ * flight stand inside a response: what imapfe answers itself ("+" to a
+ * literal, a BAD) must never land inside one.  (The client's bytes then
+ * wait in the socket.)
+ */
 static int
 client_may_send(const struct router *rt)
 {
-	return rt->nflight < PIPELINE_MAX;
+	int i = answering_link(rt);
+
+	if (rt->relayed)	/* bytes, passed on as they come */
+		return 1;
+	return rt->nflight < PIPELINE_MAX && (!rt->links[i].up ||
+	    resp_scan_at_start(&rt->links[i].be->sc));
 }
 
 /* Literal bodies at least this long go from a plain back-end to a plain
@@ -2728,6 +2805,10 @@ relay_client(struct router *rt)
 			lk = literal_at_end(p + used, len, &size);
 		}
 		if ((lk == LIT_SYNC || lk == LIT_NONSYNC) &&
+		    size > rt->cfg->max_literal_size &&
+		    !resp_scan_at_start(&rt->links[0].be->sc))
+			break;	/* answered once the back-end's response ends */
+		if ((lk == LIT_SYNC || lk == LIT_NONSYNC) &&
 		    size > rt->cfg->max_literal_size) {
 			if (relay_to_backend(rt, p + from, used - from) != 0 ||
 			    relay_literal_too_large(rt, p + used, k, lk,
@@ -2779,9 +2860,12 @@ router_loop(struct router *rt, struct pollfd *pfd, int *map)
 			continue;
 		}
 		if (rt->raw_for >= 0 || !client_may_send(rt) ||
-		    (iobuf_pending(rt->client) == 0 &&
-		    !iobuf_has_decrypted(rt->client))) {
+		    !client_has_line(rt)) {
 			wait_for_input(rt, pfd, map);
+			continue;
+		}
+		if (flush_out(rt) != 0) {
+			link_failed(rt, rt->busy);
 			continue;
 		}
 		switch (read_command(rt)) {
