@@ -1106,23 +1106,13 @@ enum read_status {
 static void
 io_end(struct session *s, enum io_status st)
 {
-	switch (st) {
-	case IO_TIMEOUT:
-		session_bye(s, END_TIMEOUT, "Disconnected for inactivity.");
-		break;
-	case IO_TOOLONG:
-		session_bye(s, END_LIMIT, "Command line too long.");
-		break;
-	case IO_NOMEM:
-		session_bye(s, END_LIMIT, "Out of memory.");
-		break;
-	default:
-		if (shutdown_requested)
-			session_bye(s, END_SHUTDOWN, "Server shutting down.");
-		else
-			s->end = END_CLIENT_GONE;
-		break;
-	}
+	const char *bye;
+	enum session_end end = io_status_end(st, &bye);
+
+	if (bye != NULL)
+		session_bye(s, end, bye);
+	else
+		s->end = end;
 }
 
 /*

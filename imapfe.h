@@ -251,6 +251,7 @@ enum cmd_status {
 
 enum cmd_status	 cmd_read(struct iobuf *, const struct cmd_limits *,
 		    struct cmd_buf *);
+enum session_end io_status_end(enum io_status, const char **bye);
 
 /*
  * Append s as an IMAP string: a quoted string when every byte may stand

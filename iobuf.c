@@ -614,28 +614,33 @@ cmd_answer(struct iobuf *io, const char *fmt, ...)
 	return st;
 }
 
-/* How an I/O status ends the session, and the BYE it gets. */
-static enum cmd_status
-cmd_io_end(struct cmd_buf *cb, enum io_status st)
+/*
+ * How an I/O status on the client's side ends the session, and the BYE
+ * it gets (NULL: none, the client is gone): the one table of it.
+ */
+enum session_end
+io_status_end(enum io_status st, const char **bye)
 {
 	switch (st) {
 	case IO_TIMEOUT:
-		cb->bye = "Disconnected for inactivity.";
-		cb->end = END_TIMEOUT;
-		break;
+		*bye = "Disconnected for inactivity.";
+		return END_TIMEOUT;
 	case IO_TOOLONG:
-		cb->bye = "Command line too long.";
-		cb->end = END_LIMIT;
-		break;
+		*bye = "Command line too long.";
+		return END_LIMIT;
 	case IO_NOMEM:
-		cb->bye = "Out of memory.";
-		cb->end = END_LIMIT;
-		break;
+		*bye = "Out of memory.";
+		return END_LIMIT;
 	default:
-		cb->bye = shutdown_requested ? "Server shutting down." : NULL;
-		cb->end = shutdown_requested ? END_SHUTDOWN : END_CLIENT_GONE;
-		break;
+		*bye = shutdown_requested ? "Server shutting down." : NULL;
+		return shutdown_requested ? END_SHUTDOWN : END_CLIENT_GONE;
 	}
+}
+
+static enum cmd_status
+cmd_io_end(struct cmd_buf *cb, enum io_status st)
+{
+	cb->end = io_status_end(st, &cb->bye);
 	return CMD_END;
 }
 

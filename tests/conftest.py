@@ -11,6 +11,7 @@ Environment:
 """
 import base64
 import glob
+import imaplib
 import os
 import re
 import shutil
@@ -542,6 +543,26 @@ def procs(tmp_path):
     bad = [p.returncode for p in pr.procs if p.returncode not in (0,)]
     assert not killed, "imapfe processes did not exit: %s" % killed
     assert not bad, "imapfe exit statuses: %s" % bad
+
+
+# Clients a test opened (tests append them), closed when it ends however
+# it ends, so that the imapfe processes serving them end too before the
+# procs fixture checks that they did.
+OPEN_CLIENTS = []
+
+
+@pytest.fixture(autouse=True)
+def close_clients(procs):
+    yield
+    while OPEN_CLIENTS:
+        c = OPEN_CLIENTS.pop()
+        try:
+            if isinstance(c, imaplib.IMAP4):
+                c.shutdown()
+            else:
+                c.close()
+        except OSError:
+            pass
 
 
 @pytest.fixture

@@ -77,6 +77,24 @@ def parse_strings(conn, text):
     return out
 
 
+def command_loop(answer):
+    """An after_login for plain_server: each command after login goes to
+    answer(conn, tag, cmd, rest), until LOGOUT (answered with BYE) or
+    EOF."""
+    def after(conn):
+        while True:
+            ln = conn.line()
+            if ln is None:
+                return
+            tag, _, rest = ln.partition(" ")
+            cmd = rest.split(" ", 1)[0].upper()
+            if cmd == "LOGOUT":
+                conn.send("* BYE bye\r\n%s OK bye\r\n" % tag)
+                return
+            answer(conn, tag, cmd, rest)
+    return after
+
+
 def plain_server(conn, caps="IMAP4rev1 LITERAL+ AUTH=PLAIN",
                  accept=lambda user, pw: True, after_login=None):
     """A back-end that does just enough IMAP: greeting, CAPABILITY, LOGIN

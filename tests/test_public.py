@@ -22,7 +22,8 @@ import time
 
 import pytest
 
-from fakebackend import FakeBackend, plain_server
+from fakebackend import FakeBackend, command_loop, plain_server
+from conftest import OPEN_CLIENTS as _clients
 from conftest import (BIN, MAILUID, SLOW, VALGRIND, Dovecot, Raw,
                       base_config, sample_message, wait_for)
 
@@ -161,23 +162,6 @@ def pfe(imapfe_factory, home, public):
     return f
 
 
-# Clients a test opened, closed when it ends however it ends, so that the
-# imapfe processes serving them end too before conftest checks they did.
-_clients = []
-
-
-@pytest.fixture(autouse=True)
-def close_clients(procs):
-    yield
-    while _clients:
-        c = _clients.pop()
-        try:
-            if isinstance(c, imaplib.IMAP4):
-                c.shutdown()
-            else:
-                c.close()
-        except OSError:
-            pass
 
 
 def raw(port):
@@ -1104,21 +1088,11 @@ def test_plain_session_with_public_configured(pfe, home):
 def scripted_home(answers):
     """A home back-end: after login, each command whose name is in answers
     gets those bytes (untagged responses) and a tagged OK."""
-    def script(conn):
-        def after(cn):
-            while True:
-                ln = cn.line()
-                if ln is None:
-                    return
-                tag, _, rest = ln.partition(" ")
-                cmd = rest.split(" ", 1)[0].upper()
-                if cmd == "LOGOUT":
-                    cn.send("* BYE bye\r\n%s OK bye\r\n" % tag)
-                    return
-                cn.send(answers.get(cmd, b"") + b"%s OK %s done\r\n"
-                        % (tag.encode(), cmd.encode()))
-        plain_server(conn, after_login=after)
-    return FakeBackend(script)
+    def answer(cn, tag, cmd, rest):
+        cn.send(answers.get(cmd, b"") + b"%s OK %s done\r\n"
+                % (tag.encode(), cmd.encode()))
+    return FakeBackend(lambda conn: plain_server(
+        conn, after_login=command_loop(answer)))
 
 
 @pytest.fixture

@@ -20,8 +20,9 @@ import tempfile
 
 import pytest
 
+from conftest import OPEN_CLIENTS as _clients
 from conftest import (MAILUID, SLOW, Dovecot, Raw, base_config, wait_for)
-from fakebackend import FakeBackend, plain_server
+from fakebackend import FakeBackend, command_loop, plain_server
 
 PREFIX = "Public Folders/"
 ROOT = "Public Folders"
@@ -153,21 +154,6 @@ def routed(imapfe_factory, topo):
     return f
 
 
-_clients = []
-
-
-@pytest.fixture(autouse=True)
-def close_clients(procs):
-    yield
-    while _clients:
-        c = _clients.pop()
-        try:
-            if isinstance(c, imaplib.IMAP4):
-                c.shutdown()
-            else:
-                c.close()
-        except OSError:
-            pass
 
 
 def raw_login(fe):
@@ -293,24 +279,14 @@ def test_namespace_names_the_prefix_once(relayed, routed):
 def rootless_public(status):
     """A public server that lists its folders but never its root, and
     answers LIST with status ("OK" or "NO"); it has no subscriptions."""
-    def script(conn):
-        def after(cn):
-            while True:
-                ln = cn.line()
-                if ln is None:
-                    return
-                tag, _, rest = ln.partition(" ")
-                cmd = rest.split(" ", 1)[0].upper()
-                if cmd == "LOGOUT":
-                    cn.send("* BYE bye\r\n%s OK bye\r\n" % tag)
-                    return
-                if cmd == "LIST" and status == "OK" and \
-                        "SUBSCRIBED" not in rest.upper():
-                    cn.send('* LIST () "/" INBOX\r\n'
-                            '* LIST () "/" "Public Folders/News"\r\n')
-                cn.send("%s %s %s\r\n" % (tag, status, cmd))
-        plain_server(conn, after_login=after)
-    return FakeBackend(script)
+    def answer(cn, tag, cmd, rest):
+        if cmd == "LIST" and status == "OK" and \
+                "SUBSCRIBED" not in rest.upper():
+            cn.send('* LIST () "/" INBOX\r\n'
+                    '* LIST () "/" "Public Folders/News"\r\n')
+        cn.send("%s %s %s\r\n" % (tag, status, cmd))
+    return FakeBackend(lambda conn: plain_server(
+        conn, after_login=command_loop(answer)))
 
 
 @pytest.mark.parametrize("status", ["OK", "NO"])
