@@ -789,6 +789,14 @@ config_load(struct config *cfg, const char *path, char *err, size_t errlen)
 	}
 	while (rc == 0 && fgets(line, sizeof(line), f) != NULL) {
 		lineno++;
+		/* the rest of a longer line would be read as a line of its own:
+		 * a directive at the end of a long comment, say */
+		if (strchr(line, '\n') == NULL && !feof(f)) {
+			snprintf(err, errlen, "%s:%d: line longer than %zu bytes",
+			    path, lineno, sizeof(line) - 2);
+			rc = -1;
+			break;
+		}
 		line[strcspn(line, "\r\n")] = '\0';
 		n = split_words(line, words, 16);
 		if (n < 0) {

@@ -653,6 +653,21 @@ def test_config_check_rejects_bad_host_port(tmp_path, line, why):
     assert "bad.conf:2: bad route target '%s': %s" % (target, why) in r.stderr
 
 
+def test_config_line_too_long_is_an_error(tmp_path):
+    """A line longer than the reader's buffer is refused, not cut in two:
+    the directive at the end of a long comment must not become a line of
+    its own."""
+    bad = tmp_path / "bad.conf"
+    bad.write_text("route * 127.0.0.1:143\n# " + "x" * 5000 +
+                   " plaintext_auth yes\n")
+    r = subprocess.run([os.environ.get("IMAPFE_BIN") or
+                        os.path.join(os.path.dirname(__file__), "..",
+                                     "imapfe"), "-t", "-f", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "bad.conf:2: line longer than 4094 bytes" in r.stderr
+
+
 @pytest.mark.parametrize("spec, why", [
     ("127.0.0.1:0", "the port must be a number from 1 to 65535"),
     ("127.0.0.1", "the port is missing"),
