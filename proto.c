@@ -206,13 +206,47 @@ is_word_char(unsigned char c)
 	return c == '%' || c == '*' || c == '\\' || is_astring_char(c);
 }
 
+/*
+ * The "]" that closes a FETCH section opened at p, when the section holds
+ * blanks or parentheses ("BODY.PEEK[HEADER.FIELDS (SUBJECT)]", RFC 9051
+ * section-msgtext): the section then belongs to the atom, as a server's
+ * parser takes it.  NULL for a plain "[" ("[Gmail]" is an atom anyway).
+ */
+static const char *
+section_end(const char *p, const char *end)
+{
+	int wide = 0;
+
+	for (p++; p < end; p++) {
+		if (*p == ']')
+			return wide ? p : NULL;
+		if (*p == ' ' || *p == '(' || *p == ')')
+			wide = 1;
+		else if (*p == '"') {
+			for (p++; p < end && *p != '"'; p++)
+				if (*p == '\\' && p + 1 < end)
+					p++;
+			if (p == end)
+				return NULL;
+		} else if (!is_word_char((unsigned char)*p))
+			return NULL;
+	}
+	return NULL;
+}
+
 static int
 parse_atom(struct cursor *c, struct command *cmd)
 {
 	char *start = c->p;
+	const char *close;
 
-	while (c->p < c->end && is_word_char((unsigned char)*c->p))
+	while (c->p < c->end) {
+		if (*c->p == '[' && (close = section_end(c->p, c->end)) != NULL)
+			c->p = (char *)close;	/* a FETCH section, whole */
+		else if (!is_word_char((unsigned char)*c->p))
+			break;
 		c->p++;
+	}
 	if (c->p == start)
 		return -1;
 	if (c->p - start == 3 && strncasecmp(start, "NIL", 3) == 0)

@@ -34,7 +34,7 @@
 #define SMALL_LITERAL_MAX	65536		/* buffered; larger: streamed */
 #define BUFFERED_COMMAND_MAX	(1024 * 1024)
 #define REFERRAL_LINKS_MAX	4		/* servers reached by referral */
-#define PIPELINE_MAX		64		/* client commands in flight */
+#define PIPELINE_MAX		4096		/* client commands in flight */
 #define POLL_MAX_MS		3600000		/* poll(2) waits at most this */
 
 /* What a LIST over several servers learnt of a public prefix's root. */
@@ -86,7 +86,9 @@ struct router {
 	int			 npublic;	/* links[1 .. npublic-1] */
 	int			 maxlinks;
 	int			 selected;	/* link index, or -1 */
-	struct inflight		 flight[PIPELINE_MAX];
+	struct inflight		*flight;	/* [fhead, fhead + nflight) */
+	int			 fcap;
+	int			 fhead;
 	int			 nflight;
 	int			 busy;		/* the link they are on, or -1 */
 	int			 raw_for;	/* a link's "+": its next line */
@@ -577,6 +579,13 @@ response_line(void *ctx, const char *line, size_t len)
 	}
 }
 
+/* The k-th command of those in flight, the oldest first. */
+static struct inflight *
+flight_at(const struct router *rt, int k)
+{
+	return &rt->flight[rt->fhead + k];
+}
+
 static int flight_find(const struct router *, const struct reply *);
 static void flight_pop(struct router *, int);
 
@@ -595,8 +604,8 @@ answer_inline(void *ctx, const struct reply *r)
 	if (rt->relayed)
 		return 1;
 	if (r->code == CODE_REFERRAL || i != rt->busy ||
-	    (k = flight_find(rt, r)) < 0 || !rt->flight[k].forward ||
-	    rt->flight[k].keep != NULL)
+	    (k = flight_find(rt, r)) < 0 || !flight_at(rt, k)->forward ||
+	    flight_at(rt, k)->keep != NULL)
 		return 0;
 	flight_pop(rt, k);
 	return 1;
@@ -634,25 +643,33 @@ static enum mode
 mode_now(const struct router *rt, int i)
 {
 	if (rt->busy == i && rt->nflight > 0)
-		return rt->flight[0].mode;
+		return flight_at(rt, 0)->mode;
 	return i == current_link(rt) ? FORWARD : DISCARD;
 }
 
-/* Command k of those in flight is answered. */
+/*
+ * Command k of those in flight is answered.  Answers come in order, so
+ * the first one mostly: that costs nothing, however deep the pipeline.
+ */
 static void
 flight_pop(struct router *rt, int k)
 {
-	memmove(&rt->flight[k], &rt->flight[k + 1], (size_t)(rt->nflight -
-	    k - 1) * sizeof(rt->flight[0]));
-	if (--rt->nflight == 0)
+	if (k == 0)
+		rt->fhead++;
+	else
+		memmove(flight_at(rt, k), flight_at(rt, k + 1),
+		    (size_t)(rt->nflight - k - 1) * sizeof(*rt->flight));
+	if (--rt->nflight == 0) {
+		rt->fhead = 0;
 		rt->busy = -1;
+	}
 }
 
 static int
 flight_find(const struct router *rt, const struct reply *r)
 {
 	for (int k = 0; k < rt->nflight; k++)
-		if (reply_is(r, rt->flight[k].tag))
+		if (reply_is(r, flight_at(rt, k)->tag))
 			return k;
 	return -1;
 }
@@ -666,8 +683,8 @@ tagged_answer(struct router *rt, int i, const struct reply *r)
 
 	if (k < 0)	/* no command of the client's: as a relay would */
 		return i == current_link(rt) ? client_reply(rt, r) : 0;
-	keep = rt->flight[k].keep;
-	forward = rt->flight[k].forward;
+	keep = flight_at(rt, k)->keep;
+	forward = flight_at(rt, k)->forward;
 	flight_pop(rt, k);
 	if (keep != NULL) {
 		*keep = *r;
@@ -789,7 +806,7 @@ static int
 flight_has(const struct router *rt, const char *tag)
 {
 	for (int k = 0; k < rt->nflight; k++)
-		if (strcmp(rt->flight[k].tag, tag) == 0)
+		if (strcmp(flight_at(rt, k)->tag, tag) == 0)
 			return 1;
 	return 0;
 }
@@ -867,6 +884,29 @@ link_wait(struct router *rt, int i, const char *tag)
 	}
 }
 
+/* Room for one more command in flight: the array moved down or grown. */
+static int
+flight_room(struct router *rt)
+{
+	struct inflight *f;
+	int cap;
+
+	if (rt->fhead + rt->nflight < rt->fcap)
+		return 0;
+	if (rt->fhead > 0) {
+		memmove(rt->flight, flight_at(rt, 0), (size_t)rt->nflight *
+		    sizeof(*rt->flight));
+		rt->fhead = 0;
+		return 0;
+	}
+	cap = rt->fcap > 0 ? rt->fcap * 2 : 16;
+	if ((f = realloc(rt->flight, (size_t)cap * sizeof(*f))) == NULL)
+		return -1;
+	rt->flight = f;
+	rt->fcap = cap;
+	return 0;
+}
+
 /* Record a client command as sent to link i. */
 static int
 flight_add(struct router *rt, int i, const char *tag, enum mode m,
@@ -875,9 +915,9 @@ flight_add(struct router *rt, int i, const char *tag, enum mode m,
 	struct inflight *f;
 
 	if (rt->nflight == PIPELINE_MAX || strlen(tag) > TAG_MAX ||
-	    (rt->busy >= 0 && rt->busy != i))
+	    (rt->busy >= 0 && rt->busy != i) || flight_room(rt) != 0)
 		return -1;
-	f = &rt->flight[rt->nflight++];
+	f = flight_at(rt, rt->nflight++);
 	snprintf(f->tag, sizeof(f->tag), "%s", tag);
 	f->mode = m;
 	f->keep = keep;
@@ -893,7 +933,7 @@ flight_drop(struct router *rt, int i)
 {
 	if (rt->busy != i)
 		return;
-	rt->nflight = 0;
+	rt->nflight = rt->fhead = 0;
 	rt->busy = -1;
 	rt->want_plus = 0;
 	if (rt->raw_for == i)
@@ -1135,15 +1175,12 @@ static void
 flight_unavailable(struct router *rt, int i, const char *tag)
 {
 	int had = rt->busy == i ? rt->nflight : 0;
-	char tags[PIPELINE_MAX][TAG_MAX + 1];
 
 	for (int k = 0; k < had; k++)
-		memcpy(tags[k], rt->flight[k].tag, sizeof(tags[k]));
-	flight_drop(rt, i);
-	for (int k = 0; k < had; k++)
-		if (tag == NULL || strcmp(tags[k], tag) != 0)
+		if (tag == NULL || strcmp(flight_at(rt, k)->tag, tag) != 0)
 			client_line(rt, "%s NO [UNAVAILABLE] Public folder "
-			    "server connection lost.", tags[k]);
+			    "server connection lost.", flight_at(rt, k)->tag);
+	flight_drop(rt, i);
 	if (tag != NULL)
 		client_line(rt, "%s NO [UNAVAILABLE] Public folder server "
 		    "connection lost.", tag);
@@ -2472,11 +2509,13 @@ dispatch(struct router *rt)
 		char tag[TAG_MAX + 2];
 
 		early_tag(rt->cb.text.s, rt->send_len, tag, sizeof(tag));
-		if (ps == PARSE_NOTAG || strlen(tag) > TAG_MAX ||
+		if (wait_idle(rt) != 0)
+			;
+		else if (ps == PARSE_NOTAG || strlen(tag) > TAG_MAX ||
 		    strcmp(tag, "*") == 0)
 			client_line(rt, "* BAD %s", ps == PARSE_OK ?
 			    "Tag too long." : why);
-		else if (wait_idle(rt) == 0)
+		else
 			run_on_link(rt, current_link(rt), tag, NULL);
 		goto out;
 	}
@@ -2605,10 +2644,32 @@ link_failed(struct router *rt, int i)
 }
 
 /*
- * Can the client's next command be taken now?  Not while the answers in
- * flight stand inside a response: what imapfe answers itself ("+" to a
- * literal, a BAD) must never land inside one.  (The client's bytes then
- * wait in the socket.)
+ * The literal the client's next whole line announces (LIT_NONE without
+ * one), or -1 while no whole line is buffered.
+ */
+static int
+next_line_literal(const struct router *rt)
+{
+	const struct iobuf *c = rt->client;
+	const char *p = c->buf + c->start;
+	const char *lf = memchr(p, '\n', iobuf_pending(c));
+	size_t len;
+	uint64_t n;
+
+	if (lf == NULL)
+		return -1;
+	len = (size_t)(lf - p);
+	if (len > 0 && p[len - 1] == '\r')
+		len--;
+	return (int)literal_at_end(p, len, &n);
+}
+
+/*
+ * Can the client's next command be taken now?  A line that announces a
+ * literal makes imapfe answer it ("+", or a refusal): not while the
+ * answers in flight stand inside a response, where that would land.
+ * Other lines are read at once, the pipeline kept full.  (The client's
+ * bytes meanwhile wait in the socket.)
  */
 static int
 client_may_send(const struct router *rt)
@@ -2617,8 +2678,10 @@ client_may_send(const struct router *rt)
 
 	if (rt->relayed)	/* bytes, passed on as they come */
 		return 1;
-	return rt->nflight < PIPELINE_MAX && (!rt->links[i].up ||
-	    resp_scan_at_start(&rt->links[i].be->sc));
+	if (rt->nflight == PIPELINE_MAX)
+		return 0;
+	return next_line_literal(rt) == LIT_NONE || !rt->links[i].up ||
+	    resp_scan_at_start(&rt->links[i].be->sc);
 }
 
 /* Literal bodies at least this long go from a plain back-end to a plain
@@ -2860,11 +2923,12 @@ router_loop(struct router *rt, struct pollfd *pfd, int *map)
 			continue;
 		}
 		if (rt->raw_for >= 0 || !client_may_send(rt) ||
-		    !client_has_line(rt)) {
+		    next_line_literal(rt) < 0) {
 			wait_for_input(rt, pfd, map);
 			continue;
 		}
-		if (flush_out(rt) != 0) {
+		/* the reader may wait for a literal: what is queued goes first */
+		if (next_line_literal(rt) != LIT_NONE && flush_out(rt) != 0) {
 			link_failed(rt, rt->busy);
 			continue;
 		}
@@ -2930,6 +2994,7 @@ router_run(const struct config *cfg, struct iobuf *client,
 	str_wipe(&rt.cb.text);
 	str_free(&rt.cb.text);
 	str_free(&rt.out);
+	free(rt.flight);
 	free(rt.enabled);
 	free(rt.links);
 	free(pfd);
