@@ -425,8 +425,8 @@ reply_set(struct reply *r, const char *line, size_t len)
 static enum reply_status
 reply_lost(struct backend *be, struct reply *r, const char *why)
 {
-	if (be->bye.len > 0) {
-		*r = be->bye;
+	if (be->bye != NULL) {
+		*r = *be->bye;
 		return r->status;
 	}
 	r->raw = NULL;
@@ -507,8 +507,9 @@ untagged_start(struct backend *be, const struct resp_sink *sink,
 		len--;
 	note_caps_if_any(be, p, len);
 	if (len >= 5 && strncasecmp(p, "* BYE", 5) == 0 &&
-	    (len == 5 || p[5] == ' '))
-		reply_set(&be->bye, p, len);
+	    (len == 5 || p[5] == ' ') && (be->bye != NULL ||
+	    (be->bye = malloc(sizeof(*be->bye))) != NULL))
+		reply_set(be->bye, p, len);
 	if (sink != NULL && sink->line != NULL) {
 		if (run_flush(run, sink) != 0)
 			return -1;
@@ -729,7 +730,8 @@ backend_command(struct backend *be, const struct config *cfg,
 	const char *end = cmd->s + cmd->len;
 	const char *piece = next_sync_literal(cmd->s, end);
 
-	be->bye.len = 0;
+	free(be->bye);
+	be->bye = NULL;
 	be->io.deadline = deadline_in(cfg->backend_timeout);
 	if (iobuf_write(&be->io, cmd->s, (size_t)(piece - cmd->s)) != IO_OK)
 		return reply_lost(be, r, "connection lost sending a command");
@@ -1120,6 +1122,7 @@ backend_close(struct backend *be)
 	free(be->host);
 	free(be->port);
 	free(be->caps);
+	free(be->bye);
 	memset(be, 0, sizeof(*be));
 	be->io.rfd = be->io.wfd = -1;
 }

@@ -1850,7 +1850,7 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	session_log_end(&s);
 	client_linger_close(&s);
 	credentials_clear(&s.cred);
-	str_free(&s.cmdbuf.text);
+	cmd_buf_free(&s.cmdbuf);
 	str_free(&s.ci.id_fields);
 	iobuf_free(&s.client);
 	return 0;

@@ -230,8 +230,9 @@ struct cmd_limits {
 
 struct cmd_buf {
 	struct str	 text;		/* as on the wire, CRLFs and all */
-	size_t		 cuts[CMD_MAX_LITERALS];	/* after each "{n}" */
+	size_t		*cuts;		/* after each "{n}", owned */
 	int		 ncuts;
+	int		 cuts_cap;
 	uint64_t	 stream_left;	/* CMD_STREAM: the literal's size */
 	int		 stream_sync;	/* and whether the client waits */
 	const char	*bye;		/* CMD_END: the BYE's text, or none */
@@ -252,6 +253,7 @@ enum cmd_status {
 enum cmd_status	 cmd_read(struct iobuf *, const struct cmd_limits *,
 		    struct cmd_buf *);
 enum session_end io_status_end(enum io_status, const char **bye);
+void		 cmd_buf_free(struct cmd_buf *);
 
 /*
  * Append s as an IMAP string: a quoted string when every byte may stand
@@ -582,7 +584,7 @@ struct backend {
 	struct iobuf	 io;
 	struct resp_scanner sc;		/* where its response stream is */
 	int		 dropping;	/* the current response goes nowhere */
-	struct reply	 bye;		/* its BYE, once it sent one */
+	struct reply	*bye;		/* its BYE, once it sent one; owned */
 	char		*host;		/* owned copies, for logging */
 	char		*port;
 	char		*caps;		/* latest capability list, owned */

@@ -671,6 +671,32 @@ cmd_add_line(struct cmd_buf *cb, const char *line, size_t len,
 	    str_add(&cb->text, "\r\n", 2) != 0 ? -1 : 0;
 }
 
+/* Where a literal's bytes start, noted; the array grows as needed. */
+static int
+cmd_add_cut(struct cmd_buf *cb)
+{
+	if (cb->ncuts == cb->cuts_cap) {
+		int cap = cb->cuts_cap > 0 ? cb->cuts_cap * 2 : 4;
+		size_t *c = realloc(cb->cuts, (size_t)cap * sizeof(*c));
+
+		if (c == NULL)
+			return -1;
+		cb->cuts = c;
+		cb->cuts_cap = cap;
+	}
+	cb->cuts[cb->ncuts++] = cb->text.len;
+	return 0;
+}
+
+void
+cmd_buf_free(struct cmd_buf *cb)
+{
+	str_free(&cb->text);	/* wipes: before login, a password maybe */
+	free(cb->cuts);
+	cb->cuts = NULL;
+	cb->ncuts = cb->cuts_cap = 0;
+}
+
 /* A literal over the limit: TOOBIG where the client waits, else BYE. */
 static enum cmd_status
 cmd_too_large(struct iobuf *io, const struct cmd_limits *lim,
@@ -736,7 +762,8 @@ cmd_read(struct iobuf *io, const struct cmd_limits *lim, struct cmd_buf *cb)
 			return cmd_io_end(cb, IO_NOMEM);
 		if (k == LIT_NONE)
 			return CMD_COMPLETE;
-		cb->cuts[cb->ncuts++] = cb->text.len;
+		if (cmd_add_cut(cb) != 0)
+			return cmd_io_end(cb, IO_NOMEM);
 		if (n > lim->literal_max)
 			return cmd_too_large(io, lim, cb, k, n);
 		if (n > lim->hold_max || cb->text.len + n + 2 > lim->command_max) {

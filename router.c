@@ -95,6 +95,7 @@ struct router {
 	int			 want_plus;	/* a literal of ours waits */
 	int			 got_plus;
 	struct str		 out;		/* pipelined, to the busy link */
+	struct reply		*answer;	/* link_pump's, owned */
 	int			 relayed;	/* no routing: bytes pass on */
 	struct resp_scanner	 client_sc;	/* relayed: the client's */
 	int			 pipe[2];	/* splice(2), when it is used */
@@ -720,13 +721,9 @@ link_pump(struct router *rt, int i)
 	struct link *l = &rt->links[i];
 	struct sink_ctx ctx;
 	struct resp_sink sink;
-	struct reply *r = malloc(sizeof(*r));
+	struct reply *r = rt->answer;
 	int rc = 0;
 
-	if (r == NULL) {
-		router_bye(rt, END_LIMIT, "Out of memory.");
-		return -1;
-	}
 	while (rc == 0 && rt->end == END_NONE) {
 		enum dispatch d = backend_dispatch(l->be, sink_for(rt, l,
 		    mode_now(rt, i), &ctx, &sink), r);
@@ -740,7 +737,6 @@ link_pump(struct router *rt, int i)
 		else
 			rc = continuation(rt, i, r);
 	}
-	free(r);
 	if (rc != 0 && rt->end == END_NONE)
 		rt->end = END_CLIENT_GONE;
 	return rc;
@@ -2957,11 +2953,14 @@ router_run(const struct config *cfg, struct iobuf *client,
 
 	for (const struct route *r = cfg->publics; r != NULL; r = r->next)
 		n++;
-	rt.maxlinks = n + REFERRAL_LINKS_MAX;
+	/* relayed, referrals reach the client: no link but home */
+	rt.maxlinks = rt.relayed ? 1 : n + REFERRAL_LINKS_MAX;
 	rt.links = calloc((size_t)rt.maxlinks, sizeof(*rt.links));
+	rt.answer = malloc(sizeof(*rt.answer));
 	pfd = calloc((size_t)rt.maxlinks + 1, sizeof(*pfd));
 	map = calloc((size_t)rt.maxlinks + 1, sizeof(*map));
-	if (rt.links == NULL || pfd == NULL || map == NULL) {
+	if (rt.links == NULL || pfd == NULL || map == NULL ||
+	    rt.answer == NULL) {
 		client_line(&rt, "* BYE Out of memory.");
 		rt.end = END_LIMIT;
 		n = 0;
@@ -2991,10 +2990,10 @@ router_run(const struct config *cfg, struct iobuf *client,
 		close(rt.pipe[0]);
 		close(rt.pipe[1]);
 	}
-	str_wipe(&rt.cb.text);
-	str_free(&rt.cb.text);
+	cmd_buf_free(&rt.cb);
 	str_free(&rt.out);
 	free(rt.flight);
+	free(rt.answer);
 	free(rt.enabled);
 	free(rt.links);
 	free(pfd);

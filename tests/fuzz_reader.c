@@ -321,7 +321,7 @@ read_all(struct iobuf *io, int answers, const struct feed *f,
 			cb->continuing = 1;
 		}
 	} while (st != CMD_END);
-	str_free(&cb->text);
+	cmd_buf_free(cb);
 	str_free(&ans);
 	free(cb);
 }

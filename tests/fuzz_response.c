@@ -46,6 +46,7 @@ dispatch_all(const char *buf, size_t size, int filter)
 	if (iobuf_pending(&be.io) > size)
 		abort();
 	iobuf_free(&be.io);
+	free(be.bye);
 }
 
 int

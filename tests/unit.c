@@ -364,7 +364,7 @@ test_dispatch(void)
 	CHECK(backend_dispatch(&be, &sink, &r) == DISPATCH_TAGGED &&
 	    reply_is(&r, "a1") && r.status == REPLY_NO &&
 	    r.code == CODE_TRYCREATE);
-	CHECK(be.bye.status == REPLY_BYE && be.sc.saw_bye);
+	CHECK(be.bye != NULL && be.bye->status == REPLY_BYE && be.sc.saw_bye);
 	CHECK(backend_dispatch(&be, &sink, &r) == DISPATCH_MORE);
 	/* a line that has not ended yet waits */
 	memcpy(be.io.buf, "a2 OK do", 8);
@@ -373,6 +373,7 @@ test_dispatch(void)
 	CHECK(backend_dispatch(&be, &sink, &r) == DISPATCH_MORE &&
 	    iobuf_pending(&be.io) == 8);
 	iobuf_free(&be.io);
+	free(be.bye);
 	str_free(&c.lines);
 	str_free(&c.data);
 }
@@ -443,7 +444,7 @@ reader_close(struct reader_bed *rb)
 	close(rb->io.wfd);
 	close(rb->answers);
 	iobuf_free(&rb->io);
-	str_free(&rb->cb.text);
+	cmd_buf_free(&rb->cb);
 }
 
 static void
