@@ -517,3 +517,88 @@ def test_enable_replays_only_atoms(imapfe_factory, enable, replayed):
     finally:
         home.close()
         public.close()
+
+
+# --- 4: imapfe's own lines never inside a back-end's literal ----------------
+
+LITERAL = bytes(48 + i % 75 for i in range(200000))   # printable, no CRLF
+HEAD = b"* 1 FETCH (BODY[] {%d}\r\n" % len(LITERAL)
+HALF = len(LITERAL) // 2
+
+
+def stalling_fetch_server(go):
+    """A back-end whose FETCH answer is a 200 KB literal sent half, then,
+    once go is set, the rest; APPENDs it takes ("+" to a synchronizing
+    literal), NOOPs it answers."""
+    def answer(conn, tag, verb, line):
+        if verb == "FETCH":
+            conn.send(HEAD + LITERAL[:HALF])
+            go.wait(30 * SLOW)
+            conn.send(LITERAL[HALF:] + b")\r\n" + tag.encode() +
+                      b" OK fetched\r\n")
+            return True
+        if verb == "APPEND":
+            n = int(line[line.rindex("{") + 1:].rstrip("+}"))
+            if not line.endswith("+}"):
+                conn.sendline("+ go")
+            conn.read_exact(n)
+            conn.line()
+            conn.sendline(tag + " OK [APPENDUID 1 1] appended")
+            return True
+        return False
+    return lambda conn: plain_server(
+        conn, after_login=lambda cn: command_loop(cn, answer))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("what", ["continuation", "toobig", "sigterm",
+                                  "timeout"])
+def test_own_lines_never_inside_a_backend_literal(imapfe_factory, mode,
+                                                  what):
+    """The back-end's FETCH answer carries a 200 KB literal and stalls
+    half-way through it.  Meanwhile something makes imapfe want to say
+    something of its own: the client pipelines `APPEND INBOX {5}` (a
+    synchronizing literal: "+ Ready for literal data" when routed) or one
+    of 70000 bytes over max_literal_size (NO [TOOBIG]), or imapfe gets
+    SIGTERM, or the idle timeout passes (a BYE).  A literal is exactly its
+    count of octets (RFC 9051 4.3): any line of imapfe's written inside it
+    would be taken for the message's bytes and what follows for
+    responses.  So the client's byte stream must parse as IMAP responses
+    with the literal's bytes exact: the answer to the APPEND comes after
+    the FETCH's tagged OK; a BYE that cannot be placed is withheld and the
+    stream ends where the literal was cut."""
+    go = threading.Event()
+    fake = FakeBackend(stalling_fetch_server(go))
+    extra = ROUTED if mode == "routed" else ""
+    extra += "max_literal_size 65536\n"
+    if what == "timeout":
+        extra += "idle_timeout %d\n" % (2 * SLOW)
+    try:
+        f = start(imapfe_factory, fake.port, extra)
+        c = login(f)
+        c.send("b FETCH 1 BODY[]\r\n")
+        fill(c, len(HEAD) + HALF)
+        if what in ("sigterm", "timeout"):
+            if what == "sigterm":
+                os.kill(f.procs.procs[-1].pid, signal.SIGTERM)
+            assert recv_until_eof(c) == HEAD + LITERAL[:HALF]
+            f.wait_log("event=bye-withheld")
+            return
+        size = 5 if what == "continuation" else 70000
+        c.send("c APPEND INBOX {%d}\r\n" % size)
+        nothing_for(c, 1.5)
+        go.set()
+        assert response(c) == HEAD + LITERAL + b")"
+        assert response(c) == b"b OK fetched"
+        if what == "continuation":
+            assert response(c).startswith(b"+ ")
+            c.send("hello\r\n")
+            assert response(c) == b"c OK [APPENDUID 1 1] appended"
+        else:
+            assert response(c) == b"c NO [TOOBIG] Literal too large."
+        assert c.cmd("n", "NOOP") == ["n OK noop"]
+        c.cmd("z", "LOGOUT")
+        c.close()
+    finally:
+        go.set()
+        fake.close()
