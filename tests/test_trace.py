@@ -79,3 +79,27 @@ def test_no_trace_without_capital_d(fe):
     c.cmd("z", "LOGOUT")
     c.close()
     assert " trace " not in fe.wait_log("event=end")
+
+
+@pytest.mark.parametrize("login", [
+    "a  LOGIN alice %s" % PASSWORD,             # two spaces after the tag
+    "a   LOGIN alice {%d+}\r\n%s" % (len(PASSWORD), PASSWORD),
+], ids=["two-spaces", "three-spaces-literal"])
+def test_trace_masks_login_after_extra_spaces(imapfe_factory, dovecot,
+                                              login):
+    """`a  LOGIN alice secret`, two spaces after the tag, is a syntax
+    error (RFC 9051 9: exactly one SP) and gets a BAD; but the client
+    meant a LOGIN and sent its password, so the trace must not show it,
+    however many spaces precede the command name."""
+    f = imapfe_factory(base_config(dovecot.port))
+    port = f.start_inetd(extra_args=["-D"])
+    c = Raw(port)
+    c.send(login + "\r\n")
+    assert c.line().startswith("a BAD ")
+    c.cmd("z", "LOGOUT")
+    c.close()
+    f.wait_log("event=end")
+    trace = "\n".join(ln for ln in f.log_text().splitlines()
+                      if " trace " in ln)
+    assert "trace from=client: a " in trace
+    assert not leaks(trace), leaks(trace)
