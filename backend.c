@@ -445,6 +445,19 @@ reply_is(const struct reply *r, const char *tag)
 	    r->tag_len) == 0;
 }
 
+/* "* OK", "* NO", "* BAD", "* BYE", "* PREAUTH": text, no literal. */
+static int
+is_status_line(const char *p, size_t k)
+{
+	struct status_resp st;
+
+	if (k > 0 && p[k - 1] == '\n')
+		k--;
+	if (k > 0 && p[k - 1] == '\r')
+		k--;
+	return status_parse(p, k, "*", &st) == 0;
+}
+
 /* Untagged lines that may carry capabilities, told apart cheaply. */
 static void
 note_caps_if_any(struct backend *be, const char *line, size_t len)
@@ -584,6 +597,7 @@ backend_dispatch(struct backend *be, const struct resp_sink *sink,
 			if (p[0] != '+')	/* "tag OK [CAPABILITY ...]" */
 				backend_note_caps(be, p, len);
 			resp_scan(&be->sc, p, k);
+			resp_scan_text_line(&be->sc);
 			iobuf_consume(io, k);
 			if (p[0] != '+' && sink != NULL && sink->out != NULL &&
 			    sink->tagged != NULL && sink->tagged(sink->ctx, r)) {
@@ -627,6 +641,8 @@ backend_dispatch(struct backend *be, const struct resp_sink *sink,
 			break;
 		}
 		resp_scan(&be->sc, p, k);
+		if (start && is_status_line(p, k))
+			resp_scan_text_line(&be->sc);
 		iobuf_consume(io, k);
 	}
 	if (sink != NULL && sink->out != NULL && run_flush(&run, sink) != 0)

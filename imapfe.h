@@ -338,6 +338,7 @@ void		 keep_tail(char *tail, size_t cap, size_t *len, const char *,
 void		 resp_scanner_init(struct resp_scanner *);
 void		 resp_scan(struct resp_scanner *, const char *, size_t);
 int		 resp_scan_at_start(const struct resp_scanner *);
+void		 resp_scan_text_line(struct resp_scanner *);
 size_t		 resp_scan_piece(const struct resp_scanner *, const char *,
 		    size_t);
 

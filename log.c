@@ -65,38 +65,52 @@ int		 protocol_trace;
 #define TRACE_LINES	8	/* per chunk; the rest is counted */
 #define TRACE_WIDTH	200
 
+/* Where the run of blanks (spaces, tabs) at p ends. */
+static const char *
+skip_blanks(const char *p, const char *end)
+{
+	while (p < end && (*p == ' ' || *p == '\t'))
+		p++;
+	return p;
+}
+
+/* Where the word at p ends: at a blank or the end. */
+static const char *
+word_end(const char *p, const char *end)
+{
+	while (p < end && *p != ' ' && *p != '\t')
+		p++;
+	return p;
+}
+
 /*
- * A command carrying credentials: "tag LOGIN ..." or "tag AUTHENTICATE
- * mech ...".  Returns how much of the line may be shown (the tag, the
- * name and the mechanism), or 0 for an ordinary line.
+ * How much of a client's line may be traced before a credential: up to
+ * LOGIN's arguments, or AUTHENTICATE's mechanism.  A client's blanks are
+ * not counted on to be single spaces: a password is masked however the
+ * words are separated.  0: nothing to hide.
  */
 size_t
 trace_credential_prefix(const char *line, size_t len)
 {
 	static const char *const names[] = { "LOGIN", "AUTHENTICATE" };
-	const char *sp = memchr(line, ' ', len), *name, *end;
+	const char *end = line + len, *name, *name_end, *arg;
 
-	if (sp == NULL)
-		return 0;
-	/* (more than one space is a client's error, not a way around this) */
-	for (name = sp; name < line + len && *name == ' '; name++)
-		;
-	end = memchr(name, ' ', len - (size_t)(name - line));
-	if (end == NULL)
+	name = skip_blanks(word_end(skip_blanks(line, end), end), end);
+	name_end = word_end(name, end);
+	arg = skip_blanks(name_end, end);
+	if (arg == end)
 		return 0;	/* nothing after the name: nothing secret */
 	for (size_t i = 0; i < sizeof(names) / sizeof(*names); i++) {
 		size_t nl = strlen(names[i]);
 
-		if ((size_t)(end - name) != nl || strncasecmp(name, names[i],
-		    nl) != 0)
+		if ((size_t)(name_end - name) != nl || strncasecmp(name,
+		    names[i], nl) != 0)
 			continue;
 		if (i == 0)
-			return (size_t)(end - line);
+			return (size_t)(name_end - line);
 		/* AUTHENTICATE: the mechanism is not secret, the rest is */
-		const char *mech_end = memchr(end + 1, ' ', len -
-		    (size_t)(end + 1 - line));
-
-		return mech_end == NULL ? 0 : (size_t)(mech_end - line);
+		arg = word_end(arg, end);
+		return skip_blanks(arg, end) == end ? 0 : (size_t)(arg - line);
 	}
 	return 0;
 }

@@ -698,6 +698,19 @@ resp_scan(struct resp_scanner *sc, const char *p, size_t n)
 	}
 }
 
+/*
+ * The line just scanned was text (a status response, a "+"): resp-text
+ * holds no literal (RFC 9051 9), so a "{5}" at its end announces none.
+ */
+void
+resp_scan_text_line(struct resp_scanner *sc)
+{
+	if (sc->head_len == 0 && sc->tail_len == 0) {
+		sc->literal_left = 0;
+		sc->mid_response = 0;
+	}
+}
+
 /* Is the scanner where a new response (or command) begins? */
 int
 resp_scan_at_start(const struct resp_scanner *sc)

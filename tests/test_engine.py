@@ -602,3 +602,30 @@ def test_own_lines_never_inside_a_backend_literal(imapfe_factory, mode,
     finally:
         go.set()
         fake.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_status_text_ending_in_brace_count_is_no_literal(imapfe_factory,
+                                                        mode):
+    """A tagged NO whose text ends in "{5}" announces no literal (RFC 9051
+    9: resp-text is text, a literal only follows a string); the session
+    goes on."""
+    def answer(conn, tag, verb, line):
+        if verb == "SELECT":
+            conn.sendline(tag + " NO Mailbox doesn't exist: foo{5}")
+            return True
+        return False
+    fake = FakeBackend(lambda conn: plain_server(
+        conn, after_login=lambda cn: command_loop(cn, answer)))
+    try:
+        f = start(imapfe_factory, fake.port,
+                     ROUTED if mode == "routed" else "")
+        c = login(f)
+        c.sock.settimeout(5)
+        assert c.cmd("b", 'SELECT "foo{5}"') == \
+            ["b NO Mailbox doesn't exist: foo{5}"]
+        assert c.cmd("n", "NOOP") == ["n OK noop"]
+        c.cmd("z", "LOGOUT")
+        c.close()
+    finally:
+        fake.close()
