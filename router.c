@@ -700,7 +700,7 @@ tagged_answer(struct router *rt, int i, const struct reply *r)
  * to the link as it is (IDLE's DONE).
  */
 static int
-continuation(struct router *rt, int i, const struct reply *r)
+link_continuation(struct router *rt, int i, const struct reply *r)
 {
 	if (rt->relayed)	/* the client's bytes pass on anyway */
 		return client_reply(rt, r);
@@ -735,7 +735,7 @@ link_pump(struct router *rt, int i)
 		else if (d == DISPATCH_TAGGED)
 			rc = tagged_answer(rt, i, r);
 		else
-			rc = continuation(rt, i, r);
+			rc = link_continuation(rt, i, r);
 	}
 	if (rc != 0 && rt->end == END_NONE)
 		rt->end = END_CLIENT_GONE;
