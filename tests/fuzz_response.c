@@ -47,6 +47,7 @@ dispatch_all(const char *buf, size_t size, int filter)
 		abort();
 	iobuf_free(&be.io);
 	free(be.bye);
+	free(be.caps);	/* a "[CAPABILITY ...]" code is noted as it goes by */
 }
 
 int

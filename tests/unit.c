@@ -374,6 +374,7 @@ test_dispatch(void)
 	    iobuf_pending(&be.io) == 8);
 	iobuf_free(&be.io);
 	free(be.bye);
+	free(be.caps);
 	str_free(&c.lines);
 	str_free(&c.data);
 }
