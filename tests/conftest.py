@@ -588,6 +588,17 @@ def imapfe_factory(procs, tmp_path):
         fe.stop()
 
 
+def recv_until_eof(c, limit=10):
+    """Everything a Raw client still gets until the connection closes."""
+    c.sock.settimeout(limit * SLOW)
+    data = c.buf
+    while True:
+        chunk = c.sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
 def base_config(backend_port, extra=""):
     return ("route * 127.0.0.1:%d\n"
             "login_timeout %d\n" % (backend_port, 30 * SLOW)) + extra

@@ -79,20 +79,17 @@ def parse_strings(conn, text):
 
 def command_loop(answer):
     """An after_login for plain_server: each command after login goes to
-    answer(conn, tag, cmd, rest), until LOGOUT (answered with BYE) or
-    EOF."""
-    def after(conn):
-        while True:
-            ln = conn.line()
-            if ln is None:
-                return
-            tag, _, rest = ln.partition(" ")
-            cmd = rest.split(" ", 1)[0].upper()
-            if cmd == "LOGOUT":
-                conn.send("* BYE bye\r\n%s OK bye\r\n" % tag)
-                return
-            answer(conn, tag, cmd, rest)
-    return after
+    answer(conn, tag, cmd, rest), which returns True when it answered;
+    NOOP it leaves gets OK, LOGOUT a BYE, the rest serve_commands'
+    defaults, until LOGOUT or EOF."""
+    def with_noop(conn, tag, cmd, rest):
+        if answer(conn, tag, cmd, rest):
+            return True
+        if cmd == "NOOP":
+            conn.sendline(tag + " OK noop")
+            return True
+        return False
+    return lambda conn: serve_commands(conn, None, with_noop)
 
 
 def plain_server(conn, caps="IMAP4rev1 LITERAL+ AUTH=PLAIN",
@@ -137,11 +134,13 @@ END = "end"     # an answer that ends serve_commands
 
 def serve_commands(conn, greeting, answer, caps="IMAP4rev1",
                    other="BAD unknown"):
-    """Greet, then answer each command with answer(conn, tag, cmd, rest)
-    until LOGOUT or EOF.  answer returns True for a command it answered,
-    END to stop serving, or something false for the defaults: CAPABILITY
-    with caps, LOGOUT, and `other` for the rest."""
-    conn.sendline(greeting)
+    """Greet (greeting None: a session greeted already, after login), then
+    answer each command with answer(conn, tag, cmd, rest) until LOGOUT or
+    EOF.  answer returns True for a command it answered, END to stop
+    serving, or something false for the defaults: CAPABILITY with caps,
+    LOGOUT, and `other` for the rest."""
+    if greeting is not None:
+        conn.sendline(greeting)
     while True:
         ln = conn.line()
         if ln is None:

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import SLOW, Raw, b64, base_config
+from conftest import SLOW, Raw, b64, base_config, recv_until_eof
 from fakebackend import FakeBackend, plain_server
 
 
@@ -240,16 +240,6 @@ def after_login_fetch(answer, then_wait=False):
                     pass
         plain_server(conn, after_login=after)
     return script
-
-
-def recv_until_eof(c, limit=10):
-    c.sock.settimeout(limit * SLOW)
-    data = c.buf
-    while True:
-        chunk = c.sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
 
 
 @pytest.mark.parametrize("mode", ["relay", "routed"])

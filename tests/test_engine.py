@@ -17,8 +17,9 @@ import time
 
 import pytest
 
-from conftest import SLOW, Raw, base_config
+from conftest import SLOW, Raw, base_config, recv_until_eof
 from fakebackend import FakeBackend, plain_server, serve_commands
+from fakebackend import command_loop as after_login_loop
 
 # With a public line, sessions are routed, not relayed (as in
 # test_badinput.py); the public server at port 1 is never reached.
@@ -78,34 +79,11 @@ def nothing_for(c, seconds):
     assert chunk is None, "sent while it should not have: %r" % chunk
 
 
-def recv_until_eof(c, limit=10):
-    c.sock.settimeout(limit * SLOW)
-    data = c.buf
-    while True:
-        chunk = c.sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-
-
 def command_loop(conn, answer):
-    """After login: each command line goes to answer(conn, tag, verb,
-    line), which returns True when it answered; NOOP and LOGOUT it leaves
-    are answered here, anything else with a BAD."""
-    while True:
-        ln = conn.line()
-        if ln is None:
-            return
-        tag, _, rest = ln.partition(" ")
-        verb = rest.split(" ", 1)[0].upper()
-        if answer(conn, tag, verb, ln):
-            continue
-        if verb == "LOGOUT":
-            conn.sendline("* BYE bye")
-            conn.sendline(tag + " OK bye")
-            return
-        conn.sendline(tag + (" OK noop" if verb == "NOOP" else
-                             " BAD unknown"))
+    """fakebackend's command loop, answer(conn, tag, verb, line) given the
+    whole line."""
+    after_login_loop(lambda cn, tag, verb, rest:
+                     answer(cn, tag, verb, tag + " " + rest))(conn)
 
 
 def commands(received):

@@ -1089,8 +1089,11 @@ def scripted_home(answers):
     """A home back-end: after login, each command whose name is in answers
     gets those bytes (untagged responses) and a tagged OK."""
     def answer(cn, tag, cmd, rest):
+        if cmd == "LOGOUT":
+            return False
         cn.send(answers.get(cmd, b"") + b"%s OK %s done\r\n"
                 % (tag.encode(), cmd.encode()))
+        return True
     return FakeBackend(lambda conn: plain_server(
         conn, after_login=command_loop(answer)))
 

@@ -280,11 +280,14 @@ def rootless_public(status):
     """A public server that lists its folders but never its root, and
     answers LIST with status ("OK" or "NO"); it has no subscriptions."""
     def answer(cn, tag, cmd, rest):
+        if cmd == "LOGOUT":
+            return False
         if cmd == "LIST" and status == "OK" and \
                 "SUBSCRIBED" not in rest.upper():
             cn.send('* LIST () "/" INBOX\r\n'
                     '* LIST () "/" "Public Folders/News"\r\n')
         cn.send("%s %s %s\r\n" % (tag, status, cmd))
+        return True
     return FakeBackend(lambda conn: plain_server(
         conn, after_login=command_loop(answer)))
 
