@@ -1840,7 +1840,7 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	if (s.logged_in)
 		check_pipelined(&s);
 	if (s.logged_in && s.end == END_NONE)
-		s.end = router_run(cfg, &s.client, &s.backend, &s.cred, &s.ci,
+		s.end = engine_run(cfg, &s.client, &s.backend, &s.cred, &s.ci,
 		    s.user);
 	if (s.logged_in)
 		backend_close(&s.backend);

@@ -719,12 +719,12 @@ void		 sasl_client_end(struct sasl_client *);
 const char	*backend_next_tag(struct backend *);
 
 /*
- * router.c: the session after login, one engine.  A relayed session (no
+ * engine.c: the session after login, one engine.  A relayed session (no
  * public or server lines) passes the client's bytes on unread, but for
  * the literals they announce; a routed one is read command by command.
  * Both stream the back-ends' answers through backend_dispatch.
  */
-enum session_end router_run(const struct config *, struct iobuf *client,
+enum session_end engine_run(const struct config *, struct iobuf *client,
 		    struct backend *home, const struct credentials *,
 		    const struct client_info *, const char *user);
 

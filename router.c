@@ -1,8 +1,10 @@
 /*
- * The command router, used after login when public-folder servers are
- * configured.  Each client command is read at the grammar level and sent
- * to the back-end that owns the mailbox it names; responses are streamed
- * back, literals included, never buffered whole.
+ * Routing policy, for sessions after login when public-folder or referral
+ * servers are configured: which server each client command goes to, and
+ * what the commands that span servers become.  The engine (engine.c) has
+ * read the command at the grammar level; the links (link.c) carry it to
+ * its server and stream the answers back, literals included, never
+ * buffered whole.
  *
  * Commands for the server that holds the selected mailbox (FETCH, STORE,
  * SEARCH, UID ..., NOOP, IDLE) are pipelined as the client sends them, as
@@ -19,273 +21,16 @@
  * a NO [UNAVAILABLE], never the session.
  */
 #include <ctype.h>
-#include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <syslog.h>
-#include <unistd.h>
 
-#include "imapfe.h"
-
-#define TAG_MAX			64
-#define SMALL_LITERAL_MAX	65536		/* buffered; larger: streamed */
-#define BUFFERED_COMMAND_MAX	(1024 * 1024)
-#define REFERRAL_LINKS_MAX	4		/* servers reached by referral */
-#define PIPELINE_MAX		4096		/* client commands in flight */
-#define POLL_MAX_MS		3600000		/* poll(2) waits at most this */
-
-/* What a LIST over several servers learnt of a public prefix's root. */
-enum root_seen {
-	ROOT_UNASKED,		/* its server has not answered this LIST */
-	ROOT_MISSING,		/* it answered without listing the root */
-	ROOT_LISTED
-};
-
-struct link {
-	int64_t		 last_used;	/* for keepalives */
-	const struct route *route;	/* NULL for the home back-end */
-	const struct route *conf;	/* its public (or server) line */
-	struct route	 found;		/* what the directory named for it */
-	int		 public;	/* a public line's, not a referral's */
-	struct backend	*be;		/* home: the session's; else &own */
-	struct backend	 own;
-	int		 up;
-	int64_t		 retry_after;	/* hold-down after a failure */
-	enum root_seen	 root;		/* in the LIST being merged */
-};
-
-/*
- * FORWARD: untagged responses go to the client; DISCARD: nowhere;
- * FILTER_LIST: a server's LIST, LSUB and LIST-STATUS responses go only
- * for names it owns: a public server's under its prefix (it has an INBOX
- * and more of its own to hide), the home server's outside every prefix;
- * NAMESPACE and CAPABILITY: that response is rewritten on its way.
- */
-enum mode { FORWARD, DISCARD, FILTER_LIST, REWRITE_NAMESPACE,
-    REWRITE_CAPABILITY };
-
-/* A client command sent to a link whose tagged answer is still to come. */
-struct inflight {
-	char		 tag[TAG_MAX + 1];
-	enum mode	 mode;		/* where its untagged answers go */
-	struct reply	*keep;		/* its tagged answer is kept here */
-	int		 forward;	/* and goes on to the client */
-};
-
-struct router {
-	const struct config	*cfg;
-	struct iobuf		*client;
-	const struct credentials *cr;
-	const struct client_info *ci;
-	const char		*user;		/* sanitized, for logs */
-	struct link		*links;	/* never moved: links point into it */
-	int			 nlinks;
-	int			 npublic;	/* links[1 .. npublic-1] */
-	int			 maxlinks;
-	int			 selected;	/* link index, or -1 */
-	struct inflight		*flight;	/* [fhead, fhead + nflight) */
-	int			 fcap;
-	int			 fhead;
-	int			 nflight;
-	int			 busy;		/* the link they are on, or -1 */
-	int			 raw_for;	/* a link's "+": its next line */
-	int			 want_plus;	/* a literal of ours waits */
-	int			 got_plus;
-	struct str		 out;		/* pipelined, to the busy link */
-	struct reply		*answer;	/* link_pump's, owned */
-	int			 relayed;	/* no routing: bytes pass on */
-	struct resp_scanner	 client_sc;	/* relayed: the client's */
-	int			 pipe[2];	/* splice(2), when it is used */
-	int			 splice_off;
-	struct cmd_buf		 cb;		/* the command being read */
-	size_t			 send_len;	/* bytes of it to send */
-	char			*enabled;	/* ENABLE arguments, to replay */
-	int64_t			 last_client;
-	int			 merging;	/* a LIST over several servers */
-	int			 selection_lost;	/* its server went away */
-	enum session_end		 end;
-};
-
-static void	router_bye(struct router *, enum session_end, const char *);
+#include "engine.h"
 
 /* ------------------------------------------------------------------ */
-/* the client side */
-
-static int
-client_write(struct router *rt, const char *data, size_t len)
-{
-	rt->client->deadline = deadline_in(rt->cfg->idle_timeout);
-	if (iobuf_write(rt->client, data, len) != IO_OK) {
-		rt->end = END_CLIENT_GONE;
-		return -1;
-	}
-	return 0;
-}
-
-static int
-client_line(struct router *rt, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
-static int
-client_line(struct router *rt, const char *fmt, ...)
-{
-	enum io_status st;
-	va_list ap;
-
-	rt->client->deadline = deadline_in(rt->cfg->idle_timeout);
-	va_start(ap, fmt);
-	st = iobuf_vline(rt->client, fmt, ap);
-	va_end(ap);
-	if (st != IO_OK) {
-		rt->end = END_CLIENT_GONE;
-		return -1;
-	}
-	return 0;
-}
-
-/* A tagged answer on its way to the client, without a referral code:
- * referrals are for imapfe to follow, never for the client. */
-static int
-client_reply(struct router *rt, const struct reply *r)
-{
-	struct status_resp st;
-	char tag[TAG_MAX + 1];
-
-	if (r->code != CODE_REFERRAL || r->tag_len > TAG_MAX) {
-		if (r->raw != NULL)
-			return client_write(rt, r->raw, r->raw_len);
-		return client_line(rt, "%s", r->line);
-	}
-	memcpy(tag, r->line, r->tag_len);
-	tag[r->tag_len] = '\0';
-	if (status_parse(r->line, r->len, tag, &st) != 0)
-		return client_line(rt, "%s", r->line);
-	return client_line(rt, "%s %s %.*s", tag, r->status == REPLY_OK ?
-	    "OK" : r->status == REPLY_NO ? "NO" : "BAD", (int)st.text_len,
-	    st.text);
-}
-
-/* ------------------------------------------------------------------ */
-/* links */
-
-/* A public server that failed is left alone for public_holddown. */
-static void
-hold_down(struct router *rt, struct link *l)
-{
-	l->retry_after = deadline_in(rt->cfg->public_holddown);
-}
-
-static void
-link_init(struct link *l, const struct route *r)
-{
-	l->route = l->conf = r;
-	l->be = &l->own;
-	l->own.io.rfd = l->own.io.wfd = -1;
-}
-
-/* For logs: a public line's link, or one opened to follow a referral. */
-static const char *
-link_kind(const struct link *l)
-{
-	return l->public ? "public" : "referral";
-}
-
-static const char *
-link_prefix(const struct link *l)
-{
-	return l->public ? l->route->pattern : "";
-}
-
-/* The link where a mailbox is selected, or home when none is. */
-static int
-current_link(const struct router *rt)
-{
-	return rt->selected >= 0 ? rt->selected : 0;
-}
-
-static void
-link_down(struct router *rt, int i, const char *why)
-{
-	struct link *l = &rt->links[i];
-
-	if (l->up)
-		log_msg(LOG_ERR, "event=%s-error user=\"%s\" prefix=\"%s\" "
-		    "backend=%s:%s reason=\"%s\"", link_kind(l), rt->user,
-		    link_prefix(l), l->route->host, l->route->port, why);
-	backend_close(l->be);
-	l->up = 0;
-	hold_down(rt, l);
-	/* The client still thinks a mailbox is selected: keep saying why not. */
-	if (rt->selected == i)
-		rt->selection_lost = 1;
-}
-
-/* A command of imapfe's own; whatever it brings back goes nowhere. */
-static int
-link_internal(struct router *rt, int i, const char *verb, const char *args)
-{
-	struct str text = { 0 };
-	struct reply r;
-	int rc = -1;
-
-	if (str_printf(&text, "%s%s%s", verb, args ? " " : "",
-	    args ? args : "") == 0 &&
-	    backend_simple(rt->links[i].be, rt->cfg, text.s, NULL, &r) <
-	    REPLY_PLUS)
-		rc = 0;
-	str_free(&text);
-	rt->links[i].last_used = now_ms();
-	if (rc != 0 && i > 0)
-		link_down(rt, i, "no answer to an internal command");
-	return rc;
-}
-
-/* Open public link i if it is not open and not held down. */
-static int
-link_up(struct router *rt, int i)
-{
-	struct link *l = &rt->links[i];
-	char why[256];
-	enum login_result res;
-
-	if (l->up)
-		return 0;
-	if (now_ms() < l->retry_after)
-		return -1;
-	if (l->conf->from_directory &&
-	    public_from_directory(rt->cfg, l->conf, &l->found, why,
-	    sizeof(why)) != ROUTE_FOUND) {
-		log_msg(LOG_ERR, "event=public-failed user=\"%s\" prefix=\"%s\" "
-		    "reason=\"%s\" retry_in=%d", rt->user, l->conf->pattern, why,
-		    rt->cfg->public_holddown);
-		hold_down(rt, l);
-		return -1;
-	}
-	if (l->conf->from_directory)
-		l->route = &l->found;
-	res = backend_login(l->be, rt->cfg, l->route, rt->cr, rt->ci, rt->user,
-	    why, sizeof(why));
-	if (res != LOGIN_OK) {
-		log_msg(LOG_ERR, "event=%s-failed user=\"%s\" prefix=\"%s\" "
-		    "backend=%s:%s reason=\"%s\" retry_in=%d", link_kind(l),
-		    rt->user, link_prefix(l), l->route->host, l->route->port,
-		    why, rt->cfg->public_holddown);
-		hold_down(rt, l);
-		return -1;
-	}
-	l->up = 1;
-	l->last_used = now_ms();
-	log_msg(LOG_INFO, "event=%s-login user=\"%s\" prefix=\"%s\" "
-	    "backend=%s:%s", link_kind(l), rt->user, link_prefix(l),
-	    l->be->host, l->be->port);
-	if (rt->enabled != NULL &&
-	    link_internal(rt, i, "ENABLE", rt->enabled) != 0)
-		return -1;
-	return 0;
-}
+/* mailbox names and the servers that own them */
 
 /*
  * Does a name (or a pattern) start with INBOX as a whole level?  INBOX is
@@ -338,13 +83,13 @@ name_is_root(const char *name, size_t len, const char *prefix)
  * otherwise.  A prefix belongs to its server alone.
  */
 static int
-mailbox_link(const struct router *rt, const char *name, size_t len)
+mailbox_link(const struct engine *eng, const char *name, size_t len)
 {
 	size_t best = 0;
 	int owner = 0;
 
-	for (int i = 1; i < rt->npublic; i++) {
-		const char *p = rt->links[i].route->pattern;
+	for (int i = 1; i < eng->npublic; i++) {
+		const char *p = eng->links[i].route->pattern;
 		size_t pl = strlen(p);
 
 		if (pl > best && ((len >= pl && name_head_equal(name, len, p,
@@ -460,10 +205,10 @@ listed_mailbox(const struct command *c)
 
 /* Does the response naming mailbox t go to the client from link self? */
 static int
-listed_name_wanted(struct router *rt, int self, const struct token *t)
+listed_name_wanted(struct engine *eng, int self, const struct token *t)
 {
-	int owner = mailbox_link(rt, t->s, t->len);
-	struct link *o = &rt->links[owner];
+	int owner = mailbox_link(eng, t->s, t->len);
+	struct link *o = &eng->links[owner];
 
 	if (owner == 0 || !name_is_root(t->s, t->len, o->route->pattern))
 		return owner == self;
@@ -480,13 +225,13 @@ listed_name_wanted(struct router *rt, int self, const struct token *t)
 }
 
 /*
- * In FILTER_LIST mode: does the untagged response at p (len bytes, whole,
+ * In a LIST being merged: does the untagged response at p (len bytes, whole,
  * literals and all, its final CRLF removed) go to the client from link l?
  * A LIST, LSUB or LIST-STATUS response is parsed; anything else, or one
  * that does not parse, passes.
  */
 static int
-list_response_wanted(struct router *rt, struct link *l, const char *p,
+list_response_wanted(struct engine *eng, struct link *l, const char *p,
     size_t len)
 {
 	const struct token *name;
@@ -498,49 +243,32 @@ list_response_wanted(struct router *rt, struct link *l, const char *p,
 		return 1;
 	if (parse_untagged(p, len, &copy, c) == 0 &&
 	    (name = listed_mailbox(c)) != NULL &&
-	    !listed_name_wanted(rt, (int)(l - rt->links), name))
+	    !listed_name_wanted(eng, (int)(l - eng->links), name))
 		wanted = 0;
 	str_free(&copy);
 	free(c);
 	return wanted;
 }
 
-/* ------------------------------------------------------------------ */
-/* reading a link's responses */
-
-static int rewrite_namespace(struct router *, const char *, size_t,
-    struct str *);
-static int rewrite_capability(struct router *, const char *, size_t,
-    struct str *);
-
-/* What a line filter needs to know: whose responses these are, and how. */
-struct sink_ctx {
-	struct router	*rt;
-	struct link	*l;
-	enum mode	 mode;
-};
-
-/* A response line that the router writes on itself, rewritten. */
 static enum sink_verdict
-rewritten(struct router *rt, const char *line, size_t len,
-    int (*rewrite)(struct router *, const char *, size_t, struct str *))
+list_line(struct engine *eng, struct link *l, const char *line, size_t len)
 {
-	struct str out = { 0 };
-	int rc;
-
-	rc = rewrite(rt, line, len, &out) != 0 || str_add(&out, "\r\n", 2) !=
-	    0 ? -1 : client_write(rt, out.s, out.len);
-	str_free(&out);
-	return rc == 0 ? SINK_DROP : SINK_FAIL;
+	return list_response_wanted(eng, l, line, len) ? SINK_KEEP : SINK_DROP;
 }
 
-/* An untagged BYE: "* BYE" and a space or the end. */
-static int
-is_bye(const char *line, size_t len)
-{
-	return len >= 5 && strncasecmp(line, "* BYE", 5) == 0 &&
-	    (len == 5 || line[5] == ' ');
-}
+/*
+ * A LIST or LSUB over several servers: a server's LIST, LSUB and
+ * LIST-STATUS responses go only for names it owns, a public server's
+ * under its prefix (it has an INBOX and more of its own to hide), the
+ * home server's outside every prefix.
+ */
+static const struct resp_filter list_filter = { list_line,
+    TAGGED_LINE_MAX };
+
+static int rewrite_namespace(struct engine *, const char *, size_t,
+    struct str *);
+static int rewrite_capability(struct engine *, const char *, size_t,
+    struct str *);
 
 static int
 starts_with(const char *line, size_t len, const char *word)
@@ -550,793 +278,43 @@ starts_with(const char *line, size_t len, const char *word)
 	return len > wl && strncasecmp(line, word, wl) == 0;
 }
 
-/*
- * The first line of each untagged response of a link, before it goes to
- * the client: a public server's BYE ends only its own link, so the client
- * never sees it; LIST filtering and rewriting by mode.
- */
+/* A response line that the router writes on itself, rewritten. */
 static enum sink_verdict
-response_line(void *ctx, const char *line, size_t len)
+rewritten(struct engine *eng, const char *line, size_t len,
+    int (*rewrite)(struct engine *, const char *, size_t, struct str *))
 {
-	struct sink_ctx *sc = ctx;
-
-	if (sc->l != sc->rt->links && is_bye(line, len))
-		return SINK_DROP;
-	switch (sc->mode) {
-	case FILTER_LIST:
-		return list_response_wanted(sc->rt, sc->l, line, len) ?
-		    SINK_KEEP : SINK_DROP;
-	case REWRITE_NAMESPACE:
-		if (starts_with(line, len, "* NAMESPACE "))
-			return rewritten(sc->rt, line, len, rewrite_namespace);
-		return SINK_KEEP;
-	case REWRITE_CAPABILITY:
-		if (starts_with(line, len, "* CAPABILITY "))
-			return rewritten(sc->rt, line, len,
-			    rewrite_capability);
-		return SINK_KEEP;
-	default:
-		return SINK_KEEP;
-	}
-}
-
-/* The k-th command of those in flight, the oldest first. */
-static struct inflight *
-flight_at(const struct router *rt, int k)
-{
-	return &rt->flight[rt->fhead + k];
-}
-
-static int flight_find(const struct router *, const struct reply *);
-static void flight_pop(struct router *, int);
-
-/*
- * A tagged answer that may go to the client with the responses around
- * it, in one write: one the client's command waits for (or, relayed,
- * any), without a referral for imapfe to follow or a caller to keep it.
- */
-static int
-answer_inline(void *ctx, const struct reply *r)
-{
-	struct sink_ctx *sc = ctx;
-	struct router *rt = sc->rt;
-	int i = (int)(sc->l - rt->links), k;
-
-	if (rt->relayed)
-		return 1;
-	if (r->code == CODE_REFERRAL || i != rt->busy ||
-	    (k = flight_find(rt, r)) < 0 || !flight_at(rt, k)->forward ||
-	    flight_at(rt, k)->keep != NULL)
-		return 0;
-	flight_pop(rt, k);
-	return 1;
-}
-
-static int
-swallow(void *ctx, const char *p, size_t n)
-{
-	(void)ctx;
-	(void)p;
-	(void)n;
-	return 0;
-}
-
-/* Where link l's untagged responses go in mode m. */
-static const struct resp_sink *
-sink_for(struct router *rt, struct link *l, enum mode m,
-    struct sink_ctx *ctx, struct resp_sink *sink)
-{
-	static const struct resp_sink nowhere = { .data = swallow,
-	    .long_lines = 1 };
-
-	if (m == DISCARD)
-		return &nowhere;
-	*ctx = (struct sink_ctx){ rt, l, m };
-	*sink = (struct resp_sink){ .out = rt->client, .ctx = ctx,
-	    .line = l != rt->links || m != FORWARD ? response_line : NULL,
-	    .tagged = answer_inline, .long_lines = 1,
-	    .whole_max = m == FILTER_LIST ? TAGGED_LINE_MAX : 0 };
-	return sink;
-}
-
-/* Where link i's untagged responses go now. */
-static enum mode
-mode_now(const struct router *rt, int i)
-{
-	if (rt->busy == i && rt->nflight > 0)
-		return flight_at(rt, 0)->mode;
-	return i == current_link(rt) ? FORWARD : DISCARD;
-}
-
-/*
- * Command k of those in flight is answered.  Answers come in order, so
- * the first one mostly: that costs nothing, however deep the pipeline.
- */
-static void
-flight_pop(struct router *rt, int k)
-{
-	if (k == 0)
-		rt->fhead++;
-	else
-		memmove(flight_at(rt, k), flight_at(rt, k + 1),
-		    (size_t)(rt->nflight - k - 1) * sizeof(*rt->flight));
-	if (--rt->nflight == 0) {
-		rt->fhead = 0;
-		rt->busy = -1;
-	}
-}
-
-static int
-flight_find(const struct router *rt, const struct reply *r)
-{
-	for (int k = 0; k < rt->nflight; k++)
-		if (reply_is(r, flight_at(rt, k)->tag))
-			return k;
-	return -1;
-}
-
-/* A tagged answer from link i: the client's, or the one a caller keeps. */
-static int
-tagged_answer(struct router *rt, int i, const struct reply *r)
-{
-	int k = i == rt->busy ? flight_find(rt, r) : -1, forward;
-	struct reply *keep;
-
-	if (k < 0)	/* no command of the client's: as a relay would */
-		return i == current_link(rt) ? client_reply(rt, r) : 0;
-	keep = flight_at(rt, k)->keep;
-	forward = flight_at(rt, k)->forward;
-	flight_pop(rt, k);
-	if (keep != NULL) {
-		*keep = *r;
-		keep->raw = NULL;	/* the buffer it points to moves on */
-	}
-	return forward ? client_reply(rt, r) : 0;
-}
-
-/*
- * A "+" from link i: what a literal of imapfe's waits for, or else the
- * server's to the client (IDLE's "+ idling"), whose next line then goes
- * to the link as it is (IDLE's DONE).
- */
-static int
-link_continuation(struct router *rt, int i, const struct reply *r)
-{
-	if (rt->relayed)	/* the client's bytes pass on anyway */
-		return client_reply(rt, r);
-	if (rt->want_plus && i == rt->busy) {
-		rt->got_plus = 1;
-		return 0;
-	}
-	if (i != current_link(rt) && i != rt->busy)
-		return 0;
-	rt->raw_for = i;
-	return client_reply(rt, r);
-}
-
-/* Move what link i has buffered on, by the rules above. */
-static int
-link_pump(struct router *rt, int i)
-{
-	struct link *l = &rt->links[i];
-	struct sink_ctx ctx;
-	struct resp_sink sink;
-	struct reply *r = rt->answer;
-	int rc = 0;
-
-	while (rc == 0 && rt->end == END_NONE) {
-		enum dispatch d = backend_dispatch(l->be, sink_for(rt, l,
-		    mode_now(rt, i), &ctx, &sink), r);
-
-		if (d == DISPATCH_MORE || d == DISPATCH_TOOLONG)
-			break;
-		if (d == DISPATCH_FAILED)
-			rc = -1;
-		else if (d == DISPATCH_TAGGED)
-			rc = tagged_answer(rt, i, r);
-		else
-			rc = link_continuation(rt, i, r);
-	}
-	if (rc != 0 && rt->end == END_NONE)
-		rt->end = END_CLIENT_GONE;
-	return rc;
-}
-
-/*
- * Pipelined commands wait in rt->out and leave for the busy link in one
- * write, before anything waits: one segment and one wake-up of the
- * server for a burst, as a relay would pass the burst on.
- */
-static int
-flush_out(struct router *rt)
-{
-	struct iobuf *io;
-	enum io_status st;
-
-	if (rt->out.len == 0 || rt->busy < 0) {
-		rt->out.len = 0;
-		return 0;
-	}
-	io = &rt->links[rt->busy].be->io;
-	io->deadline = deadline_in(rt->cfg->backend_timeout);
-	st = iobuf_write(io, rt->out.s, rt->out.len);
-	rt->out.len = 0;
-	return st == IO_OK ? 0 : -1;
-}
-
-/* The client's next line, as it is, to link i: after a "+" of the link's. */
-static int
-raw_line_to_link(struct router *rt, int i)
-{
-	struct iobuf *io = &rt->links[i].be->io;
-	char *cl;
-	size_t cllen;
-
-	rt->raw_for = -1;
-	if (flush_out(rt) != 0)
-		return -2;
-	rt->client->deadline = deadline_in(rt->cfg->idle_timeout);
-	if (iobuf_getline(rt->client, rt->cfg->max_line_length, &cl,
-	    &cllen) != IO_OK) {
-		rt->end = END_CLIENT_GONE;
-		return -1;
-	}
-	rt->last_client = now_ms();
-	io->deadline = deadline_in(rt->cfg->backend_timeout);
-	if (iobuf_write(io, cl, cllen) != IO_OK ||
-	    iobuf_write(io, "\r\n", 2) != IO_OK)
-		return -2;
-	return 0;
-}
-
-
-/* Outcome of waiting for a link's answer. */
-enum wait_result {
-	W_DONE,			/* what was waited for came */
-	W_LINK_DOWN,
-	W_CLIENT_GONE,
-	W_TIMEOUT
-};
-
-static int
-flight_has(const struct router *rt, const char *tag)
-{
-	for (int k = 0; k < rt->nflight; k++)
-		if (strcmp(flight_at(rt, k)->tag, tag) == 0)
-			return 1;
-	return 0;
-}
-
-/* Has what the caller waits for come: tag's answer, a "+", or calm? */
-static int
-wait_over(const struct router *rt, int i, const char *tag)
-{
-	if (rt->want_plus)
-		return rt->got_plus || (tag != NULL && !flight_has(rt, tag));
-	if (tag != NULL)
-		return !flight_has(rt, tag);
-	return rt->busy != i;
-}
-
-/*
- * Wait on link i until tag is answered (or, with want_plus, until the
- * link says "+"; tag NULL: until no client command is in flight there).
- * A "+" the link sends to the client in between lets the client's next
- * line through: that is how IDLE's DONE travels.
- */
-static enum wait_result
-link_wait(struct router *rt, int i, const char *tag)
-{
-	struct iobuf *io = &rt->links[i].be->io;
-
-	if (flush_out(rt) != 0)
-		return W_LINK_DOWN;
-	for (;;) {
-		struct pollfd pfd[2];
-		int client = rt->raw_for == i;
-		enum io_status st;
-		int64_t left;
-
-		if (link_pump(rt, i) != 0)
-			return W_CLIENT_GONE;
-		if (wait_over(rt, i, tag))
-			return W_DONE;
-		if (client && iobuf_pending(rt->client) > 0 &&
-		    memchr(rt->client->buf + rt->client->start, '\n',
-		    iobuf_pending(rt->client)) != NULL) {
-			int rc = raw_line_to_link(rt, i);
-
-			if (rc != 0)
-				return rc == -1 ? W_CLIENT_GONE : W_LINK_DOWN;
-			continue;
-		}
-		left = rt->last_client + (int64_t)rt->cfg->idle_timeout *
-		    1000 - now_ms();
-		if (left < 0)
-			return W_TIMEOUT;
-		if (iobuf_has_decrypted(io) || (client &&
-		    iobuf_has_decrypted(rt->client)))
-			left = 0;
-		pfd[0] = (struct pollfd){ .fd = io->rfd, .events = POLLIN };
-		pfd[1] = (struct pollfd){ .fd = client ? rt->client->rfd : -1,
-		    .events = POLLIN };
-		if (poll_wait(pfd, 2, (int)(left > POLL_MAX_MS ? POLL_MAX_MS :
-		    left)) < 0) {
-			if (errno == EINTR && shutdown_requested)
-				return W_CLIENT_GONE;
-			continue;
-		}
-		if (pfd[0].revents != 0 || iobuf_has_decrypted(io)) {
-			st = iobuf_try_fill(io);
-			if (st != IO_OK && st != IO_AGAIN)
-				return W_LINK_DOWN;
-		}
-		if (client && (pfd[1].revents != 0 ||
-		    iobuf_has_decrypted(rt->client))) {
-			st = iobuf_try_fill(rt->client);
-			if (st != IO_OK && st != IO_AGAIN)
-				return W_CLIENT_GONE;
-		}
-	}
-}
-
-/* Room for one more command in flight: the array moved down or grown. */
-static int
-flight_room(struct router *rt)
-{
-	struct inflight *f;
-	int cap;
-
-	if (rt->fhead + rt->nflight < rt->fcap)
-		return 0;
-	if (rt->fhead > 0) {
-		memmove(rt->flight, flight_at(rt, 0), (size_t)rt->nflight *
-		    sizeof(*rt->flight));
-		rt->fhead = 0;
-		return 0;
-	}
-	cap = rt->fcap > 0 ? rt->fcap * 2 : 16;
-	if ((f = realloc(rt->flight, (size_t)cap * sizeof(*f))) == NULL)
-		return -1;
-	rt->flight = f;
-	rt->fcap = cap;
-	return 0;
-}
-
-/* Record a client command as sent to link i. */
-static int
-flight_add(struct router *rt, int i, const char *tag, enum mode m,
-    struct reply *keep, int forward)
-{
-	struct inflight *f;
-
-	if (rt->nflight == PIPELINE_MAX || strlen(tag) > TAG_MAX ||
-	    (rt->busy >= 0 && rt->busy != i) || flight_room(rt) != 0)
-		return -1;
-	f = flight_at(rt, rt->nflight++);
-	snprintf(f->tag, sizeof(f->tag), "%s", tag);
-	f->mode = m;
-	f->keep = keep;
-	f->forward = forward;
-	rt->busy = i;
-	rt->links[i].last_used = now_ms();
-	return 0;
-}
-
-/* Forget what was in flight on link i: it is gone. */
-static void
-flight_drop(struct router *rt, int i)
-{
-	if (rt->busy != i)
-		return;
-	rt->nflight = rt->fhead = 0;
-	rt->busy = -1;
-	rt->want_plus = 0;
-	if (rt->raw_for == i)
-		rt->raw_for = -1;
-}
-
-/* ------------------------------------------------------------------ */
-/* reading a client command */
-
-/* Routed, after login: literals are held up to SMALL_LITERAL_MAX, larger
- * ones streamed; long UID sets are normal, the buffer is the line limit. */
-static void
-routed_limits(const struct router *rt, struct cmd_limits *lim)
-{
-	*lim = (struct cmd_limits){ .line_max = rt->client->cap - 2,
-	    .command_max = BUFFERED_COMMAND_MAX,
-	    .literal_max = rt->cfg->max_literal_size,
-	    .hold_max = SMALL_LITERAL_MAX, .toobig = 1,
-	    .literal_name = "max_literal_size" };
-}
-
-enum read_result { RD_COMMAND, RD_ANSWERED, RD_END };
-
-/* The client's next command, or the end of the session. */
-static enum read_result
-read_command(struct router *rt)
-{
-	struct cmd_limits lim;
-	enum cmd_status st;
-
-	routed_limits(rt, &lim);
-	rt->client->deadline = rt->last_client +
-	    (int64_t)rt->cfg->idle_timeout * 1000;
-	rt->cb.continuing = 0;
-	st = cmd_read(rt->client, &lim, &rt->cb);
-	rt->last_client = now_ms();
-	rt->send_len = rt->cb.text.len;
-	switch (st) {
-	case CMD_COMPLETE:
-	case CMD_STREAM:
-		return RD_COMMAND;
-	case CMD_BAD_LITERAL:
-	case CMD_ANSWERED:
-		return RD_ANSWERED;
-	case CMD_END:
-		break;
-	}
-	if (rt->cb.bye != NULL)
-		router_bye(rt, rt->cb.end, rt->cb.bye);
-	rt->end = rt->cb.end;
-	return RD_END;
-}
-
-/* ------------------------------------------------------------------ */
-/* sending a command */
-
-/* Wait for link i's "+" to a literal of ours, or the command's answer. */
-static enum wait_result
-wait_plus(struct router *rt, int i, const char *tag, int *answered)
-{
-	enum wait_result w;
-
-	rt->want_plus = 1;
-	rt->got_plus = 0;
-	w = link_wait(rt, i, tag);
-	rt->want_plus = 0;
-	*answered = w == W_DONE && !rt->got_plus;
-	return w;
-}
-
-/*
- * Send the buffered command to link i, piece by piece: after each literal
- * announcement the link must say "+" before the literal goes.  A tagged
- * answer instead ends the command early (*answered).
- */
-static enum wait_result
-send_buffered(struct router *rt, int i, const char *tag, int *answered)
-{
-	struct iobuf *io = &rt->links[i].be->io;
-	size_t from = 0, len = rt->send_len;
-	enum wait_result w;
-
-	*answered = 0;
-	for (int c = 0; c <= rt->cb.ncuts; c++) {
-		size_t to = c < rt->cb.ncuts ? rt->cb.cuts[c] : len;
-
-		if (to > len)
-			to = len;
-		io->deadline = deadline_in(rt->cfg->backend_timeout);
-		if (to > from && iobuf_write(io, rt->cb.text.s + from, to - from) !=
-		    IO_OK)
-			return W_LINK_DOWN;
-		from = to;
-		if (c == rt->cb.ncuts || to == len)
-			break;
-		if ((w = wait_plus(rt, i, tag, answered)) != W_DONE ||
-		    *answered)
-			return w;
-	}
-	return W_DONE;
-}
-
-/*
- * Copy n bytes from src to dst (NULL: nowhere) as they arrive, waiting up
- * to wait_s seconds for each piece.  Returns 0, -1 when src failed, -2
- * when dst did.
- */
-static int
-pump(struct router *rt, struct iobuf *src, int wait_s, struct iobuf *dst,
-    uint64_t n)
-{
-	while (n > 0) {
-		size_t avail = iobuf_pending(src);
-
-		if (avail == 0) {
-			src->deadline = deadline_in(wait_s);
-			if (iobuf_fill(src) != IO_OK)
-				return -1;
-			continue;
-		}
-		if (avail > n)
-			avail = (size_t)n;
-		if (dst != NULL) {
-			dst->deadline = deadline_in(rt->cfg->backend_timeout);
-			if (iobuf_write(dst, src->buf + src->start, avail) !=
-			    IO_OK)
-				return -2;
-		}
-		iobuf_consume(src, avail);
-		n -= avail;
-	}
-	return 0;
-}
-
-/*
- * BYE after link i failed, where the client can read it as one: a partial
- * response line of the link's is ended first, and inside one of its
- * literals no BYE is sent at all, since it would become message data.
- */
-static void
-bye_after_link(struct router *rt, int i, const char *text)
-{
-	const struct resp_scanner *sc = &rt->links[i].be->sc;
-
-	if (sc->literal_left > 0) {
-		log_msg(LOG_NOTICE, "event=bye-withheld reason=\"inside a "
-		    "literal of the back-end's\"");
-		return;
-	}
-	if (!resp_scan_at_start(sc) && client_write(rt, "\r\n", 2) != 0)
-		return;
-	client_line(rt, "* BYE %s", text);
-}
-
-/* The link whose answers the client is reading now. */
-static int
-answering_link(const struct router *rt)
-{
-	return rt->busy >= 0 ? rt->busy : current_link(rt);
-}
-
-/* End the session with a BYE the client can read as one. */
-static void
-router_bye(struct router *rt, enum session_end end, const char *text)
-{
-	bye_after_link(rt, answering_link(rt), text);
-	rt->end = end;
-}
-
-/*
- * What a lost link left of a response line goes on to the client, when
- * the client was reading that link's answers, as a relay would pass it:
- * what imapfe says next then ends that line first.
- */
-static void
-link_flush_partial(struct router *rt, int i)
-{
-	struct backend *be = rt->links[i].be;
-	const char *p = be->io.buf + be->io.start;
-	size_t n = iobuf_pending(&be->io);
-
-	if (n == 0 || be->dropping || i != answering_link(rt) ||
-	    mode_now(rt, i) == DISCARD || client_write(rt, p, n) != 0)
-		return;
-	resp_scan(&be->sc, p, n);
-	iobuf_consume(&be->io, n);
-}
-
-/*
- * The rest of a command whose literal is too big to hold: each such
- * literal streams from the client to the link once the link said "+",
- * and what follows it is read and sent as any command is.
- */
-static enum wait_result
-stream_rest(struct router *rt, int i, const char *tag, int *answered)
-{
-	struct cmd_limits lim;
-	enum wait_result w;
-	enum cmd_status st;
+	struct str out = { 0 };
 	int rc;
 
-	routed_limits(rt, &lim);
-	do {
-		if ((w = wait_plus(rt, i, tag, answered)) != W_DONE ||
-		    *answered)
-			return w;
-		if (rt->cb.stream_sync && client_line(rt, "+ Ready for literal "
-		    "data") != 0)
-			return W_CLIENT_GONE;
-		rc = pump(rt, rt->client, rt->cfg->idle_timeout,
-		    &rt->links[i].be->io, rt->cb.stream_left);
-		if (rc != 0)
-			return rc == -1 ? W_CLIENT_GONE : W_LINK_DOWN;
-		rt->last_client = now_ms();
-		rt->cb.continuing = 1;
-		st = cmd_read(rt->client, &lim, &rt->cb);
-		rt->cb.continuing = 0;
-		if (st == CMD_END) {
-			/* the link holds half a command: the session ends */
-			if (rt->cb.bye != NULL)
-				bye_after_link(rt, i, rt->cb.bye);
-			rt->end = rt->cb.end;
-			return W_CLIENT_GONE;
-		}
-		rt->send_len = rt->cb.text.len;
-		if ((w = send_buffered(rt, i, tag, answered)) != W_DONE ||
-		    *answered)
-			return w;
-	} while (st == CMD_STREAM);
-	return W_DONE;	/* (cmd_read left stream_left 0: all of it went) */
+	rc = rewrite(eng, line, len, &out) != 0 || str_add(&out, "\r\n", 2) !=
+	    0 ? -1 : client_write(eng, out.s, out.len);
+	str_free(&out);
+	return rc == 0 ? SINK_DROP : SINK_FAIL;
 }
 
-/* ------------------------------------------------------------------ */
-/* running one command on one link */
-
-
-/* Every client command in flight on lost public link i gets its NO. */
-static void
-flight_unavailable(struct router *rt, int i, const char *tag)
+static enum sink_verdict
+namespace_line(struct engine *eng, struct link *l, const char *line,
+    size_t len)
 {
-	int had = rt->busy == i ? rt->nflight : 0;
-
-	for (int k = 0; k < had; k++)
-		if (tag == NULL || strcmp(flight_at(rt, k)->tag, tag) != 0)
-			client_line(rt, "%s NO [UNAVAILABLE] Public folder "
-			    "server connection lost.", flight_at(rt, k)->tag);
-	flight_drop(rt, i);
-	if (tag != NULL)
-		client_line(rt, "%s NO [UNAVAILABLE] Public folder server "
-		    "connection lost.", tag);
+	(void)l;
+	if (starts_with(line, len, "* NAMESPACE "))
+		return rewritten(eng, line, len, rewrite_namespace);
+	return SINK_KEEP;
 }
 
-static void
-command_failed_on_link(struct router *rt, int i, const char *tag,
-    enum wait_result w)
+static enum sink_verdict
+capability_line(struct engine *eng, struct link *l, const char *line,
+    size_t len)
 {
-	const struct resp_scanner *sc = &rt->links[i].be->sc;
-
-	if (w == W_CLIENT_GONE) {
-		if (rt->end == END_NONE)
-			rt->end = END_CLIENT_GONE;
-		return;
-	}
-	if (w == W_TIMEOUT) {
-		bye_after_link(rt, i, "Disconnected for inactivity.");
-		rt->end = END_TIMEOUT;
-		return;
-	}
-	link_flush_partial(rt, i);
-	if (i == 0) {
-		if (rt->links[0].be->io.tls_why[0] != '\0')
-			log_msg(LOG_NOTICE, "event=tls-error side=backend "
-			    "reason=\"%s\"", rt->links[0].be->io.tls_why);
-		if (!sc->saw_bye)
-			bye_after_link(rt, 0, "Back-end server closed the "
-			    "connection.");
-		rt->end = sc->saw_bye ? END_LOGOUT : END_BACKEND_GONE;
-		return;
-	}
-	if (sc->literal_left > 0) {
-		/* The client is inside the lost server's literal: no answer
-		 * can reach it as one, so the session ends here. */
-		bye_after_link(rt, i, "");
-		link_down(rt, i, "connection lost");
-		rt->end = END_BACKEND_GONE;
-		return;
-	}
-	if (!resp_scan_at_start(sc) && client_write(rt, "\r\n", 2) != 0)
-		return;
-	link_down(rt, i, "connection lost");
-	if (rt->merging) {	/* the home server's answer is still to come */
-		flight_drop(rt, i);
-		client_line(rt, "* NO [UNAVAILABLE] The server for \"%s\" was "
-		    "lost.", rt->links[i].route->pattern);
-	}
-	else
-		flight_unavailable(rt, i, tag);
+	(void)l;
+	if (starts_with(line, len, "* CAPABILITY "))
+		return rewritten(eng, line, len, rewrite_capability);
+	return SINK_KEEP;
 }
 
-/*
- * A command whose streamed literal did not go (refused before the "+",
- * its server unavailable or lost): what the client sends of it anyway,
- * a non-synchronizing literal and the rest of the command, is read and
- * dropped, so that none of it is taken for a command.  A synchronizing
- * one the client never sends: it has its answer.
- */
-static void
-discard_rest(struct router *rt)
-{
-	struct cmd_limits lim;
-	enum cmd_status st = CMD_STREAM;
-
-	routed_limits(rt, &lim);
-	while (st == CMD_STREAM && rt->cb.stream_left > 0 &&
-	    !rt->cb.stream_sync && rt->end == END_NONE) {
-		if (pump(rt, rt->client, rt->cfg->idle_timeout, NULL,
-		    rt->cb.stream_left) != 0) {
-			rt->end = END_CLIENT_GONE;
-			break;
-		}
-		rt->cb.continuing = 1;
-		st = cmd_read(rt->client, &lim, &rt->cb);
-		rt->cb.continuing = 0;
-		if (st == CMD_END) {
-			if (rt->cb.bye != NULL)
-				router_bye(rt, rt->cb.end, rt->cb.bye);
-			rt->end = rt->cb.end;
-		}
-	}
-	rt->cb.stream_left = 0;
-}
-
-/* The commands in flight are answered: the next may run alone. */
-static int
-wait_idle(struct router *rt)
-{
-	enum wait_result w;
-	int i = rt->busy;
-
-	if (i < 0)
-		return 0;
-	if ((w = link_wait(rt, i, NULL)) == W_DONE)
-		return 0;
-	command_failed_on_link(rt, i, NULL, w);
-	return -1;
-}
-
-/*
- * Send the current command to link i and relay its answers in mode m.
- * The tagged answer goes to the client, unless keep (then it is left
- * there).  Waits first for the client commands in flight elsewhere.
- */
-static enum reply_status
-run_on_link_as(struct router *rt, int i, const char *tag, enum mode m,
-    struct reply *keep)
-{
-	struct reply *r = keep != NULL ? keep : malloc(sizeof(*r));
-	enum wait_result w;
-	int answered = 0;
-
-	if (r == NULL) {
-		router_bye(rt, END_LIMIT, "Out of memory.");
-		return REPLY_LOST;
-	}
-	r->status = REPLY_LOST;
-	if (wait_idle(rt) != 0)
-		;
-	else if (flight_add(rt, i, tag, m, r, keep == NULL) != 0)
-		client_line(rt, "%s BAD Tag too long.", tag);
-	else {
-		w = send_buffered(rt, i, tag, &answered);
-		if (w == W_DONE && !answered && rt->cb.stream_left > 0)
-			w = stream_rest(rt, i, tag, &answered);
-		if (w == W_DONE && !answered)
-			w = link_wait(rt, i, tag);
-		if (w != W_DONE) {
-			command_failed_on_link(rt, i, tag, w);
-			r->status = REPLY_LOST;
-		}
-	}
-	if (keep == NULL) {
-		enum reply_status rs = r->status;
-
-		free(r);
-		return rs;
-	}
-	return r->status;
-}
-
-static enum reply_status
-run_on_link(struct router *rt, int i, const char *tag, struct reply *keep)
-{
-	return run_on_link_as(rt, i, tag, FORWARD, keep);
-}
-
-/*
- * A command for link i that need not wait for the answers before it:
- * written at once, its answers streamed back when they come.
- */
-static void
-send_pipelined(struct router *rt, int i, const char *tag)
-{
-	flight_add(rt, i, tag, FORWARD, NULL, 1);
-	if (str_add(&rt->out, rt->cb.text.s, rt->send_len) != 0) {
-		router_bye(rt, END_LIMIT, "Out of memory.");
-	}
-}
+/* The home server's NAMESPACE and CAPABILITY, rewritten on their way. */
+static const struct resp_filter namespace_filter = { namespace_line, 0 };
+static const struct resp_filter capability_filter = { capability_line, 0 };
 
 /* ------------------------------------------------------------------ */
 /* what goes where */
@@ -1347,21 +325,21 @@ send_pipelined(struct router *rt, int i, const char *tag)
  * streams, the part before that literal is what there is to parse.
  */
 static enum parse_status
-parse_copy(struct router *rt, struct str *copy, struct command *c,
+parse_copy(struct engine *eng, struct str *copy, struct command *c,
     const char **why)
 {
-	size_t len = rt->send_len;
+	size_t len = eng->send_len;
 
-	if (rt->cb.stream_left > 0) {
-		const char *open = memrchr(rt->cb.text.s, '{', len);
+	if (eng->cb.stream_left > 0) {
+		const char *open = memrchr(eng->cb.text.s, '{', len);
 
-		len = open != NULL ? (size_t)(open - rt->cb.text.s) : 0;
+		len = open != NULL ? (size_t)(open - eng->cb.text.s) : 0;
 	} else
 		len -= 2;		/* the final CRLF */
-	while (len > 0 && rt->cb.text.s[len - 1] == ' ')
+	while (len > 0 && eng->cb.text.s[len - 1] == ' ')
 		len--;
 	str_wipe(copy);
-	if (str_add(copy, rt->cb.text.s, len) != 0 || str_add(copy, "", 1) != 0)
+	if (str_add(copy, eng->cb.text.s, len) != 0 || str_add(copy, "", 1) != 0)
 		return PARSE_NOTAG;
 	copy->len--;
 	return parse_command(copy->s, copy->len, c, why);
@@ -1391,14 +369,14 @@ names_mailbox(const char *name)
 
 /* Leave link i unselected, quietly: UNSELECT, or a SELECT bound to fail. */
 static void
-deselect(struct router *rt, int i)
+deselect(struct engine *eng, int i)
 {
-	if (caps_has(rt->links[i].be->caps, "UNSELECT"))
-		link_internal(rt, i, "UNSELECT", NULL);
+	if (caps_has(eng->links[i].be->caps, "UNSELECT"))
+		link_internal(eng, i, "UNSELECT", NULL);
 	else
-		link_internal(rt, i, "EXAMINE", "\"imapfe/no such mailbox\"");
-	if (rt->selected == i)
-		rt->selected = -1;
+		link_internal(eng, i, "EXAMINE", "\"imapfe/no such mailbox\"");
+	if (eng->selected == i)
+		eng->selected = -1;
 }
 
 /*
@@ -1407,24 +385,24 @@ deselect(struct router *rt, int i)
  * imapfe (RFC 7162 3.2.11), as it would from one server.
  */
 static void
-leave_selected(struct router *rt)
+leave_selected(struct engine *eng)
 {
-	int i = rt->selected;
+	int i = eng->selected;
 
-	if (rt->links[i].up)
-		deselect(rt, i);
-	rt->selected = -1;
-	if (rt->enabled != NULL && strcasestr(rt->enabled, "QRESYNC") != NULL)
-		client_line(rt, "* OK [CLOSED] Previous mailbox closed.");
+	if (eng->links[i].up)
+		deselect(eng, i);
+	eng->selected = -1;
+	if (eng->enabled != NULL && strcasestr(eng->enabled, "QRESYNC") != NULL)
+		client_line(eng, "* OK [CLOSED] Previous mailbox closed.");
 }
 
 static int
-public_unavailable(struct router *rt, int i, const char *tag)
+public_unavailable(struct engine *eng, int i, const char *tag)
 {
-	if (link_up(rt, i) == 0)
+	if (link_up(eng, i) == 0)
 		return 0;
-	client_line(rt, "%s NO [UNAVAILABLE] The server for \"%s\" is "
-	    "unavailable, try again later.", tag, rt->links[i].route->pattern);
+	client_line(eng, "%s NO [UNAVAILABLE] The server for \"%s\" is "
+	    "unavailable, try again later.", tag, eng->links[i].route->pattern);
 	return 1;
 }
 
@@ -1433,39 +411,39 @@ public_unavailable(struct router *rt, int i, const char *tag)
 
 /* Where the mailbox argument t ends in the command as the client sent it. */
 static size_t
-raw_token_end(const struct router *rt, const struct str *copy,
+raw_token_end(const struct engine *eng, const struct str *copy,
     const struct token *t)
 {
 	size_t at = (size_t)(t->s - copy->s);
 
 	if (t->type != TOK_QUOTED)
 		return at + t->len;
-	for (; at < rt->send_len; at++) {	/* from the opening quote on */
-		if (rt->cb.text.s[at] == '\\')
+	for (; at < eng->send_len; at++) {	/* from the opening quote on */
+		if (eng->cb.text.s[at] == '\\')
 			at++;
-		else if (rt->cb.text.s[at] == '"')
+		else if (eng->cb.text.s[at] == '"')
 			return at + 1;
 	}
-	return rt->send_len;
+	return eng->send_len;
 }
 
 /* The link for a server reached by referral: its open one, or a new one. */
 static int
-referral_link(struct router *rt, const struct route *r)
+referral_link(struct engine *eng, const struct route *r)
 {
-	for (int i = 1; i < rt->nlinks; i++)
-		if (rt->links[i].route == r)
+	for (int i = 1; i < eng->nlinks; i++)
+		if (eng->links[i].route == r)
 			return i;
-	if (rt->nlinks == rt->maxlinks)
+	if (eng->nlinks == eng->maxlinks)
 		return -1;
-	link_init(&rt->links[rt->nlinks], r);
-	return rt->nlinks++;
+	link_init(&eng->links[eng->nlinks], r);
+	return eng->nlinks++;
 }
 
 static int
-is_home(const struct router *rt, const struct route *r)
+is_home(const struct engine *eng, const struct route *r)
 {
-	const struct backend *be = rt->links[0].be;
+	const struct backend *be = eng->links[0].be;
 
 	return strcasecmp(be->host, r->host) == 0 &&
 	    strcmp(be->port, r->port) == 0;
@@ -1486,45 +464,20 @@ printable_ascii(const char *s)
  * needs no conversion, and a server other than the one that referred.
  */
 static const char *
-referral_unfollowable(const struct router *rt, const struct referral *ref,
+referral_unfollowable(const struct engine *eng, const struct referral *ref,
     const struct route *r)
 {
 	if (ref->mailbox[0] == '\0' || !printable_ascii(ref->mailbox))
 		return "no mailbox name, or not ASCII";
-	if (rt->cb.ncuts > 0 || rt->cb.stream_left > 0)
+	if (eng->cb.ncuts > 0 || eng->cb.stream_left > 0)
 		return "the command carries a literal";
-	if (is_home(rt, r))
+	if (is_home(eng, r))
 		return "loop";
 	return NULL;
 }
-
-/*
- * Send a command composed by the router for the client (its tag) to link
- * i, and wait for the answer, kept in keep.  The command holds no literal.
- */
-static enum reply_status
-run_text_on_link(struct router *rt, int i, const char *tag,
-    const struct str *text, struct reply *keep)
-{
-	struct iobuf *io = &rt->links[i].be->io;
-	enum wait_result w = W_LINK_DOWN;
-
-	keep->status = REPLY_LOST;
-	if (flight_add(rt, i, tag, FORWARD, keep, 0) != 0)
-		return REPLY_LOST;
-	io->deadline = deadline_in(rt->cfg->backend_timeout);
-	if (iobuf_write(io, text->s, text->len) == IO_OK)
-		w = link_wait(rt, i, tag);
-	if (w != W_DONE) {
-		command_failed_on_link(rt, i, tag, w);
-		return REPLY_LOST;
-	}
-	return keep->status;
-}
-
 /* Run the command on link j for the mailbox a referral names. */
 static enum reply_status
-run_referred(struct router *rt, const struct command *c, size_t name_end,
+run_referred(struct engine *eng, const struct command *c, size_t name_end,
     int j, const char *mailbox, struct reply *r)
 {
 	struct str cmd = { 0 };
@@ -1532,10 +485,10 @@ run_referred(struct router *rt, const struct command *c, size_t name_end,
 
 	if (str_printf(&cmd, "%s %s ", c->tag, c->name) == 0 &&
 	    imap_append_string(&cmd, mailbox, strlen(mailbox), 0) == 0 &&
-	    str_add(&cmd, rt->cb.text.s + name_end, rt->send_len - name_end) == 0)
-		rs = run_text_on_link(rt, j, c->tag, &cmd, r);
+	    str_add(&cmd, eng->cb.text.s + name_end, eng->send_len - name_end) == 0)
+		rs = run_text_on_link(eng, j, c->tag, &cmd, r);
 	else {
-		router_bye(rt, END_LIMIT, "Out of memory.");
+		engine_bye(eng, END_LIMIT, "Out of memory.");
 	}
 	str_free(&cmd);
 	return rs;
@@ -1549,11 +502,11 @@ run_referred(struct router *rt, const struct command *c, size_t name_end,
  * has had its answer already, or the session is over.
  */
 static enum reply_status
-follow_mailbox_referral(struct router *rt, const struct command *c,
+follow_mailbox_referral(struct engine *eng, const struct command *c,
     size_t name_end, int *at, struct reply *r)
 {
 	const struct route *tried[REFERRAL_HOPS_MAX + 1] = {
-	    rt->links[*at].route };
+	    eng->links[*at].route };
 	enum reply_status rs = r->status;
 	int hops = 0;
 
@@ -1563,29 +516,29 @@ follow_mailbox_referral(struct router *rt, const struct command *c,
 		const char *why;
 		int j;
 
-		if ((next = referral_target(rt->cfg, r->line, &ref,
-		    rt->user)) == NULL)
+		if ((next = referral_target(eng->cfg, r->line, &ref,
+		    eng->user)) == NULL)
 			break;
-		if ((why = referral_unfollowable(rt, &ref, next)) != NULL) {
-			referral_refused(rt->user, &ref, why);
+		if ((why = referral_unfollowable(eng, &ref, next)) != NULL) {
+			referral_refused(eng->user, &ref, why);
 			break;
 		}
-		if (!referral_allowed(rt->cfg, tried, hops, next, &ref,
-		    rt->user))
+		if (!referral_allowed(eng->cfg, tried, hops, next, &ref,
+		    eng->user))
 			break;
-		if ((j = referral_link(rt, next)) < 0) {
-			referral_refused(rt->user, &ref, "too many servers "
+		if ((j = referral_link(eng, next)) < 0) {
+			referral_refused(eng->user, &ref, "too many servers "
 			    "reached by referral");
 			break;
 		}
-		if (link_up(rt, j) != 0) {
-			client_line(rt, "%s NO [UNAVAILABLE] The server "
+		if (link_up(eng, j) != 0) {
+			client_line(eng, "%s NO [UNAVAILABLE] The server "
 			    "holding this mailbox is unavailable.", c->tag);
 			return REPLY_LOST;
 		}
 		log_msg(LOG_INFO, "event=referral kind=mailbox user=\"%s\" "
-		    "to=%s:%s", rt->user, next->host, next->port);
-		rs = run_referred(rt, c, name_end, j, ref.mailbox, r);
+		    "to=%s:%s", eng->user, next->host, next->port);
+		rs = run_referred(eng, c, name_end, j, ref.mailbox, r);
 		tried[++hops] = next;
 		*at = j;
 	}
@@ -1597,7 +550,7 @@ follow_mailbox_referral(struct router *rt, const struct command *c,
 
 /* A command for the mailbox on link i (SELECT and friends included). */
 static void
-cmd_mailbox(struct router *rt, const struct command *c, int i,
+cmd_mailbox(struct engine *eng, const struct command *c, int i,
     size_t name_end)
 {
 	int selecting = strcmp(c->name, "SELECT") == 0 ||
@@ -1607,24 +560,24 @@ cmd_mailbox(struct router *rt, const struct command *c, int i,
 
 	if (selecting) {
 		/* Even a failed SELECT leaves nothing selected (RFC 9051). */
-		if (rt->selected >= 0 && (rt->selected != i ||
-		    rt->selection_lost))
-			leave_selected(rt);
-		rt->selection_lost = 0;
+		if (eng->selected >= 0 && (eng->selected != i ||
+		    eng->selection_lost))
+			leave_selected(eng);
+		eng->selection_lost = 0;
 	}
-	if (i > 0 && public_unavailable(rt, i, c->tag))
+	if (i > 0 && public_unavailable(eng, i, c->tag))
 		return;
 	if ((r = malloc(sizeof(*r))) == NULL) {
-		router_bye(rt, END_LIMIT, "Out of memory.");
+		engine_bye(eng, END_LIMIT, "Out of memory.");
 		return;
 	}
-	rs = run_on_link(rt, i, c->tag, r);
+	rs = run_on_link(eng, i, c->tag, r);
 	if (rs == REPLY_NO && strcmp(c->name, "APPEND") != 0)
-		rs = follow_mailbox_referral(rt, c, name_end, &i, r);
+		rs = follow_mailbox_referral(eng, c, name_end, &i, r);
 	if (rs != REPLY_LOST)
-		client_reply(rt, r);
+		client_reply(eng, r);
 	if (selecting)
-		rt->selected = rs == REPLY_OK ? i : -1;
+		eng->selected = rs == REPLY_OK ? i : -1;
 	free(r);
 }
 
@@ -1709,7 +662,7 @@ list_pattern(const struct command *c, size_t ref, size_t k, char *pat,
  * would.
  */
 static int
-list_needs(const struct router *rt, const struct command *c, int i)
+list_needs(const struct engine *eng, const struct command *c, int i)
 {
 	size_t ref, first, end, plen;
 	char pat[1024];
@@ -1721,11 +674,11 @@ list_needs(const struct router *rt, const struct command *c, int i)
 
 		plen = list_pattern(c, ref, k, pat, sizeof(pat));
 		if (i > 0 && pattern_reaches(pat, plen,
-		    rt->links[i].route->pattern))
+		    eng->links[i].route->pattern))
 			return 1;
-		for (int j = 1; i == 0 && j < rt->npublic; j++)
+		for (int j = 1; i == 0 && j < eng->npublic; j++)
 			if (pattern_inside(pat, plen,
-			    rt->links[j].route->pattern))
+			    eng->links[j].route->pattern))
 				inside = 1;
 		if (i == 0 && !inside)
 			return 1;
@@ -1754,36 +707,36 @@ lists_subscriptions(const struct command *c)
 /*
  * LIST and LSUB: every server whose names the patterns can match answers
  * in turn, public servers first, and each passes only the names it owns
- * (FILTER_LIST): the client sees every mailbox once and one tagged
+ * (list_filter): the client sees every mailbox once and one tagged
  * answer, the home server's when it took part.
  */
 static void
-cmd_list(struct router *rt, const struct command *c)
+cmd_list(struct engine *eng, const struct command *c)
 {
 	struct reply *r = malloc(2 * sizeof(*r)), *answer = r + 1;
-	int home = list_needs(rt, c, 0);
+	int home = list_needs(eng, c, 0);
 	enum reply_status rs;
 
 	if (r == NULL) {
-		router_bye(rt, END_LIMIT, "Out of memory.");
+		engine_bye(eng, END_LIMIT, "Out of memory.");
 		return;
 	}
 	answer->status = REPLY_LOST;
-	for (int i = 1; i < rt->npublic; i++) {
-		struct link *l = &rt->links[i];
+	for (int i = 1; i < eng->npublic; i++) {
+		struct link *l = &eng->links[i];
 
 		l->root = ROOT_UNASKED;
-		if (!list_needs(rt, c, i))
+		if (!list_needs(eng, c, i))
 			continue;
-		if (link_up(rt, i) != 0) {
-			client_line(rt, "* NO [UNAVAILABLE] The server for "
+		if (link_up(eng, i) != 0) {
+			client_line(eng, "* NO [UNAVAILABLE] The server for "
 			    "\"%s\" is unavailable.", l->route->pattern);
 			continue;
 		}
-		rt->merging = 1;
-		rs = run_on_link_as(rt, i, c->tag, FILTER_LIST, r);
-		rt->merging = 0;
-		if (rt->end != END_NONE)
+		eng->merging = 1;
+		rs = run_on_link_as(eng, i, c->tag, &list_filter, r);
+		eng->merging = 0;
+		if (eng->end != END_NONE)
 			goto out;
 		if (rs == REPLY_OK && l->root == ROOT_UNASKED &&
 		    !lists_subscriptions(c))
@@ -1791,13 +744,13 @@ cmd_list(struct router *rt, const struct command *c)
 		if (rs != REPLY_LOST)
 			*answer = *r;
 	}
-	if (home && run_on_link_as(rt, 0, c->tag, FILTER_LIST, answer) ==
+	if (home && run_on_link_as(eng, 0, c->tag, &list_filter, answer) ==
 	    REPLY_LOST)
 		goto out;
 	if (answer->status != REPLY_LOST)
-		client_reply(rt, answer);
+		client_reply(eng, answer);
 	else
-		client_line(rt, "%s NO [UNAVAILABLE] The public folder servers "
+		client_line(eng, "%s NO [UNAVAILABLE] The public folder servers "
 		    "are unavailable, try again later.", c->tag);
 out:
 	free(r);
@@ -1866,10 +819,10 @@ group_end(const struct command *c, size_t i)
  * server's.  0 for none.
  */
 static int
-namespace_owner(const struct router *rt, const struct token *t)
+namespace_owner(const struct engine *eng, const struct token *t)
 {
-	for (int i = 1; i < rt->npublic; i++) {
-		const char *p = rt->links[i].route->pattern;
+	for (int i = 1; i < eng->npublic; i++) {
+		const char *p = eng->links[i].route->pattern;
 		size_t pl = strlen(p), rl = prefix_root_len(p);
 
 		if (t->len == pl && name_head_equal(t->s, t->len, p, pl, pl))
@@ -1903,10 +856,10 @@ append_public_namespace(struct str *out, const char *pfx)
  * replaced where it stands, the others are added at the end.
  */
 static int
-append_shared_namespaces(struct router *rt, const struct command *c,
+append_shared_namespaces(struct engine *eng, const struct command *c,
     size_t at, struct str *out)
 {
-	char *shown = calloc((size_t)rt->npublic, 1);
+	char *shown = calloc((size_t)eng->npublic, 1);
 	int rc = -1;
 
 	if (shown == NULL || str_adds(out, "(") != 0)
@@ -1915,20 +868,20 @@ append_shared_namespaces(struct router *rt, const struct command *c,
 	    j < c->ntok && c->tok[j].type == TOK_LPAREN;) {
 		size_t next = group_end(c, j);
 		int owner = j + 1 < next && is_mailbox_token(&c->tok[j + 1]) ?
-		    namespace_owner(rt, &c->tok[j + 1]) : 0;
+		    namespace_owner(eng, &c->tok[j + 1]) : 0;
 
 		if (owner == 0 && append_tokens(out, c->tok, j, next) != 0)
 			goto out;
 		if (owner > 0 && !shown[owner] && append_public_namespace(out,
-		    rt->links[owner].route->pattern) != 0)
+		    eng->links[owner].route->pattern) != 0)
 			goto out;
 		if (owner > 0)
 			shown[owner] = 1;
 		j = next;
 	}
-	for (int i = 1; i < rt->npublic; i++)
+	for (int i = 1; i < eng->npublic; i++)
 		if (!shown[i] && append_public_namespace(out,
-		    rt->links[i].route->pattern) != 0)
+		    eng->links[i].route->pattern) != 0)
 			goto out;
 	rc = str_adds(out, ")");
 out:
@@ -1942,7 +895,7 @@ out:
  * does not parse goes as it came.
  */
 static int
-rewrite_namespace(struct router *rt, const char *line, size_t len,
+rewrite_namespace(struct engine *eng, const char *line, size_t len,
     struct str *out)
 {
 	struct command *c = malloc(sizeof(*c));
@@ -1962,7 +915,7 @@ rewrite_namespace(struct router *rt, const char *line, size_t len,
 		    str_adds(out, " ") != 0 ||
 		    append_tokens(out, c->tok, second, third) != 0 ||
 		    str_adds(out, " ") != 0 ||
-		    append_shared_namespaces(rt, c, third, out) != 0 ? -1 : 0;
+		    append_shared_namespaces(eng, c, third, out) != 0 ? -1 : 0;
 	str_free(&copy);
 	free(c);
 	return rc;
@@ -1970,13 +923,13 @@ rewrite_namespace(struct router *rt, const char *line, size_t len,
 
 /* CAPABILITY after login: what the router can honour, as at login. */
 static int
-rewrite_capability(struct router *rt, const char *line, size_t len,
+rewrite_capability(struct engine *eng, const char *line, size_t len,
     struct str *out)
 {
 	char *caps, *list = strndup(line + 13, len - 13);
 	int rc;
 
-	(void)rt;
+	(void)eng;
 	if (list == NULL)
 		return -1;
 	caps = caps_for_client(list, 1);
@@ -1990,18 +943,18 @@ rewrite_capability(struct router *rt, const char *line, size_t len,
 
 /* RENAME stays on one server; across servers it cannot be done. */
 static int
-rename_link(struct router *rt, const struct command *c)
+rename_link(struct engine *eng, const struct command *c)
 {
 	int a, b;
 
 	if (c->ntok != 2 || !is_mailbox_token(&c->tok[0]) ||
 	    !is_mailbox_token(&c->tok[1]))
 		return 0;
-	a = mailbox_link(rt, c->tok[0].s, c->tok[0].len);
-	b = mailbox_link(rt, c->tok[1].s, c->tok[1].len);
+	a = mailbox_link(eng, c->tok[0].s, c->tok[0].len);
+	b = mailbox_link(eng, c->tok[1].s, c->tok[1].len);
 	if (a == b)
 		return a;
-	client_line(rt, "%s NO [CANNOT] Cannot rename a mailbox between "
+	client_line(eng, "%s NO [CANNOT] Cannot rename a mailbox between "
 	    "servers.", c->tag);
 	return -1;
 }
@@ -2045,7 +998,7 @@ strip_recent(char *flags)
 
 /* What collecting the messages of a COPY needs. */
 struct meta_ctx {
-	struct router	*rt;
+	struct engine	*eng;
 	struct link	*from;
 	struct msg_meta	*meta;
 	size_t		 count;
@@ -2092,7 +1045,7 @@ meta_line(void *ctx, const char *raw, size_t len)
 	char *line;
 	enum sink_verdict v;
 
-	if (mc->from != mc->rt->links && is_bye(raw, len))
+	if (mc->from != mc->eng->links && line_is_bye(raw, len))
 		return SINK_DROP;
 	/* the response as a string of its own: it ends where its line does */
 	if ((line = strndup(raw, len)) == NULL) {
@@ -2113,11 +1066,11 @@ meta_line(void *ctx, const char *raw, size_t len)
  * the set names more than CROSS_COPY_MAX messages.
  */
 static int
-collect_meta(struct router *rt, int from, const struct token *set, int uid,
+collect_meta(struct engine *eng, int from, const struct token *set, int uid,
     struct msg_meta **meta, size_t *count)
 {
-	struct meta_ctx mc = { .rt = rt, .from = &rt->links[from] };
-	struct resp_sink sink = { .out = rt->client, .line = meta_line,
+	struct meta_ctx mc = { .eng = eng, .from = &eng->links[from] };
+	struct resp_sink sink = { .out = eng->client, .line = meta_line,
 	    .long_lines = 1, .ctx = &mc };
 	struct str text = { 0 };
 	struct reply *r = malloc(sizeof(*r));
@@ -2125,7 +1078,7 @@ collect_meta(struct router *rt, int from, const struct token *set, int uid,
 
 	if (r != NULL && str_printf(&text, "%sFETCH %.*s (UID FLAGS "
 	    "INTERNALDATE)", uid ? "UID " : "", (int)set->len, set->s) == 0)
-		rs = backend_simple(mc.from->be, rt->cfg, text.s, &sink, r);
+		rs = backend_simple(mc.from->be, eng->cfg, text.s, &sink, r);
 	str_free(&text);
 	free(r);
 	*meta = mc.meta;
@@ -2139,7 +1092,7 @@ collect_meta(struct router *rt, int from, const struct token *set, int uid,
 
 /* One message on its way from the source's FETCH to the destination. */
 struct body_copy {
-	struct router		*rt;
+	struct engine		*eng;
 	int			 to;
 	const struct token	*mbox;
 	const struct msg_meta	*m;
@@ -2160,7 +1113,7 @@ static enum sink_verdict
 body_line(void *ctx, const char *line, size_t len)
 {
 	struct body_copy *bc = ctx;
-	struct backend *to = bc->rt->links[bc->to].be;
+	struct backend *to = bc->eng->links[bc->to].be;
 	const struct msg_meta *m = bc->m;
 	struct str append = { 0 };
 	enum reply_status rs = REPLY_LOST;
@@ -2176,9 +1129,9 @@ body_line(void *ctx, const char *line, size_t len)
 	    str_printf(&append, " (%s)%s%s%s {%llu}\r\n", m->flags,
 	    m->date[0] ? " \"" : "", m->date, m->date[0] ? "\"" : "",
 	    (unsigned long long)size) == 0) {
-		to->io.deadline = deadline_in(bc->rt->cfg->backend_timeout);
+		to->io.deadline = deadline_in(bc->eng->cfg->backend_timeout);
 		if (iobuf_write(&to->io, append.s, append.len) == IO_OK)
-			rs = backend_await(to, bc->rt->cfg, bc->atag, NULL,
+			rs = backend_await(to, bc->eng->cfg, bc->atag, NULL,
 			    bc->dest);
 	}
 	str_free(&append);
@@ -2198,7 +1151,7 @@ static int
 body_data(void *ctx, const char *p, size_t n)
 {
 	struct body_copy *bc = ctx;
-	struct iobuf *io = &bc->rt->links[bc->to].be->io;
+	struct iobuf *io = &bc->eng->links[bc->to].be->io;
 
 	if (bc->first) {		/* the FETCH line itself */
 		bc->first = 0;
@@ -2208,7 +1161,7 @@ body_data(void *ctx, const char *p, size_t n)
 		return 0;		/* ")" and the rest of the response */
 	if (n > bc->left)
 		n = (size_t)bc->left;
-	io->deadline = deadline_in(bc->rt->cfg->backend_timeout);
+	io->deadline = deadline_in(bc->eng->cfg->backend_timeout);
 	if (iobuf_write(io, p, n) != IO_OK) {
 		bc->state = BODY_BROKEN;
 		return -1;
@@ -2230,10 +1183,10 @@ body_data(void *ctx, const char *p, size_t n)
  * dest); -4 when the destination was left inside the APPEND.
  */
 static int
-copy_one(struct router *rt, int from, int to, const struct token *mbox,
+copy_one(struct engine *eng, int from, int to, const struct token *mbox,
     const struct msg_meta *m, struct reply *dest)
 {
-	struct body_copy bc = { .rt = rt, .to = to, .mbox = mbox, .m = m,
+	struct body_copy bc = { .eng = eng, .to = to, .mbox = mbox, .m = m,
 	    .dest = dest, .state = BODY_WAIT };
 	struct resp_sink sink = { .line = body_line, .data = body_data,
 	    .ctx = &bc };
@@ -2243,7 +1196,7 @@ copy_one(struct router *rt, int from, int to, const struct token *mbox,
 
 	snprintf(text, sizeof(text), "UID FETCH %lu BODY.PEEK[]", m->uid);
 	if (r != NULL)
-		rs = backend_simple(rt->links[from].be, rt->cfg, text, &sink,
+		rs = backend_simple(eng->links[from].be, eng->cfg, text, &sink,
 		    r);
 	free(r);
 	switch (bc.state) {
@@ -2257,7 +1210,7 @@ copy_one(struct router *rt, int from, int to, const struct token *mbox,
 	case BODY_SENT:
 		break;
 	}
-	rs = backend_await(rt->links[to].be, rt->cfg, bc.atag, NULL, dest);
+	rs = backend_await(eng->links[to].be, eng->cfg, bc.atag, NULL, dest);
 	if (rs == REPLY_OK)
 		return 0;
 	return rs == REPLY_NO || rs == REPLY_BAD ? -3 : -4;
@@ -2265,7 +1218,7 @@ copy_one(struct router *rt, int from, int to, const struct token *mbox,
 
 /* One internal command on the source, its untagged answers to the client. */
 static int
-source_command(struct router *rt, int from, const char *text)
+source_command(struct engine *eng, int from, const char *text)
 {
 	struct sink_ctx ctx;
 	struct resp_sink sink;
@@ -2273,8 +1226,8 @@ source_command(struct router *rt, int from, const char *text)
 	enum reply_status rs = REPLY_LOST;
 
 	if (r != NULL)
-		rs = backend_simple(rt->links[from].be, rt->cfg, text,
-		    sink_for(rt, &rt->links[from], FORWARD, &ctx, &sink), r);
+		rs = backend_simple(eng->links[from].be, eng->cfg, text,
+		    link_client_sink(eng, &eng->links[from], &ctx, &sink), r);
 	free(r);
 	return rs == REPLY_OK ? 0 : -1;
 }
@@ -2283,7 +1236,7 @@ source_command(struct router *rt, int from, const char *text)
 
 /* After a MOVE's copies: the originals go, and the client sees it. */
 static int
-remove_originals(struct router *rt, int from, const struct msg_meta *meta,
+remove_originals(struct engine *eng, int from, const struct msg_meta *meta,
     size_t count)
 {
 	struct str set = { 0 }, cmd = { 0 };
@@ -2298,11 +1251,11 @@ remove_originals(struct router *rt, int from, const struct msg_meta *meta,
 		str_wipe(&cmd);
 		if (rc == 0 && (str_printf(&cmd, "UID STORE %s +FLAGS.SILENT "
 		    "(\\Deleted)", set.s) != 0 ||
-		    source_command(rt, from, cmd.s) != 0))
+		    source_command(eng, from, cmd.s) != 0))
 			rc = -1;
 		str_wipe(&cmd);
 		if (rc == 0 && (str_printf(&cmd, "UID EXPUNGE %s", set.s) != 0 ||
-		    source_command(rt, from, cmd.s) != 0))
+		    source_command(eng, from, cmd.s) != 0))
 			rc = -1;
 	}
 	str_free(&set);
@@ -2317,7 +1270,7 @@ remove_originals(struct router *rt, int from, const struct msg_meta *meta,
  * messages copied so far, and a MOVE's originals untouched.
  */
 static void
-cross_copy(struct router *rt, const struct command *c, size_t first,
+cross_copy(struct engine *eng, const struct command *c, size_t first,
     int from, int to, int move)
 {
 	const struct token *mbox = &c->tok[c->ntok - 1];
@@ -2328,53 +1281,53 @@ cross_copy(struct router *rt, const struct command *c, size_t first,
 	int rc;
 
 	if (dest == NULL) {
-		router_bye(rt, END_LIMIT, "Out of memory.");
+		engine_bye(eng, END_LIMIT, "Out of memory.");
 		return;
 	}
 	dest->code = CODE_NONE;
-	if (move && !caps_has(rt->links[from].be->caps, "UIDPLUS")) {
-		client_line(rt, "%s NO [CANNOT] MOVE between servers needs "
+	if (move && !caps_has(eng->links[from].be->caps, "UIDPLUS")) {
+		client_line(eng, "%s NO [CANNOT] MOVE between servers needs "
 		    "UIDPLUS on the source server.", c->tag);
 		free(dest);
 		return;
 	}
-	if (to > 0 && public_unavailable(rt, to, c->tag)) {
+	if (to > 0 && public_unavailable(eng, to, c->tag)) {
 		free(dest);
 		return;
 	}
-	rc = collect_meta(rt, from, &c->tok[first], first == 1, &meta, &count);
+	rc = collect_meta(eng, from, &c->tok[first], first == 1, &meta, &count);
 	for (size_t k = 0; rc == 0 && k < count; k++) {
-		rc = copy_one(rt, from, to, mbox, &meta[k], dest);
+		rc = copy_one(eng, from, to, mbox, &meta[k], dest);
 		if (rc == 0)
 			copied++;
 		else if (rc == 1)
 			rc = 0;		/* expunged meanwhile: nothing to copy */
 	}
 	if (rc == 0 && move)
-		rc = remove_originals(rt, from, meta, count);
+		rc = remove_originals(eng, from, meta, count);
 	free(meta);
 	if (rc == -4) {
 		/* inside an APPEND it cannot finish: that connection is lost */
-		command_failed_on_link(rt, to, c->tag, W_LINK_DOWN);
+		command_failed_on_link(eng, to, c->tag, W_LINK_DOWN);
 		free(dest);
 		return;
 	}
 	if (rc == -2)
-		client_line(rt, "%s NO Invalid message set.", c->tag);
+		client_line(eng, "%s NO Invalid message set.", c->tag);
 	else if (rc == -3 && count > CROSS_COPY_MAX - 1 && copied == 0)
-		client_line(rt, "%s NO [LIMIT] At most %d messages can be "
+		client_line(eng, "%s NO [LIMIT] At most %d messages can be "
 		    "copied between servers at once.", c->tag, CROSS_COPY_MAX);
 	else if (rc == -3 && dest->code == CODE_TRYCREATE && copied == 0)
-		client_line(rt, "%s NO [TRYCREATE] The destination mailbox does "
+		client_line(eng, "%s NO [TRYCREATE] The destination mailbox does "
 		    "not exist.", c->tag);
 	else if (rc != 0) {
 		log_msg(LOG_ERR, "event=copy-failed user=\"%s\" copied=%zu "
-		    "of=%zu", rt->user, copied, count);
-		client_line(rt, "%s NO [%s] %s between servers failed after %zu "
+		    "of=%zu", eng->user, copied, count);
+		client_line(eng, "%s NO [%s] %s between servers failed after %zu "
 		    "of %zu messages.", c->tag, rc == -3 ? "CANNOT" :
 		    "UNAVAILABLE", what, copied, count);
 	} else
-		client_line(rt, "%s OK %s completed.", c->tag, what);
+		client_line(eng, "%s OK %s completed.", c->tag, what);
 	free(dest);
 }
 
@@ -2383,36 +1336,36 @@ cross_copy(struct router *rt, const struct command *c, size_t first,
  * server, or are carried across when the destination lives elsewhere.
  */
 static int
-copy_link(struct router *rt, const struct command *c, size_t first,
+copy_link(struct engine *eng, const struct command *c, size_t first,
     const char *name)
 {
 	const struct token *dst;
-	int from = current_link(rt), to;
+	int from = current_link(eng), to;
 
-	if (c->ntok < first + 2 || rt->selected < 0 ||
+	if (c->ntok < first + 2 || eng->selected < 0 ||
 	    !is_mailbox_token(&c->tok[c->ntok - 1]) ||
 	    c->tok[first].type != TOK_ATOM)
 		return from;
 	dst = &c->tok[c->ntok - 1];
-	if ((to = mailbox_link(rt, dst->s, dst->len)) == from)
+	if ((to = mailbox_link(eng, dst->s, dst->len)) == from)
 		return from;
-	cross_copy(rt, c, first, from, to, strcasecmp(name, "MOVE") == 0);
+	cross_copy(eng, c, first, from, to, strcasecmp(name, "MOVE") == 0);
 	return -1;
 }
 
 /* LOGOUT: every public server is left politely, then the home one. */
 static void
-cmd_logout(struct router *rt, const struct command *c)
+cmd_logout(struct engine *eng, const struct command *c)
 {
-	for (int i = 1; i < rt->nlinks; i++)
-		if (rt->links[i].up) {
-			link_internal(rt, i, "LOGOUT", NULL);
-			backend_close(rt->links[i].be);
-			rt->links[i].up = 0;
+	for (int i = 1; i < eng->nlinks; i++)
+		if (eng->links[i].up) {
+			link_internal(eng, i, "LOGOUT", NULL);
+			backend_close(eng->links[i].be);
+			eng->links[i].up = 0;
 		}
-	if (run_on_link(rt, 0, c->tag, NULL) != REPLY_LOST &&
-	    rt->end == END_NONE)
-		rt->end = END_LOGOUT;
+	if (run_on_link(eng, 0, c->tag, NULL) != REPLY_LOST &&
+	    eng->end == END_NONE)
+		eng->end = END_LOGOUT;
 }
 
 /*
@@ -2421,27 +1374,27 @@ cmd_logout(struct router *rt, const struct command *c)
  * in the command is not replayed.
  */
 static void
-cmd_enable(struct router *rt, const struct command *c)
+cmd_enable(struct engine *eng, const struct command *c)
 {
 	struct str args = { 0 };
 	int ok = 1;
 
-	if (run_on_link(rt, 0, c->tag, NULL) != REPLY_OK)
+	if (run_on_link(eng, 0, c->tag, NULL) != REPLY_OK)
 		return;
 	for (size_t k = 0; k < c->ntok && ok; k++)
 		if (c->tok[k].type == TOK_ATOM)
 			ok = (args.len == 0 || str_add(&args, " ", 1) == 0) &&
 			    str_add(&args, c->tok[k].s, c->tok[k].len) == 0;
-	free(rt->enabled);
-	rt->enabled = NULL;
+	free(eng->enabled);
+	eng->enabled = NULL;
 	if (ok && args.len > 0 && str_add(&args, "", 1) == 0) {
-		rt->enabled = args.s;	/* the router owns it from here */
+		eng->enabled = args.s;	/* the router owns it from here */
 		args.s = NULL;
 	}
 	str_free(&args);
-	for (int i = 1; i < rt->nlinks && rt->enabled != NULL; i++)
-		if (rt->links[i].up)
-			link_internal(rt, i, "ENABLE", rt->enabled);
+	for (int i = 1; i < eng->nlinks && eng->enabled != NULL; i++)
+		if (eng->links[i].up)
+			link_internal(eng, i, "ENABLE", eng->enabled);
 }
 
 /* Commands that may change which server is selected, or span servers. */
@@ -2464,28 +1417,29 @@ runs_alone(const char *name)
  * of it is at hand, and nothing about the selection is in question.
  */
 static int
-pipelinable(const struct router *rt, const struct command *c,
+pipelinable(const struct engine *eng, const struct command *c,
     const char *name, size_t first)
 {
-	int cur = current_link(rt);
+	int cur = current_link(eng);
 
-	if (rt->cb.ncuts > 0 || rt->cb.stream_left > 0 || rt->selection_lost ||
-	    !rt->links[cur].up || rt->raw_for >= 0 || runs_alone(name) ||
-	    (rt->busy >= 0 && rt->busy != cur) ||
-	    rt->nflight == PIPELINE_MAX)
+	if (eng->cb.ncuts > 0 || eng->cb.stream_left > 0 || eng->selection_lost ||
+	    !eng->links[cur].up || eng->raw_for >= 0 || runs_alone(name) ||
+	    (eng->busy >= 0 && eng->busy != cur) ||
+	    eng->nflight == PIPELINE_MAX)
 		return 0;
 	if (strcmp(name, "COPY") == 0 || strcmp(name, "MOVE") == 0) {
 		const struct token *dst = &c->tok[c->ntok - 1];
 
 		return c->ntok >= first + 2 && is_mailbox_token(dst) &&
-		    mailbox_link(rt, dst->s, dst->len) == cur;
+		    mailbox_link(eng, dst->s, dst->len) == cur;
 	}
 	return 1;
 }
 
 
-static void
-dispatch(struct router *rt)
+/* Run the command the engine has read where it belongs. */
+void
+route_command(struct engine *eng)
 {
 	struct str copy = { 0 };
 	struct command *c = malloc(sizeof(*c));
@@ -2496,23 +1450,23 @@ dispatch(struct router *rt)
 	size_t first = 0;
 
 	if (c == NULL) {
-		router_bye(rt, END_LIMIT, "Out of memory.");
+		engine_bye(eng, END_LIMIT, "Out of memory.");
 		return;
 	}
-	ps = parse_copy(rt, &copy, c, &why);
+	ps = parse_copy(eng, &copy, c, &why);
 	if (ps != PARSE_OK || strlen(c->tag) > TAG_MAX) {
 		/* the current server answers malformed commands as it would */
 		char tag[TAG_MAX + 2];
 
-		early_tag(rt->cb.text.s, rt->send_len, tag, sizeof(tag));
-		if (wait_idle(rt) != 0)
+		early_tag(eng->cb.text.s, eng->send_len, tag, sizeof(tag));
+		if (wait_idle(eng) != 0)
 			;
 		else if (ps == PARSE_NOTAG || strlen(tag) > TAG_MAX ||
 		    strcmp(tag, "*") == 0)
-			client_line(rt, "* BAD %s", ps == PARSE_OK ?
+			client_line(eng, "* BAD %s", ps == PARSE_OK ?
 			    "Tag too long." : why);
 		else
-			run_on_link(rt, current_link(rt), tag, NULL);
+			run_on_link(eng, current_link(eng), tag, NULL);
 		goto out;
 	}
 	name = c->name;
@@ -2525,478 +1479,60 @@ dispatch(struct router *rt)
 		name = sub;
 		first = 1;
 	}
-	if (pipelinable(rt, c, name, first)) {
-		send_pipelined(rt, current_link(rt), c->tag);
+	if (pipelinable(eng, c, name, first)) {
+		send_pipelined(eng, current_link(eng), c->tag);
 		goto out;
 	}
-	if (wait_idle(rt) != 0)
+	if (wait_idle(eng) != 0)
 		goto out;
 	if (names_mailbox(name) && c->ntok > first &&
 	    is_mailbox_token(&c->tok[first])) {
-		cmd_mailbox(rt, c, mailbox_link(rt, c->tok[first].s,
-		    c->tok[first].len), raw_token_end(rt, &copy,
+		cmd_mailbox(eng, c, mailbox_link(eng, c->tok[first].s,
+		    c->tok[first].len), raw_token_end(eng, &copy,
 		    &c->tok[first]));
 		goto out;
 	}
 	if (strcmp(name, "LIST") == 0 || strcmp(name, "LSUB") == 0)
-		cmd_list(rt, c);
+		cmd_list(eng, c);
 	else if (strcmp(name, "NAMESPACE") == 0)
-		run_on_link_as(rt, 0, c->tag, REWRITE_NAMESPACE, NULL);
+		run_on_link_as(eng, 0, c->tag, &namespace_filter, NULL);
 	else if (strcmp(name, "CAPABILITY") == 0)
-		run_on_link_as(rt, 0, c->tag, REWRITE_CAPABILITY, NULL);
+		run_on_link_as(eng, 0, c->tag, &capability_filter, NULL);
 	else if (strcmp(name, "LOGOUT") == 0)
-		cmd_logout(rt, c);
+		cmd_logout(eng, c);
 	else if (strcmp(name, "ENABLE") == 0)
-		cmd_enable(rt, c);
+		cmd_enable(eng, c);
 	else if (strcmp(name, "RENAME") == 0)
-		target = rename_link(rt, c);
+		target = rename_link(eng, c);
 	else if (strcasecmp(name, "COPY") == 0 || strcasecmp(name, "MOVE") == 0)
-		target = copy_link(rt, c, first, name);
+		target = copy_link(eng, c, first, name);
 	else
-		target = current_link(rt);
-	if (target >= 0 && rt->selection_lost && target == rt->selected) {
+		target = current_link(eng);
+	if (target >= 0 && eng->selection_lost && target == eng->selected) {
 		if (strcmp(name, "CLOSE") == 0 || strcmp(name, "UNSELECT") == 0) {
-			rt->selected = -1;
-			rt->selection_lost = 0;
-			client_line(rt, "%s OK %s completed.", c->tag, name);
+			eng->selected = -1;
+			eng->selection_lost = 0;
+			client_line(eng, "%s OK %s completed.", c->tag, name);
 		} else
-			client_line(rt, "%s NO [UNAVAILABLE] The server of the "
+			client_line(eng, "%s NO [UNAVAILABLE] The server of the "
 			    "selected mailbox was lost; select a mailbox "
 			    "again.", c->tag);
 		target = -1;
 	}
-	if (target >= 0 && (target == 0 || !public_unavailable(rt, target,
+	if (target >= 0 && (target == 0 || !public_unavailable(eng, target,
 	    c->tag))) {
 		int closing = strcmp(name, "CLOSE") == 0 ||
 		    strcmp(name, "UNSELECT") == 0;
 
-		if (run_on_link(rt, target, c->tag, NULL) == REPLY_OK &&
+		if (run_on_link(eng, target, c->tag, NULL) == REPLY_OK &&
 		    closing)
-			rt->selected = -1;
+			eng->selected = -1;
 	}
 out:
-	if (rt->cb.stream_left > 0 && rt->end == END_NONE)
-		discard_rest(rt);
+	if (eng->cb.stream_left > 0 && eng->end == END_NONE)
+		discard_rest(eng);
 	str_free(&copy);
 	free(c);
 }
 
 /* ------------------------------------------------------------------ */
-/* the loop */
-
-/* What the links have sent: the selected server's goes to the client. */
-static int
-drain_links(struct router *rt)
-{
-	for (int i = 0; i < rt->nlinks && rt->end == END_NONE; i++)
-		if (rt->links[i].up && link_pump(rt, i) != 0)
-			return -1;
-	return rt->end == END_NONE ? 0 : -1;
-}
-
-/*
- * A server that is not in use still must not time the session out: each
- * gets a NOOP after KEEPALIVE_MS of quiet (servers wait 30 minutes at the
- * least, RFC 9051).
- */
-#define KEEPALIVE_MS	(5 * 60 * 1000)
-
-static int64_t
-keepalives(struct router *rt)
-{
-	int64_t now = now_ms(), next = now + KEEPALIVE_MS;
-
-	for (int i = 0; i < rt->nlinks && rt->end == END_NONE; i++) {
-		struct link *l = &rt->links[i];
-
-		if (!l->up || i == current_link(rt) || i == rt->busy)
-			continue;
-		if (now - l->last_used >= KEEPALIVE_MS) {
-			if (link_internal(rt, i, "NOOP", NULL) != 0 && i == 0) {
-				command_failed_on_link(rt, 0, NULL,
-				    W_LINK_DOWN);
-				return 0;
-			}
-			l->last_used = now;
-		}
-		if (l->last_used + KEEPALIVE_MS < next)
-			next = l->last_used + KEEPALIVE_MS;
-	}
-	return next - now;
-}
-
-/* A link whose connection failed while the router waited for input. */
-static void
-link_failed(struct router *rt, int i)
-{
-	if (i == 0) {
-		command_failed_on_link(rt, 0, NULL, W_LINK_DOWN);
-		return;
-	}
-	if (rt->busy == i)
-		command_failed_on_link(rt, i, NULL, W_LINK_DOWN);
-	else
-		link_down(rt, i, "connection closed");
-}
-
-/*
- * The literal the client's next whole line announces (LIT_NONE without
- * one), or -1 while no whole line is buffered.
- */
-static int
-next_line_literal(const struct router *rt)
-{
-	const struct iobuf *c = rt->client;
-	const char *p = c->buf + c->start;
-	const char *lf = memchr(p, '\n', iobuf_pending(c));
-	size_t len;
-	uint64_t n;
-
-	if (lf == NULL)
-		return -1;
-	len = (size_t)(lf - p);
-	if (len > 0 && p[len - 1] == '\r')
-		len--;
-	return (int)literal_at_end(p, len, &n);
-}
-
-/*
- * Can the client's next command be taken now?  A line that announces a
- * literal makes imapfe answer it ("+", or a refusal): not while the
- * answers in flight stand inside a response, where that would land.
- * Other lines are read at once, the pipeline kept full.  (The client's
- * bytes meanwhile wait in the socket.)
- */
-static int
-client_may_send(const struct router *rt)
-{
-	int i = answering_link(rt);
-
-	if (rt->relayed)	/* bytes, passed on as they come */
-		return 1;
-	if (rt->nflight == PIPELINE_MAX)
-		return 0;
-	return next_line_literal(rt) == LIT_NONE || !rt->links[i].up ||
-	    resp_scan_at_start(&rt->links[i].be->sc);
-}
-
-/* Literal bodies at least this long go from a plain back-end to a plain
- * client through a pipe with splice(2); shorter ones are not worth it. */
-#define SPLICE_MIN	(16 * 1024)
-#define SPLICE_MAX	(1024 * 1024)
-
-/* May link i's next bytes go to the client by splice(2), uncopied? */
-static int
-can_splice(const struct router *rt, int i)
-{
-	const struct backend *be = rt->links[i].be;
-
-	/* (-D traces what passes through the buffers: none of splice) */
-	return !rt->splice_off && !protocol_trace && be->io.ssl == NULL &&
-	    rt->client->ssl == NULL && iobuf_pending(&be->io) == 0 &&
-	    be->sc.literal_left >= SPLICE_MIN && !be->dropping &&
-	    i == current_link(rt) && mode_now(rt, i) == FORWARD;
-}
-
-/*
- * Read from link i: into its buffer, or, inside a long literal bound for
- * the client, straight on to the client (the scanner needs the count).
- */
-static enum io_status
-link_read(struct router *rt, int i)
-{
-	struct backend *be = rt->links[i].be;
-	size_t moved;
-	int to_failed;
-	enum io_status st;
-
-	if (!can_splice(rt, i))
-		return iobuf_try_fill(&be->io);
-	if (rt->pipe[0] < 0 && pipe2(rt->pipe, O_CLOEXEC | O_NONBLOCK) != 0) {
-		rt->splice_off = 1;
-		return iobuf_try_fill(&be->io);
-	}
-	rt->client->deadline = deadline_in(rt->cfg->idle_timeout);
-	st = iobuf_splice(&be->io, rt->client, rt->pipe,
-	    be->sc.literal_left > SPLICE_MAX ? SPLICE_MAX :
-	    (size_t)be->sc.literal_left, &moved, &to_failed);
-	be->sc.literal_left -= moved;
-	if (st == IO_UNSUPPORTED) {
-		rt->splice_off = 1;
-		return iobuf_try_fill(&be->io);
-	}
-	if (to_failed) {
-		rt->end = END_CLIENT_GONE;
-		return IO_ERROR;
-	}
-	return st;
-}
-
-static void
-wait_for_input(struct router *rt, struct pollfd *pfd, int *map)
-{
-	int n = 0;
-	int64_t keep, left = rt->last_client +
-	    (int64_t)rt->cfg->idle_timeout * 1000 - now_ms();
-
-	if (left <= 0) {
-		router_bye(rt, END_TIMEOUT, "Disconnected for inactivity.");
-		return;
-	}
-	if ((keep = keepalives(rt)) < left)
-		left = keep;
-	if (rt->end == END_NONE && flush_out(rt) != 0)
-		link_failed(rt, rt->busy);
-	if (rt->end != END_NONE)
-		return;
-	pfd[n] = (struct pollfd){ .fd = client_may_send(rt) ?
-	    rt->client->rfd : -1, .events = POLLIN };
-	map[n++] = -1;
-	for (int i = 0; i < rt->nlinks; i++)
-		if (rt->links[i].up) {
-			if (iobuf_has_decrypted(&rt->links[i].be->io))
-				left = 0;
-			pfd[n] = (struct pollfd){ .fd = rt->links[i].be->io.rfd,
-			    .events = POLLIN };
-			map[n++] = i;
-		}
-	if (client_may_send(rt) && iobuf_has_decrypted(rt->client))
-		left = 0;
-	if (poll_wait(pfd, (nfds_t)n, (int)(left > POLL_MAX_MS ? POLL_MAX_MS :
-	    left)) < 0) {
-		if (errno == EINTR && shutdown_requested)
-			router_bye(rt, END_SHUTDOWN, "Server shutting down.");
-		return;
-	}
-	for (int k = 1; k < n && rt->end == END_NONE; k++) {
-		int i = map[k];
-		enum io_status st;
-
-		if (pfd[k].revents == 0 &&
-		    !iobuf_has_decrypted(&rt->links[i].be->io))
-			continue;
-		st = link_read(rt, i);
-		if (st == IO_OK || st == IO_AGAIN)
-			continue;
-		if (rt->end != END_NONE)
-			break;
-		if (link_pump(rt, i) == 0)
-			link_failed(rt, i);
-	}
-	if (rt->end == END_NONE && (pfd[0].revents != 0 ||
-	    (client_may_send(rt) && iobuf_has_decrypted(rt->client)))) {
-		enum io_status st = iobuf_try_fill(rt->client);
-
-		if (st == IO_OK)
-			rt->last_client = now_ms();
-		else if (st != IO_AGAIN)
-			rt->end = END_CLIENT_GONE;
-	}
-}
-
-/* ------------------------------------------------------------------ */
-/* the relay: one back-end, nothing to route */
-
-/* A run of the client's bytes, on to the back-end. */
-static int
-relay_to_backend(struct router *rt, const char *p, size_t n)
-{
-	struct iobuf *b = &rt->links[0].be->io;
-
-	if (n == 0)
-		return 0;
-	b->deadline = deadline_in(rt->cfg->backend_timeout);
-	if (iobuf_write(b, p, n) == IO_OK)
-		return 0;
-	link_failed(rt, 0);
-	return -1;
-}
-
-/*
- * A literal over max_literal_size, announced at the end of the client's
- * line: refused with TOOBIG (RFC 9051 7.1) when the client waits for "+"
- * before sending it and nothing of its command has gone on yet, as when
- * routed; with BYE when it is on its way, or the back-end holds half a
- * command.  Returns 0 when the session goes on.
- */
-static int
-relay_literal_too_large(struct router *rt, const char *line, size_t len,
-    enum literal_kind k, uint64_t n)
-{
-	char tag[TAG_MAX + 2];
-
-	log_msg(LOG_NOTICE, "event=limit reason=\"literal of %llu bytes, more "
-	    "than max_literal_size\"", (unsigned long long)n);
-	if (k == LIT_SYNC && resp_scan_at_start(&rt->client_sc)) {
-		early_tag(line, len, tag, sizeof(tag));
-		return client_line(rt, "%s NO [TOOBIG] Literal too large.",
-		    tag);
-	}
-	bye_after_link(rt, 0, "Literal too large.");
-	rt->end = END_LIMIT;
-	return -1;
-}
-
-/*
- * Relayed, the client's bytes go to the back-end as they come, in one
- * write for all that is whole, read only by the scanner that follows the
- * literals they announce.
- */
-static void
-relay_client(struct router *rt)
-{
-	struct iobuf *c = rt->client;
-	const char *p = c->buf + c->start;
-	size_t n = iobuf_pending(c), used = 0, from = 0;
-
-	while (used < n && rt->end == END_NONE) {
-		size_t k = resp_scan_piece(&rt->client_sc, p + used, n - used);
-		enum literal_kind lk = LIT_NONE;
-		uint64_t size = 0;
-
-		if (k == 0 && n - used < c->cap / 2)
-			break;		/* the rest of the line is to come */
-		if (k == 0)
-			k = n - used;	/* a very long line: on it goes */
-		else if (rt->client_sc.literal_left == 0) {
-			size_t len = k - 1 - (k > 1 && p[used + k - 2] == '\r');
-
-			lk = literal_at_end(p + used, len, &size);
-		}
-		if ((lk == LIT_SYNC || lk == LIT_NONSYNC) &&
-		    size > rt->cfg->max_literal_size &&
-		    !resp_scan_at_start(&rt->links[0].be->sc))
-			break;	/* answered once the back-end's response ends */
-		if ((lk == LIT_SYNC || lk == LIT_NONSYNC) &&
-		    size > rt->cfg->max_literal_size) {
-			if (relay_to_backend(rt, p + from, used - from) != 0 ||
-			    relay_literal_too_large(rt, p + used, k, lk,
-			    size) != 0)
-				break;
-			used += k;
-			from = used;	/* that line goes nowhere */
-			continue;
-		}
-		resp_scan(&rt->client_sc, p + used, k);
-		used += k;
-	}
-	if (rt->end == END_NONE && rt->client_sc.largest_literal >
-	    rt->cfg->max_literal_size) {
-		/* announced at the end of a line too long to hold */
-		relay_literal_too_large(rt, p, 0, LIT_NONSYNC,
-		    rt->client_sc.largest_literal);
-	} else if (rt->end == END_NONE)
-		relay_to_backend(rt, p + from, used - from);
-	iobuf_consume(c, used);
-}
-
-/* Is a whole line of the client's buffered? */
-static int
-client_has_line(const struct router *rt)
-{
-	const struct iobuf *c = rt->client;
-
-	return memchr(c->buf + c->start, '\n', iobuf_pending(c)) != NULL;
-}
-
-static void
-router_loop(struct router *rt, struct pollfd *pfd, int *map)
-{
-	while (rt->end == END_NONE) {
-		if (drain_links(rt) != 0)
-			break;
-		if (rt->relayed) {
-			relay_client(rt);
-			if (rt->end == END_NONE)
-				wait_for_input(rt, pfd, map);
-			continue;
-		}
-		if (rt->raw_for >= 0 && client_has_line(rt)) {
-			int i = rt->raw_for;
-
-			if (raw_line_to_link(rt, i) == -2)
-				link_failed(rt, i);
-			continue;
-		}
-		if (rt->raw_for >= 0 || !client_may_send(rt) ||
-		    next_line_literal(rt) < 0) {
-			wait_for_input(rt, pfd, map);
-			continue;
-		}
-		/* the reader may wait for a literal: what is queued goes first */
-		if (next_line_literal(rt) != LIT_NONE && flush_out(rt) != 0) {
-			link_failed(rt, rt->busy);
-			continue;
-		}
-		switch (read_command(rt)) {
-		case RD_COMMAND:
-			dispatch(rt);
-			break;
-		case RD_ANSWERED:
-		case RD_END:
-			break;
-		}
-	}
-}
-
-enum session_end
-router_run(const struct config *cfg, struct iobuf *client,
-    struct backend *home, const struct credentials *cr,
-    const struct client_info *ci, const char *user)
-{
-	struct router rt = { .cfg = cfg, .client = client, .cr = cr, .ci = ci,
-	    .user = user, .selected = -1, .busy = -1, .raw_for = -1,
-	    .relayed = !config_routed(cfg), .pipe = { -1, -1 },
-	    .end = END_NONE };
-	struct pollfd *pfd;
-	int n = 1, *map;
-
-	for (const struct route *r = cfg->publics; r != NULL; r = r->next)
-		n++;
-	/* relayed, referrals reach the client: no link but home */
-	rt.maxlinks = rt.relayed ? 1 : n + REFERRAL_LINKS_MAX;
-	rt.links = calloc((size_t)rt.maxlinks, sizeof(*rt.links));
-	rt.answer = malloc(sizeof(*rt.answer));
-	pfd = calloc((size_t)rt.maxlinks + 1, sizeof(*pfd));
-	map = calloc((size_t)rt.maxlinks + 1, sizeof(*map));
-	if (rt.links == NULL || pfd == NULL || map == NULL ||
-	    rt.answer == NULL) {
-		client_line(&rt, "* BYE Out of memory.");
-		rt.end = END_LIMIT;
-		n = 0;
-	}
-	rt.nlinks = rt.npublic = n;
-	if (n > 0) {
-		rt.links[0].be = home;
-		rt.links[0].up = 1;
-		rt.links[0].last_used = now_ms();
-	}
-	n = 1;
-	for (const struct route *r = cfg->publics; r != NULL &&
-	    rt.links != NULL; r = r->next) {
-		rt.links[n].public = 1;
-		link_init(&rt.links[n++], r);
-	}
-	rt.last_client = now_ms();
-	resp_scanner_init(&rt.client_sc);
-	router_loop(&rt, pfd, map);
-	/* After the back-end's BYE (a LOGOUT, mostly) either side may close. */
-	if (home->sc.saw_bye && (rt.end == END_BACKEND_GONE ||
-	    rt.end == END_CLIENT_GONE))
-		rt.end = END_LOGOUT;
-	for (int i = 1; i < rt.nlinks; i++)
-		backend_close(rt.links[i].be);
-	if (rt.pipe[0] >= 0) {
-		close(rt.pipe[0]);
-		close(rt.pipe[1]);
-	}
-	cmd_buf_free(&rt.cb);
-	str_free(&rt.out);
-	free(rt.flight);
-	free(rt.answer);
-	free(rt.enabled);
-	free(rt.links);
-	free(pfd);
-	free(map);
-	return rt.end;
-}
