@@ -352,14 +352,17 @@ is_mailbox_token(const struct token *t)
 	    t->type == TOK_LITERAL;
 }
 
-/* Commands whose first argument is a mailbox name. */
+/*
+ * Commands whose first argument is a mailbox name (GETMETADATA's after
+ * its options; METADATA's "" is the server's own, the home server's).
+ */
 static int
 names_mailbox(const char *name)
 {
 	static const char *const names[] = { "SELECT", "EXAMINE", "STATUS",
 	    "CREATE", "DELETE", "SUBSCRIBE", "UNSUBSCRIBE", "APPEND",
 	    "GETACL", "SETACL", "DELETEACL", "MYRIGHTS", "LISTRIGHTS",
-	    "GETQUOTAROOT" };
+	    "GETQUOTAROOT", "GETMETADATA", "SETMETADATA" };
 
 	for (size_t i = 0; i < sizeof(names) / sizeof(*names); i++)
 		if (strcmp(name, names[i]) == 0)
@@ -1397,6 +1400,42 @@ cmd_enable(struct engine *eng, const struct command *c)
 			link_internal(eng, i, "ENABLE", eng->enabled);
 }
 
+/* The mailbox a command names as its first argument, or NULL. */
+static const struct token *
+mailbox_argument(const struct command *c, const char *name, size_t first)
+{
+	size_t k = first;
+
+	if (!names_mailbox(name) || c->ntok <= k)
+		return NULL;
+	if (strcmp(name, "GETMETADATA") == 0 && c->tok[k].type == TOK_LPAREN)
+		k = group_end(c, k);	/* (MAXSIZE n DEPTH d) */
+	return k < c->ntok && is_mailbox_token(&c->tok[k]) ? &c->tok[k] :
+	    NULL;
+}
+
+/*
+ * REPLACE (RFC 8508) appends to a mailbox and expunges from the selected
+ * one, on one server: a destination elsewhere is refused, as RFC 8508
+ * lets a server refuse, rather than sent where it names another mailbox.
+ */
+static int
+replace_link(struct engine *eng, const struct command *c, size_t first)
+{
+	const struct token *dst = c->ntok > first + 1 ? &c->tok[first + 1] :
+	    NULL;
+	int from = current_link(eng);
+
+	if (dst == NULL || !is_mailbox_token(dst) ||
+	    mailbox_link(eng, dst->s, dst->len) == from)
+		return from;
+	log_msg(LOG_NOTICE, "event=refused user=\"%s\" command=REPLACE "
+	    "reason=\"destination on another server\"", eng->user);
+	client_line(eng, "%s NO [CANNOT] REPLACE into a mailbox on another "
+	    "server is not supported; use APPEND, then EXPUNGE.", c->tag);
+	return -1;
+}
+
 /* Commands that may change which server is selected, or span servers. */
 static int
 runs_alone(const char *name)
@@ -1441,6 +1480,7 @@ pipelinable(const struct engine *eng, const struct command *c,
 void
 route_command(struct engine *eng)
 {
+	const struct token *mbox;
 	struct str copy = { 0 };
 	struct command *c = malloc(sizeof(*c));
 	const char *why, *name;
@@ -1485,11 +1525,9 @@ route_command(struct engine *eng)
 	}
 	if (wait_idle(eng) != 0)
 		goto out;
-	if (names_mailbox(name) && c->ntok > first &&
-	    is_mailbox_token(&c->tok[first])) {
-		cmd_mailbox(eng, c, mailbox_link(eng, c->tok[first].s,
-		    c->tok[first].len), raw_token_end(eng, &copy,
-		    &c->tok[first]));
+	if ((mbox = mailbox_argument(c, name, first)) != NULL) {
+		cmd_mailbox(eng, c, mailbox_link(eng, mbox->s, mbox->len),
+		    raw_token_end(eng, &copy, mbox));
 		goto out;
 	}
 	if (strcmp(name, "LIST") == 0 || strcmp(name, "LSUB") == 0)
@@ -1506,6 +1544,8 @@ route_command(struct engine *eng)
 		target = rename_link(eng, c);
 	else if (strcasecmp(name, "COPY") == 0 || strcasecmp(name, "MOVE") == 0)
 		target = copy_link(eng, c, first, name);
+	else if (strcmp(name, "REPLACE") == 0)
+		target = replace_link(eng, c, first);
 	else
 		target = current_link(eng);
 	if (target >= 0 && eng->selection_lost && target == eng->selected) {

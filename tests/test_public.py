@@ -805,6 +805,54 @@ def test_rename_across_servers_is_cannot(pfe, home, public):
     m.logout()
 
 
+def test_metadata_commands_go_to_the_server_of_their_mailbox(pfe, home,
+                                                             public):
+    # GETMETADATA (its options first) and SETMETADATA name a mailbox: they
+    # go to the server that owns it, whatever is selected; "" (the
+    # server's own entries) to the home server.
+    c = raw_login(pfe)
+    assert tagged(c.cmd("S", "SELECT INBOX"), "S")[0].startswith("S OK")
+    for tag, text in (("M1", 'GETMETADATA (MAXSIZE 100) %s /private/comment'
+                       % q(NEWS)),
+                      ("M2", 'SETMETADATA %s (/private/comment "x")'
+                       % q(EVENTS)),
+                      ("M3", 'GETMETADATA "" /private/comment')):
+        assert len(tagged(c.cmd(tag, text), tag)) == 1
+    c.cmd("Z", "LOGOUT")
+    pub = "\n".join(rawlog(public, "M1 GETMETADATA"))
+    assert "M2 SETMETADATA" in pub and "M3 " not in pub, pub
+    own = "\n".join(rawlog(home, "M3 GETMETADATA"))
+    assert "M1 " not in own and "M2 " not in own, own
+
+
+def test_replace_into_another_server_is_cannot_and_nothing_moves(pfe, home,
+                                                                 public):
+    # RFC 8508 REPLACE appends and expunges on one server: with INBOX
+    # selected, a public destination is refused before either server
+    # sees the command, its literal read and dropped, and the session
+    # goes on.
+    c = raw_login(pfe)
+    before = [ln for ln in c.cmd("S", "SELECT INBOX") if ln.endswith(
+        " EXISTS")]
+    msg = message("replaced")
+    c.send(b"R REPLACE 1 %s {%d+}\r\n" % (q(NEWS).encode(), len(msg)) +
+           msg + b"\r\n")
+    answer = c.until_tagged("R")[-1]
+    assert answer.startswith("R NO [CANNOT]"), answer
+    after = [ln for ln in c.cmd("S2", "SELECT INBOX") if ln.endswith(
+        " EXISTS")]
+    assert after == before, (before, after)
+    c.cmd("Z", "LOGOUT")
+    assert "R REPLACE" not in "\n".join(rawlog(home, "S2 SELECT"))
+    m = public.imap("alice")
+    assert m.select(q(NEWS))[0] == "OK"
+    assert b"replaced" not in b"".join(
+        d[1] for d in m.fetch("1:*", "(BODY.PEEK[HEADER])")[1]
+        if isinstance(d, tuple))
+    m.logout()
+    assert "event=refused" in pfe.log_text()
+
+
 # --- public server unavailable --------------------------------------------
 
 def test_public_server_down_before_first_use(imapfe_factory, home,
