@@ -400,6 +400,7 @@ reply_set(struct reply *r, const char *line, size_t len)
 		tl++;
 	r->raw = NULL;
 	r->raw_len = 0;
+	r->sink_failed = 0;
 	r->truncated = len >= sizeof(r->line);
 	r->len = r->truncated ? sizeof(r->line) - 1 : len;
 	memcpy(r->line, line, r->len);
@@ -430,6 +431,7 @@ reply_lost(struct backend *be, struct reply *r, const char *why)
 		return r->status;
 	}
 	r->raw = NULL;
+	r->sink_failed = 0;
 	r->status = REPLY_LOST;
 	r->code = CODE_NONE;
 	r->len = r->tag_len = 0;
@@ -651,17 +653,22 @@ backend_dispatch(struct backend *be, const struct resp_sink *sink,
 }
 
 /*
- * Where the next piece of a composed command ends: after the CRLF of a
- * synchronizing literal announcement, or at the end.  Literal data is
- * skipped, so bytes inside a literal are never taken for an announcement.
+ * Where the next piece of a command ends: after the CRLF of a
+ * synchronizing literal announcement (*data then holds its size), or at
+ * the end.  The piece starts with *data bytes of the previous one's
+ * literal.  Literal data is skipped, so bytes inside a literal (a
+ * message's) are never taken for an announcement.
  */
 static const char *
-next_sync_literal(const char *p, const char *end)
+next_sync_literal(const char *p, const char *end, uint64_t *data)
 {
-	const char *line = p, *lf;
+	const char *line, *lf;
 	enum literal_kind k;
 	uint64_t n;
 
+	p = (uint64_t)(end - p) < *data ? end : p + *data;
+	*data = 0;
+	line = p;
 	while ((lf = memchr(p, '\n', (size_t)(end - p))) != NULL) {
 		const char *this_line = line;
 
@@ -669,8 +676,10 @@ next_sync_literal(const char *p, const char *end)
 		if (lf == this_line || lf[-1] != '\r')
 			continue;
 		k = literal_at_end(this_line, (size_t)(lf - 1 - this_line), &n);
-		if (k == LIT_SYNC)
+		if (k == LIT_SYNC) {
+			*data = n;
 			return p;
+		}
 		if (k == LIT_NONSYNC)
 			line = p = (uint64_t)(end - p) < n ? end : p + n;
 	}
@@ -679,15 +688,15 @@ next_sync_literal(const char *p, const char *end)
 
 /*
  * Read to the tagged answer to tag, sending what is left of the command
- * (from *p to end) a piece at a time, as the back-end says "+" to each
- * synchronizing literal.  A "+" with nothing left to send goes to
+ * (from p to end, starting with data bytes of a literal) a piece at a
+ * time, as the back-end says "+" to each synchronizing literal.  A "+" with nothing left to send goes to
  * sink->continuation, or, without one, ends the wait as REPLY_PLUS.
  * Tagged answers to other tags (a pipelined ID's) are passed over.
  */
 static enum reply_status
 await_answer(struct backend *be, const struct config *cfg, const char *tag,
-    const char *p, const char *end, const struct resp_sink *sink,
-    struct reply *r)
+    const char *p, const char *end, uint64_t data,
+    const struct resp_sink *sink, struct reply *r)
 {
 	for (;;) {
 		enum dispatch d = backend_dispatch(be, sink, r);
@@ -700,7 +709,7 @@ await_answer(struct backend *be, const struct config *cfg, const char *tag,
 		    reply_is(r, be->id_tag))
 			be->id_tag[0] = '\0';	/* the pipelined ID's */
 		if (d == DISPATCH_CONTINUATION && p < end) {
-			piece = next_sync_literal(p, end);
+			piece = next_sync_literal(p, end, &data);
 			be->io.deadline = deadline_in(cfg->backend_timeout);
 			if (iobuf_write(&be->io, p, (size_t)(piece - p)) !=
 			    IO_OK)
@@ -715,8 +724,12 @@ await_answer(struct backend *be, const struct config *cfg, const char *tag,
 		    sink->ctx, be, r->line, r->len) != 0)
 			return reply_lost(be, r, "connection lost answering "
 			    "a challenge");
-		else if (d == DISPATCH_FAILED)
-			return reply_lost(be, r, "the client went away");
+		else if (d == DISPATCH_FAILED) {
+			reply_lost(be, r, "the sink could not write");
+			r->status = REPLY_LOST;
+			r->sink_failed = 1;
+			return REPLY_LOST;
+		}
 		else if (d == DISPATCH_TOOLONG)
 			return reply_lost(be, r, "a response line longer than "
 			    "imapfe reads");
@@ -744,14 +757,15 @@ backend_command(struct backend *be, const struct config *cfg,
     struct reply *r)
 {
 	const char *end = cmd->s + cmd->len;
-	const char *piece = next_sync_literal(cmd->s, end);
+	uint64_t data = 0;
+	const char *piece = next_sync_literal(cmd->s, end, &data);
 
 	free(be->bye);
 	be->bye = NULL;
 	be->io.deadline = deadline_in(cfg->backend_timeout);
 	if (iobuf_write(&be->io, cmd->s, (size_t)(piece - cmd->s)) != IO_OK)
 		return reply_lost(be, r, "connection lost sending a command");
-	return await_answer(be, cfg, tag, piece, end, sink, r);
+	return await_answer(be, cfg, tag, piece, end, data, sink, r);
 }
 
 /* The answer to a command sent already, or its "+" (REPLY_PLUS). */
@@ -759,7 +773,7 @@ enum reply_status
 backend_await(struct backend *be, const struct config *cfg, const char *tag,
     const struct resp_sink *sink, struct reply *r)
 {
-	return await_answer(be, cfg, tag, NULL, NULL, sink, r);
+	return await_answer(be, cfg, tag, NULL, NULL, 0, sink, r);
 }
 
 /* A command of imapfe's own, without literals: "TAG text\r\n". */
@@ -1088,6 +1102,7 @@ send_id(struct backend *be, const struct config *cfg,
 {
 	struct str cmd = { 0 };
 	const char *tag = backend_next_tag(be);
+	uint64_t data = 0;
 	char ttl[16];
 	int rc;
 
@@ -1103,7 +1118,7 @@ send_id(struct backend *be, const struct config *cfg,
 	    (ci->id_fields.len > 0 && (str_add(&cmd, " ", 1) != 0 ||
 	    str_add(&cmd, ci->id_fields.s, ci->id_fields.len) != 0)) ||
 	    str_add(&cmd, ")\r\n", 3) != 0;
-	if (rc == 0 && next_sync_literal(cmd.s, cmd.s + cmd.len) !=
+	if (rc == 0 && next_sync_literal(cmd.s, cmd.s + cmd.len, &data) !=
 	    cmd.s + cmd.len) {
 		struct reply rep;
 

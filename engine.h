@@ -124,7 +124,14 @@ int		 answering_link(const struct engine *);
 int		 link_forwards_all(const struct engine *, int i);
 int		 line_is_bye(const char *, size_t);
 
-/* link.c: client commands on a link, and their answers */
+/*
+ * link.c: client commands on a link, and their answers.  A command run
+ * alone, whole at hand, runs as imapfe's own do, with backend_command
+ * (run_on_link_as, run_text_on_link).  Pipelined commands, and one whose
+ * literal streams from the client, are "in flight": sent, then waited
+ * for with link_wait, which watches the client too (IDLE's DONE, the
+ * literal's bytes) and streams the answers of all of them back.
+ */
 enum wait_result {
 	W_DONE,			/* what was waited for came */
 	W_LINK_DOWN,

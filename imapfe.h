@@ -573,6 +573,7 @@ struct reply {
 	size_t		 tag_len;
 	size_t		 len;
 	int		 truncated;	/* line holds the first part only */
+	int		 sink_failed;	/* REPLY_LOST: the sink, not the server */
 	char		 line[TAGGED_LINE_MAX];	/* as received, no CRLF */
 	char		 why[160];	/* sanitized, for logs */
 	const char	*raw;		/* the whole line, CRLF and all, in the */

@@ -912,19 +912,89 @@ wait_idle(struct engine *eng)
 }
 
 /*
+ * Run a command whose text is all at hand (its small literals included)
+ * on idle link i as imapfe runs its own, with backend_command: its
+ * untagged answers go to the client through filter, its tagged answer
+ * into r, and on to the client when forward.  A "+" that no literal of
+ * the command waits for (IDLE's) goes to the client, and the command is
+ * then in flight as a pipelined one is: the client's next line (DONE)
+ * goes to the link, the answers stream back, and link_wait waits.
+ */
+static void
+run_whole(struct engine *eng, int i, const char *tag, const struct str *text,
+    const struct resp_filter *filter, struct reply *r, int forward)
+{
+	struct link *l = &eng->links[i];
+	struct sink_ctx ctx;
+	struct resp_sink sink;
+	enum wait_result w = W_DONE;
+	enum reply_status rs;
+
+	l->last_used = now_ms();
+	rs = backend_command(l->be, eng->cfg, text, tag, sink_for(eng, l, 0,
+	    filter, &ctx, &sink), r);
+	if (rs == REPLY_PLUS) {
+		flight_add(eng, i, tag, filter, r, forward);
+		eng->raw_for = i;
+		if (client_reply(eng, r) != 0)
+			w = W_CLIENT_GONE;
+		else
+			w = link_wait(eng, i, tag);
+		forward = 0;	/* (the wait has passed it on) */
+	} else if (rs == REPLY_LOST || rs == REPLY_BYE)
+		w = r->sink_failed ? W_CLIENT_GONE : W_LINK_DOWN;
+	if (w == W_LINK_DOWN && shutdown_requested) {
+		bye_after_link(eng, i, "Server shutting down.");
+		eng->end = END_SHUTDOWN;
+		w = W_CLIENT_GONE;
+	}
+	if (w != W_DONE) {
+		command_failed_on_link(eng, i, tag, w);
+		r->status = REPLY_LOST;
+	} else if (forward && client_reply(eng, r) != 0)
+		r->status = REPLY_LOST;
+	r->raw = NULL;		/* the buffer it points to moves on */
+}
+
+/*
+ * A command whose literal is too big to hold: sent piece by piece, each
+ * streamed literal after the link's "+", as a command in flight.
+ */
+static void
+run_streamed(struct engine *eng, int i, const char *tag,
+    const struct resp_filter *filter, struct reply *r, int forward)
+{
+	enum wait_result w;
+	int answered = 0;
+
+	if (flight_add(eng, i, tag, filter, r, forward) != 0) {
+		client_line(eng, "%s BAD Too many commands in flight.", tag);
+		return;
+	}
+	w = send_buffered(eng, i, tag, &answered);
+	if (w == W_DONE && !answered)
+		w = stream_rest(eng, i, tag, &answered);
+	if (w == W_DONE && !answered)
+		w = link_wait(eng, i, tag);
+	if (w != W_DONE) {
+		command_failed_on_link(eng, i, tag, w);
+		r->status = REPLY_LOST;
+	}
+}
+
+/*
  * Send the current command to link i and relay its answers through
- * filter (NULL: as they are).
- * The tagged answer goes to the client, unless keep (then it is left
- * there).  Waits first for the client commands in flight elsewhere.
+ * filter (NULL: as they are).  The tagged answer goes to the client,
+ * unless keep (then it is left there).  Waits first for the client
+ * commands in flight.
  */
 enum reply_status
 run_on_link_as(struct engine *eng, int i, const char *tag,
-    const struct resp_filter *filter,
-    struct reply *keep)
+    const struct resp_filter *filter, struct reply *keep)
 {
 	struct reply *r = keep != NULL ? keep : malloc(sizeof(*r));
-	enum wait_result w;
-	int answered = 0;
+	const struct str text = { .s = eng->cb.text.s, .len = eng->send_len };
+	enum reply_status rs;
 
 	if (r == NULL) {
 		engine_bye(eng, END_LIMIT, "Out of memory.");
@@ -933,26 +1003,16 @@ run_on_link_as(struct engine *eng, int i, const char *tag,
 	r->status = REPLY_LOST;
 	if (wait_idle(eng) != 0)
 		;
-	else if (flight_add(eng, i, tag, filter, r, keep == NULL) != 0)
+	else if (strlen(tag) > TAG_MAX)
 		client_line(eng, "%s BAD Tag too long.", tag);
-	else {
-		w = send_buffered(eng, i, tag, &answered);
-		if (w == W_DONE && !answered && eng->cb.stream_left > 0)
-			w = stream_rest(eng, i, tag, &answered);
-		if (w == W_DONE && !answered)
-			w = link_wait(eng, i, tag);
-		if (w != W_DONE) {
-			command_failed_on_link(eng, i, tag, w);
-			r->status = REPLY_LOST;
-		}
-	}
-	if (keep == NULL) {
-		enum reply_status rs = r->status;
-
+	else if (eng->cb.stream_left > 0)
+		run_streamed(eng, i, tag, filter, r, keep == NULL);
+	else
+		run_whole(eng, i, tag, &text, filter, r, keep == NULL);
+	rs = r->status;
+	if (keep == NULL)
 		free(r);
-		return rs;
-	}
-	return r->status;
+	return rs;
 }
 
 enum reply_status
@@ -985,19 +1045,8 @@ enum reply_status
 run_text_on_link(struct engine *eng, int i, const char *tag,
     const struct str *text, struct reply *keep)
 {
-	struct iobuf *io = &eng->links[i].be->io;
-	enum wait_result w = W_LINK_DOWN;
-
 	keep->status = REPLY_LOST;
-	if (flight_add(eng, i, tag, NULL, keep, 0) != 0)
-		return REPLY_LOST;
-	io->deadline = deadline_in(eng->cfg->backend_timeout);
-	if (iobuf_write(io, text->s, text->len) == IO_OK)
-		w = link_wait(eng, i, tag);
-	if (w != W_DONE) {
-		command_failed_on_link(eng, i, tag, w);
-		return REPLY_LOST;
-	}
+	if (wait_idle(eng) == 0)
+		run_whole(eng, i, tag, text, NULL, keep, 0);
 	return keep->status;
 }
-

@@ -468,6 +468,31 @@ def test_append_to_public_folder_small_and_2_mib(pfe, public):
     p.logout()
 
 
+def test_multiappend_whose_messages_look_like_literal_announcements(pfe,
+                                                                   public):
+    # Two synchronizing literals in one APPEND (MULTIAPPEND, RFC 3502),
+    # the first message holding lines that end as announcements do
+    # ("{3}", "{5+}"): imapfe waits for the server's "+" only after the
+    # real announcements, so both messages arrive byte for byte.
+    folder = make_public_folder(public, "Multi", [])
+    one = message("tricky", "a line {3}\r\nabc and {5+}\r\nhello\r\n")
+    two = message("plain second")
+    c = raw_login(pfe)
+    c.send(b"A APPEND %s {%d}\r\n" % (q(folder).encode(), len(one)))
+    assert c.line().startswith("+"), "no + for the first literal"
+    c.send(one + b" {%d}\r\n" % len(two))
+    assert c.line().startswith("+"), "no + for the second literal"
+    c.send(two + b"\r\n")
+    lines = c.until_tagged("A")
+    assert lines[-1].startswith("A OK"), lines
+    c.cmd("Z", "LOGOUT")
+    p = public.imap("bob")
+    p.select(q(folder), readonly=True)
+    typ, data = p.fetch("1:*", "(BODY.PEEK[])")
+    assert [d[1] for d in data if isinstance(d, tuple)] == [one, two]
+    p.logout()
+
+
 def test_append_with_flags_and_date_reaches_the_owning_server(pfe, home,
                                                               public):
     """APPEND with a flag list and a date, the usual form for a client
