@@ -119,6 +119,8 @@ int		 link_up(struct engine *, int i);
 void		 link_down(struct engine *, int i, const char *why);
 int		 link_internal(struct engine *, int i, const char *verb,
 		    const char *args);
+int		 link_unavailable(struct engine *, int i, const char *tag);
+void		 link_unselect(struct engine *, int i);
 int		 current_link(const struct engine *);
 int		 answering_link(const struct engine *);
 int		 link_forwards_all(const struct engine *, int i);

@@ -191,6 +191,32 @@ link_up(struct engine *eng, int i)
 	return 0;
 }
 
+/*
+ * Open link i, or answer the client's command tag that it cannot be
+ * reached.  Returns 1 when it answered.
+ */
+int
+link_unavailable(struct engine *eng, int i, const char *tag)
+{
+	if (link_up(eng, i) == 0)
+		return 0;
+	client_line(eng, "%s NO [UNAVAILABLE] The server for \"%s\" is "
+	    "unavailable, try again later.", tag, eng->links[i].route->pattern);
+	return 1;
+}
+
+/* Leave link i unselected, quietly: UNSELECT, or a SELECT bound to fail. */
+void
+link_unselect(struct engine *eng, int i)
+{
+	if (caps_has(eng->links[i].be->caps, "UNSELECT"))
+		link_internal(eng, i, "UNSELECT", NULL);
+	else
+		link_internal(eng, i, "EXAMINE", "\"imapfe/no such mailbox\"");
+	if (eng->selected == i)
+		eng->selected = -1;
+}
+
 /* ------------------------------------------------------------------ */
 /* reading a link's responses */
 

@@ -370,18 +370,6 @@ names_mailbox(const char *name)
 	return 0;
 }
 
-/* Leave link i unselected, quietly: UNSELECT, or a SELECT bound to fail. */
-static void
-deselect(struct engine *eng, int i)
-{
-	if (caps_has(eng->links[i].be->caps, "UNSELECT"))
-		link_internal(eng, i, "UNSELECT", NULL);
-	else
-		link_internal(eng, i, "EXAMINE", "\"imapfe/no such mailbox\"");
-	if (eng->selected == i)
-		eng->selected = -1;
-}
-
 /*
  * Leave the selected mailbox before selecting on another server.  The new
  * server has nothing to close, so a QRESYNC client hears [CLOSED] from
@@ -393,20 +381,10 @@ leave_selected(struct engine *eng)
 	int i = eng->selected;
 
 	if (eng->links[i].up)
-		deselect(eng, i);
+		link_unselect(eng, i);
 	eng->selected = -1;
 	if (eng->enabled != NULL && strcasestr(eng->enabled, "QRESYNC") != NULL)
 		client_line(eng, "* OK [CLOSED] Previous mailbox closed.");
-}
-
-static int
-public_unavailable(struct engine *eng, int i, const char *tag)
-{
-	if (link_up(eng, i) == 0)
-		return 0;
-	client_line(eng, "%s NO [UNAVAILABLE] The server for \"%s\" is "
-	    "unavailable, try again later.", tag, eng->links[i].route->pattern);
-	return 1;
 }
 
 /* ------------------------------------------------------------------ */
@@ -568,7 +546,7 @@ cmd_mailbox(struct engine *eng, const struct command *c, int i,
 			leave_selected(eng);
 		eng->selection_lost = 0;
 	}
-	if (i > 0 && public_unavailable(eng, i, c->tag))
+	if (i > 0 && link_unavailable(eng, i, c->tag))
 		return;
 	if ((r = malloc(sizeof(*r))) == NULL) {
 		engine_bye(eng, END_LIMIT, "Out of memory.");
@@ -1294,7 +1272,7 @@ cross_copy(struct engine *eng, const struct command *c, size_t first,
 		free(dest);
 		return;
 	}
-	if (to > 0 && public_unavailable(eng, to, c->tag)) {
+	if (to > 0 && link_unavailable(eng, to, c->tag)) {
 		free(dest);
 		return;
 	}
@@ -1559,7 +1537,7 @@ route_command(struct engine *eng)
 			    "again.", c->tag);
 		target = -1;
 	}
-	if (target >= 0 && (target == 0 || !public_unavailable(eng, target,
+	if (target >= 0 && (target == 0 || !link_unavailable(eng, target,
 	    c->tag))) {
 		int closing = strcmp(name, "CLOSE") == 0 ||
 		    strcmp(name, "UNSELECT") == 0;
