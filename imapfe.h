@@ -783,6 +783,7 @@ void		 url_badurl_text(char *out, size_t size, const char *url,
 int		 url_command(const char *name);
 int		 url_command_server(struct url_route *, const struct command *);
 int		 url_append_check(struct url_route *, const char *, size_t);
+size_t		 args_open_lists(const char *, size_t);
 
 /* ------------------------------------------------------------------ */
 /* ldap.c: directory lookups */

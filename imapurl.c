@@ -473,8 +473,8 @@ arg_next(struct arg_cursor *ac)
 			return arg_literal(ac);
 		break;
 	}
-	start = ac->p;
-	while (ac->p < ac->end && !strchr(" ()\"{\r\n", *ac->p))
+	start = ac->p++;	/* an atom: at least this byte, whatever it is */
+	while (ac->p < ac->end && memchr(" ()\"{\r\n", *ac->p, 7) == NULL)
 		ac->p++;
 	ac->val = start;
 	ac->len = (size_t)(ac->p - start);
@@ -486,6 +486,31 @@ atom_is(const struct arg_cursor *ac, const char *word)
 {
 	return ac->len == strlen(word) && strncasecmp(ac->val, word,
 	    ac->len) == 0;
+}
+
+/*
+ * How many lists are open at the end of [p, len): a command cut before
+ * a literal that streams inside one (CATENATE's TEXT) needs that many
+ * ")" to parse.
+ */
+size_t
+args_open_lists(const char *p, size_t len)
+{
+	struct arg_cursor *ac = malloc(sizeof(*ac));
+	enum arg_kind k;
+	size_t depth = 0;
+
+	if (ac == NULL)
+		return 0;
+	ac->p = p;
+	ac->end = p + len;
+	while ((k = arg_next(ac)) != ARG_END && k != ARG_CUT)
+		if (k == ARG_OPEN)
+			depth++;
+		else if (k == ARG_CLOSE && depth > 0)
+			depth--;
+	free(ac);
+	return depth;
 }
 
 /*

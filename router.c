@@ -106,6 +106,7 @@ struct router {
 	int64_t			 last_client;
 	int			 merging;	/* a LIST over several servers */
 	int			 selection_lost;	/* its server went away */
+	struct url_route	*urls;	/* an APPEND's, checked as they come */
 	enum session_end		 end;
 };
 
@@ -1119,6 +1120,24 @@ link_flush_partial(struct router *rt, int i)
 }
 
 /*
+ * A CATENATE URL for another server after a streamed literal: the link
+ * holds half an APPEND, which must fail there.  What it gets instead of
+ * the rest is no argument APPEND knows, in a list or out (Dovecot answers
+ * BAD and saves nothing, of a MULTIAPPEND neither); the client gets
+ * NO [BADURL] for that answer (cmd_mailbox), and what it sends of the
+ * command yet is dropped (discard_rest).
+ */
+static enum wait_result
+url_refused_midway(struct router *rt, int i)
+{
+	struct iobuf *io = &rt->links[i].be->io;
+
+	io->deadline = deadline_in(rt->cfg->backend_timeout);
+	return iobuf_puts(io, " X-IMAPFE-BADURL\r\n") == IO_OK ? W_DONE :
+	    W_LINK_DOWN;
+}
+
+/*
  * The rest of a command whose literal is too big to hold: each such
  * literal streams from the client to the link once the link said "+",
  * and what follows it is read and sent as any command is.
@@ -1155,6 +1174,9 @@ stream_rest(struct router *rt, int i, const char *tag, int *answered)
 			return W_CLIENT_GONE;
 		}
 		rt->send_len = rt->cb.text.len;
+		if (rt->urls != NULL && url_append_check(rt->urls,
+		    rt->cb.text.s, rt->send_len) != 0)
+			return url_refused_midway(rt, i);
 		if ((w = send_buffered(rt, i, tag, answered)) != W_DONE ||
 		    *answered)
 			return w;
@@ -1361,7 +1383,14 @@ parse_copy(struct router *rt, struct str *copy, struct command *c,
 	while (len > 0 && rt->cb.text.s[len - 1] == ' ')
 		len--;
 	str_wipe(copy);
-	if (str_add(copy, rt->cb.text.s, len) != 0 || str_add(copy, "", 1) != 0)
+	if (str_add(copy, rt->cb.text.s, len) != 0)
+		return PARSE_NOTAG;
+	/* a literal that streams inside a list: the lists closed, to parse */
+	for (size_t n = rt->cb.stream_left > 0 ? args_open_lists(copy->s,
+	    copy->len) : 0; n > 0; n--)
+		if (str_add(copy, ")", 1) != 0)
+			return PARSE_NOTAG;
+	if (str_add(copy, "", 1) != 0)
 		return PARSE_NOTAG;
 	copy->len--;
 	return parse_command(copy->s, copy->len, c, why);
@@ -1381,7 +1410,7 @@ names_mailbox(const char *name)
 	static const char *const names[] = { "SELECT", "EXAMINE", "STATUS",
 	    "CREATE", "DELETE", "SUBSCRIBE", "UNSUBSCRIBE", "APPEND",
 	    "GETACL", "SETACL", "DELETEACL", "MYRIGHTS", "LISTRIGHTS",
-	    "GETQUOTAROOT" };
+	    "GETQUOTAROOT", "RESETKEY" };
 
 	for (size_t i = 0; i < sizeof(names) / sizeof(*names); i++)
 		if (strcmp(name, names[i]) == 0)
@@ -1593,6 +1622,56 @@ follow_mailbox_referral(struct router *rt, const struct command *c,
 }
 
 /* ------------------------------------------------------------------ */
+/* IMAP URLs in commands: where they point is imapurl.c's to say */
+
+static int
+url_mailbox_link(void *ctx, const char *name, size_t len)
+{
+	return mailbox_link(ctx, name, len);
+}
+
+/* What imapurl.c needs to place URLs for a command run on link server. */
+static void
+url_route_init(struct router *rt, struct url_route *ur, int server)
+{
+	memset(ur, 0, sizeof(*ur));
+	ur->mailbox_server = url_mailbox_link;
+	ur->ctx = rt;
+	ur->cfg = rt->cfg;
+	if (rt->cr != NULL)
+		ur->user = rt->cr->authzid != NULL ? rt->cr->authzid :
+		    rt->cr->user;
+	ur->home_host = rt->links[0].be->host;
+	ur->home_port = rt->links[0].be->port;
+	ur->selected = rt->selection_lost ? -1 : rt->selected;
+	ur->server = server;
+}
+
+static void
+client_badurl(struct router *rt, const char *tag, const struct url_route *ur)
+{
+	client_line(rt, "%s NO [BADURL %s] The URL does not name a mailbox on "
+	    "the server that runs this command.", tag, ur->bad);
+}
+
+/*
+ * URLFETCH and GENURLAUTH run on the server of their URLs' mailboxes,
+ * when that is one server.
+ */
+static void
+cmd_urls(struct router *rt, const struct command *c)
+{
+	struct url_route ur;
+	int i;
+
+	url_route_init(rt, &ur, -1);
+	if ((i = url_command_server(&ur, c)) < 0)
+		client_badurl(rt, c->tag, &ur);
+	else if (i == 0 || !public_unavailable(rt, i, c->tag))
+		run_on_link(rt, i, c->tag, NULL);
+}
+
+/* ------------------------------------------------------------------ */
 /* commands */
 
 /* A command for the mailbox on link i (SELECT and friends included). */
@@ -1602,9 +1681,20 @@ cmd_mailbox(struct router *rt, const struct command *c, int i,
 {
 	int selecting = strcmp(c->name, "SELECT") == 0 ||
 	    strcmp(c->name, "EXAMINE") == 0;
+	int append = strcmp(c->name, "APPEND") == 0;
+	struct url_route ur;
 	struct reply *r;
 	enum reply_status rs;
 
+	if (append) {
+		/* CATENATE's URLs (those read so far) must point at link i */
+		url_route_init(rt, &ur, i);
+		if (url_append_check(&ur, rt->cb.text.s + name_end,
+		    rt->send_len - name_end) != 0) {
+			client_badurl(rt, c->tag, &ur);
+			return;
+		}
+	}
 	if (selecting) {
 		/* Even a failed SELECT leaves nothing selected (RFC 9051). */
 		if (rt->selected >= 0 && (rt->selected != i ||
@@ -1618,8 +1708,14 @@ cmd_mailbox(struct router *rt, const struct command *c, int i,
 		router_bye(rt, END_LIMIT, "Out of memory.");
 		return;
 	}
+	rt->urls = append ? &ur : NULL;
 	rs = run_on_link(rt, i, c->tag, r);
-	if (rs == REPLY_NO && strcmp(c->name, "APPEND") != 0)
+	rt->urls = NULL;
+	if (append && ur.refused && rs != REPLY_LOST) {
+		client_badurl(rt, c->tag, &ur);
+		rs = REPLY_LOST;	/* answered */
+	}
+	if (rs == REPLY_NO && !append)
 		rs = follow_mailbox_referral(rt, c, name_end, &i, r);
 	if (rs != REPLY_LOST)
 		client_reply(rt, r);
@@ -2455,7 +2551,7 @@ runs_alone(const char *name)
 	for (size_t i = 0; i < sizeof(names) / sizeof(*names); i++)
 		if (strcmp(name, names[i]) == 0)
 			return 1;
-	return names_mailbox(name);
+	return names_mailbox(name) || url_command(name);
 }
 
 /*
@@ -2531,6 +2627,10 @@ dispatch(struct router *rt)
 	}
 	if (wait_idle(rt) != 0)
 		goto out;
+	if (url_command(name)) {
+		cmd_urls(rt, c);
+		goto out;
+	}
 	if (names_mailbox(name) && c->ntok > first &&
 	    is_mailbox_token(&c->tok[first])) {
 		cmd_mailbox(rt, c, mailbox_link(rt, c->tok[first].s,

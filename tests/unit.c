@@ -229,9 +229,15 @@ test_caps(void)
 	CHECK(c != NULL && strcmp(c, "IMAP4rev1 IDLE NOTIFY MOVE CATENATE") ==
 	    0);
 	free(c);
-	/* routed: no extension that would span servers */
+	/* routed: no extension that would span servers; CATENATE and
+	 * URLAUTH do not, as the router runs them where their URLs point */
 	c = caps_for_client(backend, 1);
-	CHECK(c != NULL && strcmp(c, "IMAP4rev1 IDLE MOVE") == 0);
+	CHECK(c != NULL && strcmp(c, "IMAP4rev1 IDLE MOVE CATENATE") == 0);
+	free(c);
+	c = caps_for_client("IMAP4rev1 MULTISEARCH URLAUTH URLAUTH=BINARY "
+	    "URL-PARTIAL MAILBOX-REFERRALS", 1);
+	CHECK(c != NULL && strcmp(c, "IMAP4rev1 URLAUTH URLAUTH=BINARY "
+	    "URL-PARTIAL") == 0);
 	free(c);
 	CHECK(caps_has("IMAP4rev1 LITERAL+ IDLE", "literal+"));
 	CHECK(!caps_has("IMAP4rev1 LITERAL+X", "LITERAL+"));
@@ -978,6 +984,13 @@ test_imapurl_route(void)
 	/* the first bad URL is named, sanitized for resp-text-code */
 	CHECK(append_refused(-1, 0, " CATENATE (URL \"a]b\" URL \"/Public%20"
 	    "Folders/x/;UID=1\")\r\n", "a%5Db"));
+
+	/* lists open where a command is cut before a streamed literal */
+	CHECK(args_open_lists("a APPEND x CATENATE (TEXT ", 26) == 1);
+	CHECK(args_open_lists("a APPEND \"(\" (\\Seen) ", 21) == 0);
+	CHECK(args_open_lists("a\0(", 3) == 1);	/* odd bytes are atoms */
+	CHECK(args_open_lists("a APPEND x {3}\r\n(((", 20) == 0);
+	CHECK(args_open_lists("a APPEND x {3}\r\n))) CATENATE (", 30) == 1);
 
 	url_badurl_text(out, sizeof(out), "x\r\n]", 4);
 	CHECK(strcmp(out, "x%0D%0A%5D") == 0);
