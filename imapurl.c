@@ -271,6 +271,27 @@ user_at_home(const struct url_route *ur, const char *user)
 }
 
 /*
+ * A URL's mailbox is UTF-8 (RFC 5092), a prefix in the configuration is
+ * as the servers name it, modified UTF-7 ("&" starts a shift).  Where
+ * both hold more than ASCII they cannot be compared byte for byte, and
+ * the URL is not placed by guess.
+ */
+static int
+names_incomparable(const struct config *cfg, const char *mailbox)
+{
+	int eight_bit = 0;
+
+	for (const char *p = mailbox; *p != '\0'; p++)
+		if ((unsigned char)*p >= 0x80)
+			eight_bit = 1;
+	for (const struct route *r = cfg->publics; eight_bit && r != NULL;
+	    r = r->next)
+		if (strchr(r->pattern, '&') != NULL)
+			return 1;
+	return 0;
+}
+
+/*
  * The server (a link index of the router's) that holds the mailbox a URL
  * names, or -1 when imapfe cannot tell, or knows it is on no server of
  * this session.
@@ -285,7 +306,7 @@ url_server(const struct url_route *ur, const char *url, size_t len)
 		return -1;
 	if (u.relative)
 		return ur->selected;
-	if (!u.has_mailbox)
+	if (!u.has_mailbox || names_incomparable(ur->cfg, u.mailbox))
 		return -1;
 	server = ur->mailbox_server(ur->ctx, u.mailbox, strlen(u.mailbox));
 	if (server == 0 && u.user[0] != '\0' && !user_at_home(ur, u.user))

@@ -952,6 +952,15 @@ test_imapurl_route(void)
 	CHECK(url_server(&ur, "imap://dave@h/Public%20Folders/x/;UID=1",
 	    39) == 1);
 
+	/* UTF-8 in a URL, modified UTF-7 in a prefix: not compared */
+	CHECK(url_server(&ur, "/%C3%A9t%C3%A9/;UID=1", 21) == 0);
+	bob.pattern = "&AMk-t&AOk-/";	/* "été/" */
+	cfg.publics = &bob;
+	CHECK(url_server(&ur, "/%C3%A9t%C3%A9/;UID=1", 21) == -1);
+	CHECK(url_server(&ur, "/INBOX/;UID=1", 13) == 0);
+	cfg.publics = NULL;
+	bob.pattern = "bob";
+
 	/* CATENATE parts, whole or in pieces after a streamed literal */
 	CHECK(append_ok(-1, 0, " CATENATE (URL \"/INBOX;UIDVALIDITY=1/;UID=2\""
 	    " TEXT {3}\r\nabc)\r\n"));
