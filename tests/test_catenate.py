@@ -10,15 +10,51 @@ imapfe sent it.  Dovecot takes only relative URLs in CATENATE (it answers
 an imap:// one with its own BADURL), so the URLs here are "/mailbox..."
 and ";UID=n".
 """
+import imaplib
 import re
 
 import pytest
 
-from conftest import sample_message
-from test_public import (NEWS, PREFIX, home, login, message,  # noqa: F401
-                         pfe, public, q, raw_login, rawlog, tagged)
+from conftest import Dovecot, sample_message
+from test_public import (NEWS, PREFIX, home_conf, login,  # noqa: F401
+                         make_public_folder, message, pfe, public_conf, q,
+                         raw_login, rawlog, tagged)
 
 NEWS_URL = "/Public%20Folders/News"
+
+# The name clients know imapfe by, and so the host of their URLAUTH URLs:
+# the back-ends behind imapfe are told it (imap_urlauth_host); URLAUTH
+# keys live in mailbox attributes.
+URL_HOST = "imap.example.org"
+URLAUTH_CONF = """\
+imap_urlauth_host = %s
+mail_attribute_dict = file:%%h/dovecot-attributes
+""" % URL_HOST
+
+for _name in ("GENURLAUTH", "URLFETCH", "RESETKEY"):
+    imaplib.Commands.setdefault(_name, ("AUTH", "SELECTED"))
+
+
+@pytest.fixture(scope="module")
+def home():
+    """alice's home server, as test_public's, with URLAUTH."""
+    d = Dovecot(extra_conf=lambda dd: home_conf(dd) + URLAUTH_CONF)
+    m = d.imap("alice")
+    for i in range(1, 4):
+        m.append("INBOX", None, None, sample_message(i))
+    m.create("Drafts")
+    m.logout()
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="module")
+def public():
+    """The public-folder server, as test_public's, with URLAUTH."""
+    d = Dovecot(extra_conf=lambda dd: public_conf(dd) + URLAUTH_CONF)
+    make_public_folder(d, "News", ["news 1", "news 2", "news 3"])
+    yield d
+    d.close()
 
 
 def fetch_uid(m, mailbox, uid):
@@ -59,13 +95,14 @@ def test_routed_capabilities_offer_catenate(pfe, home):
     direct = home.imap("alice")
     offered = direct.capability()[1][0].decode().split()
     direct.logout()
-    assert "CATENATE" in offered and "URL-PARTIAL" in offered, offered
+    assert "CATENATE" in offered and "URLAUTH" in offered, offered
     c = raw_login(pfe)
     lines = c.cmd("c", "CAPABILITY")
     caps = [ln for ln in lines if ln.startswith("* CAPABILITY ")]
     assert len(caps) == 1 and lines[-1].startswith("c OK"), lines
     caps = caps[0].split()
-    assert "CATENATE" in caps and "URL-PARTIAL" in caps, caps
+    for cap in ("CATENATE", "URL-PARTIAL", "URLAUTH", "URLAUTH=BINARY"):
+        assert cap in caps, caps
     for cap in ("NOTIFY", "MULTISEARCH", "MAILBOX-REFERRALS"):
         assert cap not in caps, caps
     c.cmd("z", "LOGOUT")
@@ -265,3 +302,51 @@ def test_streamed_text_part_routed_by_mailbox(pfe, public):
     direct = public.imap("alice")
     assert fetch_uid(direct, folder, uid) == big + message("news 1")
     direct.logout()
+
+
+# --- URLAUTH end to end ---------------------------------------------------
+
+def genurlauth(m, mailbox, uid):
+    """An anonymous URLAUTH URL for message uid of mailbox, through m."""
+    enc = mailbox.replace(" ", "%20")
+    rump = "imap://alice@%s/%s;UIDVALIDITY=%d/;UID=%d;URLAUTH=anonymous" % (
+        URL_HOST, enc, uidvalidity(m, mailbox), uid)
+    typ, data = m._simple_command("GENURLAUTH", q(rump), "INTERNAL")
+    assert typ == "OK", data
+    urls = m.untagged_responses.pop("GENURLAUTH", [])
+    assert len(urls) == 1, urls
+    url = urls[0].decode().strip('"')
+    assert url.startswith(rump + ":internal:"), url
+    return url
+
+
+def urlfetch(m, url):
+    """What URLFETCH returns for url through m: bytes, or None for NIL."""
+    typ, data = m._simple_command("URLFETCH", q(url))
+    assert typ == "OK", data
+    got = m.untagged_responses.pop("URLFETCH", [])
+    assert got, data
+    if isinstance(got[0], tuple):
+        return got[0][1]
+    assert got[0].endswith(b" NIL"), got
+    return None
+
+
+def test_urlauth_on_each_server(pfe):
+    """GENURLAUTH and URLFETCH run on the server of the URL's mailbox:
+    the home server's for INBOX, the public server's for News, each with
+    its own keys; RESETKEY of a public mailbox resets the public key."""
+    m = login(pfe)
+    home_url = genurlauth(m, "INBOX", 1)
+    news_url = genurlauth(m, NEWS, 2)
+    assert urlfetch(m, home_url) == sample_message(1)
+    assert urlfetch(m, news_url) == message("news 2")
+    # a second client (a submission server, say) fetches them as well
+    other = login(pfe)
+    assert urlfetch(other, news_url) == message("news 2")
+    typ, data = m._simple_command("RESETKEY", q(NEWS))
+    assert typ == "OK", data
+    assert urlfetch(other, news_url) is None
+    assert urlfetch(other, home_url) == sample_message(1)
+    other.logout()
+    m.logout()
