@@ -221,6 +221,15 @@ def test_streamed_literal_then_url_elsewhere(pfe):
     assert lines[-1].startswith("m NO [BADURL %s]" % url), lines
     assert drafts(c, "s") == before
     assert c.cmd("n", "NOOP")[-1].startswith("n OK")
+    # the URL before the streamed literal: refused at once, the literal
+    # and the rest of the command read and dropped
+    c.send(b'e APPEND Drafts CATENATE (URL "%s" TEXT {%d+}\r\n'
+           % (url.encode(), len(big)) + big + b')\r\n')
+    lines = c.until_tagged("e")
+    assert lines == ["e NO [BADURL %s] The URL does not name a mailbox on "
+                     "the server that runs this command." % url], lines
+    assert c.cmd("n2", "NOOP")[-1].startswith("n2 OK")
+    assert drafts(c, "s") == before
     # the same streamed TEXT with a home URL: appended whole
     c.send(b'g APPEND Drafts CATENATE (TEXT {%d+}\r\n' % len(big) + big +
            b' URL "/INBOX/;UID=1")\r\n')
