@@ -357,5 +357,11 @@ def test_urlauth_on_each_server(pfe):
     assert typ == "OK", data
     assert urlfetch(other, news_url) is None
     assert urlfetch(other, home_url) == sample_message(1)
+    # RESETKEY without a mailbox, nothing selected: the home server's keys
+    news_url = genurlauth(m, NEWS, 3)
+    typ, data = m._simple_command("RESETKEY")
+    assert typ == "OK", data
+    assert urlfetch(other, home_url) is None
+    assert urlfetch(other, news_url) == message("news 3")
     other.logout()
     m.logout()
