@@ -345,10 +345,11 @@ caps_for_client(const char *backend_caps, int routed)
 	    "SASL-IR", "LOGIN-REFERRALS" };
 	/*
 	 * With public-folder servers, extensions whose commands span
-	 * mailboxes (or name them inside URLs) would reach only one server.
+	 * mailboxes would reach only one server.  (CATENATE and URLAUTH stay:
+	 * the router runs their commands where their URLs point, imapurl.c.)
 	 */
 	static const char *const drop_routed[] = { "NOTIFY", "MULTISEARCH",
-	    "CATENATE", "URL-PARTIAL", "URLAUTH", "MAILBOX-REFERRALS" };
+	    "MAILBOX-REFERRALS" };
 	static const char *const drop_prefix[] = { "AUTH=", "COMPRESS=" };
 	struct str out = { 0 };
 	const char *p = backend_caps;

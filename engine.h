@@ -99,6 +99,7 @@ struct engine {
 	int64_t			 last_client;
 	int			 merging;	/* a LIST over several servers */
 	int			 selection_lost;	/* its server went away */
+	struct url_route	*urls;	/* an APPEND's, checked as they come */
 	enum session_end	 end;
 };
 

@@ -15,6 +15,8 @@
  *   tls.c      TLS contexts: certificates, ticket keys, verification
  *   proxyproto.c  HAProxy's PROXY protocol header from a load balancer
  *   ldap.c     directory lookups: which server holds a user's mailbox
+ *   imapurl.c  IMAP URLs in commands (CATENATE, URLAUTH): which mailbox,
+ *              so which server
  */
 #ifndef IMAPFE_H
 #define IMAPFE_H
@@ -318,6 +320,8 @@ struct referral {
 int		 referral_parse(const char *text, struct referral *);
 int		 hostport_parse(const char *p, const char *end, char *host,
 		    size_t hostsize, char *port, size_t portsize);
+int		 url_decode(const char *p, const char *end, char *out,
+		    size_t outsize);
 int		 port_is_valid(const char *, size_t);
 
 /* Tracks where lines start in a stream of IMAP responses, literals skipped. */
@@ -728,6 +732,59 @@ const char	*backend_next_tag(struct backend *);
 enum session_end engine_run(const struct config *, struct iobuf *client,
 		    struct backend *home, const struct credentials *,
 		    const struct client_info *, const char *user);
+
+/* ------------------------------------------------------------------ */
+/* imapurl.c: IMAP URLs (RFC 5092) in commands, and where they point */
+
+#define URL_MAX		8192	/* a quoted URL imapfe reads */
+
+struct imap_url {
+	int		 has_server;	/* "imap://iserver" or "//iserver" */
+	char		 user[256];	/* decoded; "" when none */
+	char		 host[256];
+	char		 port[6];	/* "" when none */
+	int		 relative;	/* no mailbox: the selected one's */
+	int		 has_mailbox;
+	char		 mailbox[1024];	/* decoded */
+	uint32_t	 uidvalidity;	/* 0: none */
+	uint32_t	 uid;		/* 0: none */
+	int		 has_section;
+	int		 has_partial;
+	int		 has_urlauth;
+	int		 search;	/* "?" and a search: a message list */
+};
+
+/*
+ * What a router knows to place a URL: the server (its link index) of a
+ * mailbox name, of the selected mailbox (-1: none), who the session's
+ * user is and where their home server is; and for a check, the server
+ * that executes the command and the first URL refused.
+ */
+struct url_route {
+	int		(*mailbox_server)(void *ctx, const char *name,
+			    size_t len);
+	void		*ctx;
+	const struct config *cfg;
+	const char	*user;
+	const char	*home_host;
+	const char	*home_port;
+	int		 selected;
+	int		 server;	/* executes the command; -1: none */
+	int		 refused;
+	char		 bad[1024];	/* NO [BADURL bad], sanitized */
+};
+
+int		 imap_url_parse(const char *, size_t, struct imap_url *);
+int		 url_iserver_parse(const char *p, const char *end, char *user,
+		    size_t usersize, char *host, size_t hostsize, char *port,
+		    size_t portsize);
+int		 url_server(const struct url_route *, const char *, size_t);
+void		 url_badurl_text(char *out, size_t size, const char *url,
+		    size_t len);
+int		 url_command(const char *name);
+int		 url_command_server(struct url_route *, const struct command *);
+int		 url_append_check(struct url_route *, const char *, size_t);
+size_t		 args_open_lists(const char *, size_t);
 
 /* ------------------------------------------------------------------ */
 /* ldap.c: directory lookups */

@@ -779,6 +779,24 @@ link_flush_partial(struct engine *eng, int i)
 }
 
 /*
+ * A CATENATE URL for another server after a streamed literal: the link
+ * holds half an APPEND, which must fail there.  What it gets instead of
+ * the rest is no argument APPEND knows, in a list or out (Dovecot answers
+ * BAD and saves nothing, of a MULTIAPPEND neither); the client gets
+ * NO [BADURL] for that answer (cmd_mailbox), and what it sends of the
+ * command yet is dropped (discard_rest).
+ */
+static enum wait_result
+url_refused_midway(struct engine *eng, int i)
+{
+	struct iobuf *io = &eng->links[i].be->io;
+
+	io->deadline = deadline_in(eng->cfg->backend_timeout);
+	return iobuf_puts(io, " X-IMAPFE-BADURL\r\n") == IO_OK ? W_DONE :
+	    W_LINK_DOWN;
+}
+
+/*
  * The rest of a command whose literal is too big to hold: each such
  * literal streams from the client to the link once the link said "+",
  * and what follows it is read and sent as any command is.
@@ -815,6 +833,9 @@ stream_rest(struct engine *eng, int i, const char *tag, int *answered)
 			return W_CLIENT_GONE;
 		}
 		eng->send_len = eng->cb.text.len;
+		if (eng->urls != NULL && url_append_check(eng->urls,
+		    eng->cb.text.s, eng->send_len) != 0)
+			return url_refused_midway(eng, i);
 		if ((w = send_buffered(eng, i, tag, answered)) != W_DONE ||
 		    *answered)
 			return w;

@@ -752,7 +752,7 @@ hex_value(int c)
  * Percent-decode [p, end) into out.  Refuses what no mailbox or host name
  * may hold once decoded: control characters, NUL among them.
  */
-static int
+int
 url_decode(const char *p, const char *end, char *out, size_t outsize)
 {
 	size_t n = 0;
@@ -852,7 +852,7 @@ hostport_parse(const char *p, const char *end, char *host, size_t hostsize,
 int
 referral_parse(const char *text, struct referral *ref)
 {
-	const char *p = strcasestr(text, "[REFERRAL "), *auth, *at, *end;
+	const char *p = strcasestr(text, "[REFERRAL "), *auth, *end;
 
 	memset(ref, 0, sizeof(*ref));
 	if (p == NULL)
@@ -861,29 +861,15 @@ referral_parse(const char *text, struct referral *ref)
 	if (strncasecmp(p, "imap://", 7) != 0)
 		return -2;
 	auth = p += 7;
-	for (at = NULL; *p != '\0' && *p != '/' && *p != ' ' && *p != ']';
-	    p++) {
-		if (*p == '@')
-			at = p;
-		if (*p == '[') {	/* an IPv6 literal, "]" and all */
+	while (*p != '\0' && *p != '/' && *p != ' ' && *p != ']')
+		if (*p++ == '[') {	/* an IPv6 literal, "]" and all */
 			while (*p != '\0' && *p != ']')
 				p++;
-			if (*p == '\0')
+			if (*p++ == '\0')
 				return -2;
 		}
-	}
-	end = p;
-	if (at != NULL) {
-		const char *ue = auth;
-
-		while (ue < at && strncasecmp(ue, ";AUTH=", 6) != 0)
-			ue++;
-		if (memchr(auth, ':', (size_t)(ue - auth)) != NULL ||
-		    url_decode(auth, ue, ref->user, sizeof(ref->user)) != 0)
-			return -2;	/* a password has no place here */
-	}
-	if (hostport_parse(at != NULL ? at + 1 : auth, end, ref->host,
-	    sizeof(ref->host), ref->port, sizeof(ref->port)) != 0)
+	if (url_iserver_parse(auth, p, ref->user, sizeof(ref->user),
+	    ref->host, sizeof(ref->host), ref->port, sizeof(ref->port)) != 0)
 		return -2;
 	if (ref->port[0] == '\0')
 		snprintf(ref->port, sizeof(ref->port), "143");

@@ -339,7 +339,14 @@ parse_copy(struct engine *eng, struct str *copy, struct command *c,
 	while (len > 0 && eng->cb.text.s[len - 1] == ' ')
 		len--;
 	str_wipe(copy);
-	if (str_add(copy, eng->cb.text.s, len) != 0 || str_add(copy, "", 1) != 0)
+	if (str_add(copy, eng->cb.text.s, len) != 0)
+		return PARSE_NOTAG;
+	/* a literal that streams inside a list: the lists closed, to parse */
+	for (size_t n = eng->cb.stream_left > 0 ? args_open_lists(copy->s,
+	    copy->len) : 0; n > 0; n--)
+		if (str_add(copy, ")", 1) != 0)
+			return PARSE_NOTAG;
+	if (str_add(copy, "", 1) != 0)
 		return PARSE_NOTAG;
 	copy->len--;
 	return parse_command(copy->s, copy->len, c, why);
@@ -362,7 +369,7 @@ names_mailbox(const char *name)
 	static const char *const names[] = { "SELECT", "EXAMINE", "STATUS",
 	    "CREATE", "DELETE", "SUBSCRIBE", "UNSUBSCRIBE", "APPEND",
 	    "GETACL", "SETACL", "DELETEACL", "MYRIGHTS", "LISTRIGHTS",
-	    "GETQUOTAROOT", "GETMETADATA", "SETMETADATA" };
+	    "GETQUOTAROOT", "GETMETADATA", "SETMETADATA", "RESETKEY" };
 
 	for (size_t i = 0; i < sizeof(names) / sizeof(*names); i++)
 		if (strcmp(name, names[i]) == 0)
@@ -527,6 +534,56 @@ follow_mailbox_referral(struct engine *eng, const struct command *c,
 }
 
 /* ------------------------------------------------------------------ */
+/* IMAP URLs in commands: where they point is imapurl.c's to say */
+
+static int
+url_mailbox_link(void *ctx, const char *name, size_t len)
+{
+	return mailbox_link(ctx, name, len);
+}
+
+/* What imapurl.c needs to place URLs for a command run on link server. */
+static void
+url_route_init(struct engine *eng, struct url_route *ur, int server)
+{
+	memset(ur, 0, sizeof(*ur));
+	ur->mailbox_server = url_mailbox_link;
+	ur->ctx = eng;
+	ur->cfg = eng->cfg;
+	if (eng->cr != NULL)
+		ur->user = eng->cr->authzid != NULL ? eng->cr->authzid :
+		    eng->cr->user;
+	ur->home_host = eng->links[0].be->host;
+	ur->home_port = eng->links[0].be->port;
+	ur->selected = eng->selection_lost ? -1 : eng->selected;
+	ur->server = server;
+}
+
+static void
+client_badurl(struct engine *eng, const char *tag, const struct url_route *ur)
+{
+	client_line(eng, "%s NO [BADURL %s] The URL does not name a mailbox on "
+	    "the server that runs this command.", tag, ur->bad);
+}
+
+/*
+ * URLFETCH and GENURLAUTH run on the server of their URLs' mailboxes,
+ * when that is one server.
+ */
+static void
+cmd_urls(struct engine *eng, const struct command *c)
+{
+	struct url_route ur;
+	int i;
+
+	url_route_init(eng, &ur, -1);
+	if ((i = url_command_server(&ur, c)) < 0)
+		client_badurl(eng, c->tag, &ur);
+	else if (i == 0 || !link_unavailable(eng, i, c->tag))
+		run_on_link(eng, i, c->tag, NULL);
+}
+
+/* ------------------------------------------------------------------ */
 /* commands */
 
 /* A command for the mailbox on link i (SELECT and friends included). */
@@ -536,8 +593,20 @@ cmd_mailbox(struct engine *eng, const struct command *c, int i,
 {
 	int selecting = strcmp(c->name, "SELECT") == 0 ||
 	    strcmp(c->name, "EXAMINE") == 0;
+	int append = strcmp(c->name, "APPEND") == 0;
+	struct url_route ur;
 	struct reply *r;
 	enum reply_status rs;
+
+	if (append) {
+		/* CATENATE's URLs (those read so far) must point at link i */
+		url_route_init(eng, &ur, i);
+		if (url_append_check(&ur, eng->cb.text.s + name_end,
+		    eng->send_len - name_end) != 0) {
+			client_badurl(eng, c->tag, &ur);
+			return;
+		}
+	}
 
 	if (selecting) {
 		/* Even a failed SELECT leaves nothing selected (RFC 9051). */
@@ -552,8 +621,14 @@ cmd_mailbox(struct engine *eng, const struct command *c, int i,
 		engine_bye(eng, END_LIMIT, "Out of memory.");
 		return;
 	}
+	eng->urls = append ? &ur : NULL;
 	rs = run_on_link(eng, i, c->tag, r);
-	if (rs == REPLY_NO && strcmp(c->name, "APPEND") != 0)
+	eng->urls = NULL;
+	if (append && ur.refused && rs != REPLY_LOST) {
+		client_badurl(eng, c->tag, &ur);
+		rs = REPLY_LOST;	/* answered */
+	}
+	if (rs == REPLY_NO && !append)
 		rs = follow_mailbox_referral(eng, c, name_end, &i, r);
 	if (rs != REPLY_LOST)
 		client_reply(eng, r);
@@ -1425,7 +1500,7 @@ runs_alone(const char *name)
 	for (size_t i = 0; i < sizeof(names) / sizeof(*names); i++)
 		if (strcmp(name, names[i]) == 0)
 			return 1;
-	return names_mailbox(name);
+	return names_mailbox(name) || url_command(name);
 }
 
 /*
@@ -1503,6 +1578,10 @@ route_command(struct engine *eng)
 	}
 	if (wait_idle(eng) != 0)
 		goto out;
+	if (url_command(name)) {
+		cmd_urls(eng, c);
+		goto out;
+	}
 	if ((mbox = mailbox_argument(c, name, first)) != NULL) {
 		cmd_mailbox(eng, c, mailbox_link(eng, mbox->s, mbox->len),
 		    raw_token_end(eng, &copy, mbox));

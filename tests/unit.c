@@ -229,9 +229,15 @@ test_caps(void)
 	CHECK(c != NULL && strcmp(c, "IMAP4rev1 IDLE NOTIFY MOVE CATENATE") ==
 	    0);
 	free(c);
-	/* routed: no extension that would span servers */
+	/* routed: no extension that would span servers; CATENATE and
+	 * URLAUTH do not, as the router runs them where their URLs point */
 	c = caps_for_client(backend, 1);
-	CHECK(c != NULL && strcmp(c, "IMAP4rev1 IDLE MOVE") == 0);
+	CHECK(c != NULL && strcmp(c, "IMAP4rev1 IDLE MOVE CATENATE") == 0);
+	free(c);
+	c = caps_for_client("IMAP4rev1 MULTISEARCH URLAUTH URLAUTH=BINARY "
+	    "URL-PARTIAL MAILBOX-REFERRALS", 1);
+	CHECK(c != NULL && strcmp(c, "IMAP4rev1 URLAUTH URLAUTH=BINARY "
+	    "URL-PARTIAL") == 0);
 	free(c);
 	CHECK(caps_has("IMAP4rev1 LITERAL+ IDLE", "literal+"));
 	CHECK(!caps_has("IMAP4rev1 LITERAL+X", "LITERAL+"));
@@ -783,6 +789,273 @@ test_ldap_filter(void)
 	CHECK(filter_is("(uid=%", "u", 1, NULL));
 }
 
+/* ------------------------------------------------------------------ */
+/* IMAP URLs (imapurl.c) */
+
+static int
+url_is(const char *url, int server, const char *user, const char *host,
+    const char *port, const char *mailbox)
+{
+	struct imap_url u;
+
+	return imap_url_parse(url, strlen(url), &u) == 0 &&
+	    u.has_server == server && strcmp(u.user, user) == 0 &&
+	    strcmp(u.host, host) == 0 && strcmp(u.port, port) == 0 &&
+	    strcmp(u.mailbox, mailbox) == 0 && u.has_mailbox == (*mailbox != 0);
+}
+
+static int
+url_bad(const char *url)
+{
+	struct imap_url u;
+
+	return imap_url_parse(url, strlen(url), &u) == -1;
+}
+
+static void
+test_imapurl_parse(void)
+{
+	struct imap_url u;
+	const char *full = "imap://alice;AUTH=*@imap.example.org:143/Public%20"
+	    "Folders/News;UIDVALIDITY=385759045/;UID=20/;SECTION=1.2.MIME/;"
+	    "PARTIAL=0.1024;EXPIRE=2026-12-01T00:00:00Z;URLAUTH=submit+bob:"
+	    "INTERNAL:91354a473744909de610943775f92038";
+
+	CHECK(imap_url_parse(full, strlen(full), &u) == 0);
+	CHECK(u.has_server && strcmp(u.user, "alice") == 0 &&
+	    strcmp(u.host, "imap.example.org") == 0 &&
+	    strcmp(u.port, "143") == 0 && !u.relative);
+	CHECK(strcmp(u.mailbox, "Public Folders/News") == 0 &&
+	    u.uidvalidity == 385759045 && u.uid == 20 && u.has_section &&
+	    u.has_partial && u.has_urlauth);
+	CHECK(url_is("imap://h/INBOX;UIDVALIDITY=1/;UID=5", 1, "", "h", "",
+	    "INBOX"));
+	CHECK(url_is("IMAP://[::1]:993/a/b/;UID=5", 1, "", "::1", "993",
+	    "a/b"));
+	CHECK(url_is("imap://h/a/b/", 1, "", "h", "", "a/b/"));
+	CHECK(url_is("imap://h", 1, "", "h", "", ""));
+	CHECK(url_is("imap://h/", 1, "", "h", "", ""));
+	CHECK(url_is("//u@h/Drafts/;UID=1", 1, "u", "h", "", "Drafts"));
+	CHECK(url_is("/INBOX;UIDVALIDITY=9/;UID=1/;SECTION=TEXT", 0, "", "",
+	    "", "INBOX"));
+	CHECK(url_is("/%E2%82%AC%20x/;UID=1", 0, "", "", "",
+	    "\xe2\x82\xac x"));
+	CHECK(url_is("/INBOX?SUBJECT%20x", 0, "", "", "", "INBOX"));
+	CHECK(url_is("imap://h/INBOX;URLAUTH=anonymous", 1, "", "h", "",
+	    "INBOX"));
+	/* relative, the selected mailbox's */
+	CHECK(imap_url_parse(";UID=3", 6, &u) == 0 && u.relative &&
+	    u.uid == 3 && !u.has_mailbox);
+	CHECK(imap_url_parse(";UID=3/;SECTION=1", 17, &u) == 0 &&
+	    u.relative && u.has_section);
+	CHECK(imap_url_parse(";SECTION=HEADER", 15, &u) == 0 && u.relative);
+	CHECK(imap_url_parse(";PARTIAL=10", 11, &u) == 0 && u.relative);
+	/* not IMAP URLs, or not ones imapfe can place */
+	CHECK(url_bad(""));
+	CHECK(url_bad("http://h/INBOX"));
+	CHECK(url_bad("imap:/INBOX"));
+	CHECK(url_bad("INBOX/;UID=1"));		/* relative to a name */
+	CHECK(url_bad("sub;UIDVALIDITY=1/;UID=1"));
+	CHECK(url_bad("imap://u:pw@h/INBOX"));
+	CHECK(url_bad("imap://u;x=y@h/INBOX"));
+	CHECK(url_bad("imap://h:0/INBOX"));
+	CHECK(url_bad("imap://h:70000/INBOX"));
+	CHECK(url_bad("imap://h/IN BOX"));
+	CHECK(url_bad("imap://h/INBOX#frag"));
+	CHECK(url_bad("imap://h/a%0D%0Ab/;UID=1"));
+	CHECK(url_bad("imap://h/a%00/;UID=1"));
+	CHECK(url_bad("imap://h/a%2/;UID=1"));
+	CHECK(url_bad("imap://h/INBOX/;UID=0"));
+	CHECK(url_bad("imap://h/INBOX/;UID=4294967296"));
+	CHECK(url_bad("imap://h/INBOX/;UID=1x"));
+	CHECK(url_bad("imap://h/INBOX;UIDVALIDITY=/;UID=1"));
+	CHECK(url_bad("imap://h/INBOX/;UID=1/;PARTIAL=1.0"));
+	CHECK(url_bad("imap://h/INBOX/;UID=1;FOO=1"));
+	CHECK(url_bad("imap://h/INBOX/;UID=1;EXPIRE=x"));
+	CHECK(url_bad("imap://h/INBOX/;UID=1;URLAUTH="));
+	CHECK(url_bad(";UIDVALIDITY=1/;UID=1"));
+	CHECK(url_bad("imap://[::1/INBOX"));
+}
+
+/* The router's view for the tests: "Public Folders/" on server 1. */
+static int
+test_mailbox_server(void *ctx, const char *name, size_t len)
+{
+	static const char pfx[] = "Public Folders";
+
+	(void)ctx;
+	return len >= sizeof(pfx) - 1 && memcmp(name, pfx, sizeof(pfx) - 1) ==
+	    0 && (len == sizeof(pfx) - 1 || name[sizeof(pfx) - 1] == '/');
+}
+
+static void
+url_route_for_test(struct url_route *ur, struct config *cfg, int selected,
+    int server)
+{
+	memset(ur, 0, sizeof(*ur));
+	ur->mailbox_server = test_mailbox_server;
+	ur->cfg = cfg;
+	ur->user = "alice";
+	ur->home_host = "home.example.org";
+	ur->home_port = "143";
+	ur->selected = selected;
+	ur->server = server;
+}
+
+static int
+append_ok(int selected, int server, const char *args)
+{
+	struct config cfg = { 0 };
+	struct url_route ur;
+
+	url_route_for_test(&ur, &cfg, selected, server);
+	return url_append_check(&ur, args, strlen(args)) == 0;
+}
+
+/* An APPEND refused, naming bad in BADURL. */
+static int
+append_refused(int selected, int server, const char *args, const char *bad)
+{
+	struct config cfg = { 0 };
+	struct url_route ur;
+
+	url_route_for_test(&ur, &cfg, selected, server);
+	return url_append_check(&ur, args, strlen(args)) == -1 &&
+	    ur.refused && strcmp(ur.bad, bad) == 0;
+}
+
+static void
+test_imapurl_route(void)
+{
+	struct config cfg = { 0 };
+	struct route bob = { .pattern = "bob", .host = "HOME.example.org",
+	    .port = "143" }, carol = { .pattern = "carol", .host = "other",
+	    .port = "143" };
+	struct url_route ur;
+	char out[64];
+
+	bob.next = &carol;
+	cfg.routes = &bob;
+	url_route_for_test(&ur, &cfg, 1, -1);
+	CHECK(url_server(&ur, "/INBOX/;UID=1", 13) == 0);
+	CHECK(url_server(&ur, "/Public%20Folders/News/;UID=1", 29) == 1);
+	CHECK(url_server(&ur, "/Public%20Folders/;UID=1", 24) == 1);
+	CHECK(url_server(&ur, ";UID=1", 6) == 1);	/* the selected */
+	ur.selected = -1;
+	CHECK(url_server(&ur, ";UID=1", 6) == -1);
+	CHECK(url_server(&ur, "imap://h/", 9) == -1);	/* no mailbox */
+	/* another user's mailbox: at home only where routes say so */
+	CHECK(url_server(&ur, "imap://alice@h/INBOX/;UID=1", 27) == 0);
+	CHECK(url_server(&ur, "imap://bob@h/INBOX/;UID=1", 25) == 0);
+	CHECK(url_server(&ur, "imap://carol@h/INBOX/;UID=1", 27) == -1);
+	CHECK(url_server(&ur, "imap://dave@h/INBOX/;UID=1", 26) == -1);
+	CHECK(url_server(&ur, "imap://dave@h/Public%20Folders/x/;UID=1",
+	    39) == 1);
+
+	/* UTF-8 in a URL, modified UTF-7 in a prefix: not compared */
+	CHECK(url_server(&ur, "/%C3%A9t%C3%A9/;UID=1", 21) == 0);
+	bob.pattern = "&AMk-t&AOk-/";	/* "été/" */
+	cfg.publics = &bob;
+	CHECK(url_server(&ur, "/%C3%A9t%C3%A9/;UID=1", 21) == -1);
+	CHECK(url_server(&ur, "/INBOX/;UID=1", 13) == 0);
+	cfg.publics = NULL;
+	bob.pattern = "bob";
+
+	/* CATENATE parts, whole or in pieces after a streamed literal */
+	CHECK(append_ok(-1, 0, " CATENATE (URL \"/INBOX;UIDVALIDITY=1/;UID=2\""
+	    " TEXT {3}\r\nabc)\r\n"));
+	CHECK(append_ok(-1, 0, " (\\Seen) \"1-Jan-2026 00:00:00 +0000\" "
+	    "CATENATE (TEXT {3}\r\nabc URL imap://h/Drafts/;UID=2)\r\n"));
+	CHECK(append_ok(0, 0, " CATENATE (URL {6}\r\n;UID=1)\r\n"));
+	CHECK(append_ok(-1, 1, " CATENATE (URL \"/Public%20Folders/News/;UID="
+	    "1\")\r\n"));
+	CHECK(append_refused(-1, 0, " CATENATE (URL \"/Public%20Folders/News/"
+	    ";UID=1\")\r\n", "/Public%20Folders/News/;UID=1"));
+	CHECK(append_refused(1, 0, " CATENATE (TEXT {1}\r\nx URL \";UID=1\")"
+	    "\r\n", ";UID=1"));
+	CHECK(append_refused(-1, 0, " CATENATE (URL \"sub/;UID=1\")\r\n",
+	    "sub/;UID=1"));
+	/* a message, no URL: nothing to check, literal contents unread */
+	CHECK(append_ok(-1, 0, " (URL) {24}\r\nCATENATE (URL \"imap://x\")"
+	    "\r\n"));
+	CHECK(append_ok(-1, 0, " {100000}\r\n"));	/* to stream */
+	CHECK(append_ok(-1, 0, " CATENATE (TEXT {100000}\r\n"));
+	/* the piece after a streamed TEXT literal, still in the list */
+	CHECK(append_ok(-1, 0, " URL \"/INBOX/;UID=1\")\r\n"));
+	CHECK(append_refused(-1, 0, " URL \"/Public%20Folders/x/;UID=1\")\r\n",
+	    "/Public%20Folders/x/;UID=1"));
+	/* after a streamed message of a MULTIAPPEND, another message */
+	CHECK(append_refused(-1, 0, " (\\Seen) CATENATE (URL \"/Public%20Fol"
+	    "ders/x/;UID=1\")\r\n", "/Public%20Folders/x/;UID=1"));
+	CHECK(append_ok(-1, 0, ") {5}\r\nhello\r\n"));
+	/* a URL literal still to stream cannot be checked: refused */
+	CHECK(append_refused(-1, 0, " CATENATE (URL {100000}\r\n", "-"));
+	/* the first bad URL is named, sanitized for resp-text-code */
+	CHECK(append_refused(-1, 0, " CATENATE (URL \"a]b\" URL \"/Public%20"
+	    "Folders/x/;UID=1\")\r\n", "a%5Db"));
+
+	/* lists open where a command is cut before a streamed literal */
+	CHECK(args_open_lists("a APPEND x CATENATE (TEXT ", 26) == 1);
+	CHECK(args_open_lists("a APPEND \"(\" (\\Seen) ", 21) == 0);
+	CHECK(args_open_lists("a\0(", 3) == 1);	/* odd bytes are atoms */
+	CHECK(args_open_lists("a APPEND x {3}\r\n(((", 20) == 0);
+	CHECK(args_open_lists("a APPEND x {3}\r\n))) CATENATE (", 30) == 1);
+
+	url_badurl_text(out, sizeof(out), "x\r\n]", 4);
+	CHECK(strcmp(out, "x%0D%0A%5D") == 0);
+	url_badurl_text(out, 8, "0123456789", 10);
+	CHECK(strlen(out) < 8);
+}
+
+static int
+urlcmd_server(const char *text, int selected, char *bad, size_t badsize)
+{
+	struct config cfg = { 0 };
+	struct command *c = malloc(sizeof(*c));
+	struct url_route ur;
+	char *b;
+	int rc = -2;
+
+	url_route_for_test(&ur, &cfg, selected, -1);
+	if (parse(text, strlen(text), c, &b) == PARSE_OK)
+		rc = url_command_server(&ur, c);
+	snprintf(bad, badsize, "%s", ur.refused ? ur.bad : "");
+	free(b);
+	free(c);
+	return rc;
+}
+
+static void
+test_imapurl_commands(void)
+{
+	char bad[1024];
+
+	CHECK(url_command("URLFETCH") && url_command("GENURLAUTH") &&
+	    !url_command("APPEND"));
+	CHECK(urlcmd_server("a URLFETCH imap://h/INBOX/;UID=1;URLAUTH=anonymous"
+	    ":INTERNAL:0123456789abcdef0123456789abcdef", -1, bad,
+	    sizeof(bad)) == 0);
+	CHECK(urlcmd_server("a URLFETCH \"imap://h/Public%20Folders/a/;UID=1\" "
+	    "\"imap://h/Public%20Folders/b/;UID=2\"", -1, bad, sizeof(bad)) ==
+	    1);
+	CHECK(urlcmd_server("a URLFETCH (\"imap://h/INBOX/;UID=1\" BINARY "
+	    "BODYPARTSTRUCTURE) imap://h/Drafts/;UID=2", -1, bad,
+	    sizeof(bad)) == 0);
+	CHECK(urlcmd_server("a URLFETCH imap://h/INBOX/;UID=1 \"imap://h/"
+	    "Public%20Folders/a/;UID=1\"", -1, bad, sizeof(bad)) == -1 &&
+	    strcmp(bad, "imap://h/Public%20Folders/a/;UID=1") == 0);
+	CHECK(urlcmd_server("a GENURLAUTH \"imap://h/Public%20Folders/a/;UID=1"
+	    ";URLAUTH=anonymous\" INTERNAL", -1, bad, sizeof(bad)) == 1);
+	CHECK(urlcmd_server("a GENURLAUTH \"imap://h/INBOX/;UID=1;URLAUTH="
+	    "anonymous\" INTERNAL \"imap://h/Public%20Folders/a/;UID=1;"
+	    "URLAUTH=anonymous\" INTERNAL", -1, bad, sizeof(bad)) == -1 &&
+	    strncmp(bad, "imap://h/Public", 15) == 0);
+	CHECK(urlcmd_server("a URLFETCH", -1, bad, sizeof(bad)) == -1);
+	CHECK(urlcmd_server("a URLFETCH ;UID=1", 1, bad, sizeof(bad)) == 1);
+	CHECK(urlcmd_server("a URLFETCH garbage", 1, bad, sizeof(bad)) == -1 &&
+	    strcmp(bad, "garbage") == 0);
+}
+
 int
 main(void)
 {
@@ -807,6 +1080,9 @@ main(void)
 	test_cidr();
 	test_trace_mask();
 	test_ldap_filter();
+	test_imapurl_parse();
+	test_imapurl_route();
+	test_imapurl_commands();
 	printf("%d passed, %d failed\n", passed, failed);
 	return failed == 0 ? 0 : 1;
 }
