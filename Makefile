@@ -25,8 +25,8 @@ LDAP_SONAME = $(shell objdump -p "$$(pkg-config --variable=libdir ldap \
 	2>/dev/null)/libldap.so" 2>/dev/null | awk '/SONAME/ { print $$2 }')
 CPPFLAGS += -DLDAP_SONAME='"$(or $(LDAP_SONAME),libldap-2.5.so.0)"'
 
-SRCS	 = imapfe.c log.c auth.c backend.c proto.c iobuf.c tls.c router.c \
-	   proxyproto.c ldap.c
+SRCS	 = imapfe.c listener.c log.c auth.c backend.c proto.c iobuf.c tls.c \
+	   router.c proxyproto.c ldap.c
 OBJS	 = $(SRCS:.c=.o)
 HDRS	 = imapfe.h
 # The parts the C unit tests and fuzzers link without main().

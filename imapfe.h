@@ -15,6 +15,7 @@
  *   tls.c      TLS contexts: certificates, ticket keys, verification
  *   proxyproto.c  HAProxy's PROXY protocol header from a load balancer
  *   ldap.c     directory lookups: which server holds a user's mailbox
+ *   listener.c the -l listener: accept, fork a session each, reap, stop
  */
 #ifndef IMAPFE_H
 #define IMAPFE_H
@@ -31,6 +32,15 @@
 #include <openssl/ssl.h>
 
 #define IMAPFE_VERSION		"0.1"
+
+/* AddressSanitizer's builds: no memory cap, and a leak check at _exit. */
+#if defined(__SANITIZE_ADDRESS__)
+#define UNDER_ASAN	1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define UNDER_ASAN	1
+#endif
+#endif
 #define IMAPFE_DEFAULT_CONFIG	"/etc/imapfe/imapfe.conf"
 
 /* ------------------------------------------------------------------ */
@@ -458,6 +468,21 @@ struct config {
 int		 config_load(struct config *, const char *path, char *err,
 		    size_t errlen);
 void		 config_free(struct config *);
+int		 split_hostport(const char *word, int wildcard_ok, char **host,
+		    char **port, char *err, size_t errlen);
+
+/* The session (imapfe.c): one client connection, to the end. */
+int		 session_run(const struct config *, SSL_CTX *, int rfd,
+		    int wfd);
+void		 nonblocking(int fd);
+
+/* ------------------------------------------------------------------ */
+/* listener.c: imapfe's own listener (-l) and its signals */
+
+void		 install_signals(void);
+int		 listen_on(const char *spec);
+int		 inherited_listener(void);
+int		 serve_listener(const struct config *, SSL_CTX *, int lfd);
 
 /* ------------------------------------------------------------------ */
 /* proxyproto.c */
