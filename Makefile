@@ -34,7 +34,8 @@ LIBSRCS	 = log.c auth.c backend.c proto.c iobuf.c tls.c proxyproto.c ldap.c
 
 # Super-server and systemd files, installed as examples (nothing enabled)
 # with the binary's installed path.
-SERVICE_FILES = imapfe.xinetd imapfe.inetd imapfe.socket imapfe@.service
+SERVICE_FILES = imapfe.xinetd imapfe.inetd imapfe.socket imapfe@.service \
+		imapfe-listener.service
 
 FUZZERS	 = tests/fuzz_command tests/fuzz_reader tests/fuzz_response \
 	   tests/fuzz_sasl

@@ -64,6 +64,7 @@ config_defaults(struct config *cfg)
 	cfg->connect_timeout = 10;
 	cfg->backend_timeout = 30;
 	cfg->max_sessions = 1000;
+	cfg->drain_timeout = 60;
 	cfg->syslog_facility = LOG_MAIL;
 	cfg->proxy_protocol_timeout = 10;
 	cfg->ldap_timeout = 5;
@@ -390,6 +391,8 @@ static const struct int_key int_keys[] = {
 	{ "backend_timeout", offsetof(struct config, backend_timeout), 1,
 	    3600, 0 },
 	{ "max_sessions", offsetof(struct config, max_sessions), 1, 100000,
+	    0 },
+	{ "drain_timeout", offsetof(struct config, drain_timeout), 0, 86400,
 	    0 },
 	{ "tls_handshake_timeout", offsetof(struct config,
 	    tls_handshake_timeout), 1, 600, 0 },
@@ -2043,15 +2046,6 @@ usage(void)
 	exit(2);
 }
 
-struct options {
-	const char	*config_path;
-	const char	*listen_spec;	/* -l; NULL: inetd, or systemd's */
-	int		 implicit_tls;	/* -T */
-	int		 test_only;	/* -t */
-	int		 to_stderr;	/* -d, -D */
-	int		 version;	/* -V */
-};
-
 static void
 parse_options(int argc, char *argv[], struct options *opt)
 {
@@ -2092,25 +2086,25 @@ parse_options(int argc, char *argv[], struct options *opt)
 
 /*
  * Everything -t checks beyond the file itself: the TLS contexts (all of
- * them for -t; as root, those whose files may be root's alone), the run
- * user; and what deserves a warning.
+ * them for -t and a reload; as root, those whose files may be root's
+ * alone), the run user; and what deserves a warning.
  */
 static int
-startup_prepare(struct config *cfg, const struct options *opt,
+startup_prepare(struct config *cfg, const struct options *opt, int check_all,
     SSL_CTX **tls_ctx, char *err, size_t errlen)
 {
 	uid_t uid;
 	gid_t gid;
 
 	if (client_tls_setup(cfg, opt->implicit_tls, tls_ctx, err,
-	    errlen) != 0 || ((opt->test_only || geteuid() == 0) &&
-	    preload_backend_tls(cfg, opt->test_only, err, errlen) != 0))
+	    errlen) != 0 || ((check_all || geteuid() == 0) &&
+	    preload_backend_tls(cfg, check_all, err, errlen) != 0))
 		return -1;
 	if (*tls_ctx == NULL && cfg->plaintext_auth == PLAINTEXT_NO &&
 	    cfg->auth == AUTH_PASSTHROUGH)
 		log_msg(LOG_WARNING, "event=warning reason=\"plaintext_auth is "
 		    "no and there is no tls_cert: no client can log in\"");
-	if (opt->test_only && cfg->run_user != NULL &&
+	if (check_all && cfg->run_user != NULL &&
 	    lookup_run_ids(cfg, &uid, &gid, err, errlen) != 0)
 		return -1;
 	if (protocol_trace && stderr_is_stdin()) {
@@ -2125,9 +2119,38 @@ startup_prepare(struct config *cfg, const struct options *opt,
 	return 0;
 }
 
+/*
+ * Read the configuration file of opt and load everything it names; with
+ * check_all, check it all as -t does (a listener's reload).  The log is
+ * opened with the file's facility only by main(), and by a reload once
+ * the new service is in force.
+ */
+int
+service_load(struct service *svc, const struct options *opt, int check_all,
+    char *err, size_t errlen)
+{
+	memset(svc, 0, sizeof(*svc));
+	if (config_load(&svc->cfg, opt->config_path, err, errlen) != 0)
+		return -1;
+	if (startup_prepare(&svc->cfg, opt, check_all, &svc->tls_ctx, err,
+	    errlen) != 0) {
+		service_free(svc);
+		return -1;
+	}
+	return 0;
+}
+
+void
+service_free(struct service *svc)
+{
+	tls_server_ctx_free(svc->tls_ctx);
+	config_free(&svc->cfg);
+	svc->tls_ctx = NULL;
+}
+
 /* Once here, so that forked sessions do not each pay for it. */
-static int
-sasl_setup(const struct config *cfg)
+int
+service_sasl_setup(const struct config *cfg)
 {
 	char err[512];
 
@@ -2146,8 +2169,8 @@ sasl_setup(const struct config *cfg)
 	return 0;
 }
 
-static void
-sasl_teardown(const struct config *cfg)
+void
+service_sasl_teardown(const struct config *cfg)
 {
 	sasl_client_teardown();
 	if (cfg->auth == AUTH_PROXY)
@@ -2156,41 +2179,44 @@ sasl_teardown(const struct config *cfg)
 
 /*
  * As the run user: the listener's connections, one process each, or the
- * one connection on stdin and stdout.
+ * one connection on stdin and stdout.  The listener takes lfd over.
  */
 static int
-serve(const struct config *cfg, SSL_CTX *tls_ctx, int lfd)
+serve(struct service *svc, const struct options *opt, int lfd)
 {
 	char err[512];
 
-	if (drop_privileges(cfg, err, sizeof(err)) != 0) {
+	if (drop_privileges(&svc->cfg, err, sizeof(err)) != 0) {
 		log_msg(LOG_ERR, "event=config-error reason=\"%s\"", err);
 		if (lfd < 0)
 			bye_unavailable();
+		else
+			close(lfd);
 		return 1;
 	}
 	if (lfd >= 0)
-		return serve_listener(cfg, tls_ctx, lfd);
-	return session_run(cfg, tls_ctx, 0, 1);
+		return serve_listener(svc, opt, lfd);
+	return session_run(&svc->cfg, svc->tls_ctx, 0, 1);
 }
 
 /* Listen where told, or take what inetd or systemd hands over; serve. */
 static int
-run(const struct config *cfg, SSL_CTX *tls_ctx, const char *listen_spec)
+run(struct service *svc, const struct options *opt)
 {
 	int lfd, rc = 1;
 
 	install_signals();
-	if (listen_spec == NULL)
+	if (opt->listen_spec == NULL)
 		lfd = inherited_listener();
-	else if ((lfd = listen_on(listen_spec)) < 0)
+	else if ((lfd = listen_on(opt->listen_spec)) < 0)
 		return 1;
-	if (sasl_setup(cfg) == 0) {
-		rc = serve(cfg, tls_ctx, lfd);
-		sasl_teardown(cfg);
+	if (service_sasl_setup(&svc->cfg) != 0) {
+		if (lfd >= 0)
+			close(lfd);
+		return 1;
 	}
-	if (lfd >= 0)
-		close(lfd);
+	rc = serve(svc, opt, lfd);
+	service_sasl_teardown(&svc->cfg);
 	return rc;
 }
 
@@ -2198,8 +2224,7 @@ int
 main(int argc, char *argv[])
 {
 	struct options opt;
-	struct config cfg;
-	SSL_CTX *tls_ctx = NULL;
+	struct service svc;
 	struct rlimit no_core = { 0, 0 };
 	char err[512];
 	int no_client, rc;
@@ -2213,18 +2238,19 @@ main(int argc, char *argv[])
 	setrlimit(RLIMIT_CORE, &no_core);
 	/* No client waits on stdout for a BYE. */
 	no_client = opt.test_only || opt.listen_spec != NULL;
-	if (config_load(&cfg, opt.config_path, err, sizeof(err)) != 0)
+	memset(&svc, 0, sizeof(svc));
+	if (config_load(&svc.cfg, opt.config_path, err, sizeof(err)) != 0)
 		return startup_failed(err, no_client);
-	log_open(cfg.syslog_facility, opt.to_stderr || opt.test_only);
-	if (startup_prepare(&cfg, &opt, &tls_ctx, err, sizeof(err)) != 0)
+	log_open(svc.cfg.syslog_facility, opt.to_stderr || opt.test_only);
+	if (startup_prepare(&svc.cfg, &opt, opt.test_only, &svc.tls_ctx, err,
+	    sizeof(err)) != 0)
 		rc = startup_failed(err, no_client);
 	else if (opt.test_only) {
 		printf("imapfe: %s: configuration OK\n", opt.config_path);
 		rc = 0;
 	} else
-		rc = run(&cfg, tls_ctx, opt.listen_spec);
-	tls_server_ctx_free(tls_ctx);
-	config_free(&cfg);
+		rc = run(&svc, &opt);
+	service_free(&svc);
 	log_close();
 	return rc;
 }

@@ -132,9 +132,10 @@ enum session_end {
 /* Set by the SIGTERM handler: every wait gives up and the session ends. */
 extern volatile sig_atomic_t shutdown_requested;
 /*
- * SIGTERM and SIGINT stay blocked except while a process waits in
- * poll_wait(), so a shutdown request can never slip in between the check
- * of shutdown_requested and the wait that would otherwise sleep through it.
+ * SIGTERM, SIGINT, SIGCHLD and the listener's SIGHUP and SIGQUIT stay
+ * blocked except while a process waits in poll_wait(), so a request can
+ * never slip in between the check of its flag and the wait that would
+ * otherwise sleep through it.
  */
 void	 signals_block_outside_waits(void);
 int	 poll_wait(struct pollfd *, nfds_t, int);
@@ -442,6 +443,7 @@ struct config {
 	int		 connect_timeout;	/* seconds */
 	int		 backend_timeout;	/* seconds */
 	int		 max_sessions;
+	int		 drain_timeout;		/* seconds, after SIGQUIT */
 	int		 max_session_memory;	/* MiB of data; 0: no cap */
 	int		 forward_id;		/* ID with the client's address */
 	int		 syslog_facility;
@@ -476,13 +478,40 @@ int		 session_run(const struct config *, SSL_CTX *, int rfd,
 		    int wfd);
 void		 nonblocking(int fd);
 
+/* How imapfe was started: its command line. */
+struct options {
+	const char	*config_path;
+	const char	*listen_spec;	/* -l; NULL: inetd, or systemd's */
+	int		 implicit_tls;	/* -T */
+	int		 test_only;	/* -t */
+	int		 to_stderr;	/* -d, -D */
+	int		 version;	/* -V */
+};
+
+/*
+ * What sessions are served with: the configuration and what was loaded
+ * from it.  A listener replaces it whole when it reloads; each session
+ * keeps the one it was forked with.
+ */
+struct service {
+	struct config	 cfg;
+	SSL_CTX		*tls_ctx;	/* the clients'; NULL without tls_cert */
+};
+
+int		 service_load(struct service *, const struct options *,
+		    int check_all, char *err, size_t errlen);
+void		 service_free(struct service *);
+int		 service_sasl_setup(const struct config *);
+void		 service_sasl_teardown(const struct config *);
+
 /* ------------------------------------------------------------------ */
 /* listener.c: imapfe's own listener (-l) and its signals */
 
 void		 install_signals(void);
 int		 listen_on(const char *spec);
 int		 inherited_listener(void);
-int		 serve_listener(const struct config *, SSL_CTX *, int lfd);
+int		 serve_listener(struct service *, const struct options *,
+		    int lfd);
 
 /* ------------------------------------------------------------------ */
 /* proxyproto.c */

@@ -1,0 +1,319 @@
+"""Operating imapfe's own listener (-l, issue 19): SIGHUP reloads the
+configuration and its files for the connections accepted from then on,
+keeps the old one when the new one fails the check, and never stops
+accepting; SIGQUIT drains (no new connection, the sessions end on their
+own, the rest get "* BYE" after drain_timeout); the example unit
+imapfe-listener.service passes systemd-analyze verify."""
+import hashlib
+import imaplib
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+
+import pytest
+
+from conftest import (BIN, OPEN_CLIENTS, RUN_AS, SLOW, Imapfe, Raw,
+                      wait_for)
+
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ANALYZE = shutil.which("systemd-analyze")
+
+
+@pytest.fixture
+def confdir():
+    """A directory the listener can read again after giving root up (the
+    test's own tmp_path is root's alone): the configuration and the
+    certificate files a reload reads live here."""
+    d = tempfile.mkdtemp(prefix="imapfe-reload-")
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def listener(procs, confdir):
+    """make(config) -> an Imapfe whose files are in confdir; stopped at
+    the end unless the test stopped it."""
+    made = []
+
+    def make(config):
+        fe = Imapfe(procs, confdir, config + RUN_AS)
+        made.append(fe)
+        return fe
+    yield make
+    for fe in made:
+        fe.stop()
+
+
+def write(path, data):
+    """Replace path's content whole, as an admin's editor or certbot's
+    deploy hook does (a new file renamed over the old), readable by the
+    user the listener serves as."""
+    tmp = path + ".new"
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.chmod(tmp, 0o644)
+    os.rename(tmp, path)
+
+
+def copy(src, dst):
+    with open(src, "rb") as f:
+        write(dst, f.read())
+
+
+def config(backend_port, greeting, extra=""):
+    return ("route * 127.0.0.1:%d\nlogin_timeout %d\nplaintext_auth yes\n"
+            "greeting %s\n%s" % (backend_port, 30 * SLOW, greeting, extra))
+
+
+def reloads(fe, event):
+    return fe.log_text().count(event)
+
+
+def hup(fe, expect="event=reload "):
+    """SIGHUP the listener and wait for the outcome logged."""
+    before = reloads(fe, expect)
+    fe.listener.send_signal(signal.SIGHUP)
+    wait_for(lambda: reloads(fe, expect) > before, 10 * SLOW,
+             "%r after SIGHUP" % expect)
+
+
+def logged_in(port):
+    m = imaplib.IMAP4("127.0.0.1", port)
+    OPEN_CLIENTS.append(m)
+    assert m.login("alice", "secret")[0] == "OK"
+    typ, data = m.select("INBOX")
+    assert typ == "OK"
+    return m
+
+
+def still_works(m):
+    """The session answers as before: a fetch, a NOOP, a clean logout."""
+    typ, data = m.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    assert typ == "OK" and b"Subject: test 1" in data[0][1]
+    assert m.noop()[0] == "OK"
+    assert m.logout()[0] == "BYE"
+
+
+def der_fingerprint(pem_path):
+    with open(pem_path) as f:
+        der = ssl.PEM_cert_to_DER_cert(f.read())
+    return hashlib.sha256(der).hexdigest()
+
+
+def served_fingerprint(port):
+    """The SHA-256 of the certificate a new implicit-TLS connection gets
+    (not verified: the test compares it with the file's)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10 * SLOW) \
+            as s, ctx.wrap_socket(s) as t:
+        der = t.getpeercert(binary_form=True)
+        assert t.recv(4096).startswith(b"* OK")
+    return hashlib.sha256(der).hexdigest()
+
+
+def tls_ready(port):
+    try:
+        served_fingerprint(port)
+        return b"* OK"
+    except (OSError, ssl.SSLError):
+        return b""
+
+
+def session_pid(fe):
+    """The one session process the listener has forked."""
+    def child():
+        kids = [int(p) for p in os.listdir("/proc") if p.isdigit()
+                and parent_of(int(p)) == fe.listener.pid]
+        return kids[0] if len(kids) == 1 else None
+    return wait_for(child, 10 * SLOW, "one session process")
+
+
+def parent_of(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return int(f.read().rsplit(") ", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+# --- SIGHUP: reload ---------------------------------------------------------
+
+def test_hup_serves_new_connections_with_the_new_certificate(
+        listener, confdir, dovecot, certs):
+    cert, key = os.path.join(confdir, "cert.pem"), os.path.join(
+        confdir, "key.pem")
+    copy(certs.imapfe, cert)
+    copy(certs.imapfe_key, key)
+    fe = listener(config(dovecot.port, "Old.",
+                         "tls_cert %s\ntls_key %s\ntls_ticket_key_file %s\n"
+                         % (cert, key, os.path.join(confdir, "ticket"))))
+    copy(certs.ticket_key, os.path.join(confdir, "ticket"))
+    fe.start_listener(["-T"], greeting=tls_ready)
+    assert served_fingerprint(fe.port) == der_fingerprint(certs.imapfe)
+    ctx = ssl.create_default_context(cafile=certs.ca)
+    m = imaplib.IMAP4_SSL("127.0.0.1", fe.port, ssl_context=ctx)
+    OPEN_CLIENTS.append(m)
+    assert m.login("alice", "secret")[0] == "OK"
+    assert m.select("INBOX")[0] == "OK"
+    # the renewed certificate: another key, another fingerprint
+    copy(certs.wrongname, cert)
+    copy(certs.wrongname_key, key)
+    hup(fe)
+    assert served_fingerprint(fe.port) == der_fingerprint(certs.wrongname)
+    assert "event=reload-failed" not in fe.log_text()
+    still_works(m)
+
+
+def test_hup_with_a_broken_configuration_keeps_the_old_one(
+        listener, confdir, dovecot, certs):
+    fe = listener(config(dovecot.port, "Old."))
+    fe.start_listener()
+    m = logged_in(fe.port)
+    good = open(fe.conf).read()
+    # a directive imapfe does not know, then a certificate that is not there
+    for broken, why in (("no_such_directive 1\n", "no_such_directive"),
+                        ("tls_cert %s\n" % os.path.join(confdir, "none.pem"),
+                         "none.pem")):
+        write(fe.conf, good + broken)
+        hup(fe, "event=reload-failed")
+        line = [x for x in fe.log_text().splitlines()
+                if "event=reload-failed" in x][-1]
+        assert why in line, line
+        c = Raw(fe.port)
+        assert c.greeting.endswith("Old."), c.greeting
+        assert c.cmd("a", "LOGIN alice secret")[-1].startswith("a OK")
+        c.close()
+    # a user the listener cannot become without a restart
+    write(fe.conf, good.replace("user nobody", "user daemon"))
+    hup(fe, "event=reload-failed")
+    assert "user changed" in fe.log_text()
+    assert Raw(fe.port).greeting.endswith("Old.")
+    # fixed: the next SIGHUP takes the new greeting
+    write(fe.conf, good.replace("greeting Old.", "greeting New."))
+    hup(fe)
+    c = Raw(fe.port)
+    assert c.greeting.endswith("New."), c.greeting
+    c.close()
+    still_works(m)
+
+
+def test_sessions_ignore_hup_and_quit(listener, dovecot):
+    fe = listener(config(dovecot.port, "Old."))
+    fe.start_listener()
+    m = logged_in(fe.port)
+    pid = session_pid(fe)
+    os.kill(pid, signal.SIGHUP)
+    os.kill(pid, signal.SIGQUIT)
+    assert m.noop()[0] == "OK"
+    still_works(m)
+
+
+def test_listener_never_stops_accepting_across_many_hups(listener,
+                                                         dovecot):
+    fe = listener(config(dovecot.port, "Old."))
+    fe.start_listener()
+    done = threading.Event()
+    failures, served = [], [0]
+
+    def clients():
+        while not done.is_set():
+            try:
+                c = Raw(fe.port, timeout=10 * SLOW)
+                assert c.greeting.startswith("* OK"), c.greeting
+                assert c.cmd("z", "LOGOUT")[-1].startswith("z OK")
+                c.close()
+                served[0] += 1
+            except Exception as e:      # every failure is the test's
+                failures.append(repr(e))
+    t = threading.Thread(target=clients)
+    t.start()
+    try:
+        for i in range(30):
+            hup(fe)
+            # a connection served between each reload and the next
+            now = served[0]
+            wait_for(lambda: served[0] > now or failures, 10 * SLOW,
+                     "a connection after reload %d" % i)
+    finally:
+        done.set()
+        t.join(timeout=30 * SLOW)
+    assert failures == []
+    assert served[0] >= 30
+    assert fe.listener.poll() is None
+    assert reloads(fe, "event=reload ") == 30
+    assert "event=reload-failed" not in fe.log_text()
+
+
+# --- SIGQUIT: drain ---------------------------------------------------------
+
+def test_drain_refuses_new_connections_and_waits_for_sessions(listener,
+                                                              dovecot):
+    fe = listener(config(dovecot.port, "Old.", "drain_timeout 600\n"))
+    fe.start_listener()
+    m = logged_in(fe.port)
+    fe.listener.send_signal(signal.SIGQUIT)
+    fe.wait_log("event=drain-start sessions=1 timeout=600")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", fe.port), timeout=5)
+    assert fe.listener.poll() is None
+    still_works(m)
+    assert fe.listener.wait(timeout=20 * SLOW) == 0
+    assert "event=drain-end sessions=0" in fe.log_text()
+    assert "Server shutting down" not in fe.log_text()
+
+
+def test_drain_timeout_ends_the_rest_with_bye(listener, dovecot):
+    fe = listener(config(dovecot.port, "Old.", "drain_timeout 1\n"))
+    fe.start_listener()
+    c = Raw(fe.port)
+    assert c.cmd("a", "LOGIN alice secret")[-1].startswith("a OK")
+    assert c.cmd("b", "SELECT INBOX")[-1].startswith("b OK")
+    fe.listener.send_signal(signal.SIGQUIT)
+    assert c.line() == "* BYE Server shutting down."
+    assert fe.listener.wait(timeout=20 * SLOW) == 0
+    log = fe.log_text()
+    assert "event=drain-start sessions=1 timeout=1" in log
+    assert "event=drain-end sessions=1" in log
+    assert "reason=shutdown" in log
+
+
+def test_sigterm_during_a_drain_ends_it_at_once(listener, dovecot):
+    fe = listener(config(dovecot.port, "Old.", "drain_timeout 600\n"))
+    fe.start_listener()
+    c = Raw(fe.port)
+    assert c.cmd("a", "LOGIN alice secret")[-1].startswith("a OK")
+    fe.listener.send_signal(signal.SIGQUIT)
+    fe.wait_log("event=drain-start")
+    fe.listener.send_signal(signal.SIGTERM)
+    assert c.line() == "* BYE Server shutting down."
+    assert fe.listener.wait(timeout=20 * SLOW) == 0
+
+
+# --- the unit ---------------------------------------------------------------
+
+@pytest.mark.skipif(ANALYZE is None,
+                    reason="systemd-analyze is not installed (no systemd)")
+def test_listener_unit_passes_systemd_analyze_verify(tmp_path):
+    with open(os.path.join(TOP, "imapfe-listener.service")) as f:
+        text = f.read()
+    for word in ("ExecReload=/bin/kill -HUP $MAINPID", "KillSignal=SIGQUIT",
+                 "KillMode=mixed", "TimeoutStopSec=", "NoNewPrivileges=yes",
+                 "ProtectSystem=strict",
+                 "CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_SETUID "
+                 "CAP_SETGID", " -l "):
+        assert word in text, word
+    unit = tmp_path / "imapfe-listener.service"
+    # verify checks that ExecStart's program exists: use the built one
+    unit.write_text(text.replace("/usr/local/sbin/imapfe",
+                                 os.path.abspath(BIN)))
+    r = subprocess.run([ANALYZE, "verify", "--man=no", str(unit)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
