@@ -4,6 +4,7 @@ keeps the old one when the new one fails the check, and never stops
 accepting; SIGQUIT drains (no new connection, the sessions end on their
 own, the rest get "* BYE" after drain_timeout); the example unit
 imapfe-listener.service passes systemd-analyze verify."""
+import grp
 import hashlib
 import imaplib
 import os
@@ -17,8 +18,9 @@ import threading
 
 import pytest
 
-from conftest import (BIN, OPEN_CLIENTS, RUN_AS, SLOW, Imapfe, Raw,
-                      wait_for)
+from conftest import (BIN, OPEN_CLIENTS, RUN_AS, SLOW, Imapfe, Raw, b64,
+                      fill_inbox, wait_for)
+from saslbed import FrontSasl, MasterDovecot
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANALYZE = shutil.which("systemd-analyze")
@@ -79,8 +81,11 @@ def hup(fe, expect="event=reload "):
     """SIGHUP the listener and wait for the outcome logged."""
     before = reloads(fe, expect)
     fe.listener.send_signal(signal.SIGHUP)
-    wait_for(lambda: reloads(fe, expect) > before, 10 * SLOW,
-             "%r after SIGHUP" % expect)
+    try:
+        wait_for(lambda: reloads(fe, expect) > before, 10,
+                 "%r after SIGHUP" % expect)
+    except AssertionError as e:
+        raise AssertionError("%s; the log:\n%s" % (e, fe.log_text()))
 
 
 def logged_in(port):
@@ -250,6 +255,51 @@ def test_listener_never_stops_accepting_across_many_hups(listener,
     assert fe.listener.poll() is None
     assert reloads(fe, "event=reload ") == 30
     assert "event=reload-failed" not in fe.log_text()
+
+
+def authenticate_plain(c, tag, user, password):
+    return c.cmd(tag, "AUTHENTICATE PLAIN " + b64("\0%s\0%s" % (
+        user, password)))[-1]
+
+
+def test_hup_sets_sasl_up_again(listener, confdir):
+    """auth proxy: a reload takes a new SASL configuration (another
+    sasldb, another password for alice) and the proxy password again."""
+    backend = MasterDovecot({"proxy": "proxy-pw"})
+    old_sasl = FrontSasl({"alice": "old-front-pw"})
+    new_sasl = FrontSasl({"alice": "new-front-pw"})
+    try:
+        fill_inbox(backend)
+        pw = os.path.join(confdir, "proxy-pw")
+        write(pw, "proxy-pw\n")
+        # as an admin would: readable by the group imapfe serves as
+        os.chown(pw, 0, grp.getgrnam("nogroup").gr_gid)
+        os.chmod(pw, 0o640)
+        base = ("auth proxy\nproxy_user proxy\nproxy_password_file %s\n"
+                % pw)
+        fe = listener(config(backend.port, "Old.", base + old_sasl.config()))
+        fe.start_listener()
+        old = Raw(fe.port)
+        OPEN_CLIENTS.append(old)
+        assert authenticate_plain(old, "a", "alice",
+                                  "old-front-pw").startswith("a OK")
+        write(fe.conf, config(backend.port, "New.",
+                              base + new_sasl.config()) + RUN_AS)
+        hup(fe)
+        c = Raw(fe.port)
+        OPEN_CLIENTS.append(c)
+        assert c.greeting.endswith("New.")
+        assert authenticate_plain(c, "a", "alice",
+                                  "old-front-pw").startswith("a NO")
+        assert authenticate_plain(c, "b", "alice",
+                                  "new-front-pw").startswith("b OK")
+        for s in (old, c):
+            assert s.cmd("c", "SELECT INBOX")[-1].startswith("c OK")
+            assert s.cmd("d", "LOGOUT")[-1].startswith("d OK")
+    finally:
+        old_sasl.close()
+        new_sasl.close()
+        backend.close()
 
 
 # --- SIGQUIT: drain ---------------------------------------------------------
