@@ -65,6 +65,7 @@ config_defaults(struct config *cfg)
 	cfg->backend_timeout = 30;
 	cfg->max_sessions = 1000;
 	cfg->drain_timeout = 60;
+	cfg->prefork = 1;
 	cfg->syslog_facility = LOG_MAIL;
 	cfg->proxy_protocol_timeout = 10;
 	cfg->ldap_timeout = 5;
@@ -394,6 +395,7 @@ static const struct int_key int_keys[] = {
 	    0 },
 	{ "drain_timeout", offsetof(struct config, drain_timeout), 0, 86400,
 	    0 },
+	{ "prefork", offsetof(struct config, prefork), 0, 1024, 0 },
 	{ "tls_handshake_timeout", offsetof(struct config,
 	    tls_handshake_timeout), 1, 600, 0 },
 	{ "referral_hops", offsetof(struct config, referral_hops), 0,

@@ -137,8 +137,10 @@ extern volatile sig_atomic_t shutdown_requested;
  * never slip in between the check of its flag and the wait that would
  * otherwise sleep through it.
  */
+struct epoll_event;
 void	 signals_block_outside_waits(void);
 int	 poll_wait(struct pollfd *, nfds_t, int);
+int	 epoll_wait_signals(int, struct epoll_event *, int, int);
 
 /* ------------------------------------------------------------------ */
 /* tls.c */
@@ -444,6 +446,7 @@ struct config {
 	int		 backend_timeout;	/* seconds */
 	int		 max_sessions;
 	int		 drain_timeout;		/* seconds, after SIGQUIT */
+	int		 prefork;		/* -l: children waiting to accept */
 	int		 max_session_memory;	/* MiB of data; 0: no cap */
 	int		 forward_id;		/* ID with the client's address */
 	int		 syslog_facility;

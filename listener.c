@@ -4,6 +4,7 @@
  * reap them, and end them all with "* BYE" on SIGTERM.  Each session
  * itself is imapfe.c's session_run().
  */
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 
@@ -146,10 +147,24 @@ out:
 	return fd;
 }
 
+/*
+ * A listener's children.  With prefork, some wait in accept() under the
+ * configuration in force (idle), or under one a reload replaced, leaving
+ * (retiring); each serves one connection (a session) and exits.
+ */
+enum child_state { CHILD_IDLE, CHILD_RETIRING, CHILD_SESSION };
+
+struct child {
+	pid_t			 pid;
+	enum child_state	 state;
+};
+
 struct children {
-	pid_t	*pid;
-	int	 n;
-	int	 cap;
+	struct child	*c;
+	int		 n;
+	int		 cap;
+	int		 idle;
+	int		 retiring;
 };
 
 /* The listener's state: what it serves with, where, and whom. */
@@ -158,16 +173,56 @@ struct listener {
 	const struct options	*opt;
 	int			 lfd;	/* -1 once closed for a drain */
 	struct children		 ch;
+	/*
+	 * Pre-forked children write their pid to taken when they accept;
+	 * they leave when the listener closes retire's write end.  -1 when
+	 * prefork is off.
+	 */
+	int			 taken[2];
+	int			 retire[2];
 };
+
+static int
+children_sessions(const struct children *ch)
+{
+	return ch->n - ch->idle - ch->retiring;
+}
+
+static void
+children_count(struct children *ch, enum child_state state, int delta)
+{
+	if (state == CHILD_IDLE)
+		ch->idle += delta;
+	else if (state == CHILD_RETIRING)
+		ch->retiring += delta;
+}
+
+static void
+children_add(struct children *ch, pid_t pid, enum child_state state)
+{
+	ch->c[ch->n].pid = pid;
+	ch->c[ch->n++].state = state;
+	children_count(ch, state, 1);
+}
+
+static struct child *
+children_find(struct children *ch, pid_t pid)
+{
+	for (int i = 0; i < ch->n; i++)
+		if (ch->c[i].pid == pid)
+			return &ch->c[i];
+	return NULL;
+}
 
 static void
 children_forget(struct children *ch, pid_t pid)
 {
-	for (int i = 0; i < ch->n; i++)
-		if (ch->pid[i] == pid) {
-			ch->pid[i] = ch->pid[--ch->n];
-			return;
-		}
+	struct child *c = children_find(ch, pid);
+
+	if (c == NULL)
+		return;
+	children_count(ch, c->state, -1);
+	*c = ch->c[--ch->n];
 }
 
 static void
@@ -181,27 +236,30 @@ children_reap(struct children *ch)
 		children_forget(ch, pid);
 }
 
-/* Room for max sessions (a reload may raise max_sessions). */
+/*
+ * Room for max children: sessions, idle and retiring together never
+ * exceed max_sessions (a reload may raise it).
+ */
 static int
 children_reserve(struct children *ch, int max)
 {
-	pid_t *pid;
+	struct child *c;
 
 	if (max <= ch->cap)
 		return 0;
-	if ((pid = reallocarray(ch->pid, (size_t)max, sizeof(*pid))) == NULL)
+	if ((c = reallocarray(ch->c, (size_t)max, sizeof(*c))) == NULL)
 		return -1;
-	ch->pid = pid;
+	ch->c = c;
 	ch->cap = max;
 	return 0;
 }
 
-/* Tell every session to finish, and wait for them. */
+/* Tell every child to finish (a session with a BYE), and wait for them. */
 static void
 children_stop(struct children *ch)
 {
 	for (int i = 0; i < ch->n; i++)
-		kill(ch->pid[i], SIGTERM);
+		kill(ch->c[i].pid, SIGTERM);
 	while (ch->n > 0) {
 		pid_t pid = waitpid(-1, NULL, 0);
 
@@ -256,45 +314,227 @@ reload_sasl(const struct config *now, const struct config *next)
 	return -1;
 }
 
-/*
- * SIGHUP: read the configuration and every file it names again, check it
- * all as -t does, and serve the connections accepted from now on with it.
- * Anything wrong, and the old one stays in force.  Sessions running keep
- * what they were forked with.
- */
 static void
-listener_reload(struct listener *l)
+close_pair(int p[2])
 {
-	struct service next;
-	char err[512];
-
-	reload_requested = 0;
-	if (service_load(&next, l->opt, 1, err, sizeof(err)) != 0)
-		goto failed;
-	if (reload_allowed(&l->svc->cfg, &next.cfg, err, sizeof(err)) != 0)
-		goto unused;
-	if (children_reserve(&l->ch, next.cfg.max_sessions) != 0) {
-		snprintf(err, sizeof(err), "out of memory");
-		goto unused;
-	}
-	if (reload_sasl(&l->svc->cfg, &next.cfg) != 0) {
-		snprintf(err, sizeof(err), "the SASL set-up failed");
-		goto unused;
-	}
-	service_free(l->svc);
-	*l->svc = next;
-	log_open(l->svc->cfg.syslog_facility, l->opt->to_stderr);
-	log_msg(LOG_NOTICE, "event=reload config=%s max_sessions=%d "
-	    "sessions=%d", l->opt->config_path, l->svc->cfg.max_sessions,
-	    l->ch.n);
-	return;
-unused:
-	service_free(&next);
-failed:
-	log_msg(LOG_ERR, "event=reload-failed reason=\"%s\"", err);
+	for (int i = 0; i < 2; i++)
+		if (p[i] >= 0) {
+			close(p[i]);
+			p[i] = -1;
+		}
 }
 
-/* A new connection: refused with a BYE when full, else a session. */
+/*
+ * A child, before it serves: nothing of the listener's it does not need
+ * (its children, the listener's ends of the pipes, the listener's
+ * signals).
+ */
+static void
+child_detach(struct listener *l)
+{
+	free(l->ch.c);
+	l->ch.c = NULL;
+	if (l->taken[0] >= 0)
+		close(l->taken[0]);
+	if (l->retire[1] >= 0)
+		close(l->retire[1]);
+	session_signals();
+}
+
+/* One connection, to the end, in a child; never returns. */
+static void __attribute__((noreturn))
+child_serve(struct service *svc, int fd)
+{
+	int rc;
+
+	rc = session_run(&svc->cfg, svc->tls_ctx, fd, fd);
+	close(fd);
+	session_exit(rc);
+}
+
+/*
+ * Where a pre-forked child waits: the listening socket, woken for alone
+ * (EPOLLEXCLUSIVE: one idle child per connection, not all of them, which
+ * holds for epoll_wait() only), and the retire pipe.  Closed before the
+ * child serves.
+ */
+static int
+prefork_waiter(int lfd, int retire)
+{
+	struct epoll_event lev = { .events = EPOLLIN | EPOLLEXCLUSIVE },
+	    rev = { .events = EPOLLIN };
+	int ep;
+
+	if ((ep = epoll_create1(EPOLL_CLOEXEC)) < 0)
+		return -1;
+	lev.data.fd = lfd;
+	rev.data.fd = retire;
+	if (epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &lev) != 0 ||
+	    epoll_ctl(ep, EPOLL_CTL_ADD, retire, &rev) != 0) {
+		close(ep);
+		return -1;
+	}
+	return ep;
+}
+
+/*
+ * Wait for a connection and accept it; exits instead when retired (the
+ * retire pipe's write end closed: a reload or a drain) or told to stop.
+ */
+static int
+prefork_accept(int ep, int lfd, int retire)
+{
+	for (;;) {
+		struct epoll_event ev[2];
+		int n, fd;
+
+		if (shutdown_requested)
+			session_exit(0);
+		if ((n = epoll_wait_signals(ep, ev, 2, -1)) <= 0)
+			continue;
+		for (int i = 0; i < n; i++)
+			if (ev[i].data.fd == retire)
+				session_exit(0);
+		if ((fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC)) >= 0)
+			return fd;
+	}
+}
+
+/*
+ * A pre-forked child: wait for a connection (unless retired first), say
+ * so to the listener, and serve it alone, as a child forked for it
+ * would.
+ */
+static void __attribute__((noreturn))
+prefork_child(struct listener *l)
+{
+	int fd, retire = l->retire[0], taken = l->taken[1], ep;
+	pid_t me = getpid();
+
+	child_detach(l);
+	if ((ep = prefork_waiter(l->lfd, retire)) < 0)
+		session_exit(1);
+	fd = prefork_accept(ep, l->lfd, retire);
+	close(ep);
+	if (write(taken, &me, sizeof(me)) != sizeof(me)) {
+		/* the listener counts it when it is reaped instead */
+	}
+	close(taken);
+	close(retire);
+	close(l->lfd);
+	child_serve(l->svc, fd);
+}
+
+/*
+ * Keep min(prefork, what max_sessions leaves) children waiting to accept
+ * with the configuration in force.
+ */
+static void
+prefork_fill(struct listener *l)
+{
+	const struct config *cfg = &l->svc->cfg;
+	int room = cfg->max_sessions - children_sessions(&l->ch) -
+	    l->ch.retiring - l->ch.idle;
+	int want = cfg->prefork - l->ch.idle;
+
+	if (l->taken[0] < 0)
+		return;
+	if (want > room)
+		want = room;
+	while (want-- > 0 && l->ch.n < l->ch.cap) {
+		pid_t pid = fork();
+
+		if (pid == 0)
+			prefork_child(l);
+		if (pid < 0) {
+			log_msg(LOG_ERR, "event=error reason=\"fork: %s\"",
+			    strerror(errno));
+			return;
+		}
+		children_add(&l->ch, pid, CHILD_IDLE);
+	}
+}
+
+/* The pre-forked children that took a connection are sessions now. */
+static void
+prefork_taken(struct listener *l)
+{
+	pid_t pids[64];
+	ssize_t got;
+
+	while ((got = read(l->taken[0], pids, sizeof(pids))) > 0)
+		for (size_t i = 0; i < (size_t)got / sizeof(*pids); i++) {
+			struct child *c = children_find(&l->ch, pids[i]);
+
+			if (c == NULL || c->state == CHILD_SESSION)
+				continue;	/* ended, and reaped, already */
+			children_count(&l->ch, c->state, -1);
+			c->state = CHILD_SESSION;
+		}
+}
+
+/*
+ * The idle children leave: they never serve with a configuration a
+ * reload replaced, nor accept during a drain.  With again, a new pipe
+ * for the next ones.
+ */
+static int
+prefork_retire(struct listener *l, int again)
+{
+	if (l->taken[0] < 0)
+		return 0;
+	close_pair(l->retire);
+	for (int i = 0; i < l->ch.n; i++)
+		if (l->ch.c[i].state == CHILD_IDLE) {
+			l->ch.c[i].state = CHILD_RETIRING;
+			l->ch.idle--;
+			l->ch.retiring++;
+		}
+	if (again && pipe2(l->retire, O_CLOEXEC) != 0) {
+		log_msg(LOG_ERR, "event=error reason=\"pipe: %s\"",
+		    strerror(errno));
+		close_pair(l->taken);	/* a fork per connection, then */
+		return -1;
+	}
+	return 0;
+}
+
+/* The pipes of prefork, or none: a fork per connection. */
+static void
+prefork_start(struct listener *l)
+{
+	l->taken[0] = l->taken[1] = l->retire[0] = l->retire[1] = -1;
+	if (l->svc->cfg.prefork == 0)
+		return;
+	if (pipe2(l->taken, O_CLOEXEC | O_NONBLOCK) != 0 ||
+	    pipe2(l->retire, O_CLOEXEC) != 0) {
+		log_msg(LOG_ERR, "event=error reason=\"pipe: %s\"",
+		    strerror(errno));
+		close_pair(l->taken);
+		close_pair(l->retire);
+	}
+}
+
+/*
+ * Wait for the retiring children to be gone (they leave at once, unless
+ * one took a connection as it was told: a session then).
+ */
+static void
+prefork_wait_retired(struct listener *l)
+{
+	while (l->ch.retiring > 0 && !shutdown_requested) {
+		struct pollfd pfd = { .fd = l->taken[0], .events = POLLIN };
+
+		if (poll_wait(&pfd, 1, 1000) > 0)
+			prefork_taken(l);
+		children_reap(&l->ch);
+	}
+}
+
+/*
+ * A new connection the listener accepts itself (prefork off, or no idle
+ * child left): refused with a BYE when full, else a session.
+ */
 static void
 listener_accept(struct listener *l)
 {
@@ -315,7 +555,7 @@ listener_accept(struct listener *l)
 	 * here, not only on the signal.
 	 */
 	children_reap(&l->ch);
-	if (l->ch.n >= svc->cfg.max_sessions) {
+	if (l->ch.n >= svc->cfg.max_sessions || l->ch.n >= l->ch.cap) {
 		static const char full[] =
 		    "* BYE Too many connections, try again later.\r\n";
 
@@ -328,21 +568,67 @@ listener_accept(struct listener *l)
 		return;
 	}
 	if ((pid = fork()) == 0) {
-		int rc;
-
+		child_detach(l);
+			if (l->taken[1] >= 0)
+			close(l->taken[1]);
+		if (l->retire[0] >= 0)
+			close(l->retire[0]);
 		close(l->lfd);
-		free(l->ch.pid);
-		session_signals();
-		rc = session_run(&svc->cfg, svc->tls_ctx, fd, fd);
-		close(fd);
-		session_exit(rc);
+		child_serve(svc, fd);
 	}
 	if (pid < 0)
 		log_msg(LOG_ERR, "event=error reason=\"fork: %s\"",
 		    strerror(errno));
 	else
-		l->ch.pid[l->ch.n++] = pid;
+		children_add(&l->ch, pid, CHILD_SESSION);
 	close(fd);
+}
+
+/*
+ * SIGHUP: read the configuration and every file it names again, check it
+ * all as -t does, and serve the connections accepted from now on with it:
+ * the idle pre-forked children leave, new ones are forked.  Anything
+ * wrong, and the old one stays in force.  Sessions running keep what
+ * they were forked with.
+ */
+static void
+listener_reload(struct listener *l)
+{
+	struct service next;
+	char err[512];
+	int was_prefork = l->svc->cfg.prefork > 0;
+
+	reload_requested = 0;
+	if (service_load(&next, l->opt, 1, err, sizeof(err)) != 0)
+		goto failed;
+	if (reload_allowed(&l->svc->cfg, &next.cfg, err, sizeof(err)) != 0)
+		goto unused;
+	if (children_reserve(&l->ch, next.cfg.max_sessions) != 0) {
+		snprintf(err, sizeof(err), "out of memory");
+		goto unused;
+	}
+	if (reload_sasl(&l->svc->cfg, &next.cfg) != 0) {
+		snprintf(err, sizeof(err), "the SASL set-up failed");
+		goto unused;
+	}
+	service_free(l->svc);
+	*l->svc = next;
+	log_open(l->svc->cfg.syslog_facility, l->opt->to_stderr);
+	if (was_prefork)
+		prefork_retire(l, l->svc->cfg.prefork > 0);
+	if (l->taken[0] >= 0 && l->svc->cfg.prefork == 0)
+		close_pair(l->taken);
+	else if (l->taken[0] < 0 && l->svc->cfg.prefork > 0)
+		prefork_start(l);
+	log_msg(LOG_NOTICE, "event=reload config=%s max_sessions=%d "
+	    "prefork=%d sessions=%d", l->opt->config_path,
+	    l->svc->cfg.max_sessions, l->svc->cfg.prefork,
+	    children_sessions(&l->ch));
+	return;
+unused:
+	service_free(&next);
+failed:
+	log_msg(LOG_ERR, "event=reload-failed reason=\"%s\"", err);
 }
 
 /*
@@ -357,6 +643,9 @@ listener_drain(struct listener *l)
 
 	close(l->lfd);
 	l->lfd = -1;
+	/* the socket is closed once the idle children's copies are, too */
+	prefork_retire(l, 0);
+	prefork_wait_retired(l);
 	children_reap(&l->ch);
 	log_msg(LOG_NOTICE, "event=drain-start sessions=%d timeout=%d",
 	    l->ch.n, l->svc->cfg.drain_timeout);
@@ -374,7 +663,9 @@ listener_drain(struct listener *l)
 
 /*
  * Accept until told to stop (SIGTERM, or SIGQUIT's drain), reloading on
- * SIGHUP; then end every session left.  Takes lfd over.
+ * SIGHUP; then end every session left.  With prefork, idle children
+ * accept and the listener only keeps their number up, accepting itself
+ * when none is left (max_sessions reached: the BYE).  Takes lfd over.
  */
 int
 serve_listener(struct service *svc, const struct options *opt, int lfd)
@@ -385,17 +676,26 @@ serve_listener(struct service *svc, const struct options *opt, int lfd)
 		close(lfd);
 		return 1;
 	}
+	prefork_start(&l);
 	listener_signals();
-	log_msg(LOG_INFO, "event=listening max_sessions=%d",
-	    svc->cfg.max_sessions);
+	log_msg(LOG_INFO, "event=listening max_sessions=%d prefork=%d",
+	    svc->cfg.max_sessions, svc->cfg.prefork);
 	while (!shutdown_requested && !drain_requested) {
-		struct pollfd pfd = { .fd = l.lfd, .events = POLLIN };
+		struct pollfd pfd[2] = { { .fd = l.taken[0], .events = POLLIN },
+		    { .fd = l.lfd, .events = POLLIN } };
 
 		if (child_exited)
 			children_reap(&l.ch);
 		if (reload_requested)
 			listener_reload(&l);
-		if (poll_wait(&pfd, 1, -1) > 0)
+		prefork_fill(&l);
+		if (l.ch.idle > 0)
+			pfd[1].fd = -1;		/* theirs to accept */
+		if (poll_wait(pfd, 2, -1) <= 0)
+			continue;
+		if (pfd[0].revents != 0)
+			prefork_taken(&l);
+		if (pfd[1].revents != 0)
 			listener_accept(&l);
 	}
 	if (drain_requested && !shutdown_requested)
@@ -403,9 +703,11 @@ serve_listener(struct service *svc, const struct options *opt, int lfd)
 	if (l.lfd >= 0)
 		close(l.lfd);
 	children_reap(&l.ch);
-	log_msg(LOG_INFO, "event=shutdown sessions=%d", l.ch.n);
+	log_msg(LOG_INFO, "event=shutdown sessions=%d", children_sessions(&l.ch));
 	children_stop(&l.ch);
-	free(l.ch.pid);
+	close_pair(l.taken);
+	close_pair(l.retire);
+	free(l.ch.c);
 	return 0;
 }
 

@@ -434,6 +434,12 @@ def routed_config(bed, tls):
     return imapfe_config(bed, tls) + "server 127.0.0.1:9\n"
 
 
+def forking_config(bed, tls):
+    """The same without pre-forked children: the listener forks one
+    after accepting each connection, as before the prefork directive."""
+    return imapfe_config(bed, tls) + "prefork 0\n"
+
+
 def write(path, text):
     with open(path, "w") as f:
         f.write(text)
@@ -749,6 +755,7 @@ def installed(cmd, extra=None):
 IMAPFE_CONFIGS = [
     ("", imapfe_config, True),
     (" routed", routed_config, False),
+    (" prefork 0", forking_config, False),
 ]
 RELAYED, ROUTED = "imapfe -l", "imapfe -l routed"
 
@@ -831,7 +838,7 @@ def median_of(values):
     return statistics.median(values)
 
 
-def run(rounds, quick, only=None):
+def run(rounds, quick, only=None, figures=None):
     pin_servers()
     bed = Bed()
     targets, missing = [], []
@@ -855,6 +862,8 @@ def run(rounds, quick, only=None):
         # targets can be compared round by round (ROUTED_VS_RELAYED).
         results = {t.name: {"rounds": {}} for t in targets}
         for key, label, fn, applies in measures(quick):
+            if figures and key not in figures:
+                continue
             samples = {t.name: [] for t in targets}
             for _ in range(rounds):
                 for t in targets:
@@ -1040,6 +1049,9 @@ def main():
     ap.add_argument("--only", action="append",
                     help="measure only this target (and direct; the "
                     "routed imapfe -l brings the relayed one)")
+    ap.add_argument("--figure", action="append",
+                    help="measure only this figure (its key in "
+                    "results.json: login_c1, greeting_us...)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: run as root (Dovecot, xinetd and smaps_rollup)")
@@ -1047,7 +1059,8 @@ def main():
     if only and ROUTED in only:
         only.add(RELAYED)           # the routed row is read against it
     t0 = time.monotonic()
-    results, missing, notes = run(args.rounds, args.quick, only)
+    results, missing, notes = run(args.rounds, args.quick, only,
+                                  set(args.figure or ()))
     flatten(results)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "cpus": len(ALL_CPUS), "pinned": PINNED,

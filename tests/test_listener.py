@@ -8,6 +8,7 @@ import grp
 import hashlib
 import imaplib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -133,12 +134,15 @@ def tls_ready(port):
 
 
 def session_pid(fe):
-    """The one session process the listener has forked."""
-    def child():
-        kids = [int(p) for p in os.listdir("/proc") if p.isdigit()
-                and parent_of(int(p)) == fe.listener.pid]
-        return kids[0] if len(kids) == 1 else None
-    return wait_for(child, 10 * SLOW, "one session process")
+    """The process of the one session logged in so far (the listener's
+    other children may be idle, pre-forked)."""
+    def pid():
+        found = re.findall(r"imapfe\[(\d+)\]: session=\w+ event=login ",
+                           fe.log_text())
+        return int(found[0]) if len(found) == 1 else None
+    pid = wait_for(pid, 10 * SLOW, "one session's login line")
+    assert parent_of(pid) == fe.listener.pid
+    return pid
 
 
 def parent_of(pid):
@@ -221,9 +225,10 @@ def test_sessions_ignore_hup_and_quit(listener, dovecot):
     still_works(m)
 
 
+@pytest.mark.parametrize("prefork", [0, 3])
 def test_listener_never_stops_accepting_across_many_hups(listener,
-                                                         dovecot):
-    fe = listener(config(dovecot.port, "Old."))
+                                                         dovecot, prefork):
+    fe = listener(config(dovecot.port, "Old.", "prefork %d\n" % prefork))
     fe.start_listener()
     done = threading.Event()
     failures, served = [], [0]
@@ -304,9 +309,12 @@ def test_hup_sets_sasl_up_again(listener, confdir):
 
 # --- SIGQUIT: drain ---------------------------------------------------------
 
+@pytest.mark.parametrize("prefork", [0, 3])
 def test_drain_refuses_new_connections_and_waits_for_sessions(listener,
-                                                              dovecot):
-    fe = listener(config(dovecot.port, "Old.", "drain_timeout 600\n"))
+                                                              dovecot,
+                                                              prefork):
+    fe = listener(config(dovecot.port, "Old.", "drain_timeout 600\n"
+                         "prefork %d\n" % prefork))
     fe.start_listener()
     m = logged_in(fe.port)
     fe.listener.send_signal(signal.SIGQUIT)
@@ -345,6 +353,86 @@ def test_sigterm_during_a_drain_ends_it_at_once(listener, dovecot):
     fe.listener.send_signal(signal.SIGTERM)
     assert c.line() == "* BYE Server shutting down."
     assert fe.listener.wait(timeout=20 * SLOW) == 0
+
+
+# --- prefork: idle children waiting to accept -----------------------------
+
+def children(fe):
+    return sorted(int(p) for p in os.listdir("/proc") if p.isdigit()
+                  and parent_of(int(p)) == fe.listener.pid)
+
+
+def wait_children(fe, n, what):
+    return wait_for(lambda: children(fe) if len(children(fe)) == n
+                    else None, 10 * SLOW, what)
+
+
+def connect_pids(fe):
+    """The process of every session, from its event=connect line."""
+    return [int(p) for p in re.findall(
+        r"imapfe\[(\d+)\]: session=\w+ event=connect ", fe.log_text())]
+
+
+def test_prefork_children_wait_and_serve_one_connection_each(listener,
+                                                             dovecot):
+    fe = listener(config(dovecot.port, "Old.", "prefork 3\n"))
+    fe.start_listener()
+    # start_listener's own check took one and the listener replaced it
+    idle = wait_children(fe, 3, "three idle children")
+    m = logged_in(fe.port)
+    pid = session_pid(fe)
+    assert pid in idle, (pid, idle)
+    wait_children(fe, 4, "the session and three idle children")
+    still_works(m)
+    wait_children(fe, 3, "three idle children again")
+    for _ in range(5):
+        c = Raw(fe.port)
+        assert c.cmd("z", "LOGOUT")[-1].startswith("z OK")
+        c.close()
+    pids = connect_pids(fe)
+    assert len(pids) == 7 and len(set(pids)) == 7   # one connection each
+    wait_children(fe, 3, "every session reaped, three idle children")
+    assert not set(pids) & set(children(fe))
+
+
+def test_prefork_stays_within_max_sessions(listener, dovecot):
+    fe = listener(config(dovecot.port, "Old.",
+                         "prefork 4\nmax_sessions 2\n"))
+    fe.start_listener()
+    wait_children(fe, 2, "two idle children, max_sessions' worth")
+    sessions = [logged_in(fe.port) for _ in range(2)]
+    c = Raw(fe.port)
+    assert c.greeting == "* BYE Too many connections, try again later."
+    assert len(children(fe)) == 2
+    for m in sessions:
+        still_works(m)
+    wait_children(fe, 2, "two idle children again")
+
+
+def test_reload_retires_idle_children(listener, dovecot):
+    fe = listener(config(dovecot.port, "Old.", "prefork 2\n"))
+    fe.start_listener()
+    wait_children(fe, 2, "two idle children")
+    m = logged_in(fe.port)
+    wait_children(fe, 3, "the session and two idle children")
+    write(fe.conf, config(dovecot.port, "New.", "prefork 2\n") + RUN_AS)
+    session = session_pid(fe)
+    idle_before = set(children(fe)) - {session}
+    assert len(idle_before) == 2
+    hup(fe)
+    # at once: no idle child of the old configuration serves any more
+    c = Raw(fe.port)
+    assert c.greeting.endswith("New."), c.greeting
+    c.close()
+    # the idle ones leave; new ones wait with the new configuration
+    wait_for(lambda: not idle_before & set(children(fe)) and
+             len(children(fe)) == 3, 10 * SLOW, "idle children replaced")
+    assert session in children(fe)
+    for _ in range(3):
+        c = Raw(fe.port)
+        assert c.greeting.endswith("New."), c.greeting
+        c.close()
+    still_works(m)
 
 
 # --- the unit ---------------------------------------------------------------
