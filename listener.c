@@ -397,6 +397,12 @@ prefork_accept(int ep, int lfd, int retire)
 				session_exit(0);
 		if ((fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC)) >= 0)
 			return fd;
+		if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED) {
+			/* out of descriptors or memory: no busy loop */
+			log_msg(LOG_ERR, "event=error reason=\"accept: %s\"",
+			    strerror(errno));
+			poll_wait(NULL, 0, 100);
+		}
 	}
 }
 
@@ -517,15 +523,23 @@ prefork_start(struct listener *l)
 
 /*
  * Wait for the retiring children to be gone (they leave at once, unless
- * one took a connection as it was told: a session then).
+ * one took a connection as it was told: a session then), for up to
+ * RETIRE_WAIT_MS.
  */
+#define RETIRE_WAIT_MS	2000
+
 static void
 prefork_wait_retired(struct listener *l)
 {
+	int64_t deadline = now_ms() + RETIRE_WAIT_MS;
+
 	while (l->ch.retiring > 0 && !shutdown_requested) {
 		struct pollfd pfd = { .fd = l->taken[0], .events = POLLIN };
+		int64_t left = deadline - now_ms();
 
-		if (poll_wait(&pfd, 1, 1000) > 0)
+		if (left <= 0)
+			break;
+		if (poll_wait(&pfd, 1, (int)left) > 0)
 			prefork_taken(l);
 		children_reap(&l->ch);
 	}
@@ -535,7 +549,7 @@ prefork_wait_retired(struct listener *l)
  * A new connection the listener accepts itself (prefork off, or no idle
  * child left): refused with a BYE when full, else a session.
  */
-static void
+static int
 listener_accept(struct listener *l)
 {
 	struct service *svc = l->svc;
@@ -547,7 +561,7 @@ listener_accept(struct listener *l)
 		if (errno != EINTR && errno != ECONNABORTED && errno != EAGAIN)
 			log_msg(LOG_ERR, "event=error reason=\"accept: %s\"",
 			    strerror(errno));
-		return;
+		return -1;
 	}
 	/*
 	 * While connections keep arriving, ppoll() returns ready without
@@ -565,7 +579,7 @@ listener_accept(struct listener *l)
 			/* the client is gone already */
 		}
 		close(fd);
-		return;
+		return 0;
 	}
 	if ((pid = fork()) == 0) {
 		child_detach(l);
@@ -582,6 +596,7 @@ listener_accept(struct listener *l)
 	else
 		children_add(&l->ch, pid, CHILD_SESSION);
 	close(fd);
+	return 0;
 }
 
 /*
@@ -614,8 +629,17 @@ listener_reload(struct listener *l)
 	service_free(l->svc);
 	*l->svc = next;
 	log_open(l->svc->cfg.syslog_facility, l->opt->to_stderr);
-	if (was_prefork)
+	if (was_prefork) {
 		prefork_retire(l, l->svc->cfg.prefork > 0);
+		prefork_wait_retired(l);
+		/*
+		 * A retiring child may have been the one woken for a
+		 * connection (EPOLLEXCLUSIVE) and left without it: what
+		 * waits, the listener takes, with the new configuration.
+		 */
+		while (listener_accept(l) == 0)
+			continue;
+	}
 	if (l->taken[0] >= 0 && l->svc->cfg.prefork == 0)
 		close_pair(l->taken);
 	else if (l->taken[0] < 0 && l->svc->cfg.prefork > 0)

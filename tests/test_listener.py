@@ -316,6 +316,7 @@ def test_drain_refuses_new_connections_and_waits_for_sessions(listener,
     fe = listener(config(dovecot.port, "Old.", "drain_timeout 600\n"
                          "prefork %d\n" % prefork))
     fe.start_listener()
+    fe.wait_log("event=end")        # the readiness check's session
     m = logged_in(fe.port)
     fe.listener.send_signal(signal.SIGQUIT)
     fe.wait_log("event=drain-start sessions=1 timeout=600")
@@ -331,6 +332,7 @@ def test_drain_refuses_new_connections_and_waits_for_sessions(listener,
 def test_drain_timeout_ends_the_rest_with_bye(listener, dovecot):
     fe = listener(config(dovecot.port, "Old.", "drain_timeout 1\n"))
     fe.start_listener()
+    fe.wait_log("event=end")        # the readiness check's session
     c = Raw(fe.port)
     assert c.cmd("a", "LOGIN alice secret")[-1].startswith("a OK")
     assert c.cmd("b", "SELECT INBOX")[-1].startswith("b OK")
