@@ -325,6 +325,25 @@ def children(pid):
         return []
 
 
+def waiting_to_accept(pid):
+    """An idle pre-forked imapfe child holds the epoll descriptor it
+    waits in; a session has closed it."""
+    try:
+        d = "/proc/%d/fd" % pid
+        return any(os.readlink(os.path.join(d, f)) ==
+                   "anon_inode:[eventpoll]" for f in os.listdir(d))
+    except OSError:
+        return False
+
+
+def idle_child_memory(target):
+    """KiB of private memory per idle pre-forked child (the price of the
+    pool), with no session open."""
+    pids = wait_for(lambda: target.idle_pids() or None, 20,
+                    "idle pre-forked children")
+    return statistics.median(uss_kib(p) for p in pids)
+
+
 def uss_kib(pid):
     """Private_Clean + Private_Dirty from smaps_rollup, in KiB."""
     total = 0
@@ -467,8 +486,15 @@ class ImapfeListener(Target):
         wait_for(lambda: read_greeting(self.port).startswith(b"* OK"), 20,
                  "imapfe -l")
 
-    def session_pids(self):
+    def all_children(self):
         return children(self.procs[0].pid) + children(self.procs[1].pid)
+
+    def session_pids(self):
+        return [p for p in self.all_children() if not waiting_to_accept(p)]
+
+    def idle_pids(self):
+        """The pre-forked children still waiting for a connection."""
+        return [p for p in self.all_children() if waiting_to_accept(p)]
 
 
 XINETD_SERVICE = """service imapfe-bench{n}
@@ -814,6 +840,10 @@ def measures(quick):
         ("uss_kib", "USS per idle session, KiB",
          lambda t, b: idle_session_memory(t, False, 16),
          lambda t: t.name != "direct"),
+        ("uss_prefork_kib", "USS per idle pre-forked child, KiB",
+         lambda t, b: idle_child_memory(t),
+         lambda t: isinstance(t, ImapfeListener) and
+         not t.name.endswith("prefork 0")),
         ("uss_tls_kib", "USS per idle TLS session, KiB",
          lambda t, b: idle_session_memory(t, True, 16),
          lambda t: t.name != "direct"),
@@ -904,6 +934,7 @@ ROWS = [
     ("pipelined_ms", "200 pipelined UID FETCH, ms", "lo"),
     ("greeting_us", "connect to greeting, us", "lo"),
     ("uss_kib", "USS/idle session, KiB", "abs"),
+    ("uss_prefork_kib", "USS/idle pre-forked child, KiB", "abs"),
     ("uss_tls_kib", "USS/idle TLS session, KiB", "abs"),
     ("tls_login_c1", "TLS logins/s, 1 client", "hi"),
     ("tls_login_c16", "TLS logins/s, 16 clients", "hi"),
