@@ -25,8 +25,8 @@ LDAP_SONAME = $(shell objdump -p "$$(pkg-config --variable=libdir ldap \
 	2>/dev/null)/libldap.so" 2>/dev/null | awk '/SONAME/ { print $$2 }')
 CPPFLAGS += -DLDAP_SONAME='"$(or $(LDAP_SONAME),libldap-2.5.so.0)"'
 
-SRCS	 = imapfe.c log.c auth.c backend.c proto.c iobuf.c tls.c engine.c \
-	   router.c link.c proxyproto.c ldap.c imapurl.c
+SRCS	 = imapfe.c listener.c log.c auth.c backend.c proto.c iobuf.c tls.c \
+	   engine.c router.c link.c proxyproto.c ldap.c imapurl.c
 OBJS	 = $(SRCS:.c=.o)
 HDRS	 = imapfe.h engine.h
 # The parts the C unit tests and fuzzers link without main().
@@ -35,7 +35,8 @@ LIBSRCS	 = log.c auth.c backend.c proto.c iobuf.c tls.c proxyproto.c ldap.c \
 
 # Super-server and systemd files, installed as examples (nothing enabled)
 # with the binary's installed path.
-SERVICE_FILES = imapfe.xinetd imapfe.inetd imapfe.socket imapfe@.service
+SERVICE_FILES = imapfe.xinetd imapfe.inetd imapfe.socket imapfe@.service \
+		imapfe-listener.service
 
 FUZZERS	 = tests/fuzz_command tests/fuzz_reader tests/fuzz_response \
 	   tests/fuzz_sasl tests/fuzz_url

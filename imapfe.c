@@ -8,7 +8,6 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -65,6 +64,8 @@ config_defaults(struct config *cfg)
 	cfg->connect_timeout = 10;
 	cfg->backend_timeout = 30;
 	cfg->max_sessions = 1000;
+	cfg->drain_timeout = 60;
+	cfg->prefork = 1;
 	cfg->syslog_facility = LOG_MAIL;
 	cfg->proxy_protocol_timeout = 10;
 	cfg->ldap_timeout = 5;
@@ -135,7 +136,7 @@ hostport_fault(const char *word)
  * as for the servers that referrals and the directory name, but with
  * the port required.  On failure err says why.
  */
-static int
+int
 split_hostport(const char *word, int wildcard_ok, char **host, char **port,
     char *err, size_t errlen)
 {
@@ -392,6 +393,9 @@ static const struct int_key int_keys[] = {
 	    3600, 0 },
 	{ "max_sessions", offsetof(struct config, max_sessions), 1, 100000,
 	    0 },
+	{ "drain_timeout", offsetof(struct config, drain_timeout), 0, 86400,
+	    0 },
+	{ "prefork", offsetof(struct config, prefork), 0, 1024, 0 },
 	{ "tls_handshake_timeout", offsetof(struct config,
 	    tls_handshake_timeout), 1, 600, 0 },
 	{ "referral_hops", offsetof(struct config, referral_hops), 0,
@@ -1716,7 +1720,7 @@ check_pipelined(struct session *s)
 
 /* ------------------------------------------------------------------ */
 
-static void
+void
 nonblocking(int fd)
 {
 	int fl = fcntl(fd, F_GETFL);
@@ -1767,14 +1771,6 @@ client_linger_close(struct session *s)
 	}
 }
 
-#if defined(__SANITIZE_ADDRESS__)
-#define UNDER_ASAN	1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define UNDER_ASAN	1
-#endif
-#endif
-
 /*
  * Cap what this session may allocate, so that no bug and no client can
  * make one session take the host down: past the cap, allocations fail and
@@ -1799,7 +1795,7 @@ cap_session_memory(const struct config *cfg)
 }
 
 /* Serve one client connection on rfd/wfd, to the end.  Returns exit code. */
-static int
+int
 session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 {
 	struct session s;
@@ -1856,231 +1852,6 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	return 0;
 }
 
-/* ------------------------------------------------------------------ */
-/* the listener (-l) */
-
-#ifdef UNDER_ASAN
-#include <sanitizer/lsan_interface.h>
-#endif
-
-/*
- * A forked session ends here rather than back through main().  What it
- * inherited (configuration, SASL and OpenSSL state) is the listener's:
- * freeing it would copy the listener's pages into this process only to
- * write free lists on them just before the kernel drops them all (a fifth
- * of a session's page faults), and the listener's exit handlers are not
- * this process's to run.  The session has freed its own memory by now,
- * and the leak checkers still look: valgrind at _exit, LeakSanitizer here.
- */
-static void __attribute__((noreturn))
-session_exit(int rc)
-{
-#ifdef UNDER_ASAN
-	__lsan_do_leak_check();
-#endif
-	log_close();
-	_exit(rc);
-}
-
-static volatile sig_atomic_t child_exited;
-
-static void
-on_signal(int sig)
-{
-	if (sig == SIGCHLD)
-		child_exited = 1;
-	else
-		shutdown_requested = 1;
-}
-
-static void
-install_signals(void)
-{
-	struct sigaction sa;
-
-	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = on_signal;
-	sigemptyset(&sa.sa_mask);
-	/* No SA_RESTART: a signal must interrupt poll() and accept(). */
-	sigaction(SIGTERM, &sa, NULL);
-	sigaction(SIGINT, &sa, NULL);
-	sigaction(SIGCHLD, &sa, NULL);
-	signal(SIGPIPE, SIG_IGN);
-	signals_block_outside_waits();
-}
-
-static int
-listen_on(const char *spec)
-{
-	struct addrinfo hints = { .ai_socktype = SOCK_STREAM,
-	    .ai_flags = AI_PASSIVE | AI_NUMERICHOST }, *res;
-	char *host = NULL, *port = NULL, why[128];
-	int fd = -1, one = 1, rc;
-
-	if (split_hostport(spec, 1, &host, &port, why, sizeof(why)) != 0) {
-		fprintf(stderr, "imapfe: -l %s: %s\n", spec, why);
-		return -1;
-	}
-	rc = getaddrinfo(strcmp(host, "*") == 0 ? NULL : host, port, &hints,
-	    &res);
-	if (rc != 0) {
-		fprintf(stderr, "imapfe: %s: %s\n", spec, gai_strerror(rc));
-		goto out;
-	}
-	fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC |
-	    SOCK_NONBLOCK, 0);
-	if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one,
-	    sizeof(one)) != 0 || bind(fd, res->ai_addr, res->ai_addrlen) != 0 ||
-	    listen(fd, 512) != 0) {
-		fprintf(stderr, "imapfe: %s: %s\n", spec, strerror(errno));
-		if (fd >= 0)
-			close(fd);
-		fd = -1;
-	}
-	freeaddrinfo(res);
-out:
-	free(host);
-	free(port);
-	return fd;
-}
-
-struct children {
-	pid_t	*pid;
-	int	 n;
-	int	 max;
-};
-
-static void
-children_reap(struct children *ch)
-{
-	pid_t pid;
-	int status;
-
-	child_exited = 0;
-	while ((pid = waitpid(-1, &status, WNOHANG)) > 0)
-		for (int i = 0; i < ch->n; i++)
-			if (ch->pid[i] == pid) {
-				ch->pid[i] = ch->pid[--ch->n];
-				break;
-			}
-}
-
-/* Tell every session to finish, and wait for them. */
-static void
-children_stop(struct children *ch)
-{
-	for (int i = 0; i < ch->n; i++)
-		kill(ch->pid[i], SIGTERM);
-	while (ch->n > 0) {
-		pid_t pid = waitpid(-1, NULL, 0);
-
-		if (pid < 0 && errno != EINTR)
-			break;
-		for (int i = 0; i < ch->n; i++)
-			if (ch->pid[i] == pid) {
-				ch->pid[i] = ch->pid[--ch->n];
-				break;
-			}
-	}
-}
-
-static int
-serve_listener(const struct config *cfg, SSL_CTX *tls_ctx, int lfd)
-{
-	struct children ch = { .max = cfg->max_sessions };
-	int fd;
-	pid_t pid;
-
-	if ((ch.pid = calloc((size_t)ch.max, sizeof(pid_t))) == NULL)
-		return 1;
-	log_msg(LOG_INFO, "event=listening max_sessions=%d", ch.max);
-	while (!shutdown_requested) {
-		struct pollfd pfd = { .fd = lfd, .events = POLLIN };
-
-		if (child_exited)
-			children_reap(&ch);
-		if (poll_wait(&pfd, 1, -1) <= 0)
-			continue;
-		fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-		if (fd < 0) {
-			if (errno != EINTR && errno != ECONNABORTED &&
-			    errno != EAGAIN)
-				log_msg(LOG_ERR, "event=error reason=\"accept: "
-				    "%s\"", strerror(errno));
-			continue;
-		}
-		/*
-		 * While connections keep arriving, ppoll() returns ready
-		 * without delivering the pending SIGCHLD, so the count is
-		 * brought up to date here, not only on the signal.
-		 */
-		children_reap(&ch);
-		if (ch.n >= ch.max) {
-			static const char full[] =
-			    "* BYE Too many connections, try again later.\r\n";
-
-			log_msg(LOG_WARNING, "event=refused reason=\"max_sessions "
-			    "reached\"");
-			if (write(fd, full, sizeof(full) - 1) < 0) {
-				/* the client is gone already */
-			}
-			close(fd);
-			continue;
-		}
-		if ((pid = fork()) == 0) {
-			int rc;
-
-			close(lfd);
-			free(ch.pid);
-			signal(SIGCHLD, SIG_DFL);
-			rc = session_run(cfg, tls_ctx, fd, fd);
-			close(fd);
-			session_exit(rc);
-		}
-		if (pid < 0)
-			log_msg(LOG_ERR, "event=error reason=\"fork: %s\"",
-			    strerror(errno));
-		else
-			ch.pid[ch.n++] = pid;
-		close(fd);
-	}
-	children_reap(&ch);
-	log_msg(LOG_INFO, "event=shutdown sessions=%d", ch.n);
-	children_stop(&ch);
-	free(ch.pid);
-	return 0;
-}
-
-/*
- * A listening socket handed over instead of a connection: systemd's
- * Accept=no (LISTEN_FDS/LISTEN_PID, the first descriptor from 3 on; the
- * sd_listen_fds protocol, without libsystemd), or a super-server's "wait"
- * service with the socket on stdin.  Returns it, or -1 for an ordinary
- * connection (or pipe) on stdin.
- */
-static int
-inherited_listener(void)
-{
-	const char *fds = getenv("LISTEN_FDS"), *pid = getenv("LISTEN_PID");
-	int fd = -1, listening = 0;
-	socklen_t sl = sizeof(listening);
-
-	if (fds != NULL && pid != NULL && atol(fds) >= 1 &&
-	    atol(pid) == (long)getpid())
-		fd = 3;
-	/* Not for children: the variables were meant for this process. */
-	unsetenv("LISTEN_FDS");
-	unsetenv("LISTEN_PID");
-	unsetenv("LISTEN_FDNAMES");
-	if (fd < 0)
-		fd = 0;
-	if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &sl) != 0 ||
-	    !listening)
-		return -1;
-	fcntl(fd, F_SETFD, FD_CLOEXEC);
-	nonblocking(fd);
-	return fd;
-}
 
 /* ------------------------------------------------------------------ */
 
@@ -2277,15 +2048,6 @@ usage(void)
 	exit(2);
 }
 
-struct options {
-	const char	*config_path;
-	const char	*listen_spec;	/* -l; NULL: inetd, or systemd's */
-	int		 implicit_tls;	/* -T */
-	int		 test_only;	/* -t */
-	int		 to_stderr;	/* -d, -D */
-	int		 version;	/* -V */
-};
-
 static void
 parse_options(int argc, char *argv[], struct options *opt)
 {
@@ -2326,25 +2088,25 @@ parse_options(int argc, char *argv[], struct options *opt)
 
 /*
  * Everything -t checks beyond the file itself: the TLS contexts (all of
- * them for -t; as root, those whose files may be root's alone), the run
- * user; and what deserves a warning.
+ * them for -t and a reload; as root, those whose files may be root's
+ * alone), the run user; and what deserves a warning.
  */
 static int
-startup_prepare(struct config *cfg, const struct options *opt,
+startup_prepare(struct config *cfg, const struct options *opt, int check_all,
     SSL_CTX **tls_ctx, char *err, size_t errlen)
 {
 	uid_t uid;
 	gid_t gid;
 
 	if (client_tls_setup(cfg, opt->implicit_tls, tls_ctx, err,
-	    errlen) != 0 || ((opt->test_only || geteuid() == 0) &&
-	    preload_backend_tls(cfg, opt->test_only, err, errlen) != 0))
+	    errlen) != 0 || ((check_all || geteuid() == 0) &&
+	    preload_backend_tls(cfg, check_all, err, errlen) != 0))
 		return -1;
 	if (*tls_ctx == NULL && cfg->plaintext_auth == PLAINTEXT_NO &&
 	    cfg->auth == AUTH_PASSTHROUGH)
 		log_msg(LOG_WARNING, "event=warning reason=\"plaintext_auth is "
 		    "no and there is no tls_cert: no client can log in\"");
-	if (opt->test_only && cfg->run_user != NULL &&
+	if (check_all && cfg->run_user != NULL &&
 	    lookup_run_ids(cfg, &uid, &gid, err, errlen) != 0)
 		return -1;
 	if (protocol_trace && stderr_is_stdin()) {
@@ -2359,9 +2121,38 @@ startup_prepare(struct config *cfg, const struct options *opt,
 	return 0;
 }
 
+/*
+ * Read the configuration file of opt and load everything it names; with
+ * check_all, check it all as -t does (a listener's reload).  The log is
+ * opened with the file's facility only by main(), and by a reload once
+ * the new service is in force.
+ */
+int
+service_load(struct service *svc, const struct options *opt, int check_all,
+    char *err, size_t errlen)
+{
+	memset(svc, 0, sizeof(*svc));
+	if (config_load(&svc->cfg, opt->config_path, err, errlen) != 0)
+		return -1;
+	if (startup_prepare(&svc->cfg, opt, check_all, &svc->tls_ctx, err,
+	    errlen) != 0) {
+		service_free(svc);
+		return -1;
+	}
+	return 0;
+}
+
+void
+service_free(struct service *svc)
+{
+	tls_server_ctx_free(svc->tls_ctx);
+	config_free(&svc->cfg);
+	svc->tls_ctx = NULL;
+}
+
 /* Once here, so that forked sessions do not each pay for it. */
-static int
-sasl_setup(const struct config *cfg)
+int
+service_sasl_setup(const struct config *cfg)
 {
 	char err[512];
 
@@ -2380,8 +2171,8 @@ sasl_setup(const struct config *cfg)
 	return 0;
 }
 
-static void
-sasl_teardown(const struct config *cfg)
+void
+service_sasl_teardown(const struct config *cfg)
 {
 	sasl_client_teardown();
 	if (cfg->auth == AUTH_PROXY)
@@ -2390,41 +2181,44 @@ sasl_teardown(const struct config *cfg)
 
 /*
  * As the run user: the listener's connections, one process each, or the
- * one connection on stdin and stdout.
+ * one connection on stdin and stdout.  The listener takes lfd over.
  */
 static int
-serve(const struct config *cfg, SSL_CTX *tls_ctx, int lfd)
+serve(struct service *svc, const struct options *opt, int lfd)
 {
 	char err[512];
 
-	if (drop_privileges(cfg, err, sizeof(err)) != 0) {
+	if (drop_privileges(&svc->cfg, err, sizeof(err)) != 0) {
 		log_msg(LOG_ERR, "event=config-error reason=\"%s\"", err);
 		if (lfd < 0)
 			bye_unavailable();
+		else
+			close(lfd);
 		return 1;
 	}
 	if (lfd >= 0)
-		return serve_listener(cfg, tls_ctx, lfd);
-	return session_run(cfg, tls_ctx, 0, 1);
+		return serve_listener(svc, opt, lfd);
+	return session_run(&svc->cfg, svc->tls_ctx, 0, 1);
 }
 
 /* Listen where told, or take what inetd or systemd hands over; serve. */
 static int
-run(const struct config *cfg, SSL_CTX *tls_ctx, const char *listen_spec)
+run(struct service *svc, const struct options *opt)
 {
 	int lfd, rc = 1;
 
 	install_signals();
-	if (listen_spec == NULL)
+	if (opt->listen_spec == NULL)
 		lfd = inherited_listener();
-	else if ((lfd = listen_on(listen_spec)) < 0)
+	else if ((lfd = listen_on(opt->listen_spec)) < 0)
 		return 1;
-	if (sasl_setup(cfg) == 0) {
-		rc = serve(cfg, tls_ctx, lfd);
-		sasl_teardown(cfg);
+	if (service_sasl_setup(&svc->cfg) != 0) {
+		if (lfd >= 0)
+			close(lfd);
+		return 1;
 	}
-	if (lfd >= 0)
-		close(lfd);
+	rc = serve(svc, opt, lfd);
+	service_sasl_teardown(&svc->cfg);
 	return rc;
 }
 
@@ -2432,8 +2226,7 @@ int
 main(int argc, char *argv[])
 {
 	struct options opt;
-	struct config cfg;
-	SSL_CTX *tls_ctx = NULL;
+	struct service svc;
 	struct rlimit no_core = { 0, 0 };
 	char err[512];
 	int no_client, rc;
@@ -2447,18 +2240,19 @@ main(int argc, char *argv[])
 	setrlimit(RLIMIT_CORE, &no_core);
 	/* No client waits on stdout for a BYE. */
 	no_client = opt.test_only || opt.listen_spec != NULL;
-	if (config_load(&cfg, opt.config_path, err, sizeof(err)) != 0)
+	memset(&svc, 0, sizeof(svc));
+	if (config_load(&svc.cfg, opt.config_path, err, sizeof(err)) != 0)
 		return startup_failed(err, no_client);
-	log_open(cfg.syslog_facility, opt.to_stderr || opt.test_only);
-	if (startup_prepare(&cfg, &opt, &tls_ctx, err, sizeof(err)) != 0)
+	log_open(svc.cfg.syslog_facility, opt.to_stderr || opt.test_only);
+	if (startup_prepare(&svc.cfg, &opt, opt.test_only, &svc.tls_ctx, err,
+	    sizeof(err)) != 0)
 		rc = startup_failed(err, no_client);
 	else if (opt.test_only) {
 		printf("imapfe: %s: configuration OK\n", opt.config_path);
 		rc = 0;
 	} else
-		rc = run(&cfg, tls_ctx, opt.listen_spec);
-	tls_server_ctx_free(tls_ctx);
-	config_free(&cfg);
+		rc = run(&svc, &opt);
+	service_free(&svc);
 	log_close();
 	return rc;
 }

@@ -2,7 +2,11 @@
  * imapfe: an IMAP front-end, one process per client connection.
  *
  * Shared declarations.  The program is split by concern:
- *   imapfe.c   process life, configuration, the client side, the relay
+ *   imapfe.c   process life, configuration, the client side before login
+ *   listener.c the -l listener: accept, fork a session each, reap, stop
+ *   engine.c   the session after login: one loop, the relay's fast path
+ *   router.c   routing policy after login (with engine.c and link.c, whose
+ *              own header is engine.h)
  *   auth.c     credentials: client LOGIN and AUTHENTICATE, base64, Cyrus
  *              SASL on both sides
  *   backend.c  routing, back-end connections and their login
@@ -33,6 +37,15 @@
 #include <openssl/ssl.h>
 
 #define IMAPFE_VERSION		"0.1"
+
+/* AddressSanitizer's builds: no memory cap, and a leak check at _exit. */
+#if defined(__SANITIZE_ADDRESS__)
+#define UNDER_ASAN	1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define UNDER_ASAN	1
+#endif
+#endif
 #define IMAPFE_DEFAULT_CONFIG	"/etc/imapfe/imapfe.conf"
 
 /* ------------------------------------------------------------------ */
@@ -124,12 +137,15 @@ enum session_end {
 /* Set by the SIGTERM handler: every wait gives up and the session ends. */
 extern volatile sig_atomic_t shutdown_requested;
 /*
- * SIGTERM and SIGINT stay blocked except while a process waits in
- * poll_wait(), so a shutdown request can never slip in between the check
- * of shutdown_requested and the wait that would otherwise sleep through it.
+ * SIGTERM, SIGINT, SIGCHLD and the listener's SIGHUP and SIGQUIT stay
+ * blocked except while a process waits in poll_wait(), so a request can
+ * never slip in between the check of its flag and the wait that would
+ * otherwise sleep through it.
  */
+struct epoll_event;
 void	 signals_block_outside_waits(void);
 int	 poll_wait(struct pollfd *, nfds_t, int);
+int	 epoll_wait_signals(int, struct epoll_event *, int, int);
 
 /* ------------------------------------------------------------------ */
 /* tls.c */
@@ -436,6 +452,8 @@ struct config {
 	int		 connect_timeout;	/* seconds */
 	int		 backend_timeout;	/* seconds */
 	int		 max_sessions;
+	int		 drain_timeout;		/* seconds, after SIGQUIT */
+	int		 prefork;		/* -l: children waiting to accept */
 	int		 max_session_memory;	/* MiB of data; 0: no cap */
 	int		 forward_id;		/* ID with the client's address */
 	int		 syslog_facility;
@@ -462,6 +480,48 @@ struct config {
 int		 config_load(struct config *, const char *path, char *err,
 		    size_t errlen);
 void		 config_free(struct config *);
+int		 split_hostport(const char *word, int wildcard_ok, char **host,
+		    char **port, char *err, size_t errlen);
+
+/* The session (imapfe.c): one client connection, to the end. */
+int		 session_run(const struct config *, SSL_CTX *, int rfd,
+		    int wfd);
+void		 nonblocking(int fd);
+
+/* How imapfe was started: its command line. */
+struct options {
+	const char	*config_path;
+	const char	*listen_spec;	/* -l; NULL: inetd, or systemd's */
+	int		 implicit_tls;	/* -T */
+	int		 test_only;	/* -t */
+	int		 to_stderr;	/* -d, -D */
+	int		 version;	/* -V */
+};
+
+/*
+ * What sessions are served with: the configuration and what was loaded
+ * from it.  A listener replaces it whole when it reloads; each session
+ * keeps the one it was forked with.
+ */
+struct service {
+	struct config	 cfg;
+	SSL_CTX		*tls_ctx;	/* the clients'; NULL without tls_cert */
+};
+
+int		 service_load(struct service *, const struct options *,
+		    int check_all, char *err, size_t errlen);
+void		 service_free(struct service *);
+int		 service_sasl_setup(const struct config *);
+void		 service_sasl_teardown(const struct config *);
+
+/* ------------------------------------------------------------------ */
+/* listener.c: imapfe's own listener (-l) and its signals */
+
+void		 install_signals(void);
+int		 listen_on(const char *spec);
+int		 inherited_listener(void);
+int		 serve_listener(struct service *, const struct options *,
+		    int lfd);
 
 /* ------------------------------------------------------------------ */
 /* proxyproto.c */

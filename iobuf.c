@@ -4,6 +4,8 @@
  * non-blocking; poll(2) does the waiting so that a peer that stops reading
  * or writing cannot hold the process past its deadline.
  */
+#include <sys/epoll.h>
+
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 
@@ -67,7 +69,16 @@ signals_block_outside_waits(void)
 	sigaddset(&block, SIGTERM);
 	sigaddset(&block, SIGINT);
 	sigaddset(&block, SIGCHLD);
+	sigaddset(&block, SIGHUP);
+	sigaddset(&block, SIGQUIT);
 	sigprocmask(SIG_BLOCK, &block, &wait_sigmask);
+}
+
+/* epoll_wait(2), the other place they are delivered. */
+int
+epoll_wait_signals(int ep, struct epoll_event *ev, int n, int timeout_ms)
+{
+	return epoll_pwait(ep, ev, n, timeout_ms, &wait_sigmask);
 }
 
 /* poll(2) that is the only place the blocked signals are delivered. */

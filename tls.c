@@ -40,8 +40,17 @@ struct ticket_key {
 	unsigned char	 aes[32];
 };
 
-static struct ticket_key ticket_keys[TICKET_KEYS_MAX];
-static int ticket_key_count;
+/*
+ * A context's keys, hung on it (ex_data) and freed with it: a listener
+ * that reloads holds the old context and the new one at once, and each
+ * must seal with its own keys.
+ */
+struct ticket_keys {
+	struct ticket_key	 key[TICKET_KEYS_MAX];
+	int			 count;
+};
+
+static int ticket_keys_index = -1;
 
 /* The most useful words OpenSSL has about what just failed, then clear. */
 void
@@ -60,14 +69,17 @@ tls_error_text(char *buf, size_t len)
 }
 
 static void
-ticket_keys_wipe(void)
+ticket_keys_free(struct ticket_keys *tk)
 {
-	wipe(ticket_keys, sizeof(ticket_keys));
-	ticket_key_count = 0;
+	if (tk == NULL)
+		return;
+	wipe(tk, sizeof(*tk));
+	free(tk);
 }
 
 static int
-ticket_keys_load(const char *path, char *err, size_t errlen)
+ticket_keys_load(struct ticket_keys *tk, const char *path, char *err,
+    size_t errlen)
 {
 	unsigned char raw[TICKET_KEY_LEN * TICKET_KEYS_MAX + 1];
 	struct stat st;
@@ -101,13 +113,13 @@ ticket_keys_load(const char *path, char *err, size_t errlen)
 		wipe(raw, sizeof(raw));
 		return -1;
 	}
-	ticket_key_count = (int)(got / TICKET_KEY_LEN);
-	for (int i = 0; i < ticket_key_count; i++) {
+	tk->count = (int)(got / TICKET_KEY_LEN);
+	for (int i = 0; i < tk->count; i++) {
 		const unsigned char *k = raw + i * TICKET_KEY_LEN;
 
-		memcpy(ticket_keys[i].name, k, 16);
-		memcpy(ticket_keys[i].hmac, k + 16, 32);
-		memcpy(ticket_keys[i].aes, k + 48, 32);
+		memcpy(tk->key[i].name, k, 16);
+		memcpy(tk->key[i].hmac, k + 16, 32);
+		memcpy(tk->key[i].aes, k + 48, 32);
 	}
 	wipe(raw, sizeof(raw));
 	return 0;
@@ -136,9 +148,13 @@ static int
 ticket_cb(SSL *ssl, unsigned char name[16], unsigned char iv[16],
     EVP_CIPHER_CTX *cipher, EVP_MAC_CTX *mac, int enc)
 {
-	(void)ssl;
+	const struct ticket_keys *tk = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl),
+	    ticket_keys_index);
+
+	if (tk == NULL || tk->count == 0)
+		return enc ? -1 : 0;
 	if (enc) {
-		const struct ticket_key *k = &ticket_keys[0];
+		const struct ticket_key *k = &tk->key[0];
 
 		if (RAND_bytes(iv, 16) != 1 ||
 		    EVP_EncryptInit_ex(cipher, EVP_aes_256_cbc(), NULL, k->aes,
@@ -147,8 +163,8 @@ ticket_cb(SSL *ssl, unsigned char name[16], unsigned char iv[16],
 		memcpy(name, k->name, 16);
 		return 1;
 	}
-	for (int i = 0; i < ticket_key_count; i++) {
-		const struct ticket_key *k = &ticket_keys[i];
+	for (int i = 0; i < tk->count; i++) {
+		const struct ticket_key *k = &tk->key[i];
 
 		if (memcmp(name, k->name, 16) != 0)
 			continue;
@@ -206,6 +222,33 @@ common_options(SSL_CTX *ctx)
 	    SSL_OP_NO_COMPRESSION | SSL_OP_IGNORE_UNEXPECTED_EOF);
 }
 
+/* Load the ticket keys of path and hang them on ctx. */
+static int
+ticket_keys_attach(SSL_CTX *ctx, const char *path, char *err, size_t errlen)
+{
+	struct ticket_keys *tk;
+
+	if (ticket_keys_index < 0 && (ticket_keys_index =
+	    SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, NULL)) < 0) {
+		tls_error_text(err, errlen);
+		return -1;
+	}
+	if ((tk = calloc(1, sizeof(*tk))) == NULL) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	if (ticket_keys_load(tk, path, err, errlen) != 0) {
+		ticket_keys_free(tk);
+		return -1;
+	}
+	if (SSL_CTX_set_ex_data(ctx, ticket_keys_index, tk) != 1) {
+		snprintf(err, errlen, "%s: out of memory", path);
+		ticket_keys_free(tk);
+		return -1;
+	}
+	return 0;
+}
+
 /* The context clients handshake with; NULL and err on failure. */
 SSL_CTX *
 tls_server_ctx(const struct config *cfg, char *err, size_t errlen)
@@ -235,7 +278,8 @@ tls_server_ctx(const struct config *cfg, char *err, size_t errlen)
 	    errlen) != 0)
 		goto fail;
 	if (cfg->tls_ticket_key_file != NULL) {
-		if (ticket_keys_load(cfg->tls_ticket_key_file, err, errlen))
+		if (ticket_keys_attach(ctx, cfg->tls_ticket_key_file, err,
+		    errlen) != 0)
 			goto fail;
 		SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, ticket_cb);
 	} else {
@@ -245,15 +289,20 @@ tls_server_ctx(const struct config *cfg, char *err, size_t errlen)
 	}
 	return ctx;
 fail:
-	SSL_CTX_free(ctx);
+	tls_server_ctx_free(ctx);
 	return NULL;
 }
 
 void
 tls_server_ctx_free(SSL_CTX *ctx)
 {
+	if (ctx == NULL)
+		return;
+	if (ticket_keys_index >= 0) {
+		ticket_keys_free(SSL_CTX_get_ex_data(ctx, ticket_keys_index));
+		SSL_CTX_set_ex_data(ctx, ticket_keys_index, NULL);
+	}
 	SSL_CTX_free(ctx);
-	ticket_keys_wipe();
 }
 
 /* The name the back-end's certificate must carry; "[v6]" loses brackets. */

@@ -325,6 +325,25 @@ def children(pid):
         return []
 
 
+def waiting_to_accept(pid):
+    """An idle pre-forked imapfe child holds the epoll descriptor it
+    waits in; a session has closed it."""
+    try:
+        d = "/proc/%d/fd" % pid
+        return any(os.readlink(os.path.join(d, f)) ==
+                   "anon_inode:[eventpoll]" for f in os.listdir(d))
+    except OSError:
+        return False
+
+
+def idle_child_memory(target):
+    """KiB of private memory per idle pre-forked child (the price of the
+    pool), with no session open."""
+    pids = wait_for(lambda: target.idle_pids() or None, 20,
+                    "idle pre-forked children")
+    return statistics.median(uss_kib(p) for p in pids)
+
+
 def uss_kib(pid):
     """Private_Clean + Private_Dirty from smaps_rollup, in KiB."""
     total = 0
@@ -434,6 +453,12 @@ def routed_config(bed, tls):
     return imapfe_config(bed, tls) + "server 127.0.0.1:9\n"
 
 
+def forking_config(bed, tls):
+    """The same without pre-forked children: the listener forks one
+    after accepting each connection, as before the prefork directive."""
+    return imapfe_config(bed, tls) + "prefork 0\n"
+
+
 def write(path, text):
     with open(path, "w") as f:
         f.write(text)
@@ -461,8 +486,15 @@ class ImapfeListener(Target):
         wait_for(lambda: read_greeting(self.port).startswith(b"* OK"), 20,
                  "imapfe -l")
 
-    def session_pids(self):
+    def all_children(self):
         return children(self.procs[0].pid) + children(self.procs[1].pid)
+
+    def session_pids(self):
+        return [p for p in self.all_children() if not waiting_to_accept(p)]
+
+    def idle_pids(self):
+        """The pre-forked children still waiting for a connection."""
+        return [p for p in self.all_children() if waiting_to_accept(p)]
 
 
 XINETD_SERVICE = """service imapfe-bench{n}
@@ -749,8 +781,12 @@ def installed(cmd, extra=None):
 IMAPFE_CONFIGS = [
     ("", imapfe_config, True),
     (" routed", routed_config, False),
+    (" prefork 0", forking_config, False),
 ]
 RELAYED, ROUTED = "imapfe -l", "imapfe -l routed"
+# Comparisons run only when named with --only: the listener without
+# pre-forked children.
+ONLY_WHEN_NAMED = {"imapfe -l prefork 0"}
 
 
 def imapfe_targets():
@@ -804,6 +840,10 @@ def measures(quick):
         ("uss_kib", "USS per idle session, KiB",
          lambda t, b: idle_session_memory(t, False, 16),
          lambda t: t.name != "direct"),
+        ("uss_prefork_kib", "USS per idle pre-forked child, KiB",
+         lambda t, b: idle_child_memory(t),
+         lambda t: isinstance(t, ImapfeListener) and
+         not t.name.endswith("prefork 0")),
         ("uss_tls_kib", "USS per idle TLS session, KiB",
          lambda t, b: idle_session_memory(t, True, 16),
          lambda t: t.name != "direct"),
@@ -831,7 +871,7 @@ def median_of(values):
     return statistics.median(values)
 
 
-def run(rounds, quick, only=None):
+def run(rounds, quick, only=None, figures=None):
     pin_servers()
     bed = Bed()
     targets, missing = [], []
@@ -839,7 +879,8 @@ def run(rounds, quick, only=None):
               ("nginx", "/usr/lib/nginx/modules/ngx_mail_module.so"))]
     try:
         for name, cls, need in TARGETS + extra:
-            if only and name not in only:
+            if (only and name not in only) or (not only and
+                                               name in ONLY_WHEN_NAMED):
                 continue
             if need is not None and not installed(*need):
                 missing.append(name)
@@ -855,6 +896,8 @@ def run(rounds, quick, only=None):
         # targets can be compared round by round (ROUTED_VS_RELAYED).
         results = {t.name: {"rounds": {}} for t in targets}
         for key, label, fn, applies in measures(quick):
+            if figures and key not in figures:
+                continue
             samples = {t.name: [] for t in targets}
             for _ in range(rounds):
                 for t in targets:
@@ -891,6 +934,7 @@ ROWS = [
     ("pipelined_ms", "200 pipelined UID FETCH, ms", "lo"),
     ("greeting_us", "connect to greeting, us", "lo"),
     ("uss_kib", "USS/idle session, KiB", "abs"),
+    ("uss_prefork_kib", "USS/idle pre-forked child, KiB", "abs"),
     ("uss_tls_kib", "USS/idle TLS session, KiB", "abs"),
     ("tls_login_c1", "TLS logins/s, 1 client", "hi"),
     ("tls_login_c16", "TLS logins/s, 16 clients", "hi"),
@@ -1040,6 +1084,9 @@ def main():
     ap.add_argument("--only", action="append",
                     help="measure only this target (and direct; the "
                     "routed imapfe -l brings the relayed one)")
+    ap.add_argument("--figure", action="append",
+                    help="measure only this figure (its key in "
+                    "results.json: login_c1, greeting_us...)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: run as root (Dovecot, xinetd and smaps_rollup)")
@@ -1047,7 +1094,8 @@ def main():
     if only and ROUTED in only:
         only.add(RELAYED)           # the routed row is read against it
     t0 = time.monotonic()
-    results, missing, notes = run(args.rounds, args.quick, only)
+    results, missing, notes = run(args.rounds, args.quick, only,
+                                  set(args.figure or ()))
     flatten(results)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "cpus": len(ALL_CPUS), "pinned": PINNED,

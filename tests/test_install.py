@@ -7,7 +7,7 @@ import subprocess
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = ("imapfe.conf", "imapfe.xinetd", "imapfe.inetd",
-            "imapfe.socket", "imapfe@.service")
+            "imapfe.socket", "imapfe@.service", "imapfe-listener.service")
 MANUALS = ("usr/share/man/man5/imapfe.conf.5", "usr/share/man/man8/imapfe.8")
 
 
