@@ -26,9 +26,9 @@ LDAP_SONAME = $(shell objdump -p "$$(pkg-config --variable=libdir ldap \
 CPPFLAGS += -DLDAP_SONAME='"$(or $(LDAP_SONAME),libldap-2.5.so.0)"'
 
 SRCS	 = imapfe.c log.c auth.c backend.c proto.c iobuf.c tls.c router.c \
-	   proxyproto.c ldap.c
+	   copy.c proxyproto.c ldap.c
 OBJS	 = $(SRCS:.c=.o)
-HDRS	 = imapfe.h
+HDRS	 = imapfe.h router.h
 # The parts the C unit tests and fuzzers link without main().
 LIBSRCS	 = log.c auth.c backend.c proto.c iobuf.c tls.c proxyproto.c ldap.c
 
