@@ -1,7 +1,14 @@
 /*
  * COPY and MOVE to a mailbox on another server: imapfe carries the
  * messages over itself, fetching each from the source and appending it
- * to the destination, its body streamed through.
+ * to the destination, its body streamed through, never held whole.
+ *
+ * All or nothing, as RFC 9051 6.4.7 asks of COPY: where the destination
+ * offers MULTIAPPEND (RFC 3502) every message goes in one APPEND, which
+ * the server stores whole or not at all; elsewhere each message is its
+ * own APPEND, and after a failure the copies already stored are removed
+ * again by their APPENDUID UIDs (RFC 4315).  A MOVE expunges exactly the
+ * originals that were copied, and only once every copy is stored.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -13,182 +20,400 @@
 #include "imapfe.h"
 #include "router.h"
 
-#define CROSS_COPY_MAX	100000		/* messages in one command */
+#define CROSS_COPY_MAX		100000	/* messages in one command */
+#define UIDS_PER_COMMAND	200	/* keeps each line well under limits */
+#define UID_SET_LOG_MAX		512	/* of a UID set in a log line */
 
 struct msg_meta {
-	unsigned long	 uid;
-	char		 flags[256];
-	char		 date[40];
+	uint32_t	 uid;
+	char		 flags[256];	/* "\Seen $x", without \Recent */
+	char		 date[40];	/* INTERNALDATE's, or "" */
 };
 
-/* The value after "NAME " or "NAME (" in a FETCH response line. */
-static void
-fetch_item(const char *line, const char *name, char open, char close,
-    char *out, size_t outlen)
-{
-	const char *p = strstr(line, name), *end;
+/* How a cross-server copy ended. */
+enum copy_result {
+	COPY_DONE,
+	COPY_BAD_SET,		/* the source refused the set */
+	COPY_TOO_MANY,		/* more than CROSS_COPY_MAX messages */
+	COPY_SOURCE_FAILED,	/* the source refused a message's body */
+	COPY_SOURCE_LOST,	/* the source's connection is gone */
+	COPY_REFUSED,		/* the destination said NO or BAD: in dest */
+	COPY_DEST_LOST,		/* the destination's connection is gone */
+	COPY_NOMEM
+};
 
-	out[0] = '\0';
-	if (p == NULL || (p = strchr(p + strlen(name), open)) == NULL)
-		return;
-	p++;
-	if ((end = strchr(p, close)) == NULL)
-		return;
-	snprintf(out, outlen, "%.*s", (int)(end - p), p);
+/* One COPY or MOVE between servers, from start to answer. */
+struct copy_run {
+	struct router		*rt;
+	const char		*tag;
+	const char		*what;		/* "COPY" or "MOVE" */
+	int			 from;
+	int			 to;
+	const struct token	*mbox;
+	int			 multi;		/* one MULTIAPPEND for all */
+	struct msg_meta		*meta;		/* the set's messages, owned */
+	size_t			 count;
+	int			 over;		/* the set named too many */
+	int			 nomem;
+	int			 dest_broken;	/* left inside a literal */
+	char			 atag[16];	/* the open APPEND's, or "" */
+	struct uid_list		 src;		/* originals sent, in order */
+	struct uid_list		 dst;		/* their copies' UIDs */
+	uint32_t		 uidvalidity;	/* the destination's */
+	int			 uids_known;	/* dst matches stored */
+	size_t			 stored;	/* copies the destination holds */
+	size_t			 pending;	/* in the open MULTIAPPEND */
+	struct reply		*dest;		/* its last answer, owned */
+};
+
+/* ------------------------------------------------------------------ */
+/* the messages of the set: UID, flags and arrival date */
+
+/*
+ * An untagged FETCH response, "* n FETCH (...)", parsed as a command
+ * ("x n FETCH (...)") into c; buf holds the copy the tokens point into.
+ * Returns the index of the token after "(", or 0 when it is no FETCH.
+ */
+static size_t
+fetch_parse(const char *line, size_t len, struct str *buf,
+    struct command *c)
+{
+	const char *why;
+
+	str_wipe(buf);
+	if (len < 4 || line[0] != '*' || line[1] != ' ' ||
+	    str_adds(buf, "x") != 0 || str_add(buf, line + 1, len - 1) != 0 ||
+	    str_add(buf, "", 1) != 0 ||
+	    parse_command(buf->s, len, c, &why) != PARSE_OK)
+		return 0;
+	if (c->ntok < 3 || c->tok[0].type != TOK_ATOM || c->tok[0].len != 5 ||
+	    strncasecmp(c->tok[0].s, "FETCH", 5) != 0 ||
+	    c->tok[1].type != TOK_LPAREN)
+		return 0;
+	return 2;
 }
 
-/* \Recent is the server's to set; the rest of the flags travel. */
-static void
-strip_recent(char *flags)
+static int
+token_is(const struct token *t, const char *word)
 {
-	char *r;
+	return t->type == TOK_ATOM && t->len == strlen(word) &&
+	    strncasecmp(t->s, word, t->len) == 0;
+}
 
-	while ((r = strcasestr(flags, "\\Recent")) != NULL)
-		memmove(r, r + 7, strlen(r + 7) + 1);
+/* A UID token's value, or 0. */
+static uint32_t
+token_uid(const struct token *t)
+{
+	struct uid_list l = { 0 };
+	uint32_t uid = 0;
+
+	if (t->type == TOK_ATOM && uid_set_parse(t->s, t->len, 2, &l) == 0 &&
+	    l.n == 1)
+		uid = l.uid[0];
+	uid_list_free(&l);
+	return uid;
+}
+
+/* The flag list starting at tok[k] ("("), \Recent left out: the server's. */
+static size_t
+meta_flags(const struct command *c, size_t k, struct msg_meta *m)
+{
+	size_t used = 0;
+
+	m->flags[0] = '\0';
+	for (k++; k < c->ntok && c->tok[k].type == TOK_ATOM; k++) {
+		const struct token *t = &c->tok[k];
+
+		if (token_is(t, "\\Recent"))
+			continue;
+		if (used + t->len + 2 > sizeof(m->flags))
+			return 0;
+		used += (size_t)snprintf(m->flags + used, sizeof(m->flags) -
+		    used, "%s%.*s", used ? " " : "", (int)t->len, t->s);
+	}
+	return k < c->ntok && c->tok[k].type == TOK_RPAREN ? k + 1 : 0;
+}
+
+/* UID, FLAGS and INTERNALDATE of a FETCH response's items, from tok[k]. */
+static int
+meta_items(const struct command *c, size_t k, struct msg_meta *m)
+{
+	memset(m, 0, sizeof(*m));
+	while (k + 1 < c->ntok && c->tok[k].type == TOK_ATOM) {
+		const struct token *t = &c->tok[k], *v = &c->tok[k + 1];
+
+		if (token_is(t, "UID"))
+			m->uid = token_uid(v);
+		else if (token_is(t, "INTERNALDATE") && v->type == TOK_QUOTED &&
+		    v->len < sizeof(m->date))
+			snprintf(m->date, sizeof(m->date), "%.*s", (int)v->len,
+			    v->s);
+		if (token_is(t, "FLAGS") && v->type == TOK_LPAREN) {
+			if ((k = meta_flags(c, k + 1, m)) == 0)
+				return -1;
+		} else
+			k += 2;
+	}
+	/* an unsolicited FETCH (flags changed) brings no INTERNALDATE */
+	return m->uid != 0 && m->date[0] != '\0' ? 0 : -1;
 }
 
 /* What collecting the messages of a COPY needs. */
 struct meta_ctx {
-	struct router	*rt;
-	int		 from;
-	struct msg_meta	*meta;
-	size_t		 count;
+	struct copy_run	*run;
 	size_t		 cap;
-	int		 over;		/* more than CROSS_COPY_MAX */
-	int		 failed;	/* out of memory */
+	struct str	 buf;
+	struct command	 c;
 };
 
-/* A FETCH answer of the collecting FETCH is kept, not passed on. */
+/*
+ * A FETCH answer with a UID is the collecting FETCH's, kept here; any
+ * other response is the selected mailbox's news, the client's.
+ */
 static enum sink_verdict
-meta_keep(struct meta_ctx *mc, const char *line)
+meta_line(void *ctx, const char *line, size_t len)
 {
-	struct msg_meta *m;
+	struct meta_ctx *mc = ctx;
+	struct copy_run *run = mc->run;
+	struct msg_meta m, *grown;
+	size_t k = fetch_parse(line, len, &mc->buf, &mc->c);
 
-	if (strstr(line, " FETCH (") == NULL || strstr(line, "UID ") == NULL)
-		/* the selected mailbox's news */
-		return router_untagged(mc->rt, mc->from, line, strlen(line));
-	if (mc->count == CROSS_COPY_MAX) {
-		mc->over = 1;
+	if (k == 0 || meta_items(&mc->c, k, &m) != 0)
+		return router_untagged(run->rt, run->from, line, len);
+	if (run->count == CROSS_COPY_MAX) {
+		run->over = 1;
 		return SINK_DROP;
 	}
-	if (mc->count == mc->cap) {
+	if (run->count == mc->cap) {
 		size_t cap = mc->cap ? mc->cap * 2 : 16;
 
-		if ((m = realloc(mc->meta, cap * sizeof(*m))) == NULL) {
-			mc->failed = 1;
+		if ((grown = reallocarray(run->meta, cap, sizeof(m))) == NULL) {
+			run->nomem = 1;
 			return SINK_FAIL;
 		}
-		mc->meta = m;
+		run->meta = grown;
 		mc->cap = cap;
 	}
-	m = &mc->meta[mc->count++];
-	m->uid = strtoul(strstr(line, "UID ") + 4, NULL, 10);
-	fetch_item(line, "FLAGS", '(', ')', m->flags, sizeof(m->flags));
-	strip_recent(m->flags);
-	fetch_item(line, "INTERNALDATE", '"', '"', m->date, sizeof(m->date));
+	run->meta[run->count++] = m;
 	return SINK_DROP;
 }
 
-static enum sink_verdict
-meta_line(void *ctx, const char *raw, size_t len)
+/* The messages the client's set (tok) names on the source. */
+static enum copy_result
+collect_meta(struct copy_run *run, const struct token *set, int uid)
 {
-	struct meta_ctx *mc = ctx;
-	char *line;
-	enum sink_verdict v;
-
-	/* the response as a string of its own: it ends where its line does */
-	if ((line = strndup(raw, len)) == NULL) {
-		mc->failed = 1;
-		return SINK_FAIL;
-	}
-	v = meta_keep(mc, line);
-	free(line);
-	return v;
-}
-
-
-/*
- * The messages a client's sequence set names on the source: UID, flags
- * and arrival date, from a FETCH whose answers imapfe keeps.  Untagged
- * answers of other kinds belong to the client's selected mailbox.
- * Returns 0, -1 on failure, -2 when the source refused the set, -3 when
- * the set names more than CROSS_COPY_MAX messages.
- */
-static int
-collect_meta(struct router *rt, int from, const struct token *set, int uid,
-    struct msg_meta **meta, size_t *count)
-{
-	struct meta_ctx mc = { .rt = rt, .from = from };
-	struct resp_sink sink = { .out = router_client(rt), .line = meta_line,
-	    .long_lines = 1, .ctx = &mc };
+	struct meta_ctx *mc = calloc(1, sizeof(*mc));
+	struct resp_sink sink = { .out = router_client(run->rt),
+	    .line = meta_line, .long_lines = 1, .ctx = mc };
 	struct str text = { 0 };
 	struct reply *r = malloc(sizeof(*r));
 	enum reply_status rs = REPLY_LOST;
 
-	if (r != NULL && str_printf(&text, "%sFETCH %.*s (UID FLAGS "
-	    "INTERNALDATE)", uid ? "UID " : "", (int)set->len, set->s) == 0)
-		rs = backend_simple(router_backend(rt, from),
-		    router_config(rt), text.s, &sink, r);
+	if (mc == NULL || r == NULL) {
+		free(mc);
+		free(r);
+		return COPY_NOMEM;
+	}
+	mc->run = run;
+	if (str_printf(&text, "%sFETCH %.*s (UID FLAGS INTERNALDATE)",
+	    uid ? "UID " : "", (int)set->len, set->s) == 0)
+		rs = backend_simple(router_backend(run->rt, run->from),
+		    router_config(run->rt), text.s, &sink, r);
 	str_free(&text);
+	str_free(&mc->buf);
+	free(mc);
 	free(r);
-	*meta = mc.meta;
-	*count = mc.count;
+	if (run->nomem)
+		return COPY_NOMEM;
 	if (rs == REPLY_NO || rs == REPLY_BAD)
-		return -2;
-	if (rs != REPLY_OK || mc.failed)
-		return -1;
-	return mc.over ? -3 : 0;
+		return COPY_BAD_SET;
+	if (rs != REPLY_OK)
+		return COPY_SOURCE_LOST;
+	return run->over ? COPY_TOO_MANY : COPY_DONE;
 }
 
-/* One message on its way from the source's FETCH to the destination. */
+/* ------------------------------------------------------------------ */
+/* the destination's APPEND */
+
+static struct backend *
+dest_backend(const struct copy_run *run)
+{
+	return router_backend(run->rt, run->to);
+}
+
+static enum copy_result
+dest_write(struct copy_run *run, const char *p, size_t n)
+{
+	struct backend *be = dest_backend(run);
+
+	be->io.deadline = deadline_in(router_config(run->rt)->backend_timeout);
+	return iobuf_write(&be->io, p, n) == IO_OK ? COPY_DONE :
+	    COPY_DEST_LOST;
+}
+
+/*
+ * The destination's tagged answer to the APPEND: with OK it holds the
+ * messages sent in it, and its APPENDUID names their UIDs in the order
+ * sent (RFC 4315 3).  Without an APPENDUID, or one that does not fit,
+ * the copies cannot be named: no COPYUID, and no removal.
+ */
+static void
+append_answered(struct copy_run *run)
+{
+	struct status_resp st;
+	struct uid_list got = { 0 };
+	uint32_t validity = 0;
+	size_t sent = run->pending;
+
+	run->pending = 0;
+	if (run->dest->status != REPLY_OK) {
+		run->src.n = run->stored;	/* they were not stored */
+		return;
+	}
+	run->stored += sent;
+	if (status_parse(run->dest->line, run->dest->len, run->atag, &st)
+	    != 0 || appenduid_parse(&st, sent + 1, &validity, &got) != 0 ||
+	    got.n != sent ||
+	    (run->dst.n > 0 && validity != run->uidvalidity))
+		run->uids_known = 0;
+	for (size_t k = 0; run->uids_known && k < got.n; k++)
+		if (uid_list_add(&run->dst, got.uid[k]) != 0)
+			run->uids_known = 0;
+	run->uidvalidity = validity;
+	uid_list_free(&got);
+}
+
+/* Wait for the destination's "+" or its tagged answer. */
+static enum copy_result
+append_await(struct copy_run *run)
+{
+	enum reply_status rs = backend_await(dest_backend(run),
+	    router_config(run->rt), run->atag, NULL, run->dest);
+
+	if (rs == REPLY_PLUS)
+		return COPY_DONE;
+	if (rs == REPLY_LOST || rs == REPLY_BYE) {
+		run->src.n = run->stored;
+		run->pending = 0;
+		return COPY_DEST_LOST;
+	}
+	append_answered(run);
+	run->atag[0] = '\0';
+	return rs == REPLY_OK ? COPY_DONE : COPY_REFUSED;
+}
+
+/*
+ * The part of the APPEND before message m's body, of size octets: the
+ * command itself for the first message, " (flags) date {n}" for the next
+ * ones of a MULTIAPPEND.  COPY_DONE once the destination says "+".
+ */
+static enum copy_result
+append_message(struct copy_run *run, const struct msg_meta *m,
+    uint64_t size)
+{
+	struct str text = { 0 };
+	enum copy_result rc = COPY_NOMEM;
+	int open = run->atag[0] != '\0';
+
+	if (!open)
+		snprintf(run->atag, sizeof(run->atag), "%s",
+		    backend_next_tag(dest_backend(run)));
+	if ((open || (str_printf(&text, "%s APPEND ", run->atag) == 0 &&
+	    imap_append_string(&text, run->mbox->s, run->mbox->len, 0) >= 0)) &&
+	    str_printf(&text, " (%s)%s%s%s {%llu}\r\n", m->flags,
+	    m->date[0] ? " \"" : "", m->date, m->date[0] ? "\"" : "",
+	    (unsigned long long)size) == 0 &&
+	    uid_list_add(&run->src, m->uid) == 0) {
+		run->pending++;
+		rc = dest_write(run, text.s, text.len);
+	}
+	str_free(&text);
+	if (rc != COPY_DONE) {
+		run->atag[0] = '\0';
+		return rc;
+	}
+	return append_await(run);
+}
+
+/* The end of the APPEND: CRLF, and the destination's answer. */
+static enum copy_result
+append_end(struct copy_run *run, const char *end)
+{
+	enum copy_result rc;
+
+	if (run->atag[0] == '\0')
+		return COPY_DONE;
+	if ((rc = dest_write(run, end, strlen(end))) != COPY_DONE) {
+		run->atag[0] = '\0';
+		return rc;
+	}
+	rc = append_await(run);
+	if (rc == COPY_DONE && run->atag[0] != '\0') {
+		/* a "+" after the end: the server is lost to us */
+		run->atag[0] = '\0';
+		return COPY_DEST_LOST;
+	}
+	return rc;
+}
+
+/*
+ * Give up an open MULTIAPPEND between two messages: an argument where
+ * the next message must be makes the whole command fail, and a failed
+ * MULTIAPPEND stores nothing (RFC 3502 6.3.11).
+ */
+static enum copy_result
+append_abort(struct copy_run *run)
+{
+	return append_end(run, " NIL\r\n");
+}
+
+/* ------------------------------------------------------------------ */
+/* one message: the source's FETCH streamed into the destination */
+
 struct body_copy {
-	struct router		*rt;
-	int			 to;
-	const struct token	*mbox;
+	struct copy_run		*run;
 	const struct msg_meta	*m;
-	struct reply		*dest;	/* the destination's answer */
-	char			 atag[16];
-	uint64_t		 left;	/* of the body, still to send */
-	int			 first;	/* the next piece is the FETCH line */
+	enum copy_result	 dest_rc;	/* the APPEND's, once begun */
+	uint64_t		 left;		/* of the body, still to send */
+	int			 first;		/* the next piece: the line */
 	enum { BODY_WAIT, BODY_SENDING, BODY_SENT, BODY_REFUSED,
 	    BODY_BROKEN }	 state;
 };
 
+/* "* n FETCH (" and a literal at the end: a FETCH bringing the body. */
+static int
+is_fetch_with_literal(const char *line, size_t len, uint64_t *size)
+{
+	size_t k = 2;
+	enum literal_kind lk;
+
+	if (len < 2 || line[0] != '*' || line[1] != ' ')
+		return 0;
+	while (k < len && line[k] >= '0' && line[k] <= '9')
+		k++;
+	if (k == 2 || len - k < 8 || strncasecmp(line + k, " FETCH (", 8) != 0)
+		return 0;
+	lk = literal_at_end(line, len, size);
+	return lk == LIT_SYNC || lk == LIT_NONSYNC;
+}
+
 /*
- * The FETCH line announcing the body: the APPEND goes to the destination
- * with the same size, and once it says "+" the body follows, piece by
- * piece, as the source sends it.
+ * The FETCH line announcing the body: the message's part of the APPEND
+ * goes to the destination with the same size, and once it says "+" the
+ * body follows, piece by piece, as the source sends it.
  */
 static enum sink_verdict
 body_line(void *ctx, const char *line, size_t len)
 {
 	struct body_copy *bc = ctx;
-	struct backend *to = router_backend(bc->rt, bc->to);
-	const struct msg_meta *m = bc->m;
-	struct str append = { 0 };
-	enum reply_status rs = REPLY_LOST;
 	uint64_t size;
-	enum literal_kind k = literal_at_end(line, len, &size);
 
-	if (bc->state != BODY_WAIT || memmem(line, len, " FETCH (", 8) == NULL ||
-	    (k != LIT_SYNC && k != LIT_NONSYNC))
+	if (bc->state != BODY_WAIT || !is_fetch_with_literal(line, len, &size))
 		return SINK_DROP;
-	snprintf(bc->atag, sizeof(bc->atag), "%s", backend_next_tag(to));
-	if (str_printf(&append, "%s APPEND ", bc->atag) == 0 &&
-	    imap_append_string(&append, bc->mbox->s, bc->mbox->len, 0) >= 0 &&
-	    str_printf(&append, " (%s)%s%s%s {%llu}\r\n", m->flags,
-	    m->date[0] ? " \"" : "", m->date, m->date[0] ? "\"" : "",
-	    (unsigned long long)size) == 0) {
-		to->io.deadline = deadline_in(router_config(bc->rt)->backend_timeout);
-		if (iobuf_write(&to->io, append.s, append.len) == IO_OK)
-			rs = backend_await(to, router_config(bc->rt), bc->atag, NULL,
-			    bc->dest);
-	}
-	str_free(&append);
-	if (rs != REPLY_PLUS) {
+	bc->dest_rc = append_message(bc->run, bc->m, size);
+	if (bc->dest_rc != COPY_DONE) {
 		/* refused: the body on its way from the source goes nowhere */
-		bc->state = rs == REPLY_NO || rs == REPLY_BAD ? BODY_REFUSED :
-		    BODY_BROKEN;
+		bc->state = BODY_REFUSED;
 		return SINK_DROP;
 	}
 	bc->state = BODY_SENDING;
@@ -201,7 +426,6 @@ static int
 body_data(void *ctx, const char *p, size_t n)
 {
 	struct body_copy *bc = ctx;
-	struct iobuf *io = &router_backend(bc->rt, bc->to)->io;
 
 	if (bc->first) {		/* the FETCH line itself */
 		bc->first = 0;
@@ -211,157 +435,408 @@ body_data(void *ctx, const char *p, size_t n)
 		return 0;		/* ")" and the rest of the response */
 	if (n > bc->left)
 		n = (size_t)bc->left;
-	io->deadline = deadline_in(router_config(bc->rt)->backend_timeout);
-	if (iobuf_write(io, p, n) != IO_OK) {
+	if (dest_write(bc->run, p, n) != COPY_DONE) {
 		bc->state = BODY_BROKEN;
 		return -1;
 	}
-	if ((bc->left -= n) == 0) {
-		bc->state = BODY_BROKEN;
-		if (iobuf_write(io, "\r\n", 2) != IO_OK)
-			return -1;
+	if ((bc->left -= n) == 0)
 		bc->state = BODY_SENT;
-	}
 	return 0;
 }
 
 /*
- * One message: FETCH its body from the source and APPEND it to the
- * destination at the same time, the literal flowing straight through.
- * Returns 0; 1 when the message is gone from the source; -1 on failure
- * of the source; -3 when the destination refused it (its answer in
- * dest); -4 when the destination was left inside the APPEND.
+ * One message: FETCH its body from the source and send it into the
+ * destination's APPEND at the same time, the literal flowing straight
+ * through.  Alone (no MULTIAPPEND), its APPEND then ends here.  A message
+ * gone from the source meanwhile is skipped.
  */
-static int
-copy_one(struct router *rt, int from, int to, const struct token *mbox,
-    const struct msg_meta *m, struct reply *dest)
+static enum copy_result
+copy_one(struct copy_run *run, const struct msg_meta *m)
 {
-	struct body_copy bc = { .rt = rt, .to = to, .mbox = mbox, .m = m,
-	    .dest = dest, .state = BODY_WAIT };
+	struct body_copy bc = { .run = run, .m = m, .state = BODY_WAIT };
 	struct resp_sink sink = { .line = body_line, .data = body_data,
 	    .ctx = &bc };
 	struct reply *r = malloc(sizeof(*r));
 	char text[64];
 	enum reply_status rs = REPLY_LOST;
 
-	snprintf(text, sizeof(text), "UID FETCH %lu BODY.PEEK[]", m->uid);
-	if (r != NULL)
-		rs = backend_simple(router_backend(rt, from), router_config(rt), text, &sink,
-		    r);
+	if (r == NULL)
+		return COPY_NOMEM;
+	snprintf(text, sizeof(text), "UID FETCH %lu BODY.PEEK[]",
+	    (unsigned long)m->uid);
+	rs = backend_simple(router_backend(run->rt, run->from),
+	    router_config(run->rt), text, &sink, r);
 	free(r);
 	switch (bc.state) {
 	case BODY_WAIT:
-		return rs == REPLY_OK ? 1 : -1;
+		if (rs == REPLY_OK)
+			return COPY_DONE;	/* expunged meanwhile */
+		return rs == REPLY_LOST || rs == REPLY_BYE ? COPY_SOURCE_LOST :
+		    COPY_SOURCE_FAILED;
 	case BODY_REFUSED:
-		return rs == REPLY_OK ? -3 : -1;
+		return bc.dest_rc;
 	case BODY_SENDING:
 	case BODY_BROKEN:
-		return -4;
+		/* the destination is inside a literal it cannot finish */
+		run->dest_broken = 1;
+		run->atag[0] = '\0';
+		run->src.n = run->stored;
+		run->pending = 0;
+		return rs == REPLY_LOST || rs == REPLY_BYE ? COPY_SOURCE_LOST :
+		    COPY_DEST_LOST;
 	case BODY_SENT:
 		break;
 	}
-	rs = backend_await(router_backend(rt, to), router_config(rt), bc.atag, NULL, dest);
-	if (rs == REPLY_OK)
-		return 0;
-	return rs == REPLY_NO || rs == REPLY_BAD ? -3 : -4;
+	if (rs != REPLY_OK)
+		return rs == REPLY_LOST || rs == REPLY_BYE ? COPY_SOURCE_LOST :
+		    COPY_SOURCE_FAILED;
+	return run->multi ? COPY_DONE : append_end(run, "\r\n");
 }
 
-#define UIDS_PER_COMMAND	200	/* keeps each line well under limits */
-
-/* After a MOVE's copies: the originals go, and the client sees it. */
-static int
-remove_originals(struct router *rt, int from, const struct msg_meta *meta,
-    size_t count)
+/* Every message of the set, in one MULTIAPPEND or one APPEND each. */
+static enum copy_result
+copy_all(struct copy_run *run)
 {
-	struct str set = { 0 }, cmd = { 0 };
-	int rc = 0;
+	enum copy_result rc = COPY_DONE;
 
-	for (size_t k = 0; rc == 0 && k < count; k += UIDS_PER_COMMAND) {
-		str_wipe(&set);
-		for (size_t j = k; j < count && j < k + UIDS_PER_COMMAND; j++)
-			if (str_printf(&set, "%s%lu", j > k ? "," : "",
-			    meta[j].uid) != 0)
-				rc = -1;
-		str_wipe(&cmd);
-		if (rc == 0 && (str_printf(&cmd, "UID STORE %s +FLAGS.SILENT "
-		    "(\\Deleted)", set.s) != 0 ||
-		    router_link_command(rt, from, cmd.s) != 0))
-			rc = -1;
-		str_wipe(&cmd);
-		if (rc == 0 && (str_printf(&cmd, "UID EXPUNGE %s", set.s) != 0 ||
-		    router_link_command(rt, from, cmd.s) != 0))
-			rc = -1;
-	}
-	str_free(&set);
-	str_free(&cmd);
+	for (size_t k = 0; rc == COPY_DONE && k < run->count; k++)
+		rc = copy_one(run, &run->meta[k]);
+	if (!run->multi)
+		return rc;
+	if (rc == COPY_DONE)
+		return append_end(run, "\r\n");
+	if (run->atag[0] != '\0')
+		(void)append_abort(run);
 	return rc;
 }
 
+/* ------------------------------------------------------------------ */
+/* UID sets */
+
+/* "5,7:9" for 5, 7, 8, 9: runs of consecutive UIDs as ranges. */
+static int
+uid_set_format(struct str *out, const uint32_t *uid, size_t n)
+{
+	for (size_t k = 0; k < n;) {
+		size_t run = 1;
+
+		while (k + run < n && uid[k + run] == uid[k] + run &&
+		    uid[k + run] != 0)
+			run++;
+		if (str_printf(out, "%s%lu", k ? "," : "",
+		    (unsigned long)uid[k]) != 0 || (run > 1 &&
+		    str_printf(out, ":%lu", (unsigned long)uid[k + run - 1])
+		    != 0))
+			return -1;
+		k += run;
+	}
+	return 0;
+}
+
 /*
- * COPY or MOVE to a mailbox on another server: each message is fetched
- * from the source and appended to the destination, body streamed; MOVE
- * then removes the originals.  Not atomic: a failure part-way leaves the
- * messages copied so far, and a MOVE's originals untouched.
+ * "UID STORE set +FLAGS.SILENT (\Deleted)" and "UID EXPUNGE set" for
+ * the UIDs in l, in slices; run_one runs each command on its link.
+ */
+static enum reply_status
+expunge_uids(struct copy_run *run, const struct uid_list *l, int link,
+    enum reply_status (*run_one)(struct copy_run *, int, const char *))
+{
+	struct str set = { 0 }, cmd = { 0 };
+	enum reply_status rs = REPLY_OK;
+
+	for (size_t k = 0; rs == REPLY_OK && k < l->n; k += UIDS_PER_COMMAND) {
+		size_t n = l->n - k < UIDS_PER_COMMAND ? l->n - k :
+		    UIDS_PER_COMMAND;
+
+		str_wipe(&set);
+		str_wipe(&cmd);
+		if (uid_set_format(&set, l->uid + k, n) != 0 ||
+		    str_printf(&cmd, "UID STORE %s +FLAGS.SILENT (\\Deleted)",
+		    set.s) != 0) {
+			rs = REPLY_LOST;
+			break;
+		}
+		if ((rs = run_one(run, link, cmd.s)) != REPLY_OK)
+			break;
+		str_wipe(&cmd);
+		if (str_printf(&cmd, "UID EXPUNGE %s", set.s) != 0)
+			rs = REPLY_LOST;
+		else
+			rs = run_one(run, link, cmd.s);
+	}
+	str_free(&set);
+	str_free(&cmd);
+	return rs;
+}
+
+/* A command on the destination, whatever it says besides going nowhere. */
+static enum reply_status
+dest_command(struct copy_run *run, int link, const char *text)
+{
+	struct reply *r = malloc(sizeof(*r));
+	enum reply_status rs = REPLY_LOST;
+
+	if (r != NULL)
+		rs = backend_simple(router_backend(run->rt, link),
+		    router_config(run->rt), text, NULL, r);
+	free(r);
+	return rs;
+}
+
+/* A command on the source: its EXPUNGEs are the client's to see. */
+static enum reply_status
+source_command(struct copy_run *run, int link, const char *text)
+{
+	return router_link_command(run->rt, link, text);
+}
+
+/*
+ * Take back the copies a failed COPY stored one APPEND at a time: select
+ * the destination mailbox on the destination's connection, expunge
+ * exactly their UIDs, and leave it with nothing selected again, as the
+ * router keeps every server but the selected mailbox's.  -1 when they
+ * stay (their UIDs unknown, or the server would not).
+ */
+static int
+undo_copies(struct copy_run *run)
+{
+	struct str cmd = { 0 };
+	enum reply_status rs = REPLY_LOST;
+
+	if (run->stored == 0)
+		return 0;
+	if (!run->uids_known || run->dst.n != run->stored)
+		return -1;
+	if (str_adds(&cmd, "SELECT ") == 0 &&
+	    imap_append_string(&cmd, run->mbox->s, run->mbox->len, 0) >= 0 &&
+	    (rs = dest_command(run, run->to, cmd.s)) == REPLY_OK)
+		rs = expunge_uids(run, &run->dst, run->to, dest_command);
+	str_free(&cmd);
+	if (rs != REPLY_LOST)
+		router_unselect(run->rt, run->to);
+	if (rs != REPLY_OK)
+		return -1;
+	run->stored = 0;
+	run->dst.n = 0;
+	return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* the answer */
+
+/* A response code of the destination's that the client may see as is. */
+static int
+code_for_client(const struct reply *r, const char *tag,
+    struct status_resp *st)
+{
+	if (status_parse(r->line, r->len, tag, st) != 0)
+		return 0;
+	switch (st->code) {
+	case CODE_NONE:
+	case CODE_REFERRAL:	/* imapfe's to follow, never the client's */
+	case CODE_CAPABILITY:
+	case CODE_APPENDUID:
+	case CODE_COPYUID:
+	case CODE_CLOSED:
+		return 0;
+	default:
+		break;
+	}
+	for (size_t k = 0; k < st->code_span_len; k++)
+		if (st->code_span[k] < ' ' || st->code_span[k] > '~')
+			return 0;
+	return 1;
+}
+
+static void
+log_left(const struct copy_run *run, const char *why)
+{
+	struct str set = { 0 };
+
+	if (uid_set_format(&set, run->dst.uid, run->dst.n) != 0 ||
+	    set.s == NULL)
+		str_adds(&set, "");
+	log_msg(LOG_ERR, "event=copy-undo-failed user=\"%s\" command=%s "
+	    "left=%zu uidvalidity=%lu uids=\"%.*s%s\" reason=\"%s\"",
+	    router_user(run->rt), run->what, run->stored,
+	    (unsigned long)run->uidvalidity, UID_SET_LOG_MAX,
+	    set.s ? set.s : "", set.len > UID_SET_LOG_MAX ? "..." : "", why);
+	str_free(&set);
+}
+
+static const char *
+result_name(enum copy_result rc)
+{
+	static const char *const names[] = {
+		[COPY_DONE] = "done", [COPY_BAD_SET] = "bad-set",
+		[COPY_TOO_MANY] = "too-many",
+		[COPY_SOURCE_FAILED] = "source-refused",
+		[COPY_SOURCE_LOST] = "source-lost",
+		[COPY_REFUSED] = "destination-refused",
+		[COPY_DEST_LOST] = "destination-lost",
+		[COPY_NOMEM] = "out-of-memory" };
+
+	return names[rc];
+}
+
+/* The copy failed: the destination as it was, if it can be; then say so. */
+static void
+copy_failed(struct copy_run *run, enum copy_result rc, const char *dtag)
+{
+	struct status_resp st;
+	int left = 0;
+	const char *code = "[CANNOT]";
+	int codelen = 8;
+
+	if (rc == COPY_BAD_SET) {
+		client_line(run->rt, "%s NO Invalid message set.", run->tag);
+		return;
+	}
+	if (rc == COPY_TOO_MANY) {
+		client_line(run->rt, "%s NO [LIMIT] At most %d messages can be "
+		    "copied between servers at once.", run->tag,
+		    CROSS_COPY_MAX);
+		return;
+	}
+	if (rc == COPY_DEST_LOST || run->dest_broken) {
+		if ((left = run->stored > 0))
+			log_left(run, "the destination's connection was lost");
+	} else if (undo_copies(run) != 0) {
+		left = 1;
+		log_left(run, run->uids_known ? "the destination would not "
+		    "expunge them" : "the destination gave no APPENDUID");
+	}
+	log_msg(LOG_ERR, "event=copy-failed user=\"%s\" command=%s "
+	    "messages=%zu reason=%s%s%.*s left=%zu", router_user(run->rt),
+	    run->what, run->count, result_name(rc),
+	    rc == COPY_REFUSED ? " said=" : "",
+	    rc == COPY_REFUSED ? (int)strlen(run->dest->why) : 0,
+	    run->dest->why, left ? run->stored : 0);
+	if (rc == COPY_SOURCE_LOST) {
+		if (run->dest_broken)
+			router_link_lost(run->rt, run->to, NULL);
+		router_link_lost(run->rt, run->from, run->tag);
+		return;
+	}
+	if (rc == COPY_DEST_LOST) {
+		router_link_lost(run->rt, run->to, run->tag);
+		return;
+	}
+	if (rc == COPY_REFUSED && code_for_client(run->dest, dtag, &st)) {
+		code = st.code_span;
+		codelen = (int)st.code_span_len;
+	} else if (rc == COPY_NOMEM || rc == COPY_SOURCE_FAILED) {
+		code = "[UNAVAILABLE]";
+		codelen = 13;
+	}
+	if (left)
+		client_line(run->rt, "%s NO %.*s %s between servers failed, "
+		    "and %zu copies could not be removed from the destination.",
+		    run->tag, codelen, code, run->what, run->stored);
+	else
+		client_line(run->rt, "%s NO %.*s %s between servers failed; "
+		    "the destination is unchanged.", run->tag, codelen, code,
+		    run->what);
+}
+
+/* "[COPYUID v source-uids dest-uids]", when the destination named each. */
+static int
+copyuid(const struct copy_run *run, struct str *out)
+{
+	if (!run->uids_known || run->src.n == 0 || run->dst.n != run->src.n ||
+	    !caps_has(dest_backend(run)->caps, "UIDPLUS"))
+		return 0;
+	if (str_printf(out, "[COPYUID %lu ", (unsigned long)run->uidvalidity)
+	    != 0 || uid_set_format(out, run->src.uid, run->src.n) != 0 ||
+	    str_adds(out, " ") != 0 ||
+	    uid_set_format(out, run->dst.uid, run->dst.n) != 0 ||
+	    str_adds(out, "] ") != 0)
+		return -1;
+	return 0;
+}
+
+/*
+ * Every copy is stored.  A MOVE now expunges exactly the originals that
+ * were copied, the client seeing the EXPUNGEs; its COPYUID comes first,
+ * untagged, as RFC 6851 4.3 has it, a COPY's in the tagged OK.
+ */
+static void
+copy_done(struct copy_run *run, int move)
+{
+	struct str code = { 0 };
+	enum reply_status rs = REPLY_OK;
+
+	if (copyuid(run, &code) != 0)
+		str_free(&code);	/* no COPYUID, then */
+	if (move) {
+		if (code.len > 0)
+			client_line(run->rt, "* OK %sMoved.", code.s);
+		str_free(&code);
+		rs = expunge_uids(run, &run->src, run->from, source_command);
+	}
+	if (rs == REPLY_LOST) {
+		log_msg(LOG_ERR, "event=move-expunge-failed user=\"%s\" "
+		    "copied=%zu reason=\"source lost\"", router_user(run->rt),
+		    run->stored);
+		router_link_lost(run->rt, run->from, run->tag);
+	} else if (rs != REPLY_OK) {
+		/* both copies stay: never neither */
+		log_msg(LOG_ERR, "event=move-expunge-failed user=\"%s\" "
+		    "copied=%zu reason=\"%s\"", router_user(run->rt),
+		    run->stored, "the source would not expunge");
+		client_line(run->rt, "%s OK MOVE stored every copy, but the "
+		    "originals could not be removed.", run->tag);
+	} else
+		client_line(run->rt, "%s OK %s%s completed.", run->tag,
+		    code.s != NULL ? code.s : "", run->what);
+	str_free(&code);
+}
+
+/*
+ * COPY or MOVE (first: the index of the set's token) from the selected
+ * mailbox on link from to a mailbox on link to.
  */
 void
 cross_copy(struct router *rt, const struct command *c, size_t first,
     int from, int to, int move)
 {
-	const struct token *mbox = &c->tok[c->ntok - 1];
-	const char *what = move ? "MOVE" : "COPY";
-	struct reply *dest = malloc(sizeof(*dest));
-	struct msg_meta *meta = NULL;
-	size_t count = 0, copied = 0;
-	int rc;
+	struct copy_run run = { .rt = rt, .tag = c->tag, .from = from,
+	    .to = to, .mbox = &c->tok[c->ntok - 1], .uids_known = 1,
+	    .what = move ? "MOVE" : "COPY" };
+	enum copy_result rc;
+	char dtag[sizeof(run.atag)];
 
-	if (dest == NULL) {
+	if ((run.dest = malloc(sizeof(*run.dest))) == NULL) {
 		router_bye(rt, END_LIMIT, "Out of memory.");
 		return;
 	}
-	dest->code = CODE_NONE;
+	run.dest->status = REPLY_LOST;
+	run.dest->code = CODE_NONE;
+	run.dest->why[0] = '\0';
 	if (move && !caps_has(router_backend(rt, from)->caps, "UIDPLUS")) {
 		client_line(rt, "%s NO [CANNOT] MOVE between servers needs "
 		    "UIDPLUS on the source server.", c->tag);
-		free(dest);
+		free(run.dest);
 		return;
 	}
 	if (to > 0 && public_unavailable(rt, to, c->tag)) {
-		free(dest);
+		free(run.dest);
 		return;
 	}
-	rc = collect_meta(rt, from, &c->tok[first], first == 1, &meta, &count);
-	for (size_t k = 0; rc == 0 && k < count; k++) {
-		rc = copy_one(rt, from, to, mbox, &meta[k], dest);
-		if (rc == 0)
-			copied++;
-		else if (rc == 1)
-			rc = 0;		/* expunged meanwhile: nothing to copy */
-	}
-	if (rc == 0 && move)
-		rc = remove_originals(rt, from, meta, count);
-	free(meta);
-	if (rc == -4) {
-		/* inside an APPEND it cannot finish: that connection is lost */
-		router_link_lost(rt, to, c->tag);
-		free(dest);
-		return;
-	}
-	if (rc == -2)
-		client_line(rt, "%s NO Invalid message set.", c->tag);
-	else if (rc == -3 && count > CROSS_COPY_MAX - 1 && copied == 0)
-		client_line(rt, "%s NO [LIMIT] At most %d messages can be "
-		    "copied between servers at once.", c->tag, CROSS_COPY_MAX);
-	else if (rc == -3 && dest->code == CODE_TRYCREATE && copied == 0)
-		client_line(rt, "%s NO [TRYCREATE] The destination mailbox does "
-		    "not exist.", c->tag);
-	else if (rc != 0) {
-		log_msg(LOG_ERR, "event=copy-failed user=\"%s\" copied=%zu "
-		    "of=%zu", router_user(rt), copied, count);
-		client_line(rt, "%s NO [%s] %s between servers failed after %zu "
-		    "of %zu messages.", c->tag, rc == -3 ? "CANNOT" :
-		    "UNAVAILABLE", what, copied, count);
-	} else
-		client_line(rt, "%s OK %s completed.", c->tag, what);
-	free(dest);
+	run.multi = caps_has(dest_backend(&run)->caps, "MULTIAPPEND");
+	rc = collect_meta(&run, &c->tok[first], first == 1);
+	dtag[0] = '\0';
+	if (rc == COPY_DONE)
+		rc = copy_all(&run);
+	if (rc == COPY_REFUSED)
+		snprintf(dtag, sizeof(dtag), "%.*s", (int)run.dest->tag_len,
+		    run.dest->line);
+	if (rc == COPY_DONE)
+		copy_done(&run, move);
+	else
+		copy_failed(&run, rc, dtag);
+	free(run.meta);
+	uid_list_free(&run.src);
+	uid_list_free(&run.dst);
+	free(run.dest);
 }
-

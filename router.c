@@ -2046,7 +2046,7 @@ router_untagged(struct router *rt, int i, const char *line, size_t len)
 }
 
 /* One internal command on link i, its untagged answers to the client. */
-int
+enum reply_status
 router_link_command(struct router *rt, int i, const char *text)
 {
 	struct sink_ctx ctx;
@@ -2058,7 +2058,14 @@ router_link_command(struct router *rt, int i, const char *text)
 		rs = backend_simple(rt->links[i].be, rt->cfg, text,
 		    sink_for(rt, &rt->links[i], FORWARD, &ctx, &sink), r);
 	free(r);
-	return rs == REPLY_OK ? 0 : -1;
+	return rs;
+}
+
+/* Leave link i (not the client's selected one) with nothing selected. */
+void
+router_unselect(struct router *rt, int i)
+{
+	deselect(rt, i);
 }
 
 /*

@@ -22,8 +22,9 @@ int		 public_unavailable(struct router *, int link, const char *tag);
 void		 router_link_lost(struct router *, int link, const char *tag);
 enum sink_verdict router_untagged(struct router *, int link,
 		    const char *line, size_t len);
-int		 router_link_command(struct router *, int link,
+enum reply_status router_link_command(struct router *, int link,
 		    const char *text);
+void		 router_unselect(struct router *, int link);
 
 /* copy.c */
 void		 cross_copy(struct router *, const struct command *,
