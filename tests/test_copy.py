@@ -1,0 +1,231 @@
+"""COPY and MOVE between servers (copy.c): all or nothing, the
+destination's own response code, COPYUID.
+
+A public-folder Dovecot is the source; the destination is alice's home
+Dovecot, with a quota that has room for one test message, in two kinds:
+one as Dovecot comes (MULTIAPPEND: imapfe sends every message in one
+APPEND, which the server stores whole or not at all) and one whose
+capability list leaves MULTIAPPEND out (one APPEND per message: after a
+failure imapfe expunges the copies it stored, by their APPENDUID UIDs).
+"""
+import re
+
+import pytest
+
+from conftest import Dovecot
+from test_public import (home_conf, login, make_public_folder,
+                         public_config, public_server, q, rawlog)
+
+# Dovecot's own list, less MULTIAPPEND.
+CAPS_NO_MULTIAPPEND = (
+    "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT SORT=DISPLAY "
+    "THREAD=REFERENCES THREAD=REFS THREAD=ORDEREDSUBJECT URL-PARTIAL "
+    "CATENATE UNSELECT CHILDREN NAMESPACE UIDPLUS LIST-EXTENDED "
+    "I18NLEVEL=1 CONDSTORE QRESYNC ESEARCH ESORT SEARCHRES WITHIN "
+    "CONTEXT=SEARCH LIST-STATUS BINARY MOVE LITERAL+")
+
+# Room for one message of about 1200 bytes, never two.
+QUOTA = """
+mail_plugins = $mail_plugins quota
+protocol imap {
+  mail_plugins = $mail_plugins imap_quota
+}
+plugin {
+  quota = count:User quota
+  quota_vsizes = yes
+  quota_rule = *:storage=2K
+}
+"""
+
+
+def big(subject):
+    body = ("%s: " % subject + "x" * 70 + "\r\n") * 15
+    return ("From: sender@example.org\r\nSubject: %s\r\n"
+            "Message-ID: <%s@example.org>\r\n\r\n%s"
+            % (subject, subject.replace(" ", "-"), body)).encode()
+
+
+def home_server(multiappend):
+    def conf(d):
+        extra = home_conf(d) + QUOTA
+        if not multiappend:
+            extra += "imap_capability = %s\n" % CAPS_NO_MULTIAPPEND
+        return extra
+    return Dovecot(extra_conf=conf)
+
+
+@pytest.fixture(scope="module")
+def public():
+    d = public_server()
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="module", params=["multiappend", "one-by-one"])
+def home(request):
+    d = home_server(request.param == "multiappend")
+    d.multiappend = request.param == "multiappend"
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def fe(imapfe_factory, home, public):
+    f = imapfe_factory(public_config(home, public.port))
+    f.start_inetd()
+    return f
+
+
+def messages(d, mailbox, user="alice"):
+    """UID -> whole message of every message in mailbox, read from server
+    d directly."""
+    m = d.imap(user)
+    typ, data = m.select(q(mailbox), readonly=True)
+    assert typ == "OK", data
+    out = {}
+    if int(data[0]):
+        typ, data = m.uid("FETCH", "1:*", "(UID BODY.PEEK[])")
+        assert typ == "OK", data
+        for d_ in data:
+            if isinstance(d_, tuple):
+                uid = int(re.search(rb"UID (\d+)", d_[0]).group(1))
+                out[uid] = d_[1]
+    m.logout()
+    return out
+
+
+def fresh_home_mailbox(home, name):
+    m = home.imap("alice")
+    m.delete(name)
+    assert m.create(name)[0] == "OK"
+    m.logout()
+
+
+def uid_set(text):
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition(":")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def copyuid(data):
+    mo = re.search(rb"\[COPYUID (\d+) ([\d:,]+) ([\d:,]+)\]", data)
+    assert mo, data
+    return (int(mo.group(1)), uid_set(mo.group(2).decode()),
+            uid_set(mo.group(3).decode()))
+
+
+def uidvalidity(d, mailbox):
+    m = d.imap("alice")
+    typ, data = m.status(q(mailbox), "(UIDVALIDITY)")
+    m.logout()
+    return int(re.search(rb"UIDVALIDITY (\d+)", data[0]).group(1))
+
+
+def test_copy_over_quota_is_refused_whole(fe, home, public):
+    """3 messages into a mailbox with room for one: NO [OVERQUOTA] (the
+    destination's own code), and the destination as it was; the retried
+    COPY is refused the same way, never storing the first one twice."""
+    src = make_public_folder(public, "Quota%d" % home.multiappend, [])
+    p = public.imap("bob")
+    for i in range(3):
+        assert p.append(q(src), None, None, big("quota %d" % i))[0] == "OK"
+    p.logout()
+    fresh_home_mailbox(home, "Full")
+    m = login(fe)
+    m.select(q(src))
+    for attempt in range(2):
+        typ, data = m.copy("1:3", "Full")
+        assert typ == "NO" and data[0].startswith(b"[OVERQUOTA] "), data
+        assert messages(home, "Full") == {}, "attempt %d" % attempt
+    # One fits: it is stored once, and its COPYUID names it.
+    typ, data = m.copy("2", "Full")
+    assert typ == "OK", data
+    held = messages(home, "Full")
+    assert list(held.values()) == [messages(public, src)[2]]
+    _, src_uids, dst_uids = copyuid(data[0])
+    assert (src_uids, dst_uids) == ([2], list(held))
+    m.logout()
+    # What imapfe sent the destination: one MULTIAPPEND per attempt, or
+    # one APPEND per message and the one stored expunged again.
+    sent = [ln for ln in rawlog(home, "APPEND \"Full\"")
+            if re.search(r"APPEND|EXPUNGE|UNSELECT|SELECT", ln)]
+    appends = [ln for ln in sent if " APPEND \"Full\" " in ln]
+    if home.multiappend:
+        assert len(appends) == 3 and not [ln for ln in sent
+                                          if "EXPUNGE" in ln], sent
+    else:
+        assert len(appends) == 5, sent
+        assert len([ln for ln in sent if " UID EXPUNGE " in ln]) == 2, sent
+        assert len([ln for ln in sent if ln.endswith(" UNSELECT")]) == 2, \
+            sent
+    text = fe.log_text()
+    assert text.count("event=copy-failed") == 2, text
+    assert "reason=destination-refused" in text, text
+    assert "event=copy-undo-failed" not in text, text
+
+
+def test_move_over_quota_keeps_originals(fe, home, public):
+    src = make_public_folder(public, "MoveQuota%d" % home.multiappend, [])
+    p = public.imap("bob")
+    for i in range(3):
+        assert p.append(q(src), None, None, big("mq %d" % i))[0] == "OK"
+    p.logout()
+    before = messages(public, src)
+    fresh_home_mailbox(home, "FullMove")
+    m = login(fe)
+    m.select(q(src))
+    typ, data = m._simple_command("MOVE", "1:3", "FullMove")
+    assert typ == "NO" and data[0].startswith(b"[OVERQUOTA] "), data
+    assert "EXPUNGE" not in m.untagged_responses, m.untagged_responses
+    typ, data = m.search(None, "DELETED")
+    assert data == [b""], "originals marked \\Deleted: %r" % data
+    m.logout()
+    assert messages(home, "FullMove") == {}
+    assert messages(public, src) == before
+
+
+def test_copy_and_move_give_copyuid_matching_the_destination(fe, home,
+                                                             public):
+    """COPYUID's source and destination UIDs, in matching order, name the
+    same messages byte for byte, both ways; a MOVE's COPYUID comes
+    untagged, before its EXPUNGEs."""
+    src = make_public_folder(public, "Uids%d" % home.multiappend,
+                             ["u 1", "u 2", "u 3", "u 4"])
+    fresh_home_mailbox(home, "UidsDst")
+    m = login(fe)
+    m.select(q(src))
+    typ, data = m._simple_command("UID", "COPY", "1:*", "UidsDst")
+    assert typ == "OK", data
+    validity, src_uids, dst_uids = copyuid(data[0])
+    assert validity == uidvalidity(home, "UidsDst")
+    source, dest = messages(public, src), messages(home, "UidsDst")
+    assert len(src_uids) == len(dst_uids) == 4
+    assert [source[u] for u in src_uids] == [dest[u] for u in dst_uids]
+
+    # home to public: MOVE 2 of them back into a fresh public folder
+    back = make_public_folder(public, "UidsBack%d" % home.multiappend, [])
+    m.select("UidsDst")
+    typ, data = m._simple_command("UID", "MOVE", "%d,%d" % (
+        dst_uids[1], dst_uids[3]), q(back))
+    assert typ == "OK", data
+    oks = m.untagged_responses.get("OK", [])
+    moved = [copyuid(x) for x in oks if b"COPYUID" in x]
+    assert len(moved) == 1, oks
+    validity, from_uids, to_uids = moved[0]
+    assert from_uids == [dst_uids[1], dst_uids[3]]
+    assert validity == uidvalidity(public, back)
+    arrived = messages(public, back)
+    assert [dest[u] for u in from_uids] == [arrived[u] for u in to_uids]
+    assert sorted(messages(home, "UidsDst")) == [dst_uids[0], dst_uids[2]]
+    m.logout()
+
+
+def test_copy_to_a_missing_mailbox_is_trycreate(fe, home, public):
+    src = make_public_folder(public, "NoDst%d" % home.multiappend, ["n 1"])
+    m = login(fe)
+    m.select(q(src))
+    typ, data = m.copy("1", "DoesNotExist")
+    assert typ == "NO" and data[0].startswith(b"[TRYCREATE] "), data
+    m.logout()
