@@ -590,6 +590,69 @@ source_command(struct copy_run *run, int link, const char *text)
 	return router_link_command(run->rt, link, text);
 }
 
+/* What a "UID SEARCH UID set" after the removal found. */
+struct search_ctx {
+	struct str	 buf;
+	struct command	 c;
+	int		 found;		/* a UID of the set is still there */
+};
+
+static enum sink_verdict
+search_line(void *ctx, const char *line, size_t len)
+{
+	struct search_ctx *sc = ctx;
+	const char *why;
+
+	str_wipe(&sc->buf);
+	if (len > 2 && line[0] == '*' && str_adds(&sc->buf, "x") == 0 &&
+	    str_add(&sc->buf, line + 1, len - 1) == 0 &&
+	    str_add(&sc->buf, "", 1) == 0 &&
+	    parse_command(sc->buf.s, len, &sc->c, &why) == PARSE_OK &&
+	    strcmp(sc->c.name, "SEARCH") == 0 && sc->c.ntok > 0)
+		sc->found = 1;
+	return SINK_DROP;
+}
+
+/*
+ * A server may answer OK to UID EXPUNGE and keep the messages (Dovecot
+ * does when an ACL denies the user expunging): only a search that finds
+ * none of them shows they are gone.  0 when gone, -1 otherwise.
+ */
+static int
+copies_gone(struct copy_run *run)
+{
+	struct search_ctx *sc = calloc(1, sizeof(*sc));
+	struct resp_sink sink = { .line = search_line, .long_lines = 1,
+	    .ctx = sc };
+	struct str set = { 0 }, cmd = { 0 };
+	struct reply *r = malloc(sizeof(*r));
+	int rc = -1;
+
+	if (sc != NULL && r != NULL) {
+		rc = 0;
+		for (size_t k = 0; rc == 0 && k < run->dst.n;
+		    k += UIDS_PER_COMMAND) {
+			size_t n = run->dst.n - k < UIDS_PER_COMMAND ?
+			    run->dst.n - k : UIDS_PER_COMMAND;
+
+			str_wipe(&set);
+			str_wipe(&cmd);
+			if (uid_set_format(&set, run->dst.uid + k, n) != 0 ||
+			    str_printf(&cmd, "UID SEARCH UID %s", set.s) != 0 ||
+			    backend_simple(dest_backend(run),
+			    router_config(run->rt), cmd.s, &sink, r) !=
+			    REPLY_OK || sc->found)
+				rc = -1;
+		}
+		str_free(&sc->buf);
+	}
+	str_free(&set);
+	str_free(&cmd);
+	free(sc);
+	free(r);
+	return rc;
+}
+
 /*
  * Take back the copies a failed COPY stored one APPEND at a time: select
  * the destination mailbox on the destination's connection, expunge
@@ -612,6 +675,8 @@ undo_copies(struct copy_run *run)
 	    (rs = dest_command(run, run->to, cmd.s)) == REPLY_OK)
 		rs = expunge_uids(run, &run->dst, run->to, dest_command);
 	str_free(&cmd);
+	if (rs == REPLY_OK && copies_gone(run) != 0)
+		rs = REPLY_NO;
 	if (rs != REPLY_LOST)
 		router_unselect(run->rt, run->to);
 	if (rs != REPLY_OK)

@@ -8,6 +8,7 @@ APPEND, which the server stores whole or not at all) and one whose
 capability list leaves MULTIAPPEND out (one APPEND per message: after a
 failure imapfe expunges the copies it stored, by their APPENDUID UIDs).
 """
+import os
 import re
 
 import pytest
@@ -24,16 +25,20 @@ CAPS_NO_MULTIAPPEND = (
     "I18NLEVEL=1 CONDSTORE QRESYNC ESEARCH ESORT SEARCHRES WITHIN "
     "CONTEXT=SEARCH LIST-STATUS BINARY MOVE LITERAL+")
 
-# Room for one message of about 1200 bytes, never two.
-QUOTA = """
-mail_plugins = $mail_plugins quota
+# Room for one message of about 1200 bytes, never two; and alice may
+# store into NoExpunge but not expunge from it (no "t" or "e" right):
+# Dovecot then answers OK to UID EXPUNGE and keeps the messages (nor will
+# it delete the mailbox then).
+PLUGINS = """
+mail_plugins = $mail_plugins quota acl
 protocol imap {
-  mail_plugins = $mail_plugins imap_quota
+  mail_plugins = $mail_plugins imap_quota imap_acl
 }
 plugin {
   quota = count:User quota
   quota_vsizes = yes
   quota_rule = *:storage=2K
+  acl = vfile:%s
 }
 """
 
@@ -47,7 +52,10 @@ def big(subject):
 
 def home_server(multiappend):
     def conf(d):
-        extra = home_conf(d) + QUOTA
+        acl = os.path.join(d, "global-acl")
+        with open(acl, "w") as f:
+            f.write("NoExpunge owner lrwsip\n")
+        extra = home_conf(d) + PLUGINS % acl
         if not multiappend:
             extra += "imap_capability = %s\n" % CAPS_NO_MULTIAPPEND
         return extra
@@ -95,8 +103,13 @@ def messages(d, mailbox, user="alice"):
 
 
 def fresh_home_mailbox(home, name):
+    """name, empty, as alice's only mailbox besides an empty INBOX: the
+    quota's room is all for the test."""
     m = home.imap("alice")
-    m.delete(name)
+    for item in m.list('""', "*")[1]:
+        old = re.search(rb' "/" "?([^"]*)"?$', item).group(1).decode()
+        if old != "INBOX":
+            assert m.delete(q(old))[0] == "OK", old
     assert m.create(name)[0] == "OK"
     m.logout()
 
@@ -229,3 +242,32 @@ def test_copy_to_a_missing_mailbox_is_trycreate(fe, home, public):
     typ, data = m.copy("1", "DoesNotExist")
     assert typ == "NO" and data[0].startswith(b"[TRYCREATE] "), data
     m.logout()
+
+
+def test_copies_that_cannot_be_removed_are_named(fe, home, public):
+    """One APPEND per message, the second refused, and the destination
+    will not expunge the first: the NO says a copy stays, and the log
+    names its UID.  With MULTIAPPEND there is nothing to remove."""
+    src = make_public_folder(public, "Stuck%d" % home.multiappend, [])
+    p = public.imap("bob")
+    for i in range(3):
+        assert p.append(q(src), None, None, big("stuck %d" % i))[0] == "OK"
+    p.logout()
+    fresh_home_mailbox(home, "NoExpunge")
+    m = login(fe)
+    m.select(q(src))
+    typ, data = m.copy("1:3", "NoExpunge")
+    m.logout()
+    # The copy that stays fills the quota: this test comes last.
+    held = messages(home, "NoExpunge")
+    assert typ == "NO" and data[0].startswith(b"[OVERQUOTA] "), data
+    text = fe.log_text()
+    if home.multiappend:
+        assert held == {}
+        assert b"destination is unchanged" in data[0], data
+        assert "event=copy-undo-failed" not in text, text
+        return
+    assert list(held.values()) == [messages(public, src)[1]]
+    assert b"1 copies could not be removed" in data[0], data
+    assert re.search(r'event=copy-undo-failed .*left=1 .*uids="%d"'
+                     % list(held)[0], text), text
