@@ -590,8 +590,11 @@ source_command(struct copy_run *run, int link, const char *text)
 	return router_link_command(run->rt, link, text);
 }
 
-/* What a "UID SEARCH UID set" after the removal found. */
+/* What a "UID SEARCH UID set" after a removal found. */
 struct search_ctx {
+	struct copy_run	*run;
+	int		 link;
+	int		 forward;	/* other news: the client's */
 	struct str	 buf;
 	struct command	 c;
 	int		 found;		/* a UID of the set is still there */
@@ -608,42 +611,52 @@ search_line(void *ctx, const char *line, size_t len)
 	    str_add(&sc->buf, line + 1, len - 1) == 0 &&
 	    str_add(&sc->buf, "", 1) == 0 &&
 	    parse_command(sc->buf.s, len, &sc->c, &why) == PARSE_OK &&
-	    strcmp(sc->c.name, "SEARCH") == 0 && sc->c.ntok > 0)
-		sc->found = 1;
-	return SINK_DROP;
+	    strcmp(sc->c.name, "SEARCH") == 0) {
+		if (sc->c.ntok > 0)
+			sc->found = 1;
+		return SINK_DROP;
+	}
+	return sc->forward ? router_untagged(sc->run->rt, sc->link, line, len) :
+	    SINK_DROP;
 }
 
 /*
  * A server may answer OK to UID EXPUNGE and keep the messages (Dovecot
  * does when an ACL denies the user expunging): only a search that finds
- * none of them shows they are gone.  0 when gone, -1 otherwise.
+ * none of them shows they are gone.  0 when none of l is left on link,
+ * 1 when some are, -1 when the search failed.  On the client's selected
+ * mailbox (forward), the news besides goes to the client.
  */
 static int
-copies_gone(struct copy_run *run)
+uids_left(struct copy_run *run, int link, const struct uid_list *l,
+    int forward)
 {
 	struct search_ctx *sc = calloc(1, sizeof(*sc));
 	struct resp_sink sink = { .line = search_line, .long_lines = 1,
-	    .ctx = sc };
+	    .ctx = sc, .out = forward ? router_client(run->rt) : NULL };
 	struct str set = { 0 }, cmd = { 0 };
 	struct reply *r = malloc(sizeof(*r));
 	int rc = -1;
 
 	if (sc != NULL && r != NULL) {
+		*sc = (struct search_ctx){ .run = run, .link = link,
+		    .forward = forward };
 		rc = 0;
-		for (size_t k = 0; rc == 0 && k < run->dst.n;
+		for (size_t k = 0; rc == 0 && !sc->found && k < l->n;
 		    k += UIDS_PER_COMMAND) {
-			size_t n = run->dst.n - k < UIDS_PER_COMMAND ?
-			    run->dst.n - k : UIDS_PER_COMMAND;
+			size_t n = l->n - k < UIDS_PER_COMMAND ? l->n - k :
+			    UIDS_PER_COMMAND;
 
 			str_wipe(&set);
 			str_wipe(&cmd);
-			if (uid_set_format(&set, run->dst.uid + k, n) != 0 ||
+			if (uid_set_format(&set, l->uid + k, n) != 0 ||
 			    str_printf(&cmd, "UID SEARCH UID %s", set.s) != 0 ||
-			    backend_simple(dest_backend(run),
-			    router_config(run->rt), cmd.s, &sink, r) !=
-			    REPLY_OK || sc->found)
+			    backend_simple(router_backend(run->rt, link),
+			    router_config(run->rt), cmd.s, &sink, r) != REPLY_OK)
 				rc = -1;
 		}
+		if (rc == 0 && sc->found)
+			rc = 1;
 		str_free(&sc->buf);
 	}
 	str_free(&set);
@@ -675,7 +688,7 @@ undo_copies(struct copy_run *run)
 	    (rs = dest_command(run, run->to, cmd.s)) == REPLY_OK)
 		rs = expunge_uids(run, &run->dst, run->to, dest_command);
 	str_free(&cmd);
-	if (rs == REPLY_OK && copies_gone(run) != 0)
+	if (rs == REPLY_OK && uids_left(run, run->to, &run->dst, 0) != 0)
 		rs = REPLY_NO;
 	if (rs != REPLY_LOST)
 		router_unselect(run->rt, run->to);
@@ -718,9 +731,8 @@ log_left(const struct copy_run *run, const char *why)
 {
 	struct str set = { 0 };
 
-	if (uid_set_format(&set, run->dst.uid, run->dst.n) != 0 ||
-	    set.s == NULL)
-		str_adds(&set, "");
+	if (uid_set_format(&set, run->dst.uid, run->dst.n) != 0)
+		str_free(&set);
 	log_msg(LOG_ERR, "event=copy-undo-failed user=\"%s\" command=%s "
 	    "left=%zu uidvalidity=%lu uids=\"%.*s%s\" reason=\"%s\"",
 	    router_user(run->rt), run->what, run->stored,
@@ -795,13 +807,28 @@ copy_failed(struct copy_run *run, enum copy_result rc, const char *dtag)
 		codelen = 13;
 	}
 	if (left)
-		client_line(run->rt, "%s NO %.*s %s between servers failed, "
-		    "and %zu copies could not be removed from the destination.",
-		    run->tag, codelen, code, run->what, run->stored);
+		client_line(run->rt, "%s NO %.*s %s between servers failed; "
+		    "copies left in the destination: %zu.", run->tag, codelen,
+		    code, run->what, run->stored);
 	else
 		client_line(run->rt, "%s NO %.*s %s between servers failed; "
 		    "the destination is unchanged.", run->tag, codelen, code,
 		    run->what);
+}
+
+/* Every copy stored, and the originals not (all) expunged: both stay. */
+static void
+log_move_kept(const struct copy_run *run, const char *why)
+{
+	struct str set = { 0 };
+
+	if (uid_set_format(&set, run->src.uid, run->src.n) != 0)
+		str_free(&set);
+	log_msg(LOG_ERR, "event=move-expunge-failed user=\"%s\" copied=%zu "
+	    "originals=\"%.*s%s\" reason=\"%s\"", router_user(run->rt),
+	    run->stored, UID_SET_LOG_MAX, set.s ? set.s : "",
+	    set.len > UID_SET_LOG_MAX ? "..." : "", why);
+	str_free(&set);
 }
 
 /* "[COPYUID v source-uids dest-uids]", when the destination named each. */
@@ -839,19 +866,18 @@ copy_done(struct copy_run *run, int move)
 		str_free(&code);
 		rs = expunge_uids(run, &run->src, run->from, source_command);
 	}
-	if (rs == REPLY_LOST) {
-		log_msg(LOG_ERR, "event=move-expunge-failed user=\"%s\" "
-		    "copied=%zu reason=\"source lost\"", router_user(run->rt),
-		    run->stored);
+	if (rs == REPLY_OK && move &&
+	    uids_left(run, run->from, &run->src, 1) != 0)
+		rs = REPLY_NO;
+	if (rs != REPLY_OK)
+		log_move_kept(run, rs == REPLY_LOST ? "the source was lost" :
+		    "the source would not expunge them");
+	if (rs == REPLY_LOST)
 		router_link_lost(run->rt, run->from, run->tag);
-	} else if (rs != REPLY_OK) {
-		/* both copies stay: never neither */
-		log_msg(LOG_ERR, "event=move-expunge-failed user=\"%s\" "
-		    "copied=%zu reason=\"%s\"", router_user(run->rt),
-		    run->stored, "the source would not expunge");
+	else if (rs != REPLY_OK)
 		client_line(run->rt, "%s OK MOVE stored every copy, but the "
-		    "originals could not be removed.", run->tag);
-	} else
+		    "originals could not be removed: both stay.", run->tag);
+	else
 		client_line(run->rt, "%s OK %s%s completed.", run->tag,
 		    code.s != NULL ? code.s : "", run->what);
 	str_free(&code);

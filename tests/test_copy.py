@@ -244,6 +244,41 @@ def test_copy_to_a_missing_mailbox_is_trycreate(fe, home, public):
     m.logout()
 
 
+def test_move_whose_originals_stay_keeps_both(imapfe_factory, public):
+    """Every copy stored, then the source will not expunge the originals
+    (it answers OK and keeps them): both stay, the client hears so and
+    sees no EXPUNGE, and the log names the originals."""
+    h = home_server(True)
+    try:
+        d = h.imap("alice")
+        assert d.create("NoExpunge")[0] == "OK"
+        for s in ("kept 1", "kept 2"):
+            assert d.append("NoExpunge", None, None,
+                            ("Subject: %s\r\n\r\n%s\r\n" % (s, s))
+                            .encode())[0] == "OK"
+        d.logout()
+        before = messages(h, "NoExpunge")
+        dst = make_public_folder(public, "KeptDst", [])
+        f = imapfe_factory(public_config(h, public.port))
+        f.start_inetd()
+        m = login(f)
+        m.select("NoExpunge")
+        typ, data = m._simple_command("MOVE", "1:2", q(dst))
+        assert typ == "OK" and b"originals could not be removed" in data[0], \
+            data
+        assert "EXPUNGE" not in m.untagged_responses, m.untagged_responses
+        _, from_uids, to_uids = copyuid(m.untagged_responses["OK"][-1])
+        m.logout()
+        arrived = messages(public, dst)
+        assert messages(h, "NoExpunge") == before
+        assert [before[u] for u in from_uids] == [arrived[u] for u in to_uids]
+        assert len(arrived) == 2
+        assert re.search(r'event=move-expunge-failed .*copied=2 '
+                         r'originals="1:2"', f.log_text()), f.log_text()
+    finally:
+        h.close()
+
+
 def test_copies_that_cannot_be_removed_are_named(fe, home, public):
     """One APPEND per message, the second refused, and the destination
     will not expunge the first: the NO says a copy stays, and the log
@@ -268,6 +303,6 @@ def test_copies_that_cannot_be_removed_are_named(fe, home, public):
         assert "event=copy-undo-failed" not in text, text
         return
     assert list(held.values()) == [messages(public, src)[1]]
-    assert b"1 copies could not be removed" in data[0], data
+    assert b"copies left in the destination: 1." in data[0], data
     assert re.search(r'event=copy-undo-failed .*left=1 .*uids="%d"'
                      % list(held)[0], text), text
