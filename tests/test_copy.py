@@ -14,7 +14,8 @@ import re
 import pytest
 
 from conftest import Dovecot
-from test_public import (home_conf, login, make_public_folder,
+from fakebackend import FakeBackend, command_loop, plain_server
+from test_public import (PREFIX, home_conf, login, make_public_folder,
                          public_config, public_server, q, rawlog)
 
 # Dovecot's own list, less MULTIAPPEND.
@@ -242,6 +243,92 @@ def test_copy_to_a_missing_mailbox_is_trycreate(fe, home, public):
     typ, data = m.copy("1", "DoesNotExist")
     assert typ == "NO" and data[0].startswith(b"[TRYCREATE] "), data
     m.logout()
+
+
+def fake_source(fail_uid):
+    """A public-folder server, scripted: its mailbox holds UIDs 11, 12 and
+    13, and the body of fail_uid it will not give."""
+    bodies = {uid: b"Subject: fake %d\r\n\r\nBody %d.\r\n" % (uid, uid)
+              for uid in (11, 12, 13)}
+
+    def answer(cn, tag, cmd, rest):
+        if cmd == "LOGOUT":
+            return False
+        words = rest.split(" ")
+        out = b""
+        if cmd == "SELECT":
+            out = b"* 3 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n"
+        elif not rest.endswith("BODY.PEEK[]") and "FETCH" in cmd + words[1]:
+            uids = sorted(bodies) if cmd == "FETCH" else uid_set(words[2])
+            for uid in uids:
+                out += (b'* %d FETCH (UID %d FLAGS (\\Seen \\Recent) '
+                        b'INTERNALDATE "01-Jan-2020 10:00:0%d +0000")\r\n'
+                        % (uid - 10, uid, uid - 10))
+        elif cmd == "UID" and words[1].upper() == "FETCH":
+            uid = int(words[2])
+            if uid == fail_uid:
+                cn.sendline(tag + " NO [SERVERBUG] cannot read it")
+                return True
+            out = (b"* %d FETCH (UID %d BODY[] {%d}\r\n%s)\r\n"
+                   % (uid - 10, uid, len(bodies[uid]), bodies[uid]))
+        cn.send(out + b"%s OK %s done\r\n" % (tag.encode(), cmd.encode()))
+        return True
+    fake = FakeBackend(lambda conn: plain_server(
+        conn, after_login=command_loop(answer)))
+    fake.bodies = bodies
+    return fake
+
+
+@pytest.mark.parametrize("fail_uid", [11, 12, 13])
+def test_source_failing_part_way_leaves_the_destination_unchanged(
+        imapfe_factory, home, fail_uid):
+    """The source refuses the first, a middle or the last message's body:
+    the copies before it are taken back (or, in one MULTIAPPEND, never
+    stored), the client gets NO [UNAVAILABLE], and the destination's
+    connection goes on working: the messages that can be copied, copied
+    next, arrive once each, with their flags and dates."""
+    src = fake_source(fail_uid)
+    dst = "FromFake%d" % fail_uid
+    try:
+        fresh_home_mailbox(home, dst)
+        f = imapfe_factory(public_config(home, src.port))
+        f.start_inetd()
+        m = login(f)
+        assert m.select(q(PREFIX + "Src"))[0] == "OK"
+        typ, data = m.copy("1:3", dst)
+        assert typ == "NO" and data[0].startswith(b"[UNAVAILABLE] "), data
+        assert b"destination is unchanged" in data[0], data
+        assert messages(home, dst) == {}
+        good = [u for u in (11, 12, 13) if u != fail_uid]
+        typ, data = m._simple_command(
+            "UID", "COPY", ",".join(map(str, good)), dst)
+        assert typ == "OK", data
+        _, src_uids, dst_uids = copyuid(data[0])
+        held = messages(home, dst)
+        assert src_uids == good and sorted(held) == sorted(dst_uids)
+        assert [held[u] for u in dst_uids] == [src.bodies[u] for u in good]
+        h = home.imap("alice")
+        h.select(dst, readonly=True)
+        typ, flags = h.fetch("1:*", "(FLAGS INTERNALDATE)")
+        h.logout()
+        assert [b"\\Seen" in x and b"01-Jan-2020" in x
+                for x in flags] == [True] * 2, flags
+        m.logout()
+        sent = rawlog(home, 'APPEND "%s"' % dst)
+        assert not [ln for ln in sent if "\\Recent" in ln], sent
+        appends = [ln for ln in sent if ' APPEND "%s" ' % dst in ln]
+        expunges = [ln for ln in sent if " UID EXPUNGE " in ln]
+        if home.multiappend:
+            # the failed MULTIAPPEND (none when the first message failed)
+            # ended with an argument Dovecot must refuse
+            aborts = [ln for ln in sent if ln.strip() == "NIL"]
+            assert (len(appends), len(aborts), len(expunges)) == (
+                1 + int(fail_uid > 11), int(fail_uid > 11), 0), sent
+        else:
+            assert (len(appends), len(expunges)) == (
+                fail_uid - 11 + 2, int(fail_uid > 11)), sent
+    finally:
+        src.close()
 
 
 def test_move_whose_originals_stay_keeps_both(imapfe_factory, public):
