@@ -10,6 +10,7 @@ failure imapfe expunges the copies it stored, by their APPENDUID UIDs).
 """
 import os
 import re
+import socket
 
 import pytest
 
@@ -329,6 +330,65 @@ def test_source_failing_part_way_leaves_the_destination_unchanged(
                 fail_uid - 11 + 2, int(fail_uid > 11)), sent
     finally:
         src.close()
+
+
+def dying_destination():
+    """A public-folder server, scripted, without MULTIAPPEND: it stores the
+    first APPEND (APPENDUID 5 100), and closes the connection in the
+    middle of the second."""
+    appends = []
+
+    def answer(cn, tag, cmd, rest):
+        if cmd == "LOGOUT":
+            return False
+        if cmd == "APPEND":
+            n = int(rest.rsplit("{", 1)[1].rstrip("+}"))
+            cn.sendline("+ go")
+            if appends:
+                cn.read_exact(n // 2)
+                cn.sock.shutdown(socket.SHUT_RDWR)
+                return True
+            appends.append(cn.read_exact(n))
+            cn.line()
+            cn.sendline(tag + " OK [APPENDUID 5 100] stored")
+            return True
+        cn.sendline(tag + " OK %s done" % cmd)
+        return True
+    return FakeBackend(lambda conn: plain_server(
+        conn, after_login=command_loop(answer)))
+
+
+def test_destination_lost_mid_copy_names_the_copies_left(imapfe_factory,
+                                                         home):
+    """The destination's connection breaks in the middle of the second
+    message: the copy it stored cannot be taken back, so the client hears
+    the server was lost, and the log names the UID left."""
+    fresh_home_mailbox(home, "Lost%d" % home.multiappend)
+    d = home.imap("alice")
+    for s in ("lost 1", "lost 2"):
+        assert d.append("Lost%d" % home.multiappend, None, None,
+                        ("Subject: %s\r\n\r\n%s\r\n" % (s, s)).encode()
+                        )[0] == "OK"
+    d.logout()
+    dest = dying_destination()
+    try:
+        f = imapfe_factory(public_config(home, dest.port))
+        f.start_inetd()
+        m = login(f)
+        m.select("Lost%d" % home.multiappend)
+        typ, data = m.copy("1:2", q(PREFIX + "Dst"))
+        assert typ == "NO" and data[0].startswith(b"[UNAVAILABLE]"), data
+        # the session goes on, the source untouched
+        assert m.noop()[0] == "OK"
+        assert len(messages(home, "Lost%d" % home.multiappend)) == 2
+        m.logout()
+        text = f.log_text()
+        assert re.search(r'event=copy-failed .*reason=destination-lost '
+                         r'left=1', text), text
+        assert re.search(r'event=copy-undo-failed .*left=1 uidvalidity=5 '
+                         r'uids="100"', text), text
+    finally:
+        dest.close()
 
 
 def test_move_whose_originals_stay_keeps_both(imapfe_factory, public):
