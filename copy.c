@@ -55,6 +55,7 @@ struct copy_run {
 	size_t			 count;
 	int			 over;		/* the set named too many */
 	int			 nomem;
+	int			 unreadable;	/* a FETCH imapfe cannot read */
 	int			 dest_broken;	/* left inside a literal */
 	char			 atag[16];	/* the open APPEND's, or "" */
 	struct uid_list		 src;		/* originals sent, in order */
@@ -68,6 +69,20 @@ struct copy_run {
 
 /* ------------------------------------------------------------------ */
 /* the messages of the set: UID, flags and arrival date */
+
+/* "* n FETCH (": an untagged FETCH response (RFC 9051 message-data). */
+static int
+is_fetch(const char *line, size_t len)
+{
+	size_t k = 2;
+
+	if (len < 2 || line[0] != '*' || line[1] != ' ')
+		return 0;
+	while (k < len && line[k] >= '0' && line[k] <= '9')
+		k++;
+	return k > 2 && len - k >= 8 && strncasecmp(line + k, " FETCH (", 8)
+	    == 0;
+}
 
 /*
  * An untagged FETCH response, "* n FETCH (...)", parsed as a command
@@ -114,8 +129,11 @@ token_uid(const struct token *t)
 	return uid;
 }
 
-/* The flag list starting at tok[k] ("("), \Recent left out: the server's. */
-static size_t
+/*
+ * The flag list starting at tok[k] ("("), \Recent left out: the
+ * server's to set.  -1 when it does not fit.
+ */
+static int
 meta_flags(const struct command *c, size_t k, struct msg_meta *m)
 {
 	size_t used = 0;
@@ -127,14 +145,35 @@ meta_flags(const struct command *c, size_t k, struct msg_meta *m)
 		if (token_is(t, "\\Recent"))
 			continue;
 		if (used + t->len + 2 > sizeof(m->flags))
-			return 0;
+			return -1;
 		used += (size_t)snprintf(m->flags + used, sizeof(m->flags) -
 		    used, "%s%.*s", used ? " " : "", (int)t->len, t->s);
 	}
-	return k < c->ntok && c->tok[k].type == TOK_RPAREN ? k + 1 : 0;
+	return k < c->ntok && c->tok[k].type == TOK_RPAREN ? 0 : -1;
 }
 
-/* UID, FLAGS and INTERNALDATE of a FETCH response's items, from tok[k]. */
+/* The token after the value at tok[k], a parenthesized one whole. */
+static size_t
+skip_value(const struct command *c, size_t k)
+{
+	int depth = 0;
+
+	do {
+		if (c->tok[k].type == TOK_LPAREN)
+			depth++;
+		else if (c->tok[k].type == TOK_RPAREN)
+			depth--;
+		k++;
+	} while (depth > 0 && k < c->ntok);
+	return k;
+}
+
+/*
+ * UID, FLAGS and INTERNALDATE of a FETCH response's items, from tok[k]
+ * (other items, MODSEQ say, skipped).  0 when they are all there; 1 when
+ * UID or INTERNALDATE is missing: an unsolicited FETCH (flags changed),
+ * not an answer to ours; -1 when the flags do not fit.
+ */
 static int
 meta_items(const struct command *c, size_t k, struct msg_meta *m)
 {
@@ -148,14 +187,12 @@ meta_items(const struct command *c, size_t k, struct msg_meta *m)
 		    v->len < sizeof(m->date))
 			snprintf(m->date, sizeof(m->date), "%.*s", (int)v->len,
 			    v->s);
-		if (token_is(t, "FLAGS") && v->type == TOK_LPAREN) {
-			if ((k = meta_flags(c, k + 1, m)) == 0)
-				return -1;
-		} else
-			k += 2;
+		else if (token_is(t, "FLAGS") && v->type == TOK_LPAREN &&
+		    meta_flags(c, k + 1, m) != 0)
+			return -1;
+		k = skip_value(c, k + 1);
 	}
-	/* an unsolicited FETCH (flags changed) brings no INTERNALDATE */
-	return m->uid != 0 && m->date[0] != '\0' ? 0 : -1;
+	return m->uid != 0 && m->date[0] != '\0' ? 0 : 1;
 }
 
 /* What collecting the messages of a COPY needs. */
@@ -176,10 +213,19 @@ meta_line(void *ctx, const char *line, size_t len)
 	struct meta_ctx *mc = ctx;
 	struct copy_run *run = mc->run;
 	struct msg_meta m, *grown;
-	size_t k = fetch_parse(line, len, &mc->buf, &mc->c);
+	size_t k;
+	int rc;
 
-	if (k == 0 || meta_items(&mc->c, k, &m) != 0)
+	if (!is_fetch(line, len))
 		return router_untagged(run->rt, run->from, line, len);
+	k = fetch_parse(line, len, &mc->buf, &mc->c);
+	if ((rc = k == 0 ? -1 : meta_items(&mc->c, k, &m)) == 1)
+		return router_untagged(run->rt, run->from, line, len);
+	if (rc != 0) {
+		/* never a message of the set left out unnoticed */
+		run->unreadable = 1;
+		return SINK_DROP;
+	}
 	if (run->count == CROSS_COPY_MAX) {
 		run->over = 1;
 		return SINK_DROP;
@@ -229,6 +275,8 @@ collect_meta(struct copy_run *run, const struct token *set, int uid)
 		return COPY_BAD_SET;
 	if (rs != REPLY_OK)
 		return COPY_SOURCE_LOST;
+	if (run->unreadable)
+		return COPY_SOURCE_FAILED;
 	return run->over ? COPY_TOO_MANY : COPY_DONE;
 }
 
@@ -380,18 +428,13 @@ struct body_copy {
 	    BODY_BROKEN }	 state;
 };
 
-/* "* n FETCH (" and a literal at the end: a FETCH bringing the body. */
+/* A FETCH with a literal at the end: the one bringing the body. */
 static int
 is_fetch_with_literal(const char *line, size_t len, uint64_t *size)
 {
-	size_t k = 2;
 	enum literal_kind lk;
 
-	if (len < 2 || line[0] != '*' || line[1] != ' ')
-		return 0;
-	while (k < len && line[k] >= '0' && line[k] <= '9')
-		k++;
-	if (k == 2 || len - k < 8 || strncasecmp(line + k, " FETCH (", 8) != 0)
+	if (!is_fetch(line, len))
 		return 0;
 	lk = literal_at_end(line, len, size);
 	return lk == LIT_SYNC || lk == LIT_NONSYNC;
