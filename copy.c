@@ -376,11 +376,16 @@ append_message(struct copy_run *run, const struct msg_meta *m,
 		rc = dest_write(run, text.s, text.len);
 	}
 	str_free(&text);
+	if (rc == COPY_NOMEM && open)
+		return rc;	/* nothing sent: the APPEND is still open */
 	if (rc != COPY_DONE) {
 		run->atag[0] = '\0';
 		return rc;
 	}
-	return append_await(run);
+	rc = append_await(run);
+	if (rc == COPY_DONE && run->atag[0] == '\0')
+		return COPY_DEST_LOST;	/* OK before the body: not IMAP */
+	return rc;
 }
 
 /* The end of the APPEND: CRLF, and the destination's answer. */
@@ -405,9 +410,11 @@ append_end(struct copy_run *run, const char *end)
 }
 
 /*
- * Give up an open MULTIAPPEND between two messages: an argument where
- * the next message must be makes the whole command fail, and a failed
- * MULTIAPPEND stores nothing (RFC 3502 6.3.11).
+ * Give up an open APPEND after a message's literal: an argument where
+ * the next message or the end must be makes the whole command fail, and
+ * a failed APPEND or MULTIAPPEND stores nothing (RFC 3502 6.3.11).
+ * Should the server store anyway, the copies count as stored, to be
+ * removed as any.
  */
 static enum copy_result
 append_abort(struct copy_run *run)
@@ -544,10 +551,10 @@ copy_all(struct copy_run *run)
 
 	for (size_t k = 0; rc == COPY_DONE && k < run->count; k++)
 		rc = copy_one(run, &run->meta[k]);
-	if (!run->multi)
-		return rc;
 	if (rc == COPY_DONE)
 		return append_end(run, "\r\n");
+	/* an APPEND still open (between two messages, or alone with its
+	 * body sent but not ended) must store nothing */
 	if (run->atag[0] != '\0')
 		(void)append_abort(run);
 	return rc;
