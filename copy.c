@@ -716,37 +716,45 @@ uids_left(struct copy_run *run, int link, const struct uid_list *l,
 	return rc;
 }
 
+/* What became of the copies a failed COPY had stored. */
+enum undo_result {
+	UNDO_DONE,		/* none stays: the destination is as it was */
+	UNDO_KEPT,		/* they stay: unnamed, or the server kept them */
+	UNDO_LOST		/* they stay: the destination's connection is gone */
+};
+
 /*
  * Take back the copies a failed COPY stored one APPEND at a time: select
  * the destination mailbox on the destination's connection, expunge
- * exactly their UIDs, and leave it with nothing selected again, as the
- * router keeps every server but the selected mailbox's.  -1 when they
- * stay (their UIDs unknown, or the server would not).
+ * exactly their UIDs, check they are gone, and leave it with nothing
+ * selected again, as the router keeps every server but the selected
+ * mailbox's.
  */
-static int
+static enum undo_result
 undo_copies(struct copy_run *run)
 {
 	struct str cmd = { 0 };
 	enum reply_status rs = REPLY_LOST;
 
 	if (run->stored == 0)
-		return 0;
+		return UNDO_DONE;
 	if (!run->uids_known || run->dst.n != run->stored)
-		return -1;
+		return UNDO_KEPT;
 	if (str_adds(&cmd, "SELECT ") == 0 &&
 	    imap_append_string(&cmd, run->mbox->s, run->mbox->len, 0) >= 0 &&
 	    (rs = dest_command(run, run->to, cmd.s)) == REPLY_OK)
 		rs = expunge_uids(run, &run->dst, run->to, dest_command);
 	str_free(&cmd);
+	if (rs == REPLY_LOST || rs == REPLY_BYE)
+		return UNDO_LOST;
 	if (rs == REPLY_OK && uids_left(run, run->to, &run->dst, 0) != 0)
 		rs = REPLY_NO;
-	if (rs != REPLY_LOST)
-		router_unselect(run->rt, run->to);
+	router_unselect(run->rt, run->to);
 	if (rs != REPLY_OK)
-		return -1;
+		return UNDO_KEPT;
 	run->stored = 0;
 	run->dst.n = 0;
-	return 0;
+	return UNDO_DONE;
 }
 
 /* ------------------------------------------------------------------ */
@@ -806,14 +814,28 @@ result_name(enum copy_result rc)
 	return names[rc];
 }
 
+/* The response code of the client's NO. */
+static int
+failure_code(const struct copy_run *run, enum copy_result rc,
+    const char *dtag, const char **code)
+{
+	struct status_resp st;
+
+	if (rc == COPY_REFUSED && code_for_client(run->dest, dtag, &st)) {
+		*code = st.code_span;
+		return (int)st.code_span_len;
+	}
+	*code = rc == COPY_REFUSED ? "[CANNOT]" : "[UNAVAILABLE]";
+	return (int)strlen(*code);
+}
+
 /* The copy failed: the destination as it was, if it can be; then say so. */
 static void
 copy_failed(struct copy_run *run, enum copy_result rc, const char *dtag)
 {
-	struct status_resp st;
-	int left = 0;
-	const char *code = "[CANNOT]";
-	int codelen = 8;
+	enum undo_result undo = UNDO_DONE;
+	const char *code;
+	int codelen;
 
 	if (rc == COPY_BAD_SET) {
 		client_line(run->rt, "%s NO Invalid message set.", run->tag);
@@ -825,38 +847,33 @@ copy_failed(struct copy_run *run, enum copy_result rc, const char *dtag)
 		    CROSS_COPY_MAX);
 		return;
 	}
-	if (rc == COPY_DEST_LOST || run->dest_broken) {
-		if ((left = run->stored > 0))
-			log_left(run, "the destination's connection was lost");
-	} else if (undo_copies(run) != 0) {
-		left = 1;
-		log_left(run, run->uids_known ? "the destination would not "
-		    "expunge them" : "the destination gave no APPENDUID");
-	}
+	if (rc == COPY_DEST_LOST || run->dest_broken)
+		undo = run->stored > 0 ? UNDO_LOST : UNDO_DONE;
+	else
+		undo = undo_copies(run);
+	if (undo != UNDO_DONE)
+		log_left(run, undo == UNDO_LOST ? "the destination's "
+		    "connection was lost" : run->uids_known ? "the destination "
+		    "would not expunge them" : "the destination gave no "
+		    "APPENDUID");
 	log_msg(LOG_ERR, "event=copy-failed user=\"%s\" command=%s "
-	    "messages=%zu reason=%s%s%.*s left=%zu", router_user(run->rt),
+	    "messages=%zu reason=%s%s%s%s left=%zu", router_user(run->rt),
 	    run->what, run->count, result_name(rc),
-	    rc == COPY_REFUSED ? " said=" : "",
-	    rc == COPY_REFUSED ? (int)strlen(run->dest->why) : 0,
-	    run->dest->why, left ? run->stored : 0);
-	if (rc == COPY_SOURCE_LOST) {
-		if (run->dest_broken)
-			router_link_lost(run->rt, run->to, NULL);
+	    rc == COPY_REFUSED ? " said=\"" : "",
+	    rc == COPY_REFUSED ? run->dest->why : "",
+	    rc == COPY_REFUSED ? "\"" : "",
+	    undo != UNDO_DONE ? run->stored : 0);
+	/* a lost server's connection is answered as the router does */
+	if (rc == COPY_DEST_LOST || run->dest_broken || undo == UNDO_LOST)
+		router_link_lost(run->rt, run->to, rc == COPY_SOURCE_LOST ?
+		    NULL : run->tag);
+	if (rc == COPY_SOURCE_LOST)
 		router_link_lost(run->rt, run->from, run->tag);
+	if (rc == COPY_DEST_LOST || rc == COPY_SOURCE_LOST ||
+	    run->dest_broken || undo == UNDO_LOST)
 		return;
-	}
-	if (rc == COPY_DEST_LOST) {
-		router_link_lost(run->rt, run->to, run->tag);
-		return;
-	}
-	if (rc == COPY_REFUSED && code_for_client(run->dest, dtag, &st)) {
-		code = st.code_span;
-		codelen = (int)st.code_span_len;
-	} else if (rc == COPY_NOMEM || rc == COPY_SOURCE_FAILED) {
-		code = "[UNAVAILABLE]";
-		codelen = 13;
-	}
-	if (left)
+	codelen = failure_code(run, rc, dtag, &code);
+	if (undo != UNDO_DONE)
 		client_line(run->rt, "%s NO %.*s %s between servers failed; "
 		    "copies left in the destination: %zu.", run->tag, codelen,
 		    code, run->what, run->stored);
