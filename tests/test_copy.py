@@ -14,10 +14,11 @@ import socket
 
 import pytest
 
-from conftest import Dovecot
+from conftest import VALGRIND, Dovecot
 from fakebackend import FakeBackend, command_loop, plain_server
-from test_public import (PREFIX, home_conf, login, make_public_folder,
-                         public_config, public_server, q, rawlog)
+from test_public import (PREFIX, SANITIZED, home_conf, imapfe_pid, login,
+                         make_public_folder, proc_status, public_config,
+                         public_server, q, raw_login, rawlog)
 
 # Dovecot's own list, less MULTIAPPEND.
 CAPS_NO_MULTIAPPEND = (
@@ -335,6 +336,38 @@ def test_source_failing_part_way_leaves_the_destination_unchanged(
                 fail_uid - 11 + 2, int(fail_uid > 11)), sent
     finally:
         src.close()
+
+
+def test_memory_stays_flat_over_many_failed_copies(fe, home, public):
+    """1000 COPYs over quota in one session, each refused whole (one by
+    one: each time a copy stored and taken back): memory and descriptors
+    no larger after the last than after the tenth."""
+    tries = 200 if VALGRIND else 1000
+    src = make_public_folder(public, "Flat%d" % home.multiappend, [])
+    p = public.imap("bob")
+    for i in range(3):
+        assert p.append(q(src), None, None, big("flat %d" % i))[0] == "OK"
+    p.logout()
+    fresh_home_mailbox(home, "FlatDst")
+    c = raw_login(fe)
+    assert c.cmd("s", "SELECT %s" % q(src))[-1].startswith("s OK")
+    pid = imapfe_pid(fe)
+    rss, fds = {}, {}
+    for i in range(1, tries + 1):
+        got = c.cmd("c%d" % i, "COPY 1:3 FlatDst")
+        assert got[-1].startswith("c%d NO [OVERQUOTA] " % i), got
+        if i in (10, tries):
+            rss[i] = proc_status(pid, "VmRSS")
+            fds[i] = len(os.listdir("/proc/%d/fd" % pid))
+    c.cmd("z", "LOGOUT")
+    c.close()
+    assert messages(home, "FlatDst") == {}
+    assert fds[tries] == fds[10], "descriptors: %r" % fds
+    if VALGRIND or SANITIZED:
+        return          # there the leak check at exit is the proof
+    growth = rss[tries] - rss[10]
+    assert growth <= 64, "VmRSS %d KiB after 10 failures, %d KiB after " \
+        "%d: %d KiB more" % (rss[10], rss[tries], tries, growth)
 
 
 def dying_destination():
