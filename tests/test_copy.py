@@ -139,6 +139,64 @@ def uidvalidity(d, mailbox):
     return int(re.search(rb"UIDVALIDITY (\d+)", data[0]).group(1))
 
 
+@pytest.fixture(scope="module")
+def roomy_home():
+    """A home server with no quota, as Dovecot comes."""
+    d = Dovecot(extra_conf=home_conf)
+    yield d
+    d.close()
+
+
+def fill(d, mailbox, n, user):
+    m = d.imap(user)
+    assert m.create(q(mailbox))[0] == "OK"
+    for i in range(n):
+        assert m.append(q(mailbox), None, None,
+                        ("Subject: %s %d\r\n\r\n%s\r\n" % (
+                            mailbox, i, "x" * i)).encode())[0] == "OK"
+    m.logout()
+
+
+@pytest.mark.parametrize("n", [1, 10, 500])
+@pytest.mark.parametrize("to_home", [True, False])
+@pytest.mark.parametrize("verb", ["COPY", "MOVE"])
+def test_copy_and_move_of_many_both_ways(imapfe_factory, roomy_home, public,
+                                         n, to_home, verb):
+    """n messages from a public folder home, or from home to a public
+    folder: every one arrives once, byte for byte as COPYUID pairs them;
+    COPY leaves the source as it was, MOVE empties it with n EXPUNGEs."""
+    name = "Many%s%d%s" % (verb, n, "Home" if to_home else "Pub")
+    if to_home:
+        src, dst = PREFIX + name, name
+        fill(public, src, n, "bob")
+        fill(roomy_home, dst, 0, "alice")
+        src_d, dst_d = public, roomy_home
+    else:
+        src, dst = name, PREFIX + name
+        fill(roomy_home, src, n, "alice")
+        fill(public, dst, 0, "bob")
+        src_d, dst_d = roomy_home, public
+    before = messages(src_d, src)
+    f = imapfe_factory(public_config(roomy_home, public.port))
+    f.start_inetd()
+    m = login(f)
+    assert m.select(q(src))[0] == "OK"
+    typ, data = m._simple_command("UID", verb, "1:*", q(dst))
+    assert typ == "OK", data
+    if verb == "MOVE":
+        _, src_uids, dst_uids = copyuid(
+            [x for x in m.untagged_responses["OK"] if b"COPYUID" in x][0])
+        assert len(m.untagged_responses.get("EXPUNGE", [])) == n
+    else:
+        _, src_uids, dst_uids = copyuid(data[0])
+    m.logout()
+    arrived = messages(dst_d, dst)
+    assert sorted(src_uids) == sorted(before) and len(arrived) == n
+    assert sorted(dst_uids) == sorted(arrived)
+    assert [before[u] for u in src_uids] == [arrived[u] for u in dst_uids]
+    assert messages(src_d, src) == ({} if verb == "MOVE" else before)
+
+
 def test_copy_over_quota_is_refused_whole(fe, home, public):
     """3 messages into a mailbox with room for one: NO [OVERQUOTA] (the
     destination's own code), and the destination as it was; the retried
