@@ -671,10 +671,12 @@ int
 appenduid_parse(const struct status_resp *st, size_t max,
     uint32_t *uidvalidity, struct uid_list *l)
 {
-	const char *p = st->code_arg, *end = p + st->code_arg_len;
+	const char *p = st->code_arg, *end;
 
-	if (st->code != CODE_APPENDUID || uid_number(&p, end, uidvalidity) ||
-	    p == end || *p++ != ' ')
+	if (st->code != CODE_APPENDUID)
+		return -1;
+	end = p + st->code_arg_len;
+	if (uid_number(&p, end, uidvalidity) != 0 || p == end || *p++ != ' ')
 		return -1;
 	return uid_set_parse(p, (size_t)(end - p), max, l);
 }
