@@ -341,6 +341,9 @@ test_appenduid(void)
 	CHECK(status_parse(s, strlen(s), "a", &st) == 0 &&
 	    appenduid_parse(&st, 100, &v, &l) != 0);
 	uid_list_free(&l);
+	s = "a OK no code";
+	CHECK(status_parse(s, strlen(s), "a", &st) == 0 &&
+	    appenduid_parse(&st, 100, &v, &l) != 0 && l.n == 0);
 	s = "a NO [OVERQUOTA] Quota exceeded";
 	CHECK(status_parse(s, strlen(s), "a", &st) == 0 &&
 	    st.code == CODE_OVERQUOTA && st.code_span_len == 11 &&
