@@ -110,7 +110,6 @@ struct router {
 	enum session_end		 end;
 };
 
-
 /* ------------------------------------------------------------------ */
 /* the client side */
 
