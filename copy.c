@@ -23,6 +23,7 @@
 #define CROSS_COPY_MAX		100000	/* messages in one command */
 #define UIDS_PER_COMMAND	200	/* keeps each line well under limits */
 #define UID_SET_LOG_MAX		512	/* of a UID set in a log line */
+#define COPYUID_MAX		(TAGGED_LINE_MAX - 256)
 
 struct msg_meta {
 	uint32_t	 uid;
@@ -56,6 +57,8 @@ struct copy_run {
 	int			 over;		/* the set named too many */
 	int			 nomem;
 	int			 unreadable;	/* a FETCH imapfe cannot read */
+	const struct token	*set;		/* the client's */
+	int			 by_uid;	/* set holds UIDs */
 	int			 dest_broken;	/* left inside a literal */
 	char			 atag[16];	/* the open APPEND's, or "" */
 	struct uid_list		 src;		/* originals sent, in order */
@@ -170,9 +173,9 @@ skip_value(const struct command *c, size_t k)
 
 /*
  * UID, FLAGS and INTERNALDATE of a FETCH response's items, from tok[k]
- * (other items, MODSEQ say, skipped).  0 when they are all there; 1 when
- * UID or INTERNALDATE is missing: an unsolicited FETCH (flags changed),
- * not an answer to ours; -1 when the flags do not fit.
+ * (other items, MODSEQ say, skipped; a server that gives no date gets
+ * none back).  0 with a UID; 1 without: an unsolicited FETCH (flags
+ * changed), not an answer to ours; -1 when the flags do not fit.
  */
 static int
 meta_items(const struct command *c, size_t k, struct msg_meta *m)
@@ -192,7 +195,98 @@ meta_items(const struct command *c, size_t k, struct msg_meta *m)
 			return -1;
 		k = skip_value(c, k + 1);
 	}
-	return m->uid != 0 && m->date[0] != '\0' ? 0 : 1;
+	return m->uid != 0 ? 0 : 1;
+}
+
+/* A number of a sequence set, "*" the largest there can be. */
+static int
+set_number(const char **p, const char *end, uint32_t *out)
+{
+	uint64_t v = 0;
+
+	if (*p < end && **p == '*') {
+		(*p)++;
+		*out = UINT32_MAX;
+		return 0;
+	}
+	if (*p == end || **p < '0' || **p > '9')
+		return -1;
+	while (*p < end && **p >= '0' && **p <= '9') {
+		v = v * 10 + (uint64_t)(**p - '0');
+		if (v > UINT32_MAX)
+			return -1;
+		(*p)++;
+	}
+	*out = (uint32_t)v;
+	return 0;
+}
+
+/*
+ * Is v in the client's sequence set (RFC 9051 sequence-set: "2,4:7,9:*")?
+ * A FETCH answer outside it is no answer to the collecting FETCH.
+ */
+static int
+in_set(const struct token *set, uint32_t v)
+{
+	const char *p = set->s, *end = set->s + set->len;
+	uint32_t lo, hi;
+
+	while (p < end) {
+		if (set_number(&p, end, &lo) != 0)
+			return 0;
+		hi = lo;
+		if (p < end && *p == ':') {
+			p++;
+			if (set_number(&p, end, &hi) != 0)
+				return 0;
+		}
+		if ((v >= lo && v <= hi) || (v >= hi && v <= lo))
+			return 1;
+		if (p < end && *p++ != ',')
+			return 0;
+	}
+	return 0;
+}
+
+/* The message sequence number of a parsed "x n FETCH ...", or 0. */
+static uint32_t
+fetch_seq(const struct command *c)
+{
+	const char *p = c->name;
+	uint32_t n = 0;
+
+	return set_number(&p, p + strlen(p), &n) == 0 && *p == '\0' &&
+	    n != UINT32_MAX ? n : 0;
+}
+
+static int
+meta_uid_order(const void *a, const void *b)
+{
+	const struct msg_meta *x = a, *y = b;
+
+	if (x->uid != y->uid)
+		return x->uid < y->uid ? -1 : 1;
+	/* the one with a date (the answer to imapfe's FETCH) first */
+	return (y->date[0] != '\0') - (x->date[0] != '\0');
+}
+
+/*
+ * The messages in UID order, each once: a server may send a FETCH of a
+ * message of the set on its own too (a flag change, with its UID under
+ * QRESYNC), besides its answer.
+ */
+static void
+meta_unique(struct copy_run *run)
+{
+	size_t kept = 0;
+
+	if (run->count == 0)
+		return;
+	qsort(run->meta, run->count, sizeof(*run->meta), meta_uid_order);
+	for (size_t k = 1; k < run->count; k++)
+		if (run->meta[k].uid != run->meta[kept].uid)
+			run->meta[++kept] = run->meta[k];
+	run->count = kept + 1;
 }
 
 /* What collecting the messages of a COPY needs. */
@@ -219,7 +313,9 @@ meta_line(void *ctx, const char *line, size_t len)
 	if (!is_fetch(line, len))
 		return router_untagged(run->rt, run->from, line, len);
 	k = fetch_parse(line, len, &mc->buf, &mc->c);
-	if ((rc = k == 0 ? -1 : meta_items(&mc->c, k, &m)) == 1)
+	if ((rc = k == 0 ? -1 : meta_items(&mc->c, k, &m)) == 1 ||
+	    (rc == 0 && !in_set(run->set, run->by_uid ? m.uid :
+	    fetch_seq(&mc->c))))
 		return router_untagged(run->rt, run->from, line, len);
 	if (rc != 0) {
 		/* never a message of the set left out unnoticed */
@@ -244,9 +340,9 @@ meta_line(void *ctx, const char *line, size_t len)
 	return SINK_DROP;
 }
 
-/* The messages the client's set (tok) names on the source. */
+/* The messages the client's set names on the source. */
 static enum copy_result
-collect_meta(struct copy_run *run, const struct token *set, int uid)
+collect_meta(struct copy_run *run)
 {
 	struct meta_ctx *mc = calloc(1, sizeof(*mc));
 	struct resp_sink sink = { .out = router_client(run->rt),
@@ -262,7 +358,7 @@ collect_meta(struct copy_run *run, const struct token *set, int uid)
 	}
 	mc->run = run;
 	if (str_printf(&text, "%sFETCH %.*s (UID FLAGS INTERNALDATE)",
-	    uid ? "UID " : "", (int)set->len, set->s) == 0)
+	    run->by_uid ? "UID " : "", (int)run->set->len, run->set->s) == 0)
 		rs = backend_simple(router_backend(run->rt, run->from),
 		    router_config(run->rt), text.s, &sink, r);
 	str_free(&text);
@@ -277,7 +373,10 @@ collect_meta(struct copy_run *run, const struct token *set, int uid)
 		return COPY_SOURCE_LOST;
 	if (run->unreadable)
 		return COPY_SOURCE_FAILED;
-	return run->over ? COPY_TOO_MANY : COPY_DONE;
+	if (run->over)
+		return COPY_TOO_MANY;
+	meta_unique(run);
+	return COPY_DONE;
 }
 
 /* ------------------------------------------------------------------ */
@@ -898,7 +997,10 @@ log_move_kept(const struct copy_run *run, const char *why)
 	str_free(&set);
 }
 
-/* "[COPYUID v source-uids dest-uids]", when the destination named each. */
+/*
+ * "[COPYUID v source-uids dest-uids] " into out when the destination
+ * named each copy (else out stays empty); -1 when it cannot be sent.
+ */
 static int
 copyuid(const struct copy_run *run, struct str *out)
 {
@@ -911,7 +1013,9 @@ copyuid(const struct copy_run *run, struct str *out)
 	    uid_set_format(out, run->dst.uid, run->dst.n) != 0 ||
 	    str_adds(out, "] ") != 0)
 		return -1;
-	return 0;
+	/* a status line is at most TAGGED_LINE_MAX long: none rather than
+	 * one cut short (a client copes without, RFC 4315 3) */
+	return out->len > COPYUID_MAX ? -1 : 0;
 }
 
 /*
@@ -982,7 +1086,9 @@ cross_copy(struct router *rt, const struct command *c, size_t first,
 		return;
 	}
 	run.multi = caps_has(dest_backend(&run)->caps, "MULTIAPPEND");
-	rc = collect_meta(&run, &c->tok[first], first == 1);
+	run.set = &c->tok[first];
+	run.by_uid = first == 1;
+	rc = collect_meta(&run);
 	dtag[0] = '\0';
 	if (rc == COPY_DONE)
 		rc = copy_all(&run);

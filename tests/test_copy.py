@@ -307,9 +307,9 @@ def test_copy_to_a_missing_mailbox_is_trycreate(fe, home, public):
 
 def fake_source(fail_uid):
     """A public-folder server, scripted: its mailbox holds UIDs 11, 12 and
-    13 (their FETCH answers with MODSEQ, as after ENABLE CONDSTORE, and a
-    flag change of another's among them), and the body of fail_uid it
-    will not give."""
+    13 (their FETCH answers with MODSEQ, as after ENABLE CONDSTORE, and
+    flag changes among them), and the body of fail_uid it will not
+    give."""
     bodies = {uid: b"Subject: fake %d\r\n\r\nBody %d.\r\n" % (uid, uid)
               for uid in (11, 12, 13)}
 
@@ -322,8 +322,11 @@ def fake_source(fail_uid):
             out = b"* 3 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n"
         elif not rest.endswith("BODY.PEEK[]") and "FETCH" in cmd + words[1]:
             uids = sorted(bodies) if cmd == "FETCH" else uid_set(words[2])
-            # news of the selected mailbox among the answers: the client's
-            out = b"* 3 FETCH (FLAGS (\\Flagged))\r\n"
+            # news of the selected mailbox among the answers, with UIDs
+            # as under QRESYNC: one of a message outside the set (the
+            # client's), one of a message in it (no second copy of it)
+            out = (b"* 9 FETCH (UID 99 FLAGS (\\Flagged))\r\n"
+                   b"* 3 FETCH (UID 13 MODSEQ (5) FLAGS ())\r\n")
             for uid in uids:
                 out += (b'* %d FETCH (UID %d MODSEQ (4) FLAGS (\\Seen '
                         b'\\Recent) INTERNALDATE "01-Jan-2020 10:00:0%d '
@@ -361,7 +364,8 @@ def test_source_failing_part_way_leaves_the_destination_unchanged(
         assert m.select(q(PREFIX + "Src"))[0] == "OK"
         typ, data = m.copy("1:3", dst)
         assert typ == "NO" and data[0].startswith(b"[UNAVAILABLE] "), data
-        assert m.untagged_responses.get("FETCH") == [b"3 (FLAGS (\\Flagged))"]
+        assert m.untagged_responses.get("FETCH") == [
+            b"9 (UID 99 FLAGS (\\Flagged))"], m.untagged_responses
         assert b"destination is unchanged" in data[0], data
         assert messages(home, dst) == {}
         good = [u for u in (11, 12, 13) if u != fail_uid]
