@@ -26,7 +26,7 @@ LDAP_SONAME = $(shell objdump -p "$$(pkg-config --variable=libdir ldap \
 CPPFLAGS += -DLDAP_SONAME='"$(or $(LDAP_SONAME),libldap-2.5.so.0)"'
 
 SRCS	 = imapfe.c listener.c log.c auth.c backend.c proto.c iobuf.c tls.c \
-	   engine.c router.c link.c proxyproto.c ldap.c imapurl.c
+	   engine.c router.c copy.c link.c proxyproto.c ldap.c imapurl.c
 OBJS	 = $(SRCS:.c=.o)
 HDRS	 = imapfe.h engine.h
 # The parts the C unit tests and fuzzers link without main().

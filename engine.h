@@ -103,7 +103,8 @@ struct engine {
 	enum session_end	 end;
 };
 
-/* router.c: run the command just read (eng->cb) where it belongs. */
+/* router.c: run the command just read (eng->cb) where it belongs; router.c
+ * and copy.c call link.c, never the other way. */
 void		 route_command(struct engine *);
 
 /* link.c: what imapfe writes to the client, between responses */
@@ -165,5 +166,12 @@ enum reply_status run_on_link(struct engine *, int i, const char *tag,
 enum reply_status run_text_on_link(struct engine *, int i, const char *tag,
 		    const struct str *text, struct reply *keep);
 void		 send_pipelined(struct engine *, int i, const char *tag);
+enum sink_verdict link_untagged(struct engine *, int i, const char *line,
+		    size_t len);
+enum reply_status link_command(struct engine *, int i, const char *text);
+
+/* copy.c: COPY or MOVE from link from to a mailbox on link to */
+void		 cross_copy(struct engine *, const struct command *,
+		    size_t first, int from, int to, int move);
 
 #endif

@@ -315,6 +315,8 @@ enum resp_code {
 struct status_resp {
 	enum resp_kind	 kind;
 	enum resp_code	 code;
+	const char	*code_span;	/* the whole "[NAME arg]" */
+	size_t		 code_span_len;
 	const char	*code_arg;	/* after the code's name, up to "]" */
 	size_t		 code_arg_len;
 	const char	*text;		/* after the code */
@@ -323,6 +325,20 @@ struct status_resp {
 
 int		 status_parse(const char *line, size_t len, const char *tag,
 		    struct status_resp *);
+
+/* The UIDs of an APPENDUID or COPYUID code (RFC 4315), in written order. */
+struct uid_list {
+	uint32_t	*uid;		/* owned */
+	size_t		 n;
+	size_t		 cap;
+};
+
+int		 uid_list_add(struct uid_list *, uint32_t);
+void		 uid_list_free(struct uid_list *);
+int		 uid_set_parse(const char *s, size_t len, size_t max,
+		    struct uid_list *);
+int		 appenduid_parse(const struct status_resp *, size_t max,
+		    uint32_t *uidvalidity, struct uid_list *);
 int		 caps_has(const char *caps, const char *cap);
 
 /* Where a referral (RFC 2193, RFC 2221) points. */

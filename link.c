@@ -1081,6 +1081,35 @@ send_pipelined(struct engine *eng, int i, const char *tag)
 	}
 }
 
+/*
+ * An untagged response of link i's that no client command asked for:
+ * what link_pump would do with it (a public server's BYE goes nowhere).
+ */
+enum sink_verdict
+link_untagged(struct engine *eng, int i, const char *line, size_t len)
+{
+	struct sink_ctx sc = { eng, &eng->links[i], NULL };
+
+	return response_line(&sc, line, len);
+}
+
+/* A command of imapfe's own on link i, its untagged answers to the client. */
+enum reply_status
+link_command(struct engine *eng, int i, const char *text)
+{
+	struct sink_ctx ctx;
+	struct resp_sink sink;
+	struct reply *r = malloc(sizeof(*r));
+	enum reply_status rs = REPLY_LOST;
+
+	if (r != NULL)
+		rs = backend_simple(eng->links[i].be, eng->cfg, text,
+		    link_client_sink(eng, &eng->links[i], &ctx, &sink), r);
+	eng->links[i].last_used = now_ms();
+	free(r);
+	return rs;
+}
+
 /* ------------------------------------------------------------------ */
 /* a command the router composed for the client */
 

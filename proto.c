@@ -573,6 +573,8 @@ status_parse(const char *line, size_t len, const char *tag,
 		if (name + nl > close)
 			nl = (size_t)(close - name);
 		st->code = code_by_name(name, nl);
+		st->code_span = p;
+		st->code_span_len = (size_t)(close + 1 - p);
 		st->code_arg = name + nl;
 		while (st->code_arg < close && *st->code_arg == ' ')
 			st->code_arg++;
@@ -584,6 +586,99 @@ status_parse(const char *line, size_t len, const char *tag,
 	st->text = p;
 	st->text_len = (size_t)(end - p);
 	return 0;
+}
+
+int
+uid_list_add(struct uid_list *l, uint32_t uid)
+{
+	if (l->n == l->cap) {
+		size_t cap = l->cap ? l->cap * 2 : 16;
+		uint32_t *v = reallocarray(l->uid, cap, sizeof(*v));
+
+		if (v == NULL)
+			return -1;
+		l->uid = v;
+		l->cap = cap;
+	}
+	l->uid[l->n++] = uid;
+	return 0;
+}
+
+void
+uid_list_free(struct uid_list *l)
+{
+	free(l->uid);
+	*l = (struct uid_list){ 0 };
+}
+
+/* A non-zero uniqueid (RFC 3501 nz-number) at *p, which it passes. */
+static int
+uid_number(const char **p, const char *end, uint32_t *out)
+{
+	uint64_t v = 0;
+
+	if (*p == end || **p < '1' || **p > '9')
+		return -1;
+	while (*p < end && **p >= '0' && **p <= '9') {
+		v = v * 10 + (uint64_t)(**p - '0');
+		if (v > UINT32_MAX)
+			return -1;
+		(*p)++;
+	}
+	*out = (uint32_t)v;
+	return 0;
+}
+
+/*
+ * A uid-set (RFC 4315: "5,7:9"), each UID added to l in the order
+ * written, a range from its lower end up.  At most max UIDs; -1 when the
+ * set is malformed or larger ("*" has no place in one).
+ */
+int
+uid_set_parse(const char *s, size_t len, size_t max, struct uid_list *l)
+{
+	const char *p = s, *end = s + len;
+	uint32_t lo, hi, t;
+
+	for (;;) {
+		if (uid_number(&p, end, &lo) != 0)
+			return -1;
+		hi = lo;
+		if (p < end && *p == ':') {
+			p++;
+			if (uid_number(&p, end, &hi) != 0)
+				return -1;
+			if (hi < lo) {
+				t = lo;
+				lo = hi;
+				hi = t;
+			}
+		}
+		if (l->n + ((size_t)hi - lo) >= max)
+			return -1;
+		for (uint64_t u = lo; u <= hi; u++)
+			if (uid_list_add(l, (uint32_t)u) != 0)
+				return -1;
+		if (p == end)
+			return 0;
+		if (*p++ != ',')
+			return -1;
+	}
+}
+
+/* "[APPENDUID uidvalidity uid-set]": both, or -1. */
+int
+appenduid_parse(const struct status_resp *st, size_t max,
+    uint32_t *uidvalidity, struct uid_list *l)
+{
+	const char *p = st->code_arg, *end;
+
+	if (st->code != CODE_APPENDUID)
+		return -1;
+	end = p + st->code_arg_len;
+	if (uid_number(&p, end, uidvalidity) != 0 || p == end || *p++ != ' ')
+		return -1;
+	return uid_set_parse(p, (size_t)(end - p), max, l);
 }
 
 /* Case-insensitive search for a whole word in a space-separated list. */

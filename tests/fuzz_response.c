@@ -50,6 +50,22 @@ dispatch_all(const char *buf, size_t size, int filter)
 	free(be.caps);	/* a "[CAPABILITY ...]" code is noted as it goes by */
 }
 
+/* An APPENDUID's UIDs: bounded, and each one a real UID. */
+static void
+fuzz_appenduid(const struct status_resp *st)
+{
+	struct uid_list l = { 0 };
+	uint32_t validity;
+
+	if (appenduid_parse(st, 1000, &validity, &l) == 0 &&
+	    (validity == 0 || l.n == 0 || l.n > 1000))
+		abort();
+	for (size_t k = 0; k < l.n; k++)
+		if (l.uid[k] == 0)
+			abort();
+	uid_list_free(&l);
+}
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -72,7 +88,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		const char *lf = memchr(p, '\n', (size_t)(end - p));
 		size_t l = lf != NULL ? (size_t)(lf - p) : (size_t)(end - p);
 
-		(void)status_parse(p, l, "F1", &st);
+		if (status_parse(p, l, "F1", &st) == 0)
+			fuzz_appenduid(&st);
 		(void)resp_is_tagged(p, l, "*");
 		backend_note_caps(&be, p, l);
 		p += l + 1;

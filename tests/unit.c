@@ -320,6 +320,43 @@ test_resp_status(void)
 	    st.code == CODE_NONE && st.text == l + 5);
 }
 
+static void
+test_appenduid(void)
+{
+	struct status_resp st;
+	struct uid_list l = { 0 };
+	uint32_t v = 0;
+	const char *s;
+
+	s = "a OK [APPENDUID 38505 3955:3957,12] Append completed.";
+	CHECK(status_parse(s, strlen(s), "a", &st) == 0 &&
+	    st.code_span_len == 30 && memcmp(st.code_span, "[APPENDUID", 10)
+	    == 0 && appenduid_parse(&st, 100, &v, &l) == 0 && v == 38505 &&
+	    l.n == 4 && l.uid[0] == 3955 && l.uid[2] == 3957 &&
+	    l.uid[3] == 12);
+	uid_list_free(&l);
+	s = "a OK [APPENDUID 1 2:*] no star";
+	CHECK(status_parse(s, strlen(s), "a", &st) == 0 &&
+	    appenduid_parse(&st, 100, &v, &l) != 0);
+	uid_list_free(&l);
+	s = "a OK [APPENDUID 1 1:4294967295] too many";
+	CHECK(status_parse(s, strlen(s), "a", &st) == 0 &&
+	    appenduid_parse(&st, 100, &v, &l) != 0);
+	uid_list_free(&l);
+	s = "a OK [APPENDUID 0 5] zero validity";
+	CHECK(status_parse(s, strlen(s), "a", &st) == 0 &&
+	    appenduid_parse(&st, 100, &v, &l) != 0);
+	uid_list_free(&l);
+	s = "a OK no code";
+	CHECK(status_parse(s, strlen(s), "a", &st) == 0 &&
+	    appenduid_parse(&st, 100, &v, &l) != 0 && l.n == 0);
+	s = "a NO [OVERQUOTA] Quota exceeded";
+	CHECK(status_parse(s, strlen(s), "a", &st) == 0 &&
+	    st.code == CODE_OVERQUOTA && st.code_span_len == 11 &&
+	    appenduid_parse(&st, 100, &v, &l) != 0);
+	uid_list_free(&l);
+}
+
 /* The dispatcher over a stream in memory: what goes where. */
 struct collected {
 	struct str	 lines;
@@ -1067,6 +1104,7 @@ main(void)
 	test_caps();
 	test_scanner();
 	test_resp_status();
+	test_appenduid();
 	test_fetch_section();
 	test_dispatch();
 	test_cmd_read_literals();
