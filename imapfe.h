@@ -354,6 +354,9 @@ int		 hostport_parse(const char *p, const char *end, char *host,
 		    size_t hostsize, char *port, size_t portsize);
 int		 url_decode(const char *p, const char *end, char *out,
 		    size_t outsize);
+int		 url_iserver_parse(const char *p, const char *end, char *user,
+		    size_t usersize, char *host, size_t hostsize, char *port,
+		    size_t portsize);
 int		 port_is_valid(const char *, size_t);
 
 /* Tracks where lines start in a stream of IMAP responses, literals skipped. */
@@ -851,9 +854,6 @@ struct url_route {
 };
 
 int		 imap_url_parse(const char *, size_t, struct imap_url *);
-int		 url_iserver_parse(const char *p, const char *end, char *user,
-		    size_t usersize, char *host, size_t hostsize, char *port,
-		    size_t portsize);
 int		 url_server(const struct url_route *, const char *, size_t);
 void		 url_badurl_text(char *out, size_t size, const char *url,
 		    size_t len);

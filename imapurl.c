@@ -82,34 +82,6 @@ bchars_end(const char *p, const char *end)
 }
 
 /*
- * iserver: [enc-user [";AUTH=" ...] "@"] host [":" port], the whole of
- * [p, end).  The user is decoded; "" when there is none.
- */
-int
-url_iserver_parse(const char *p, const char *end, char *user,
-    size_t usersize, char *host, size_t hostsize, char *port,
-    size_t portsize)
-{
-	const char *at = NULL, *ue;
-
-	for (const char *q = p; q < end; q++)
-		if (*q == '@')
-			at = q;
-	user[0] = '\0';
-	if (at != NULL) {
-		for (ue = p; ue < at && *ue != ';'; ue++)
-			if (*ue == ':')
-				return -1;	/* a password has no place */
-		if (ue < at && !starts(ue, at, ";AUTH="))
-			return -1;
-		if (url_decode(p, ue, user, usersize) != 0)
-			return -1;
-		p = at + 1;
-	}
-	return hostport_parse(p, end, host, hostsize, port, portsize);
-}
-
-/*
  * What follows the mailbox: [";UIDVALIDITY=" n] ["/" ";UID=" n]
  * ["/" ";SECTION=" s] ["/" ";PARTIAL=" r] [";EXPIRE=" t] [";URLAUTH=" a],
  * or "?" and a search.  In a relative URL without a mailbox the first

@@ -872,6 +872,35 @@ url_decode(const char *p, const char *end, char *out, size_t outsize)
 	return 0;
 }
 
+/*
+ * iserver: [enc-user [";AUTH=" ...] "@"] host [":" port], the whole of
+ * [p, end).  The user is decoded; "" when there is none.
+ */
+int
+url_iserver_parse(const char *p, const char *end, char *user,
+    size_t usersize, char *host, size_t hostsize, char *port,
+    size_t portsize)
+{
+	const char *at = NULL, *ue;
+
+	for (const char *q = p; q < end; q++)
+		if (*q == '@')
+			at = q;
+	user[0] = '\0';
+	if (at != NULL) {
+		for (ue = p; ue < at && *ue != ';'; ue++)
+			if (*ue == ':')
+				return -1;	/* a password has no place */
+		if (ue < at && ((size_t)(at - ue) < 6 ||
+		    strncasecmp(ue, ";AUTH=", 6) != 0))
+			return -1;
+		if (url_decode(p, ue, user, usersize) != 0)
+			return -1;
+		p = at + 1;
+	}
+	return hostport_parse(p, end, host, hostsize, port, portsize);
+}
+
 static int
 host_char(int c, int bracketed)
 {
