@@ -26,11 +26,12 @@ LDAP_SONAME = $(shell objdump -p "$$(pkg-config --variable=libdir ldap \
 CPPFLAGS += -DLDAP_SONAME='"$(or $(LDAP_SONAME),libldap-2.5.so.0)"'
 
 SRCS	 = imapfe.c log.c auth.c backend.c proto.c iobuf.c tls.c router.c \
-	   proxyproto.c ldap.c
+	   proxyproto.c ldap.c state.c
 OBJS	 = $(SRCS:.c=.o)
 HDRS	 = imapfe.h
 # The parts the C unit tests and fuzzers link without main().
-LIBSRCS	 = log.c auth.c backend.c proto.c iobuf.c tls.c proxyproto.c ldap.c
+LIBSRCS	 = log.c auth.c backend.c proto.c iobuf.c tls.c proxyproto.c ldap.c \
+	   state.c
 
 # Super-server and systemd files, installed as examples (nothing enabled)
 # with the binary's installed path.

@@ -246,6 +246,33 @@ fail:
 	return -1;
 }
 
+/* The server's fault, not this host's (out of descriptors, say). */
+static int
+server_down_errno(int e)
+{
+	return e == ECONNREFUSED || e == ETIMEDOUT || e == EHOSTUNREACH ||
+	    e == ENETUNREACH || e == EHOSTDOWN;
+}
+
+/*
+ * What every process shares about host:port: marked down after a refused
+ * or timed-out connection, for backend_down_time, and up again when it
+ * answers; one session at a time retries it once the time is up.
+ */
+static void
+note_server_state(const struct route *r, const struct config *cfg, int fd,
+    int err)
+{
+	if (fd < 0 && server_down_errno(err)) {
+		state_backend_failed(cfg->state, cfg, r->host, r->port);
+		log_msg(LOG_WARNING, "event=backend-down backend=%s:%s "
+		    "retry_in=%ds", r->host, r->port, cfg->backend_down_time);
+	} else if (fd >= 0 && state_backend_up(cfg->state, cfg, r->host,
+	    r->port))
+		log_msg(LOG_NOTICE, "event=backend-up backend=%s:%s", r->host,
+		    r->port);
+}
+
 /* Connect to every address of host:port in turn, within connect_timeout. */
 static int
 backend_connect(const struct route *r, const struct config *cfg, char *why,
@@ -253,7 +280,15 @@ backend_connect(const struct route *r, const struct config *cfg, char *why,
 {
 	struct addrinfo hints = { .ai_socktype = SOCK_STREAM }, *res, *ai;
 	int64_t deadline = now_ms() + (int64_t)cfg->connect_timeout * 1000;
-	int fd = -1, rc;
+	int64_t down_ms;
+	int fd = -1, rc, err;
+
+	if (!state_backend_may_try(cfg->state, cfg, r->host, r->port,
+	    &down_ms)) {
+		snprintf(why, whylen, "marked down (refused or timed out %lld "
+		    "ms ago; backend_down_time)", (long long)down_ms);
+		return -1;
+	}
 
 	/* A numeric address needs no resolver, nor AI_ADDRCONFIG's look at
 	 * the interfaces (a netlink round trip for every login). */
@@ -269,9 +304,11 @@ backend_connect(const struct route *r, const struct config *cfg, char *why,
 	}
 	for (ai = res; ai != NULL && fd < 0; ai = ai->ai_next)
 		fd = connect_one(ai, deadline);
+	err = errno;
 	if (fd < 0)
-		snprintf(why, whylen, "connect: %s", strerror(errno));
+		snprintf(why, whylen, "connect: %s", strerror(err));
 	freeaddrinfo(res);
+	note_server_state(r, cfg, fd, err);
 	return fd;
 }
 

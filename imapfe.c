@@ -68,6 +68,11 @@ config_defaults(struct config *cfg)
 	cfg->syslog_facility = LOG_MAIL;
 	cfg->proxy_protocol_timeout = 10;
 	cfg->ldap_timeout = 5;
+	cfg->auth_penalty = 1;
+	cfg->auth_penalty_first = 2000;
+	cfg->auth_penalty_max = 15000;
+	cfg->client_ipv6_prefix = 64;
+	cfg->backend_down_time = 10;
 }
 
 /* Split a configuration line into words; "..." quotes, \ escapes. */
@@ -404,6 +409,18 @@ static const struct int_key int_keys[] = {
 	{ "proxy_protocol_timeout", offsetof(struct config,
 	    proxy_protocol_timeout), 1, 600, 0 },
 	{ "ldap_timeout", offsetof(struct config, ldap_timeout), 1, 300, 0 },
+	{ "auth_penalty_first", offsetof(struct config, auth_penalty_first),
+	    1, 600000, 0 },
+	{ "auth_penalty_max", offsetof(struct config, auth_penalty_max), 1,
+	    3600000, 0 },
+	{ "client_ipv6_prefix", offsetof(struct config, client_ipv6_prefix),
+	    1, 128, 0 },
+	{ "max_sessions_per_ip", offsetof(struct config,
+	    max_sessions_per_ip), 0, 100000, 0 },
+	{ "max_sessions_per_user", offsetof(struct config,
+	    max_sessions_per_user), 0, 100000, 0 },
+	{ "backend_down_time", offsetof(struct config, backend_down_time), 0,
+	    86400, 0 },
 };
 
 /* Directives whose value is kept as given (file names, mostly). */
@@ -436,6 +453,7 @@ static const struct { const char *name; size_t offset; } string_keys[] = {
 	{ "ldap_host_attribute", offsetof(struct config, ldap_host_attribute) },
 	{ "ldap_port_attribute", offsetof(struct config, ldap_port_attribute) },
 	{ "ldap_ca_file", offsetof(struct config, ldap_ca_file) },
+	{ "state_file", offsetof(struct config, state_file) },
 };
 
 static int
@@ -494,31 +512,36 @@ parse_facility(const char *v, int *out)
 	return -1;
 }
 
-/* proxy_protocol_trusted CIDR...: may repeat; each line adds blocks. */
+/*
+ * proxy_protocol_trusted or auth_penalty_exempt CIDR...: may repeat; each
+ * line adds blocks.  "auth_penalty_exempt none" exempts no one.
+ */
 static int
-add_proxy_trusted(struct config *cfg, char **w, int n, char *err,
+add_cidr_list(struct cidr **list, size_t *n, char **w, int nw, char *err,
     size_t errlen)
 {
 	struct cidr *grown;
 
-	if (n < 2) {
+	if (nw < 2) {
 		snprintf(err, errlen, "%s takes one or more ADDRESS/BITS", w[0]);
 		return -1;
 	}
-	grown = realloc(cfg->proxy_trusted, (cfg->proxy_trusted_n +
-	    (size_t)n - 1) * sizeof(*grown));
+	if (nw == 2 && strcmp(w[0], "auth_penalty_exempt") == 0 &&
+	    strcmp(w[1], "none") == 0)
+		return 0;
+	grown = realloc(*list, (*n + (size_t)nw - 1) * sizeof(*grown));
 	if (grown == NULL) {
 		snprintf(err, errlen, "out of memory");
 		return -1;
 	}
-	cfg->proxy_trusted = grown;
-	for (int i = 1; i < n; i++) {
-		if (cidr_parse(w[i], &grown[cfg->proxy_trusted_n]) != 0) {
+	*list = grown;
+	for (int i = 1; i < nw; i++) {
+		if (cidr_parse(w[i], &grown[*n]) != 0) {
 			snprintf(err, errlen, "bad address block for %s: '%s'",
 			    w[0], w[i]);
 			return -1;
 		}
-		cfg->proxy_trusted_n++;
+		(*n)++;
 	}
 	return 0;
 }
@@ -584,7 +607,13 @@ config_line(struct config *cfg, char **w, int n, char *err, size_t errlen)
 	    strcmp(w[0], "server") == 0)
 		return add_route(cfg, w, n, err, errlen);
 	if (strcmp(w[0], "proxy_protocol_trusted") == 0)
-		return add_proxy_trusted(cfg, w, n, err, errlen);
+		return add_cidr_list(&cfg->proxy_trusted, &cfg->proxy_trusted_n,
+		    w, n, err, errlen);
+	if (strcmp(w[0], "auth_penalty_exempt") == 0) {
+		cfg->auth_penalty_exempt_set = 1;
+		return add_cidr_list(&cfg->auth_penalty_exempt,
+		    &cfg->auth_penalty_exempt_n, w, n, err, errlen);
+	}
 	if (strcmp(w[0], "route_order") == 0)
 		return set_route_order(cfg, w, n, err, errlen);
 	if (strcmp(w[0], "ldap_uri") == 0)
@@ -618,6 +647,11 @@ config_line(struct config *cfg, char **w, int n, char *err, size_t errlen)
 	}
 	if (strcmp(w[0], "forward_id") == 0) {
 		if (parse_bool(w[1], &cfg->forward_id) != 0)
+			goto bad;
+		return 0;
+	}
+	if (strcmp(w[0], "auth_penalty") == 0) {
+		if (parse_bool(w[1], &cfg->auth_penalty) != 0)
 			goto bad;
 		return 0;
 	}
@@ -735,6 +769,39 @@ config_check_routing(struct config *cfg, const char *path, char *err,
 	return 0;
 }
 
+/*
+ * Shared state: where, and who is spared the login penalty.  Loopback by
+ * default: a webmail or a load balancer on the host, without a PROXY
+ * header, is one address for all of its users.
+ */
+static int
+config_check_state(struct config *cfg, const char *path, char *err,
+    size_t errlen)
+{
+	static char *loopback[] = { "auth_penalty_exempt", "127.0.0.0/8",
+	    "::1/128" };
+
+	if (cfg->state_file == NULL &&
+	    set_string(&cfg->state_file, "/run/imapfe/state") != 0) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	if (cfg->state_file[0] != '/' && strcmp(cfg->state_file, "none") != 0) {
+		snprintf(err, errlen, "%s: state_file must be an absolute path "
+		    "or none", path);
+		return -1;
+	}
+	if (cfg->auth_penalty_first > cfg->auth_penalty_max) {
+		snprintf(err, errlen, "%s: auth_penalty_first is more than "
+		    "auth_penalty_max", path);
+		return -1;
+	}
+	if (!cfg->auth_penalty_exempt_set)
+		return add_cidr_list(&cfg->auth_penalty_exempt,
+		    &cfg->auth_penalty_exempt_n, loopback, 3, err, errlen);
+	return 0;
+}
+
 /* auth proxy needs an identity and its password; load the password now. */
 static int
 config_check_auth(struct config *cfg, const char *path, char *err,
@@ -814,6 +881,8 @@ config_load(struct config *cfg, const char *path, char *err, size_t errlen)
 		rc = config_check_tls(cfg, path, err, errlen);
 	if (rc == 0)
 		rc = config_check_auth(cfg, path, err, errlen);
+	if (rc == 0)
+		rc = config_check_state(cfg, path, err, errlen);
 	if (rc == 0 && cfg->greeting == NULL &&
 	    set_string(&cfg->greeting, IMAPFE_GREETING_MARK ".") != 0)
 		rc = -1;
@@ -855,6 +924,8 @@ config_free(struct config *cfg)
 	    i++)
 		free(*(char **)(void *)((char *)cfg + string_keys[i].offset));
 	free(cfg->proxy_trusted);
+	free(cfg->auth_penalty_exempt);
+	state_close(cfg->state);
 	memset(cfg, 0, sizeof(*cfg));
 }
 
@@ -874,7 +945,10 @@ struct session {
 	struct credentials	 cred;
 	struct cmd_buf		 cmdbuf;	/* the command being read */
 	char			 peer[80];
+	struct sockaddr_storage	 peer_addr;	/* the real client's, */
+	int			 have_peer_addr;	/* for shared state */
 	char			 user[96];	/* sanitized, for logs */
+	uint16_t		 password_print;	/* this attempt's */
 	int			 failures;
 	int			 bad_commands;
 	int64_t			 started;
@@ -1294,6 +1368,59 @@ login_failed(struct session *s, const char *tag, const char *code,
 		session_bye(s, END_LIMIT, "Too many failed logins.");
 }
 
+static const struct sockaddr_storage *
+client_addr(const struct session *s)
+{
+	return s->have_peer_addr ? &s->peer_addr : NULL;
+}
+
+/*
+ * Before a login attempt is looked at: the client's address waits out
+ * its penalty (auth_penalty), with no lock held, so only it waits.
+ */
+static void
+penalty_wait(struct session *s)
+{
+	int64_t until = now_ms() + state_penalty_ms(s->cfg->state, s->cfg,
+	    client_addr(s));
+
+	s->password_print = 0;
+	while (!shutdown_requested && now_ms() < until)
+		poll_wait(NULL, 0, (int)(until - now_ms()));
+	if (shutdown_requested)
+		session_bye(s, END_SHUTDOWN, "Server shutting down.");
+}
+
+/* The credentials were wrong: the address's penalty may grow. */
+static void
+auth_failed(struct session *s, const char *tag)
+{
+	int64_t delay = state_login_failed(s->cfg->state, s->cfg,
+	    client_addr(s), s->password_print);
+
+	if (delay >= 0)
+		log_msg(LOG_NOTICE, "event=penalty client=%s delay_ms=%lld",
+		    s->ci.ip, (long long)delay);
+	login_failed(s, tag, "AUTHENTICATIONFAILED", "Authentication failed.");
+}
+
+/* Logged in to the back-end: within max_sessions_per_user? */
+static int
+user_admitted(struct session *s, const char *tag)
+{
+	state_login_ok(s->cfg->state, s->cfg, client_addr(s));
+	if (state_session_user(s->cfg->state, s->cfg, s->cred.user,
+	    s->cred.user_len) == STATE_ADMITTED)
+		return 1;
+	backend_close(&s->backend);
+	credentials_clear(&s->cred);
+	log_msg(LOG_NOTICE, "event=login-refused user=\"%s\" "
+	    "reason=\"max_sessions_per_user (%d) reached\"", s->user,
+	    s->cfg->max_sessions_per_user);
+	login_failed(s, tag, "LIMIT", "Too many sessions for this user.");
+	return 0;
+}
+
 /*
  * Credentials are in s->cred: find the back-end and log in there.  The
  * client hears the same NO for an unknown user as for a wrong password.
@@ -1308,6 +1435,9 @@ do_login(struct session *s, const char *tag, const char *method)
 	char *caps;
 
 	sanitize(s->user, sizeof(s->user), s->cred.user, s->cred.user_len);
+	if (s->password_print == 0)
+		s->password_print = state_password_print(s->cfg->state,
+		    &s->cred);
 	if (!credentials_acceptable(s->cred.user, s->cred.user_len) ||
 	    !credentials_acceptable(s->cred.pass, s->cred.pass_len) ||
 	    s->cred.user_len == 0) {
@@ -1315,8 +1445,7 @@ do_login(struct session *s, const char *tag, const char *method)
 		    "method=%s reason=\"invalid characters in credentials\"",
 		    s->user, method);
 		credentials_clear(&s->cred);
-		login_failed(s, tag, "AUTHENTICATIONFAILED",
-		    "Authentication failed.");
+		auth_failed(s, tag);
 		return;
 	}
 	if ((rs = route_find(s->cfg, s->cred.user, &r, why, sizeof(why))) !=
@@ -1326,8 +1455,7 @@ do_login(struct session *s, const char *tag, const char *method)
 		    s->user, method, why);
 		credentials_clear(&s->cred);
 		if (rs == ROUTE_UNKNOWN)
-			login_failed(s, tag, "AUTHENTICATIONFAILED",
-			    "Authentication failed.");
+			auth_failed(s, tag);
 		else
 			login_failed(s, tag, "UNAVAILABLE", "Back-end server "
 			    "unavailable, try again later.");
@@ -1343,6 +1471,8 @@ do_login(struct session *s, const char *tag, const char *method)
 	}
 	res = backend_login(&s->backend, s->cfg, r, &s->cred, &s->ci, s->user,
 	    why, sizeof(why));
+	if (res == LOGIN_OK && !user_admitted(s, tag))
+		return;
 	/*
 	 * Public-folder servers are logged in to later, as the user: with
 	 * the password in passthrough mode, by name alone in proxy mode.
@@ -1371,8 +1501,7 @@ do_login(struct session *s, const char *tag, const char *method)
 	    "event=login-failed user=\"%s\" method=%s backend=%s:%s "
 	    "reason=\"%s\"", s->user, method, r->host, r->port, why);
 	if (res == LOGIN_BADCREDS)
-		login_failed(s, tag, "AUTHENTICATIONFAILED",
-		    "Authentication failed.");
+		auth_failed(s, tag);
 	else
 		login_failed(s, tag, "UNAVAILABLE",
 		    "Back-end server unavailable, try again later.");
@@ -1396,22 +1525,21 @@ static void
 sasl_server_failed(struct session *s, const char *tag, const char *method,
     int rc)
 {
-	const char *code = "AUTHENTICATIONFAILED", *text =
-	    "Authentication failed.";
+	int unavailable = rc == SASL_NOMEM || rc == SASL_FAIL ||
+	    rc == SASL_TRYAGAIN || rc == SASL_UNAVAIL;
 
-	if (rc == SASL_NOAUTHZ) {
-		code = "AUTHORIZATIONFAILED";
-		text = "Authorization identity not allowed.";
-	} else if (rc == SASL_NOMEM || rc == SASL_FAIL || rc == SASL_TRYAGAIN ||
-	    rc == SASL_UNAVAIL) {
-		code = "UNAVAILABLE";
-		text = "Authentication service unavailable, try again later.";
-	}
-	log_msg(code[0] == 'U' ? LOG_ERR : LOG_NOTICE, "event=login-failed%s%s%s "
+	log_msg(unavailable ? LOG_ERR : LOG_NOTICE, "event=login-failed%s%s%s "
 	    "method=%s reason=\"SASL: %s\"", s->user[0] ? " user=\"" : "",
 	    s->user, s->user[0] ? "\"" : "", method,
 	    sasl_errstring(rc, NULL, NULL));
-	login_failed(s, tag, code, text);
+	if (rc == SASL_NOAUTHZ)
+		login_failed(s, tag, "AUTHORIZATIONFAILED",
+		    "Authorization identity not allowed.");
+	else if (unavailable)
+		login_failed(s, tag, "UNAVAILABLE", "Authentication service "
+		    "unavailable, try again later.");
+	else
+		auth_failed(s, tag);
 }
 
 static void
@@ -1426,11 +1554,15 @@ cmd_login(struct session *s, const struct command *c)
 	}
 	if (plaintext_refused(s, c->tag))
 		return;
+	penalty_wait(s);
+	if (s->end != END_NONE)
+		return;
 	if (credentials_set(&s->cred, c->tok[0].s, c->tok[0].len,
 	    c->tok[1].s, c->tok[1].len) != 0) {
 		session_nomem(s);
 		return;
 	}
+	s->password_print = state_password_print(s->cfg->state, &s->cred);
 	if (s->cfg->auth == AUTH_PROXY) {
 		sanitize(s->user, sizeof(s->user), s->cred.user,
 		    s->cred.user_len);
@@ -1511,6 +1643,9 @@ cmd_authenticate(struct session *s, const struct command *c)
 		return;
 	}
 	if (auth_mech_plaintext(mech) && plaintext_refused(s, c->tag))
+		return;
+	penalty_wait(s);
+	if (s->end != END_NONE)
 		return;
 	if (s->cfg->auth == AUTH_PROXY)
 		s->user[0] = '\0';	/* the exchange names the user */
@@ -1619,6 +1754,23 @@ dispatch_prelogin(struct session *s, const struct command *c)
 		bad_command(s, c->tag, "Unknown command.");
 }
 
+/*
+ * Within max_sessions_per_ip?  Counted across the host's processes, and
+ * answered as RFC 5530 says a server that will not serve says it.
+ */
+static int
+session_admitted(struct session *s)
+{
+	if (state_session_begin(s->cfg->state, s->cfg, client_addr(s)) ==
+	    STATE_ADMITTED)
+		return 1;
+	log_msg(LOG_NOTICE, "event=refused client=%s reason=\"max_sessions_per_ip "
+	    "(%d) reached\"", s->ci.ip, s->cfg->max_sessions_per_ip);
+	session_bye(s, END_LIMIT, "[UNAVAILABLE] Too many connections from "
+	    "your address, try again later.");
+	return 0;
+}
+
 /* Greet, then read and answer commands until login or the end. */
 static void
 session_prelogin(struct session *s)
@@ -1634,6 +1786,10 @@ session_prelogin(struct session *s)
 	}
 	if (s->tls_ctx != NULL && s->cfg->tls_mode == TLS_IMPLICIT &&
 	    client_tls_start(s) != 0) {
+		free(cmd);
+		return;
+	}
+	if (!session_admitted(s)) {
 		free(cmd);
 		return;
 	}
@@ -1825,6 +1981,8 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	else
 		snprintf(s.peer, sizeof(s.peer), "local");
 	s.peer_loopback = loopback_ok && ep.have_peer && is_loopback(&ep.peer);
+	s.peer_addr = ep.peer;
+	s.have_peer_addr = ep.have_peer;
 	client_info_init(&s.ci, &ep, id);
 	setsockopt(wfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	nonblocking(wfd);
@@ -1844,6 +2002,7 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 		    s.user);
 	if (s.logged_in)
 		backend_close(&s.backend);
+	state_session_end(cfg->state);
 	if (s.client.tls_why[0] != '\0')
 		log_msg(LOG_NOTICE, "event=tls-error side=client reason=\"%s\"",
 		    s.client.tls_why);
@@ -2359,6 +2518,35 @@ startup_prepare(struct config *cfg, const struct options *opt,
 	return 0;
 }
 
+/*
+ * The shared state file, opened before privileges are dropped (a chroot
+ * may hide it) and kept by every session: the listener's children inherit
+ * it.  Made in a directory of its own when that is missing; owned by the
+ * run user, whom nothing else here needs to trust.  Never fails: a file
+ * that cannot be used is logged, and imapfe goes on without it.
+ */
+static void
+shared_state_open(struct config *cfg)
+{
+	uid_t uid = (uid_t)-1;
+	gid_t gid = (gid_t)-1;
+	char dir[PATH_MAX], err[256], *slash;
+
+	if (strcmp(cfg->state_file, "none") == 0)
+		return;
+	if (geteuid() == 0 && cfg->run_user != NULL &&
+	    lookup_run_ids(cfg, &uid, &gid, err, sizeof(err)) != 0)
+		uid = (uid_t)-1;
+	snprintf(dir, sizeof(dir), "%s", cfg->state_file);
+	if ((slash = strrchr(dir, '/')) != NULL && slash != dir) {
+		*slash = '\0';
+		if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+			log_msg(LOG_WARNING, "event=warning reason=\"mkdir %s: "
+			    "%s\"", dir, strerror(errno));
+	}
+	cfg->state = state_open(cfg->state_file, uid, gid);
+}
+
 /* Once here, so that forked sessions do not each pay for it. */
 static int
 sasl_setup(const struct config *cfg)
@@ -2455,8 +2643,10 @@ main(int argc, char *argv[])
 	else if (opt.test_only) {
 		printf("imapfe: %s: configuration OK\n", opt.config_path);
 		rc = 0;
-	} else
+	} else {
+		shared_state_open(&cfg);
 		rc = run(&cfg, tls_ctx, opt.listen_spec);
+	}
 	tls_server_ctx_free(tls_ctx);
 	config_free(&cfg);
 	log_close();
