@@ -72,6 +72,8 @@ config_defaults(struct config *cfg)
 	cfg->auth_penalty_first = 2000;
 	cfg->auth_penalty_max = 15000;
 	cfg->client_ipv6_prefix = 64;
+	cfg->max_sessions_per_ip = 0;		/* no limit */
+	cfg->max_sessions_per_user = 0;
 	cfg->backend_down_time = 10;
 }
 
