@@ -167,9 +167,11 @@ static const struct route *
 find_in(const struct route *r, const char *host, const char *port)
 {
 	for (; r != NULL; r = r->next)
-		if (!r->from_directory && strcasecmp(r->host, host) == 0 &&
-		    same_port(r->port, port))
-			return r;
+		for (const struct route *a = r; a != NULL; a = a->alt)
+			if (!a->from_directory &&
+			    strcasecmp(a->host, host) == 0 &&
+			    same_port(a->port, port))
+				return a;
 	return NULL;
 }
 
@@ -1355,6 +1357,51 @@ referral_allowed(const struct config *cfg, const struct route *const *tried,
 	return 0;
 }
 
+/* FNV-1a: the same number for a name in every process, for order=hash. */
+static size_t
+name_hash(const char *s)
+{
+	uint32_t h = 2166136261u;
+
+	for (; *s != '\0'; s++)
+		h = (h ^ (unsigned char)*s) * 16777619u;
+	return h;
+}
+
+/*
+ * The servers of one line in turn (a replicated pair, say), from the
+ * first or, with order=hash, from the user's own, so that a user stays
+ * on one server while it is up.  The next is tried only when one is
+ * unavailable (down, marked down, failing TLS or its greeting), never
+ * after it refused the credentials: that would try a guess twice.
+ */
+static enum login_result
+backend_open_any(struct backend *be, const struct config *cfg,
+    const struct route *first, const struct credentials *user,
+    const struct client_info *ci, struct reply *rep, const char *who,
+    char *why, size_t whylen)
+{
+	const struct route *r;
+	enum login_result res = LOGIN_UNAVAILABLE;
+	size_t n = 0, start = 0;
+
+	for (r = first; r != NULL; r = r->alt)
+		n++;
+	if (first->hash_order && user->user != NULL)
+		start = name_hash(user->user) % n;
+	for (size_t i = 0; i < n; i++) {
+		r = first;
+		for (size_t k = (start + i) % n; k > 0; k--)
+			r = r->alt;
+		res = backend_open_as(be, cfg, r, user, ci, rep, why, whylen);
+		if (res != LOGIN_UNAVAILABLE || i + 1 == n)
+			break;
+		log_msg(LOG_WARNING, "event=failover user=\"%s\" from=%s:%s "
+		    "reason=\"%s\"", who, r->host, r->port, why);
+	}
+	return res;
+}
+
 /*
  * Log in as backend_open_as does, following login referrals (RFC 2221:
  * "NO [REFERRAL imap://...]" to the login, or "* BYE [REFERRAL ...]" as
@@ -1380,7 +1427,8 @@ backend_login(struct backend *be, const struct config *cfg,
 	for (;;) {
 		const struct route *next;
 
-		res = backend_open_as(be, cfg, r, user, ci, rep, why, whylen);
+		res = backend_open_any(be, cfg, r, user, ci, rep, who, why,
+		    whylen);
 		if (res != LOGIN_REFERRAL)
 			break;
 		/* why the referral was not followed is logged already */

@@ -218,6 +218,14 @@ route_option(struct route *r, const char *opt, char *err, size_t errlen)
 
 	if (eq == NULL || eq[1] == '\0')
 		goto bad;
+	if (kl == 5 && strncmp(opt, "order", 5) == 0) {
+		if (strcmp(eq + 1, "hash") == 0 || strcmp(eq + 1, "first") == 0) {
+			r->hash_order = eq[1] == 'h';
+			return 0;
+		}
+		snprintf(err, errlen, "order= takes first or hash");
+		return -1;
+	}
 	if (kl == 3 && strncmp(opt, "tls", 3) == 0) {
 		if (parse_tls_mode(eq + 1, &r->tls) == 0)
 			return 0;
@@ -237,6 +245,8 @@ bad:
 static void
 route_free(struct route *r)
 {
+	if (r->alt != NULL)
+		route_free(r->alt);
 	free(r->pattern);
 	free(r->host);
 	free(r->port);
@@ -310,57 +320,88 @@ route_target(struct route *r, const char *kind, const char *word,
 	return 0;
 }
 
+/* One HOST:PORT of a line, with the line's options. */
+static struct route *
+route_new(const char *kind, const char *key, const char *target,
+    char **opts, int nopts, char *err, size_t errlen)
+{
+	struct route *r;
+	char why[128];
+
+	if ((r = calloc(1, sizeof(*r))) == NULL ||
+	    (r->pattern = strdup(key)) == NULL) {
+		free(r);
+		snprintf(err, errlen, "out of memory");
+		return NULL;
+	}
+	if (route_target(r, kind, target, nopts, why, sizeof(why)) != 0) {
+		snprintf(err, errlen, "bad route target '%s': %s", target, why);
+		route_free(r);
+		return NULL;
+	}
+	for (int i = 0; i < nopts; i++)
+		if (route_option(r, opts[i], err, errlen) != 0) {
+			route_free(r);
+			return NULL;
+		}
+	if (r->client_key != NULL && r->client_cert == NULL) {
+		snprintf(err, errlen, "client_key= needs client_cert=");
+		route_free(r);
+		return NULL;
+	}
+	return r;
+}
+
 /*
- * "route PATTERN HOST:PORT [opt=val ...]", "public PREFIX HOST:PORT ..."
- * or "server HOST:PORT ...": the last names a back-end that no line routes
- * to but that a referral or a directory answer may lead to.
+ * "route PATTERN HOST:PORT ... [opt=val ...]", "public PREFIX HOST:PORT
+ * ..." or "server HOST:PORT ...": the last names a back-end that no line
+ * routes to but that a referral or a directory answer may lead to.
+ * Several HOST:PORT are one service (a replicated pair, say), tried in
+ * turn; each is its own route, chained by alt, with the line's options.
  */
 static int
 add_route(struct config *cfg, char **w, int n, char *err, size_t errlen)
 {
 	int server = strcmp(w[0], "server") == 0;
-	int target = server ? 1 : 2;
+	int target = server ? 1 : 2, hosts = 1;
 	const char *key = server ? "" : w[1];
-	struct route *r, **head, **tail;
-	char why[128];
+	struct route *first, *r, **head, **tail;
 
 	route_lists(cfg, w[0], &head, &tail);
 	if (n < target + 1) {
-		snprintf(err, errlen, "%s takes %sHOST:PORT [OPTION=VALUE ...]",
-		    w[0], server ? "" : strcmp(w[0], "public") == 0 ?
+		snprintf(err, errlen, "%s takes %sHOST:PORT ... [OPTION=VALUE "
+		    "...]", w[0], server ? "" : strcmp(w[0], "public") == 0 ?
 		    "PREFIX " : "PATTERN ");
 		return -1;
 	}
 	if (check_route_key(w[0], key, err, errlen) != 0)
 		return -1;
-	if ((r = calloc(1, sizeof(*r))) == NULL ||
-	    (r->pattern = strdup(key)) == NULL) {
-		free(r);
-		snprintf(err, errlen, "out of memory");
+	while (target + hosts < n && strchr(w[target + hosts], '=') == NULL)
+		hosts++;
+	if ((first = route_new(w[0], key, w[target], w + target + hosts,
+	    n - target - hosts, err, errlen)) == NULL)
 		return -1;
-	}
-	if (route_target(r, w[0], w[target], n - target - 1, why,
-	    sizeof(why)) != 0) {
-		snprintf(err, errlen, "bad route target '%s': %s", w[target],
-		    why);
-		route_free(r);
-		return -1;
-	}
-	for (int i = target + 1; i < n; i++)
-		if (route_option(r, w[i], err, errlen) != 0) {
-			route_free(r);
+	r = first;
+	for (int i = 1; i < hosts; i++) {
+		if (first->from_directory) {
+			snprintf(err, errlen, "public PREFIX ldap names no "
+			    "HOST:PORT");
+			route_free(first);
 			return -1;
 		}
-	if (r->client_key != NULL && r->client_cert == NULL) {
-		snprintf(err, errlen, "client_key= needs client_cert=");
-		route_free(r);
-		return -1;
+		if ((r->alt = route_new(w[0], key, w[target + i],
+		    w + target + hosts, n - target - hosts, err, errlen)) ==
+		    NULL) {
+			route_free(first);
+			return -1;
+		}
+		r = r->alt;
 	}
 	if (*tail != NULL)
-		(*tail)->next = r;
+		(*tail)->next = first;
 	else
-		*head = r;
-	*tail = r;
+		*head = first;
+	*tail = first;
 	return 0;
 }
 
@@ -2359,6 +2400,10 @@ static int
 preload_list_tls(const struct config *cfg, struct route *list, int all,
     char *err, size_t errlen)
 {
+	for (struct route *r = list; r != NULL; r = r->next)
+		if (r->alt != NULL &&
+		    preload_list_tls(cfg, r->alt, all, err, errlen) != 0)
+			return -1;
 	for (struct route *r = list; r != NULL; r = r->next) {
 		char why[300];
 

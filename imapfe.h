@@ -361,6 +361,8 @@ struct route {
 	char		*client_key;
 	SSL_CTX		*ssl_ctx;	/* preloaded, or NULL: load when used */
 	int		 from_directory;	/* "public PREFIX ldap" */
+	int		 hash_order;	/* order=hash: start from the user's */
+	struct route	*alt;		/* the line's next HOST:PORT, owned */
 	struct route	*next;
 };
 
