@@ -356,6 +356,7 @@ static uint64_t
 addr_key(const struct shared_state *st, const struct sockaddr_storage *ss,
     int prefix)
 {
+	const struct in6_addr *in6;
 	unsigned char a[17] = { 0 };
 
 	if (ss->ss_family == AF_INET) {
@@ -366,14 +367,14 @@ addr_key(const struct shared_state *st, const struct sockaddr_storage *ss,
 	}
 	if (ss->ss_family != AF_INET6)
 		return 0;
-	memcpy(a + 1, &((const struct sockaddr_in6 *)(const void *)ss)->
-	    sin6_addr, 16);
-	if (IN6_IS_ADDR_V4MAPPED((const struct in6_addr *)(void *)(a + 1))) {
+	in6 = &((const struct sockaddr_in6 *)(const void *)ss)->sin6_addr;
+	if (IN6_IS_ADDR_V4MAPPED(in6)) {
 		a[0] = 4;
-		memmove(a + 1, a + 13, 4);
+		memcpy(a + 1, in6->s6_addr + 12, 4);
 		return keyed_hash(st, "addr", a, 5, NULL, 0);
 	}
 	a[0] = 6;
+	memcpy(a + 1, in6->s6_addr, 16);
 	for (int bit = prefix; bit < 128; bit++)
 		a[1 + bit / 8] &= (unsigned char)~(0x80 >> (bit % 8));
 	return keyed_hash(st, "addr", a, 17, NULL, 0);
