@@ -38,7 +38,7 @@ LIBSRCS	 = log.c auth.c backend.c proto.c iobuf.c tls.c proxyproto.c ldap.c \
 SERVICE_FILES = imapfe.xinetd imapfe.inetd imapfe.socket imapfe@.service
 
 FUZZERS	 = tests/fuzz_command tests/fuzz_reader tests/fuzz_response \
-	   tests/fuzz_sasl
+	   tests/fuzz_sasl tests/fuzz_state
 FUZZ_SECONDS ?= 180
 SANFLAGS = -fno-omit-frame-pointer -fsanitize=address,undefined \
 	   -fno-sanitize-recover=all

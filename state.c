@@ -380,6 +380,16 @@ addr_key(const struct shared_state *st, const struct sockaddr_storage *ss,
 	return keyed_hash(st, "addr", a, 17, NULL, 0);
 }
 
+/*
+ * Was t (read from the file, so anything) within the last window ms?
+ * Compared without subtracting t: a corrupt time must not overflow.
+ */
+static int
+recent(int64_t t, int64_t now, int64_t window)
+{
+	return t <= now && t >= now - window;
+}
+
 /* ------------------------------------------------------------------ */
 /* failed-login penalty */
 
@@ -394,7 +404,8 @@ penalty_find(struct state_file *f, uint64_t addr, int64_t now, int create)
 			return e;
 		if (!create)
 			continue;
-		if (e->addr != 0 && now - e->last_ms > PENALTY_FORGET_MS)
+		if (e->addr != 0 &&
+		    !recent(e->last_ms, now, PENALTY_FORGET_MS))
 			e->addr = 0;
 		if (oldest == NULL || e->addr == 0 ||
 		    (oldest->addr != 0 && e->last_ms < oldest->last_ms))
@@ -445,7 +456,7 @@ state_penalty_ms(struct shared_state *st, const struct config *cfg,
 		return 0;
 	if ((key = penalty_key(st, cfg, client)) != 0 &&
 	    (e = penalty_find(st->map, key, now, 0)) != NULL &&
-	    e->last_ms <= now) {
+	    recent(e->last_ms, now, PENALTY_FORGET_MS)) {
 		wait = penalty_for(cfg, e->failures) - (now - e->last_ms);
 		if (wait < 0)
 			wait = 0;
@@ -484,7 +495,7 @@ state_login_failed(struct shared_state *st, const struct config *cfg,
 		return -1;
 	if ((key = penalty_key(st, cfg, client)) != 0 &&
 	    (e = penalty_find(st->map, key, now, 1)) != NULL) {
-		if (now - e->last_ms > PENALTY_FORGET_MS || e->last_ms > now)
+		if (!recent(e->last_ms, now, PENALTY_FORGET_MS))
 			e->failures = 0;
 		if (e->addr == 0 || e->failures == 0 || print == 0 ||
 		    print != e->last_print) {
@@ -690,7 +701,8 @@ state_backend_may_try(struct shared_state *st, const struct config *cfg,
 	    e->retry_ms - now <= (int64_t)cfg->backend_down_time * 1000 +
 	    (int64_t)cfg->connect_timeout * 1000) {
 		ok = 0;
-		*since = now - e->marked_ms;
+		if (recent(e->marked_ms, now, INT32_MAX))
+			*since = now - e->marked_ms;
 	} else if (e != NULL)
 		e->retry_ms = now + (int64_t)cfg->connect_timeout * 1000;
 	state_unlock(st);
