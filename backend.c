@@ -257,22 +257,25 @@ server_down_errno(int e)
 }
 
 /*
- * What every process shares about host:port: marked down after a refused
- * or timed-out connection, for backend_down_time, and up again when it
- * answers; one session at a time retries it once the time is up.
+ * What every process shares about host:port: marked down when it refused
+ * a connection or did not answer (no connection, or no greeting, in
+ * time), for backend_down_time; up again when it greeted.  One session
+ * at a time retries it once the time is up.
  */
 static void
-note_server_state(const struct route *r, const struct config *cfg, int fd,
-    int err)
+server_down(const struct config *cfg, const char *host, const char *port)
 {
-	if (fd < 0 && server_down_errno(err)) {
-		state_backend_failed(cfg->state, cfg, r->host, r->port);
-		log_msg(LOG_WARNING, "event=backend-down backend=%s:%s "
-		    "retry_in=%ds", r->host, r->port, cfg->backend_down_time);
-	} else if (fd >= 0 && state_backend_up(cfg->state, cfg, r->host,
-	    r->port))
-		log_msg(LOG_NOTICE, "event=backend-up backend=%s:%s", r->host,
-		    r->port);
+	state_backend_failed(cfg->state, cfg, host, port);
+	log_msg(LOG_WARNING, "event=backend-down backend=%s:%s retry_in=%ds",
+	    host, port, cfg->backend_down_time);
+}
+
+static void
+server_up(const struct config *cfg, const char *host, const char *port)
+{
+	if (state_backend_up(cfg->state, cfg, host, port))
+		log_msg(LOG_NOTICE, "event=backend-up backend=%s:%s", host,
+		    port);
 }
 
 /* Connect to every address of host:port in turn, within connect_timeout. */
@@ -310,7 +313,8 @@ backend_connect(const struct route *r, const struct config *cfg, char *why,
 	if (fd < 0)
 		snprintf(why, whylen, "connect: %s", strerror(err));
 	freeaddrinfo(res);
-	note_server_state(r, cfg, fd, err);
+	if (fd < 0 && server_down_errno(err))
+		server_down(cfg, r->host, r->port);
 	return fd;
 }
 
@@ -1022,12 +1026,17 @@ read_greeting(struct backend *be, const struct config *cfg, struct reply *r,
     char *why, size_t whylen)
 {
 	struct status_resp st;
+	enum io_status ios;
 	size_t len;
 	char *line;
 
 	be->io.deadline = deadline_in(cfg->backend_timeout);
-	if (iobuf_getline(&be->io, MAX_BACKEND_LINE, &line, &len) != IO_OK) {
-		snprintf(why, whylen, "no greeting");
+	if ((ios = iobuf_getline(&be->io, MAX_BACKEND_LINE, &line, &len)) !=
+	    IO_OK) {
+		snprintf(why, whylen, "no greeting%s", ios == IO_TIMEOUT ?
+		    " within backend_timeout" : "");
+		if (ios == IO_TIMEOUT)
+			server_down(cfg, be->host, be->port);
 		return LOGIN_UNAVAILABLE;
 	}
 	if (status_parse(line, len, "*", &st) != 0 || st.kind != RESP_OK) {
@@ -1224,6 +1233,8 @@ backend_open(struct backend *be, const struct config *cfg,
 	    LOGIN_OK;
 	if (res == LOGIN_OK)
 		res = read_greeting(be, cfg, rep, why, whylen);
+	if (res == LOGIN_OK)
+		server_up(cfg, r->host, r->port);
 	if (res == LOGIN_OK && r->tls == TLS_STARTTLS)
 		res = backend_starttls(be, cfg, r, why, whylen);
 	if (res == LOGIN_OK && be->caps == NULL)

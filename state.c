@@ -680,16 +680,18 @@ server_key(struct shared_state *st, const char *host, const char *port)
 
 /*
  * May this session try host:port?  Not while it is marked down; once the
- * mark's time is up, one session at a time may (for connect_timeout),
- * so a server that is still dead costs one wait, not one per session.
- * *since says for how long it has been down (ms), for the log.
+ * mark's time is up, one session at a time may (for as long as a
+ * connection and a greeting may take), so a server that is still dead
+ * costs one wait, not one per session.  *since says for how long it has
+ * been down (ms), for the log.
  */
 int
 state_backend_may_try(struct shared_state *st, const struct config *cfg,
     const char *host, const char *port, int64_t *since)
 {
 	struct server_entry *e;
-	int64_t now = wall_ms();
+	int64_t now = wall_ms(), probe = ((int64_t)cfg->connect_timeout +
+	    cfg->backend_timeout) * 1000;
 	int ok = 1;
 
 	*since = 0;
@@ -699,12 +701,12 @@ state_backend_may_try(struct shared_state *st, const struct config *cfg,
 	/* a mark from the future (a clock set back) is not believed */
 	if (e != NULL && e->retry_ms > now &&
 	    e->retry_ms - now <= (int64_t)cfg->backend_down_time * 1000 +
-	    (int64_t)cfg->connect_timeout * 1000) {
+	    probe) {
 		ok = 0;
 		if (recent(e->marked_ms, now, INT32_MAX))
 			*since = now - e->marked_ms;
 	} else if (e != NULL)
-		e->retry_ms = now + (int64_t)cfg->connect_timeout * 1000;
+		e->retry_ms = now + probe;
 	state_unlock(st);
 	return ok;
 }

@@ -365,6 +365,27 @@ def test_backend_down_is_skipped_quickly_by_the_next_session(
             s.close()
 
 
+def test_backend_that_never_greets_is_marked_down_too(imapfe_factory):
+    """A hung server: the kernel takes the connection, nothing answers."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)                     # never accepted, never greeted
+    port = hung.getsockname()[1]
+    try:
+        fe = imapfe_factory(base_config(port, "backend_timeout %d\n"
+                                        "backend_down_time 60\n"
+                                        % CONNECT_TIMEOUT))
+        fe_port = fe.start_inetd()
+        ok, first = timed_login(fe_port, "alice", USERS["alice"])
+        assert not ok and first >= CONNECT_TIMEOUT, first
+        fe.wait_log("no greeting within backend_timeout")
+        fe.wait_log("event=backend-down backend=127.0.0.1:%d" % port)
+        ok, second = timed_login(fe_port, "alice", USERS["alice"])
+        assert not ok and second < 0.5 * CONNECT_TIMEOUT, second
+    finally:
+        hung.close()
+
+
 # --- a state file that cannot be used --------------------------------------
 
 def damage(path, how):
