@@ -25,7 +25,7 @@ MAX_MS = 600        # auth_penalty_max
 # moment (EARLY, a few milliseconds at most), or late by a process start,
 # a login and scheduling (more under valgrind or ASan).
 EARLY = 0.02
-LATE = 0.4 * SLOW
+LATE = 0.6 * SLOW
 # connect_timeout where a back-end does not answer; a session that skips
 # it must answer within half of it
 CONNECT_TIMEOUT = 1 * SLOW
@@ -132,7 +132,6 @@ def test_penalty_never_delays_another_address(imapfe_factory, dovecot):
     t.join()
     assert ok and took < 0.5 * SLOW, took
     assert result["guess"][2] - last >= MAX_MS / 1000.0 - EARLY, result
-    assert result["guess"][2] - result["guess"][1] > took, result
 
 
 def test_same_wrong_password_does_not_raise_the_penalty(imapfe_factory,
