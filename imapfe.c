@@ -555,10 +555,7 @@ parse_facility(const char *v, int *out)
 	return -1;
 }
 
-/*
- * proxy_protocol_trusted or auth_penalty_exempt CIDR...: may repeat; each
- * line adds blocks.  "auth_penalty_exempt none" exempts no one.
- */
+/* proxy_protocol_trusted or auth_penalty_exempt CIDR...: may repeat. */
 static int
 add_cidr_list(struct cidr **list, size_t *n, char **w, int nw, char *err,
     size_t errlen)
@@ -569,9 +566,6 @@ add_cidr_list(struct cidr **list, size_t *n, char **w, int nw, char *err,
 		snprintf(err, errlen, "%s takes one or more ADDRESS/BITS", w[0]);
 		return -1;
 	}
-	if (nw == 2 && strcmp(w[0], "auth_penalty_exempt") == 0 &&
-	    strcmp(w[1], "none") == 0)
-		return 0;
 	grown = realloc(*list, (*n + (size_t)nw - 1) * sizeof(*grown));
 	if (grown == NULL) {
 		snprintf(err, errlen, "out of memory");
@@ -653,7 +647,10 @@ config_line(struct config *cfg, char **w, int n, char *err, size_t errlen)
 		return add_cidr_list(&cfg->proxy_trusted, &cfg->proxy_trusted_n,
 		    w, n, err, errlen);
 	if (strcmp(w[0], "auth_penalty_exempt") == 0) {
+		/* given, even as "none": the loopback default is replaced */
 		cfg->auth_penalty_exempt_set = 1;
+		if (n == 2 && strcmp(w[1], "none") == 0)
+			return 0;
 		return add_cidr_list(&cfg->auth_penalty_exempt,
 		    &cfg->auth_penalty_exempt_n, w, n, err, errlen);
 	}
@@ -2568,9 +2565,10 @@ startup_prepare(struct config *cfg, const struct options *opt,
 /*
  * The shared state file, opened before privileges are dropped (a chroot
  * may hide it) and kept by every session: the listener's children inherit
- * it.  Made in a directory of its own when that is missing; owned by the
- * run user, whom nothing else here needs to trust.  Never fails: a file
- * that cannot be used is logged, and imapfe goes on without it.
+ * it.  Made in a directory of its own when that is missing, and given to
+ * the run user when made here (every session writes to it).  Never
+ * fails: a file that cannot be used is logged, and imapfe goes on
+ * without it.
  */
 static void
 shared_state_open(struct config *cfg)

@@ -270,13 +270,18 @@ state_open(const char *path, uid_t uid, gid_t gid)
 		return NULL;
 	st->slot = -1;
 	snprintf(st->path, sizeof(st->path), "%s", path);
-	st->fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+	/* Only a file made here is given away: root must never chown
+	 * whatever someone else put (or linked) at the path. */
+	st->fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC |
+	    O_NOFOLLOW, 0600);
+	if (st->fd >= 0 && uid != (uid_t)-1 && fchown(st->fd, uid, gid) != 0) {
+		/* the sessions reach it through this descriptor anyway */
+	}
+	if (st->fd < 0 && errno == EEXIST)
+		st->fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
 	if (st->fd < 0) {
 		state_fail(st, strerror(errno));
 		return st;
-	}
-	if (uid != (uid_t)-1 && fchown(st->fd, uid, gid) != 0) {
-		/* the sessions may not get in; they will say so */
 	}
 	if (file_lock(st->fd) != 0) {
 		state_fail(st, "cannot lock: held too long by another process");

@@ -13,6 +13,7 @@ usage: bench/bench.py [--rounds N] [--quick] [--json FILE] [--only NAME]
 """
 import argparse
 import json
+import re
 import os
 import shutil
 import signal
@@ -418,7 +419,8 @@ def imapfe_config(bed, tls):
     # Started as root, imapfe runs sessions only as a user of its own:
     # measured as it is deployed, after giving root up.
     conf = ("plaintext_auth yes\nlogin_timeout 60\n"
-            "user nobody\ngroup nogroup\n")
+            "user nobody\ngroup nogroup\n"
+            "state_file %s\n" % os.path.join(bed.dir, "imapfe-state"))
     if not tls:
         return conf + "route * 127.0.0.1:%d\n" % bed.dovecot.port
     return conf + ("route * 127.0.0.1:%d tls=implicit\n"
@@ -432,6 +434,14 @@ def routed_config(bed, tls):
     IMAPFE_ROUTED=1 adds: every session then goes through the command
     router after login instead of the byte relay, to the same Dovecot."""
     return imapfe_config(bed, tls) + "server 127.0.0.1:9\n"
+
+
+def no_state_config(bed, tls):
+    """The same without the shared state file (state_file none): no
+    penalty look-up at login, no back-end mark checked at connect, for
+    the cost per login of the shared state, in the same rounds."""
+    return re.sub(r"(?m)^state_file .*$", "state_file none",
+                  imapfe_config(bed, tls))
 
 
 def write(path, text):
@@ -748,6 +758,7 @@ def installed(cmd, extra=None):
 # same rounds (ROUTED_VS_RELAYED).
 IMAPFE_CONFIGS = [
     ("", imapfe_config, True),
+    (" no state", no_state_config, True),
     (" routed", routed_config, False),
 ]
 RELAYED, ROUTED = "imapfe -l", "imapfe -l routed"
