@@ -22,13 +22,13 @@
  * not exactly one of ours (magic, version, sizes), is logged once by the
  * process and the features act as if nothing were known: no penalty, no
  * limit, no back-end marked down.  Entries are read defensively (times
- * clamped, process ids checked), so a corrupt entry can mislead a count
- * but not crash.  Nothing secret is stored: user names, client addresses
+ * compared with the clock without arithmetic that could overflow, process
+ * ids checked before kill(2)), so a corrupt entry can mislead a count but
+ * not crash.  Nothing secret is stored: user names, client addresses
  * and servers are 64-bit keyed hashes under a random key made with the
  * file; a failed password leaves 16 bits of a keyed hash, enough to tell
  * a retry of the same password, too few to recognise it.
  */
-#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
