@@ -256,6 +256,13 @@ server_down_errno(int e)
 	    e == ENETUNREACH || e == EHOSTDOWN;
 }
 
+/* Met again, this failure would cost a wait (not an immediate answer). */
+static int
+failure_waits(int e)
+{
+	return e != ECONNREFUSED && e != ENETUNREACH;
+}
+
 /*
  * What every process shares about host:port: marked down when it refused
  * a connection or did not answer (no connection, or no greeting, in
@@ -263,9 +270,10 @@ server_down_errno(int e)
  * at a time retries it once the time is up.
  */
 static void
-server_down(const struct config *cfg, const char *host, const char *port)
+server_down(const struct config *cfg, const char *host, const char *port,
+    int timed_out)
 {
-	state_backend_failed(cfg->state, cfg, host, port);
+	state_backend_failed(cfg->state, cfg, host, port, timed_out);
 	log_msg(LOG_WARNING, "event=backend-down backend=%s:%s retry_in=%ds",
 	    host, port, cfg->backend_down_time);
 }
@@ -285,15 +293,7 @@ backend_connect(const struct route *r, const struct config *cfg, char *why,
 {
 	struct addrinfo hints = { .ai_socktype = SOCK_STREAM }, *res, *ai;
 	int64_t deadline = now_ms() + (int64_t)cfg->connect_timeout * 1000;
-	int64_t down_ms;
 	int fd = -1, rc, err;
-
-	if (!state_backend_may_try(cfg->state, cfg, r->host, r->port,
-	    &down_ms)) {
-		snprintf(why, whylen, "marked down (refused or timed out %lld "
-		    "ms ago; backend_down_time)", (long long)down_ms);
-		return -1;
-	}
 
 	/* A numeric address needs no resolver, nor AI_ADDRCONFIG's look at
 	 * the interfaces (a netlink round trip for every login). */
@@ -314,7 +314,7 @@ backend_connect(const struct route *r, const struct config *cfg, char *why,
 		snprintf(why, whylen, "connect: %s", strerror(err));
 	freeaddrinfo(res);
 	if (fd < 0 && server_down_errno(err))
-		server_down(cfg, r->host, r->port);
+		server_down(cfg, r->host, r->port, failure_waits(err));
 	return fd;
 }
 
@@ -1036,7 +1036,7 @@ read_greeting(struct backend *be, const struct config *cfg, struct reply *r,
 		snprintf(why, whylen, "no greeting%s", ios == IO_TIMEOUT ?
 		    " within backend_timeout" : "");
 		if (ios == IO_TIMEOUT)
-			server_down(cfg, be->host, be->port);
+			server_down(cfg, be->host, be->port, 1);
 		return LOGIN_UNAVAILABLE;
 	}
 	if (status_parse(line, len, "*", &st) != 0 || st.kind != RESP_OK) {
@@ -1401,10 +1401,20 @@ backend_open_any(struct backend *be, const struct config *cfg,
 	if (first->hash_order && user->user != NULL)
 		start = name_hash(user->user) % n;
 	for (size_t i = 0; i < n; i++) {
+		int64_t down_ms;
+
 		r = first;
 		for (size_t k = (start + i) % n; k > 0; k--)
 			r = r->alt;
-		res = backend_open_as(be, cfg, r, user, ci, rep, why, whylen);
+		if (!state_backend_may_try(cfg->state, cfg, r->host, r->port,
+		    i + 1 == n, &down_ms)) {
+			snprintf(why, whylen, "marked down (refused or timed out "
+			    "%lld ms ago; backend_down_time)",
+			    (long long)down_ms);
+			res = LOGIN_UNAVAILABLE;
+		} else
+			res = backend_open_as(be, cfg, r, user, ci, rep, why,
+			    whylen);
 		if (res != LOGIN_UNAVAILABLE || i + 1 == n)
 			break;
 		log_msg(LOG_WARNING, "event=failover user=\"%s\" from=%s:%s "

@@ -500,9 +500,10 @@ enum state_admit state_session_user(struct shared_state *,
 void		 state_session_end(struct shared_state *);
 int		 state_backend_may_try(struct shared_state *,
 		    const struct config *, const char *host, const char *port,
-		    int64_t *down_ms);
+		    int last_resort, int64_t *down_ms);
 void		 state_backend_failed(struct shared_state *,
-		    const struct config *, const char *host, const char *port);
+		    const struct config *, const char *host, const char *port,
+		    int timed_out);
 int		 state_backend_up(struct shared_state *, const struct config *,
 		    const char *host, const char *port);
 

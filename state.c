@@ -92,6 +92,8 @@ struct server_entry {
 	uint64_t	 server;	/* keyed hash of host:port; 0: free */
 	int64_t		 retry_ms;	/* not tried before this */
 	int64_t		 marked_ms;	/* when it was first found down */
+	uint32_t	 timed_out;	/* last failure: a wait, not a refusal */
+	uint32_t	 pad;
 };
 
 struct state_file {
@@ -684,15 +686,18 @@ server_key(struct shared_state *st, const char *host, const char *port)
 }
 
 /*
- * May this session try host:port?  Not while it is marked down; once the
- * mark's time is up, one session at a time may (for as long as a
+ * May this session try host:port?  Not while it is marked down, unless
+ * it is the last server the session has left (last_resort) and its last
+ * failure was a refusal, which costs nothing to meet again; a server
+ * that timed out costs a wait, so it is skipped even then.  Once the
+ * mark's time is up one session at a time may try (for as long as a
  * connection and a greeting may take), so a server that is still dead
- * costs one wait, not one per session.  *since says for how long it has
- * been down (ms), for the log.
+ * costs one wait, not one per session.  *since: how long it has been
+ * down (ms), for the log.
  */
 int
 state_backend_may_try(struct shared_state *st, const struct config *cfg,
-    const char *host, const char *port, int64_t *since)
+    const char *host, const char *port, int last_resort, int64_t *since)
 {
 	struct server_entry *e;
 	int64_t now = wall_ms(), probe = ((int64_t)cfg->connect_timeout +
@@ -707,7 +712,7 @@ state_backend_may_try(struct shared_state *st, const struct config *cfg,
 	if (e != NULL && e->retry_ms > now &&
 	    e->retry_ms - now <= (int64_t)cfg->backend_down_time * 1000 +
 	    probe) {
-		ok = 0;
+		ok = last_resort && !e->timed_out;
 		if (recent(e->marked_ms, now, INT32_MAX))
 			*since = now - e->marked_ms;
 	} else if (e != NULL)
@@ -716,10 +721,13 @@ state_backend_may_try(struct shared_state *st, const struct config *cfg,
 	return ok;
 }
 
-/* host:port refused or timed out: mark it down for backend_down_time. */
+/*
+ * host:port refused a connection, or timed out (no connection or no
+ * greeting in time): marked down for backend_down_time.
+ */
 void
 state_backend_failed(struct shared_state *st, const struct config *cfg,
-    const char *host, const char *port)
+    const char *host, const char *port, int timed_out)
 {
 	struct server_entry *e;
 	int64_t now = wall_ms();
@@ -733,8 +741,10 @@ state_backend_failed(struct shared_state *st, const struct config *cfg,
 		e->server = key;
 		e->marked_ms = now;
 	}
-	if (e != NULL)
+	if (e != NULL) {
 		e->retry_ms = now + (int64_t)cfg->backend_down_time * 1000;
+		e->timed_out = timed_out != 0;
+	}
 	state_unlock(st);
 }
 

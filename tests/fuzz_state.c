@@ -86,8 +86,9 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	(void)state_session_begin(st, &cfg, &a);
 	(void)state_session_user(st, &cfg, "alice", 5);
 	state_session_end(st);
-	(void)state_backend_may_try(st, &cfg, "mx", "143", &since);
-	state_backend_failed(st, &cfg, "mx", "143");
+	(void)state_backend_may_try(st, &cfg, "mx", "143", 1, &since);
+	state_backend_failed(st, &cfg, "mx", "143", 1);
+	(void)state_backend_may_try(st, &cfg, "mx", "143", 0, &since);
 	(void)state_backend_up(st, &cfg, "mx", "143");
 	state_close(st);
 	unlink(path);

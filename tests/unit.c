@@ -915,13 +915,18 @@ test_state_servers(const char *path)
 	int64_t since;
 
 	state_test_config(&cfg);
-	CHECK(state_backend_may_try(st, &cfg, "mx", "143", &since) == 1);
-	state_backend_failed(st, &cfg, "mx", "143");
-	CHECK(state_backend_may_try(st, &cfg, "mx", "143", &since) == 0);
+	CHECK(state_backend_may_try(st, &cfg, "mx", "143", 0, &since) == 1);
+	state_backend_failed(st, &cfg, "mx", "143", 0);
+	/* a refusal: skipped while there is another, tried as the last */
+	CHECK(state_backend_may_try(st, &cfg, "mx", "143", 0, &since) == 0);
+	CHECK(state_backend_may_try(st, &cfg, "mx", "143", 1, &since) == 1);
 	CHECK(since >= 0 && since < 1000);
-	CHECK(state_backend_may_try(st, &cfg, "mx", "993", &since) == 1);
+	/* a timeout: skipped even as the last */
+	state_backend_failed(st, &cfg, "mx", "143", 1);
+	CHECK(state_backend_may_try(st, &cfg, "mx", "143", 1, &since) == 0);
+	CHECK(state_backend_may_try(st, &cfg, "mx", "993", 0, &since) == 1);
 	CHECK(state_backend_up(st, &cfg, "mx", "143") == 1);
-	CHECK(state_backend_may_try(st, &cfg, "mx", "143", &since) == 1);
+	CHECK(state_backend_may_try(st, &cfg, "mx", "143", 0, &since) == 1);
 	CHECK(state_backend_up(st, &cfg, "mx", "143") == 0);
 	state_close(st);
 }
@@ -949,7 +954,7 @@ test_state_fail_open(const char *path)
 	CHECK(state_penalty_ms(st, &cfg, &a) == 0);
 	CHECK(state_session_begin(st, &cfg, &a) == STATE_ADMITTED);
 	CHECK(state_session_begin(st, &cfg, &a) == STATE_ADMITTED);
-	CHECK(state_backend_may_try(st, &cfg, "mx", "143", &since) == 1);
+	CHECK(state_backend_may_try(st, &cfg, "mx", "143", 0, &since) == 1);
 	state_close(st);
 	CHECK(state_penalty_ms(NULL, &cfg, &a) == 0);
 
