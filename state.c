@@ -57,7 +57,7 @@
 #define STATE_SESSIONS		8192
 #define STATE_SERVERS		256
 #define STATE_KEY_LEN		32
-#define STATE_LOCK_WAIT_MS	500	/* then go on without the file */
+#define STATE_LOCK_WAIT_MS	1000	/* then go on without the file */
 #define PENALTY_FORGET_MS	(3600 * 1000)	/* an hour after the last */
 
 struct state_header {
@@ -193,10 +193,21 @@ state_lock(struct shared_state *st)
 	return 0;
 }
 
+/* Mapped and not given up on: keys may be made (the key never changes). */
+static int
+ready(const struct shared_state *st)
+{
+	return st != NULL && !st->failed && st->map != NULL;
+}
+
+/*
+ * Ready and locked.  Callers make their keys before: an HMAC is slow
+ * next to a table look-up, and every other process waits on the lock.
+ */
 static int
 usable(struct shared_state *st)
 {
-	return st != NULL && !st->failed && state_lock(st) == 0;
+	return ready(st) && state_lock(st) == 0;
 }
 
 /* A new, empty file: size it and write a header with a fresh key. */
@@ -456,13 +467,14 @@ state_penalty_ms(struct shared_state *st, const struct config *cfg,
     const struct sockaddr_storage *client)
 {
 	struct penalty_entry *e;
-	int64_t now = wall_ms(), wait = 0;
+	int64_t now, wait = 0;
 	uint64_t key;
 
-	if (!usable(st))
+	if (!ready(st) || (key = penalty_key(st, cfg, client)) == 0 ||
+	    !usable(st))
 		return 0;
-	if ((key = penalty_key(st, cfg, client)) != 0 &&
-	    (e = penalty_find(st->map, key, now, 0)) != NULL &&
+	now = wall_ms();
+	if ((e = penalty_find(st->map, key, now, 0)) != NULL &&
 	    recent(e->last_ms, now, PENALTY_FORGET_MS)) {
 		wait = penalty_for(cfg, e->failures) - (now - e->last_ms);
 		if (wait < 0)
@@ -478,7 +490,7 @@ state_password_print(struct shared_state *st, const struct credentials *cr)
 {
 	uint64_t h;
 
-	if (st == NULL || st->map == NULL || st->failed || cr->pass == NULL)
+	if (!ready(st) || cr->pass == NULL)
 		return 0;
 	h = keyed_hash(st, "password", cr->user, cr->user_len + 1, cr->pass,
 	    cr->pass_len);
@@ -495,13 +507,14 @@ state_login_failed(struct shared_state *st, const struct config *cfg,
     const struct sockaddr_storage *client, uint16_t print)
 {
 	struct penalty_entry *e;
-	int64_t now = wall_ms(), delay = -1;
+	int64_t now, delay = -1;
 	uint64_t key;
 
-	if (!usable(st))
+	if (!ready(st) || (key = penalty_key(st, cfg, client)) == 0 ||
+	    !usable(st))
 		return -1;
-	if ((key = penalty_key(st, cfg, client)) != 0 &&
-	    (e = penalty_find(st->map, key, now, 1)) != NULL) {
+	now = wall_ms();
+	if ((e = penalty_find(st->map, key, now, 1)) != NULL) {
 		if (!recent(e->last_ms, now, PENALTY_FORGET_MS))
 			e->failures = 0;
 		if (e->addr == 0 || e->failures == 0 || print == 0 ||
@@ -526,10 +539,10 @@ state_login_ok(struct shared_state *st, const struct config *cfg,
 	struct penalty_entry *e;
 	uint64_t key;
 
-	if (!usable(st))
+	if (!ready(st) || (key = penalty_key(st, cfg, client)) == 0 ||
+	    !usable(st))
 		return;
-	if ((key = penalty_key(st, cfg, client)) != 0 &&
-	    (e = penalty_find(st->map, key, wall_ms(), 0)) != NULL)
+	if ((e = penalty_find(st->map, key, wall_ms(), 0)) != NULL)
 		memset(e, 0, sizeof(*e));
 	state_unlock(st);
 }
@@ -580,10 +593,12 @@ state_session_begin(struct shared_state *st, const struct config *cfg,
 	uint64_t addr = 0;
 	int n = 0, slot;
 
-	if (!sessions_counted(cfg) || !usable(st))
+	if (!sessions_counted(cfg) || !ready(st))
 		return STATE_ADMITTED;
 	if (client != NULL)
 		addr = addr_key(st, client, cfg->client_ipv6_prefix);
+	if (!usable(st))
+		return STATE_ADMITTED;
 	if (addr != 0 && cfg->max_sessions_per_ip > 0)
 		for (int i = 0; i < STATE_SESSIONS; i++)
 			if (st->map->session[i].addr == addr &&
@@ -626,9 +641,11 @@ state_session_user(struct shared_state *st, const struct config *cfg,
 	uint64_t key;
 	int n = 0;
 
-	if (!sessions_counted(cfg) || !usable(st))
+	if (!sessions_counted(cfg) || !ready(st))
 		return STATE_ADMITTED;
 	key = keyed_hash(st, "user", user, len, NULL, 0);
+	if (!usable(st))
+		return STATE_ADMITTED;
 	if (cfg->max_sessions_per_user > 0)
 		for (int i = 0; i < STATE_SESSIONS; i++)
 			if (st->map->session[i].user == key &&
@@ -700,14 +717,19 @@ state_backend_may_try(struct shared_state *st, const struct config *cfg,
     const char *host, const char *port, int last_resort, int64_t *since)
 {
 	struct server_entry *e;
-	int64_t now = wall_ms(), probe = ((int64_t)cfg->connect_timeout +
+	int64_t now, probe = ((int64_t)cfg->connect_timeout +
 	    cfg->backend_timeout) * 1000;
+	uint64_t key;
 	int ok = 1;
 
 	*since = 0;
-	if (cfg->backend_down_time == 0 || !usable(st))
+	if (cfg->backend_down_time == 0 || !ready(st))
 		return 1;
-	e = server_find(st->map, server_key(st, host, port), 0);
+	key = server_key(st, host, port);
+	if (!usable(st))
+		return 1;
+	now = wall_ms();
+	e = server_find(st->map, key, 0);
 	/* a mark from the future (a clock set back) is not believed */
 	if (e != NULL && e->retry_ms > now &&
 	    e->retry_ms - now <= (int64_t)cfg->backend_down_time * 1000 +
@@ -730,12 +752,15 @@ state_backend_failed(struct shared_state *st, const struct config *cfg,
     const char *host, const char *port, int timed_out)
 {
 	struct server_entry *e;
-	int64_t now = wall_ms();
+	int64_t now;
 	uint64_t key;
 
-	if (cfg->backend_down_time == 0 || !usable(st))
+	if (cfg->backend_down_time == 0 || !ready(st))
 		return;
 	key = server_key(st, host, port);
+	if (!usable(st))
+		return;
+	now = wall_ms();
 	if ((e = server_find(st->map, key, 0)) == NULL &&
 	    (e = server_find(st->map, key, 1)) != NULL) {
 		e->server = key;
@@ -754,12 +779,15 @@ state_backend_up(struct shared_state *st, const struct config *cfg,
     const char *host, const char *port)
 {
 	struct server_entry *e;
+	uint64_t key;
 	int was = 0;
 
-	if (cfg->backend_down_time == 0 || !usable(st))
+	if (cfg->backend_down_time == 0 || !ready(st))
 		return 0;
-	if ((e = server_find(st->map, server_key(st, host, port), 0)) !=
-	    NULL) {
+	key = server_key(st, host, port);
+	if (!usable(st))
+		return 0;
+	if ((e = server_find(st->map, key, 0)) != NULL) {
 		memset(e, 0, sizeof(*e));
 		was = 1;
 	}
