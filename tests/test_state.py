@@ -22,9 +22,10 @@ FIRST_MS = 150      # auth_penalty_first in these tests
 MAX_MS = 600        # auth_penalty_max
 # A penalty runs from the failure, which imapfe notes just before it
 # answers: the time from one answer to the next is the delay less that
-# moment (EARLY, a few milliseconds at most), or late by a process start,
+# moment (EARLY: a few milliseconds, tens under valgrind, which slows the
+# log line and the write between the two), or late by a process start,
 # a login and scheduling (more under valgrind or ASan).
-EARLY = 0.02
+EARLY = 0.02 * SLOW
 LATE = 0.6 * SLOW
 # connect_timeout where a back-end does not answer; a session that skips
 # it must answer within half of it
