@@ -45,10 +45,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <openssl/core_names.h>
-#include <openssl/evp.h>
-#include <openssl/params.h>
-
 #include "imapfe.h"
 
 #define STATE_MAGIC		"imapfe-state\n\0\0"	/* 16 bytes */
@@ -69,7 +65,7 @@ struct state_header {
 	uint32_t	 sessions;
 	uint32_t	 servers;
 	uint32_t	 pad;
-	unsigned char	 key[STATE_KEY_LEN];
+	unsigned char	 key[STATE_KEY_LEN];	/* SipHash's: the first 16 */
 };
 
 struct penalty_entry {
@@ -106,7 +102,6 @@ struct state_file {
 struct shared_state {
 	int			 fd;
 	struct state_file	*map;
-	EVP_MAC			*mac;		/* HMAC, fetched once */
 	int			 failed;	/* logged; acts as absent */
 	int			 slot;		/* this process's session, or -1 */
 	char			 path[256];	/* for the log */
@@ -201,8 +196,8 @@ ready(const struct shared_state *st)
 }
 
 /*
- * Ready and locked.  Callers make their keys before: an HMAC is slow
- * next to a table look-up, and every other process waits on the lock.
+ * Ready and locked.  Callers make their keys before: while one process
+ * holds the lock every other waits, so it covers table look-ups only.
  */
 static int
 usable(struct shared_state *st)
@@ -312,11 +307,6 @@ state_open(const char *path, uid_t uid, gid_t gid)
 		state_fail(st, strerror(errno));
 		return st;
 	}
-	if ((st->mac = EVP_MAC_fetch(NULL, "HMAC", NULL)) == NULL) {
-		munmap(map, sizeof(struct state_file));
-		state_fail(st, "HMAC unavailable");
-		return st;
-	}
 	st->map = map;
 	return st;
 }
@@ -326,7 +316,6 @@ state_close(struct shared_state *st)
 {
 	if (st == NULL)
 		return;
-	EVP_MAC_free(st->mac);
 	if (st->map != NULL)
 		munmap(st->map, sizeof(struct state_file));
 	if (st->fd >= 0)
@@ -337,33 +326,93 @@ state_close(struct shared_state *st)
 /* ------------------------------------------------------------------ */
 /* keys */
 
+/*
+ * SipHash-2-4 (Aumasson and Bernstein), the keyed hash made for hash
+ * tables: short inputs, no allocation, nothing of OpenSSL's set up in
+ * each session.  Fed a byte at a time: the inputs are names.
+ */
+struct siphash {
+	uint64_t	 v0, v1, v2, v3;
+	uint64_t	 tail;		/* bytes not yet a whole word */
+	uint64_t	 len;
+};
+
+#define ROTL64(x, b)	(uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+
+static void
+sip_round(struct siphash *h)
+{
+	h->v0 += h->v1; h->v1 = ROTL64(h->v1, 13); h->v1 ^= h->v0;
+	h->v0 = ROTL64(h->v0, 32);
+	h->v2 += h->v3; h->v3 = ROTL64(h->v3, 16); h->v3 ^= h->v2;
+	h->v0 += h->v3; h->v3 = ROTL64(h->v3, 21); h->v3 ^= h->v0;
+	h->v2 += h->v1; h->v1 = ROTL64(h->v1, 17); h->v1 ^= h->v2;
+	h->v2 = ROTL64(h->v2, 32);
+}
+
+static void
+sip_init(struct siphash *h, const unsigned char key[16])
+{
+	uint64_t k0 = 0, k1 = 0;
+
+	for (int i = 7; i >= 0; i--) {
+		k0 = k0 << 8 | key[i];
+		k1 = k1 << 8 | key[8 + i];
+	}
+	h->v0 = k0 ^ 0x736f6d6570736575ULL;
+	h->v1 = k1 ^ 0x646f72616e646f6dULL;
+	h->v2 = k0 ^ 0x6c7967656e657261ULL;
+	h->v3 = k1 ^ 0x7465646279746573ULL;
+	h->tail = h->len = 0;
+}
+
+static void
+sip_update(struct siphash *h, const void *data, size_t n)
+{
+	const unsigned char *p = data;
+
+	for (size_t i = 0; i < n; i++) {
+		h->tail |= (uint64_t)p[i] << (8 * (h->len % 8));
+		if (++h->len % 8 == 0) {
+			h->v3 ^= h->tail;
+			sip_round(h);
+			sip_round(h);
+			h->v0 ^= h->tail;
+			h->tail = 0;
+		}
+	}
+}
+
+static uint64_t
+sip_final(struct siphash *h)
+{
+	uint64_t b = h->len << 56 | h->tail;
+
+	h->v3 ^= b;
+	sip_round(h);
+	sip_round(h);
+	h->v0 ^= b;
+	h->v2 ^= 0xff;
+	for (int i = 0; i < 4; i++)
+		sip_round(h);
+	return h->v0 ^ h->v1 ^ h->v2 ^ h->v3;
+}
+
+/* kind, then a and b, under the file's key; never 0 (a free entry). */
 static uint64_t
 keyed_hash(const struct shared_state *st, const char *kind, const void *a,
     size_t alen, const void *b, size_t blen)
 {
-	unsigned char md[EVP_MAX_MD_SIZE];
-	size_t mdlen = 0;
-	uint64_t h = 0;
-	EVP_MAC_CTX *ctx;
-	OSSL_PARAM params[] = {
-		OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST,
-		    (char *)"SHA256", 0),
-		OSSL_PARAM_construct_end()
-	};
+	struct siphash h;
+	uint64_t v;
 
-	if ((ctx = EVP_MAC_CTX_new(st->mac)) == NULL)
-		return 1;
-	if (EVP_MAC_init(ctx, st->map->hdr.key, STATE_KEY_LEN, params) == 1 &&
-	    EVP_MAC_update(ctx, (const unsigned char *)kind,
-	    strlen(kind) + 1) == 1 &&
-	    EVP_MAC_update(ctx, a, alen) == 1 &&
-	    (blen == 0 || EVP_MAC_update(ctx, b, blen) == 1) &&
-	    EVP_MAC_final(ctx, md, &mdlen, sizeof(md)) == 1 &&
-	    mdlen >= sizeof(h))
-		memcpy(&h, md, sizeof(h));
-	EVP_MAC_CTX_free(ctx);
-	wipe(md, sizeof(md));
-	return h != 0 ? h : 1;	/* 0 marks a free entry */
+	sip_init(&h, st->map->hdr.key);
+	sip_update(&h, kind, strlen(kind) + 1);
+	sip_update(&h, a, alen);
+	sip_update(&h, b, blen);
+	v = sip_final(&h);
+	wipe(&h, sizeof(h));
+	return v != 0 ? v : 1;
 }
 
 /*
