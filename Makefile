@@ -26,12 +26,13 @@ LDAP_SONAME = $(shell objdump -p "$$(pkg-config --variable=libdir ldap \
 CPPFLAGS += -DLDAP_SONAME='"$(or $(LDAP_SONAME),libldap-2.5.so.0)"'
 
 SRCS	 = imapfe.c listener.c log.c auth.c backend.c proto.c iobuf.c tls.c \
-	   engine.c router.c copy.c link.c proxyproto.c ldap.c imapurl.c
+	   engine.c router.c copy.c link.c proxyproto.c ldap.c imapurl.c \
+	   state.c
 OBJS	 = $(SRCS:.c=.o)
 HDRS	 = imapfe.h engine.h
 # The parts the C unit tests and fuzzers link without main().
 LIBSRCS	 = log.c auth.c backend.c proto.c iobuf.c tls.c proxyproto.c ldap.c \
-	   imapurl.c
+	   imapurl.c state.c
 
 # Super-server and systemd files, installed as examples (nothing enabled)
 # with the binary's installed path.
@@ -39,7 +40,7 @@ SERVICE_FILES = imapfe.xinetd imapfe.inetd imapfe.socket imapfe@.service \
 		imapfe-listener.service
 
 FUZZERS	 = tests/fuzz_command tests/fuzz_reader tests/fuzz_response \
-	   tests/fuzz_sasl tests/fuzz_url
+	   tests/fuzz_sasl tests/fuzz_url tests/fuzz_state
 FUZZ_SECONDS ?= 180
 SANFLAGS = -fno-omit-frame-pointer -fsanitize=address,undefined \
 	   -fno-sanitize-recover=all

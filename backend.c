@@ -167,9 +167,11 @@ static const struct route *
 find_in(const struct route *r, const char *host, const char *port)
 {
 	for (; r != NULL; r = r->next)
-		if (!r->from_directory && strcasecmp(r->host, host) == 0 &&
-		    same_port(r->port, port))
-			return r;
+		for (const struct route *a = r; a != NULL; a = a->alt)
+			if (!a->from_directory &&
+			    strcasecmp(a->host, host) == 0 &&
+			    same_port(a->port, port))
+				return a;
 	return NULL;
 }
 
@@ -246,6 +248,44 @@ fail:
 	return -1;
 }
 
+/* The server's fault, not this host's (out of descriptors, say). */
+static int
+server_down_errno(int e)
+{
+	return e == ECONNREFUSED || e == ETIMEDOUT || e == EHOSTUNREACH ||
+	    e == ENETUNREACH || e == EHOSTDOWN;
+}
+
+/* Met again, this failure would cost a wait (not an immediate answer). */
+static int
+failure_waits(int e)
+{
+	return e != ECONNREFUSED && e != ENETUNREACH;
+}
+
+/*
+ * What every process shares about host:port: marked down when it refused
+ * a connection or did not answer (no connection, or no greeting, in
+ * time), for backend_down_time; up again when it greeted.  One session
+ * at a time retries it once the time is up.
+ */
+static void
+server_down(const struct config *cfg, const char *host, const char *port,
+    int timed_out)
+{
+	state_backend_failed(cfg->state, cfg, host, port, timed_out);
+	log_msg(LOG_WARNING, "event=backend-down backend=%s:%s retry_in=%ds",
+	    host, port, cfg->backend_down_time);
+}
+
+static void
+server_up(const struct config *cfg, const char *host, const char *port)
+{
+	if (state_backend_up(cfg->state, cfg, host, port))
+		log_msg(LOG_NOTICE, "event=backend-up backend=%s:%s", host,
+		    port);
+}
+
 /* Connect to every address of host:port in turn, within connect_timeout. */
 static int
 backend_connect(const struct route *r, const struct config *cfg, char *why,
@@ -253,7 +293,7 @@ backend_connect(const struct route *r, const struct config *cfg, char *why,
 {
 	struct addrinfo hints = { .ai_socktype = SOCK_STREAM }, *res, *ai;
 	int64_t deadline = now_ms() + (int64_t)cfg->connect_timeout * 1000;
-	int fd = -1, rc;
+	int fd = -1, rc, err;
 
 	/* A numeric address needs no resolver, nor AI_ADDRCONFIG's look at
 	 * the interfaces (a netlink round trip for every login). */
@@ -269,9 +309,12 @@ backend_connect(const struct route *r, const struct config *cfg, char *why,
 	}
 	for (ai = res; ai != NULL && fd < 0; ai = ai->ai_next)
 		fd = connect_one(ai, deadline);
+	err = errno;
 	if (fd < 0)
-		snprintf(why, whylen, "connect: %s", strerror(errno));
+		snprintf(why, whylen, "connect: %s", strerror(err));
 	freeaddrinfo(res);
+	if (fd < 0 && server_down_errno(err))
+		server_down(cfg, r->host, r->port, failure_waits(err));
 	return fd;
 }
 
@@ -998,12 +1041,17 @@ read_greeting(struct backend *be, const struct config *cfg, struct reply *r,
     char *why, size_t whylen)
 {
 	struct status_resp st;
+	enum io_status ios;
 	size_t len;
 	char *line;
 
 	be->io.deadline = deadline_in(cfg->backend_timeout);
-	if (iobuf_getline(&be->io, MAX_BACKEND_LINE, &line, &len) != IO_OK) {
-		snprintf(why, whylen, "no greeting");
+	if ((ios = iobuf_getline(&be->io, MAX_BACKEND_LINE, &line, &len)) !=
+	    IO_OK) {
+		snprintf(why, whylen, "no greeting%s", ios == IO_TIMEOUT ?
+		    " within backend_timeout" : "");
+		if (ios == IO_TIMEOUT)
+			server_down(cfg, be->host, be->port, 1);
 		return LOGIN_UNAVAILABLE;
 	}
 	if (status_parse(line, len, "*", &st) != 0 || st.kind != RESP_OK) {
@@ -1201,6 +1249,8 @@ backend_open(struct backend *be, const struct config *cfg,
 	    LOGIN_OK;
 	if (res == LOGIN_OK)
 		res = read_greeting(be, cfg, rep, why, whylen);
+	if (res == LOGIN_OK)
+		server_up(cfg, r->host, r->port);
 	if (res == LOGIN_OK && r->tls == TLS_STARTTLS)
 		res = backend_starttls(be, cfg, r, why, whylen);
 	if (res == LOGIN_OK && be->caps == NULL)
@@ -1334,6 +1384,61 @@ referral_allowed(const struct config *cfg, const struct route *const *tried,
 	return 0;
 }
 
+/* FNV-1a: the same number for a name in every process, for order=hash. */
+static size_t
+name_hash(const char *s)
+{
+	uint32_t h = 2166136261u;
+
+	for (; *s != '\0'; s++)
+		h = (h ^ (unsigned char)*s) * 16777619u;
+	return h;
+}
+
+/*
+ * The servers of one line in turn (a replicated pair, say), from the
+ * first or, with order=hash, from the user's own, so that a user stays
+ * on one server while it is up.  The next is tried only when one is
+ * unavailable (down, marked down, failing TLS or its greeting), never
+ * after it refused the credentials: that would try a guess twice.
+ */
+static enum login_result
+backend_open_any(struct backend *be, const struct config *cfg,
+    const struct route *first, const struct credentials *user,
+    const struct client_info *ci, struct reply *rep, const char *who,
+    char *why, size_t whylen)
+{
+	const struct route *r;
+	enum login_result res = LOGIN_UNAVAILABLE;
+	size_t n = 0, start = 0;
+
+	for (r = first; r != NULL; r = r->alt)
+		n++;
+	if (first->hash_order && user->user != NULL)
+		start = name_hash(user->user) % n;
+	for (size_t i = 0; i < n; i++) {
+		int64_t down_ms;
+
+		r = first;
+		for (size_t k = (start + i) % n; k > 0; k--)
+			r = r->alt;
+		if (!state_backend_may_try(cfg->state, cfg, r->host, r->port,
+		    i + 1 == n, &down_ms)) {
+			snprintf(why, whylen, "marked down (refused or timed out "
+			    "%lld ms ago; backend_down_time)",
+			    (long long)down_ms);
+			res = LOGIN_UNAVAILABLE;
+		} else
+			res = backend_open_as(be, cfg, r, user, ci, rep, why,
+			    whylen);
+		if (res != LOGIN_UNAVAILABLE || i + 1 == n)
+			break;
+		log_msg(LOG_WARNING, "event=failover user=\"%s\" from=%s:%s "
+		    "reason=\"%s\"", who, r->host, r->port, why);
+	}
+	return res;
+}
+
 /*
  * Log in as backend_open_as does, following login referrals (RFC 2221:
  * "NO [REFERRAL imap://...]" to the login, or "* BYE [REFERRAL ...]" as
@@ -1359,7 +1464,8 @@ backend_login(struct backend *be, const struct config *cfg,
 	for (;;) {
 		const struct route *next;
 
-		res = backend_open_as(be, cfg, r, user, ci, rep, why, whylen);
+		res = backend_open_any(be, cfg, r, user, ci, rep, who, why,
+		    whylen);
 		if (res != LOGIN_REFERRAL)
 			break;
 		/* why the referral was not followed is logged already */

@@ -69,6 +69,13 @@ config_defaults(struct config *cfg)
 	cfg->syslog_facility = LOG_MAIL;
 	cfg->proxy_protocol_timeout = 10;
 	cfg->ldap_timeout = 5;
+	cfg->auth_penalty = 1;
+	cfg->auth_penalty_first = 2000;
+	cfg->auth_penalty_max = 15000;
+	cfg->client_ipv6_prefix = 64;
+	cfg->max_sessions_per_ip = 0;		/* no limit */
+	cfg->max_sessions_per_user = 0;
+	cfg->backend_down_time = 10;
 }
 
 /* Split a configuration line into words; "..." quotes, \ escapes. */
@@ -212,6 +219,14 @@ route_option(struct route *r, const char *opt, char *err, size_t errlen)
 
 	if (eq == NULL || eq[1] == '\0')
 		goto bad;
+	if (kl == 5 && strncmp(opt, "order", 5) == 0) {
+		if (strcmp(eq + 1, "hash") == 0 || strcmp(eq + 1, "first") == 0) {
+			r->hash_order = eq[1] == 'h';
+			return 0;
+		}
+		snprintf(err, errlen, "order= takes first or hash");
+		return -1;
+	}
 	if (kl == 3 && strncmp(opt, "tls", 3) == 0) {
 		if (parse_tls_mode(eq + 1, &r->tls) == 0)
 			return 0;
@@ -231,6 +246,8 @@ bad:
 static void
 route_free(struct route *r)
 {
+	if (r->alt != NULL)
+		route_free(r->alt);
 	free(r->pattern);
 	free(r->host);
 	free(r->port);
@@ -304,57 +321,88 @@ route_target(struct route *r, const char *kind, const char *word,
 	return 0;
 }
 
+/* One HOST:PORT of a line, with the line's options. */
+static struct route *
+route_new(const char *kind, const char *key, const char *target,
+    char **opts, int nopts, char *err, size_t errlen)
+{
+	struct route *r;
+	char why[128];
+
+	if ((r = calloc(1, sizeof(*r))) == NULL ||
+	    (r->pattern = strdup(key)) == NULL) {
+		free(r);
+		snprintf(err, errlen, "out of memory");
+		return NULL;
+	}
+	if (route_target(r, kind, target, nopts, why, sizeof(why)) != 0) {
+		snprintf(err, errlen, "bad route target '%s': %s", target, why);
+		route_free(r);
+		return NULL;
+	}
+	for (int i = 0; i < nopts; i++)
+		if (route_option(r, opts[i], err, errlen) != 0) {
+			route_free(r);
+			return NULL;
+		}
+	if (r->client_key != NULL && r->client_cert == NULL) {
+		snprintf(err, errlen, "client_key= needs client_cert=");
+		route_free(r);
+		return NULL;
+	}
+	return r;
+}
+
 /*
- * "route PATTERN HOST:PORT [opt=val ...]", "public PREFIX HOST:PORT ..."
- * or "server HOST:PORT ...": the last names a back-end that no line routes
- * to but that a referral or a directory answer may lead to.
+ * "route PATTERN HOST:PORT ... [opt=val ...]", "public PREFIX HOST:PORT
+ * ..." or "server HOST:PORT ...": the last names a back-end that no line
+ * routes to but that a referral or a directory answer may lead to.
+ * Several HOST:PORT are one service (a replicated pair, say), tried in
+ * turn; each is its own route, chained by alt, with the line's options.
  */
 static int
 add_route(struct config *cfg, char **w, int n, char *err, size_t errlen)
 {
 	int server = strcmp(w[0], "server") == 0;
-	int target = server ? 1 : 2;
+	int target = server ? 1 : 2, hosts = 1;
 	const char *key = server ? "" : w[1];
-	struct route *r, **head, **tail;
-	char why[128];
+	struct route *first, *r, **head, **tail;
 
 	route_lists(cfg, w[0], &head, &tail);
 	if (n < target + 1) {
-		snprintf(err, errlen, "%s takes %sHOST:PORT [OPTION=VALUE ...]",
-		    w[0], server ? "" : strcmp(w[0], "public") == 0 ?
+		snprintf(err, errlen, "%s takes %sHOST:PORT ... [OPTION=VALUE "
+		    "...]", w[0], server ? "" : strcmp(w[0], "public") == 0 ?
 		    "PREFIX " : "PATTERN ");
 		return -1;
 	}
 	if (check_route_key(w[0], key, err, errlen) != 0)
 		return -1;
-	if ((r = calloc(1, sizeof(*r))) == NULL ||
-	    (r->pattern = strdup(key)) == NULL) {
-		free(r);
-		snprintf(err, errlen, "out of memory");
+	while (target + hosts < n && strchr(w[target + hosts], '=') == NULL)
+		hosts++;
+	if ((first = route_new(w[0], key, w[target], w + target + hosts,
+	    n - target - hosts, err, errlen)) == NULL)
 		return -1;
-	}
-	if (route_target(r, w[0], w[target], n - target - 1, why,
-	    sizeof(why)) != 0) {
-		snprintf(err, errlen, "bad route target '%s': %s", w[target],
-		    why);
-		route_free(r);
-		return -1;
-	}
-	for (int i = target + 1; i < n; i++)
-		if (route_option(r, w[i], err, errlen) != 0) {
-			route_free(r);
+	r = first;
+	for (int i = 1; i < hosts; i++) {
+		if (first->from_directory) {
+			snprintf(err, errlen, "public PREFIX ldap names no "
+			    "HOST:PORT");
+			route_free(first);
 			return -1;
 		}
-	if (r->client_key != NULL && r->client_cert == NULL) {
-		snprintf(err, errlen, "client_key= needs client_cert=");
-		route_free(r);
-		return -1;
+		if ((r->alt = route_new(w[0], key, w[target + i],
+		    w + target + hosts, n - target - hosts, err, errlen)) ==
+		    NULL) {
+			route_free(first);
+			return -1;
+		}
+		r = r->alt;
 	}
 	if (*tail != NULL)
-		(*tail)->next = r;
+		(*tail)->next = first;
 	else
-		*head = r;
-	*tail = r;
+		*head = first;
+	*tail = first;
 	return 0;
 }
 
@@ -408,6 +456,18 @@ static const struct int_key int_keys[] = {
 	{ "proxy_protocol_timeout", offsetof(struct config,
 	    proxy_protocol_timeout), 1, 600, 0 },
 	{ "ldap_timeout", offsetof(struct config, ldap_timeout), 1, 300, 0 },
+	{ "auth_penalty_first", offsetof(struct config, auth_penalty_first),
+	    1, 600000, 0 },
+	{ "auth_penalty_max", offsetof(struct config, auth_penalty_max), 1,
+	    3600000, 0 },
+	{ "client_ipv6_prefix", offsetof(struct config, client_ipv6_prefix),
+	    1, 128, 0 },
+	{ "max_sessions_per_ip", offsetof(struct config,
+	    max_sessions_per_ip), 0, 100000, 0 },
+	{ "max_sessions_per_user", offsetof(struct config,
+	    max_sessions_per_user), 0, 100000, 0 },
+	{ "backend_down_time", offsetof(struct config, backend_down_time), 0,
+	    86400, 0 },
 };
 
 /* Directives whose value is kept as given (file names, mostly). */
@@ -440,6 +500,7 @@ static const struct { const char *name; size_t offset; } string_keys[] = {
 	{ "ldap_host_attribute", offsetof(struct config, ldap_host_attribute) },
 	{ "ldap_port_attribute", offsetof(struct config, ldap_port_attribute) },
 	{ "ldap_ca_file", offsetof(struct config, ldap_ca_file) },
+	{ "state_file", offsetof(struct config, state_file) },
 };
 
 static int
@@ -498,31 +559,30 @@ parse_facility(const char *v, int *out)
 	return -1;
 }
 
-/* proxy_protocol_trusted CIDR...: may repeat; each line adds blocks. */
+/* proxy_protocol_trusted or auth_penalty_exempt CIDR...: may repeat. */
 static int
-add_proxy_trusted(struct config *cfg, char **w, int n, char *err,
+add_cidr_list(struct cidr **list, size_t *n, char **w, int nw, char *err,
     size_t errlen)
 {
 	struct cidr *grown;
 
-	if (n < 2) {
+	if (nw < 2) {
 		snprintf(err, errlen, "%s takes one or more ADDRESS/BITS", w[0]);
 		return -1;
 	}
-	grown = realloc(cfg->proxy_trusted, (cfg->proxy_trusted_n +
-	    (size_t)n - 1) * sizeof(*grown));
+	grown = realloc(*list, (*n + (size_t)nw - 1) * sizeof(*grown));
 	if (grown == NULL) {
 		snprintf(err, errlen, "out of memory");
 		return -1;
 	}
-	cfg->proxy_trusted = grown;
-	for (int i = 1; i < n; i++) {
-		if (cidr_parse(w[i], &grown[cfg->proxy_trusted_n]) != 0) {
+	*list = grown;
+	for (int i = 1; i < nw; i++) {
+		if (cidr_parse(w[i], &grown[*n]) != 0) {
 			snprintf(err, errlen, "bad address block for %s: '%s'",
 			    w[0], w[i]);
 			return -1;
 		}
-		cfg->proxy_trusted_n++;
+		(*n)++;
 	}
 	return 0;
 }
@@ -588,7 +648,16 @@ config_line(struct config *cfg, char **w, int n, char *err, size_t errlen)
 	    strcmp(w[0], "server") == 0)
 		return add_route(cfg, w, n, err, errlen);
 	if (strcmp(w[0], "proxy_protocol_trusted") == 0)
-		return add_proxy_trusted(cfg, w, n, err, errlen);
+		return add_cidr_list(&cfg->proxy_trusted, &cfg->proxy_trusted_n,
+		    w, n, err, errlen);
+	if (strcmp(w[0], "auth_penalty_exempt") == 0) {
+		/* given, even as "none": the loopback default is replaced */
+		cfg->auth_penalty_exempt_set = 1;
+		if (n == 2 && strcmp(w[1], "none") == 0)
+			return 0;
+		return add_cidr_list(&cfg->auth_penalty_exempt,
+		    &cfg->auth_penalty_exempt_n, w, n, err, errlen);
+	}
 	if (strcmp(w[0], "route_order") == 0)
 		return set_route_order(cfg, w, n, err, errlen);
 	if (strcmp(w[0], "ldap_uri") == 0)
@@ -622,6 +691,11 @@ config_line(struct config *cfg, char **w, int n, char *err, size_t errlen)
 	}
 	if (strcmp(w[0], "forward_id") == 0) {
 		if (parse_bool(w[1], &cfg->forward_id) != 0)
+			goto bad;
+		return 0;
+	}
+	if (strcmp(w[0], "auth_penalty") == 0) {
+		if (parse_bool(w[1], &cfg->auth_penalty) != 0)
 			goto bad;
 		return 0;
 	}
@@ -739,6 +813,39 @@ config_check_routing(struct config *cfg, const char *path, char *err,
 	return 0;
 }
 
+/*
+ * Shared state: where, and who is spared the login penalty.  Loopback by
+ * default: a webmail or a load balancer on the host, without a PROXY
+ * header, is one address for all of its users.
+ */
+static int
+config_check_state(struct config *cfg, const char *path, char *err,
+    size_t errlen)
+{
+	static char *loopback[] = { "auth_penalty_exempt", "127.0.0.0/8",
+	    "::1/128" };
+
+	if (cfg->state_file == NULL &&
+	    set_string(&cfg->state_file, "/run/imapfe/state") != 0) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	if (cfg->state_file[0] != '/' && strcmp(cfg->state_file, "none") != 0) {
+		snprintf(err, errlen, "%s: state_file must be an absolute path "
+		    "or none", path);
+		return -1;
+	}
+	if (cfg->auth_penalty_first > cfg->auth_penalty_max) {
+		snprintf(err, errlen, "%s: auth_penalty_first is more than "
+		    "auth_penalty_max", path);
+		return -1;
+	}
+	if (!cfg->auth_penalty_exempt_set)
+		return add_cidr_list(&cfg->auth_penalty_exempt,
+		    &cfg->auth_penalty_exempt_n, loopback, 3, err, errlen);
+	return 0;
+}
+
 /* auth proxy needs an identity and its password; load the password now. */
 static int
 config_check_auth(struct config *cfg, const char *path, char *err,
@@ -818,6 +925,8 @@ config_load(struct config *cfg, const char *path, char *err, size_t errlen)
 		rc = config_check_tls(cfg, path, err, errlen);
 	if (rc == 0)
 		rc = config_check_auth(cfg, path, err, errlen);
+	if (rc == 0)
+		rc = config_check_state(cfg, path, err, errlen);
 	if (rc == 0 && cfg->greeting == NULL &&
 	    set_string(&cfg->greeting, IMAPFE_GREETING_MARK ".") != 0)
 		rc = -1;
@@ -859,6 +968,8 @@ config_free(struct config *cfg)
 	    i++)
 		free(*(char **)(void *)((char *)cfg + string_keys[i].offset));
 	free(cfg->proxy_trusted);
+	free(cfg->auth_penalty_exempt);
+	state_close(cfg->state);
 	memset(cfg, 0, sizeof(*cfg));
 }
 
@@ -878,7 +989,10 @@ struct session {
 	struct credentials	 cred;
 	struct cmd_buf		 cmdbuf;	/* the command being read */
 	char			 peer[80];
+	struct sockaddr_storage	 peer_addr;	/* the real client's, */
+	int			 have_peer_addr;	/* for shared state */
 	char			 user[96];	/* sanitized, for logs */
+	uint16_t		 password_print;	/* this attempt's */
 	int			 failures;
 	int			 bad_commands;
 	int64_t			 started;
@@ -1298,6 +1412,59 @@ login_failed(struct session *s, const char *tag, const char *code,
 		session_bye(s, END_LIMIT, "Too many failed logins.");
 }
 
+static const struct sockaddr_storage *
+client_addr(const struct session *s)
+{
+	return s->have_peer_addr ? &s->peer_addr : NULL;
+}
+
+/*
+ * Before a login attempt is looked at: the client's address waits out
+ * its penalty (auth_penalty), with no lock held, so only it waits.
+ */
+static void
+penalty_wait(struct session *s)
+{
+	int64_t until = now_ms() + state_penalty_ms(s->cfg->state, s->cfg,
+	    client_addr(s));
+
+	s->password_print = 0;
+	while (!shutdown_requested && now_ms() < until)
+		poll_wait(NULL, 0, (int)(until - now_ms()));
+	if (shutdown_requested)
+		session_bye(s, END_SHUTDOWN, "Server shutting down.");
+}
+
+/* The credentials were wrong: the address's penalty may grow. */
+static void
+auth_failed(struct session *s, const char *tag)
+{
+	int64_t delay = state_login_failed(s->cfg->state, s->cfg,
+	    client_addr(s), s->password_print);
+
+	if (delay >= 0)
+		log_msg(LOG_NOTICE, "event=penalty client=%s delay_ms=%lld",
+		    s->ci.ip, (long long)delay);
+	login_failed(s, tag, "AUTHENTICATIONFAILED", "Authentication failed.");
+}
+
+/* Logged in to the back-end: within max_sessions_per_user? */
+static int
+user_admitted(struct session *s, const char *tag)
+{
+	state_login_ok(s->cfg->state, s->cfg, client_addr(s));
+	if (state_session_user(s->cfg->state, s->cfg, s->cred.user,
+	    s->cred.user_len) == STATE_ADMITTED)
+		return 1;
+	backend_close(&s->backend);
+	credentials_clear(&s->cred);
+	log_msg(LOG_NOTICE, "event=login-refused user=\"%s\" "
+	    "reason=\"max_sessions_per_user (%d) reached\"", s->user,
+	    s->cfg->max_sessions_per_user);
+	login_failed(s, tag, "LIMIT", "Too many sessions for this user.");
+	return 0;
+}
+
 /*
  * Credentials are in s->cred: find the back-end and log in there.  The
  * client hears the same NO for an unknown user as for a wrong password.
@@ -1312,6 +1479,9 @@ do_login(struct session *s, const char *tag, const char *method)
 	char *caps;
 
 	sanitize(s->user, sizeof(s->user), s->cred.user, s->cred.user_len);
+	if (s->password_print == 0)
+		s->password_print = state_password_print(s->cfg->state,
+		    &s->cred);
 	if (!credentials_acceptable(s->cred.user, s->cred.user_len) ||
 	    !credentials_acceptable(s->cred.pass, s->cred.pass_len) ||
 	    s->cred.user_len == 0) {
@@ -1319,8 +1489,7 @@ do_login(struct session *s, const char *tag, const char *method)
 		    "method=%s reason=\"invalid characters in credentials\"",
 		    s->user, method);
 		credentials_clear(&s->cred);
-		login_failed(s, tag, "AUTHENTICATIONFAILED",
-		    "Authentication failed.");
+		auth_failed(s, tag);
 		return;
 	}
 	if ((rs = route_find(s->cfg, s->cred.user, &r, why, sizeof(why))) !=
@@ -1330,8 +1499,7 @@ do_login(struct session *s, const char *tag, const char *method)
 		    s->user, method, why);
 		credentials_clear(&s->cred);
 		if (rs == ROUTE_UNKNOWN)
-			login_failed(s, tag, "AUTHENTICATIONFAILED",
-			    "Authentication failed.");
+			auth_failed(s, tag);
 		else
 			login_failed(s, tag, "UNAVAILABLE", "Back-end server "
 			    "unavailable, try again later.");
@@ -1347,6 +1515,8 @@ do_login(struct session *s, const char *tag, const char *method)
 	}
 	res = backend_login(&s->backend, s->cfg, r, &s->cred, &s->ci, s->user,
 	    why, sizeof(why));
+	if (res == LOGIN_OK && !user_admitted(s, tag))
+		return;
 	/*
 	 * Public-folder servers are logged in to later, as the user: with
 	 * the password in passthrough mode, by name alone in proxy mode.
@@ -1375,8 +1545,7 @@ do_login(struct session *s, const char *tag, const char *method)
 	    "event=login-failed user=\"%s\" method=%s backend=%s:%s "
 	    "reason=\"%s\"", s->user, method, r->host, r->port, why);
 	if (res == LOGIN_BADCREDS)
-		login_failed(s, tag, "AUTHENTICATIONFAILED",
-		    "Authentication failed.");
+		auth_failed(s, tag);
 	else
 		login_failed(s, tag, "UNAVAILABLE",
 		    "Back-end server unavailable, try again later.");
@@ -1400,22 +1569,21 @@ static void
 sasl_server_failed(struct session *s, const char *tag, const char *method,
     int rc)
 {
-	const char *code = "AUTHENTICATIONFAILED", *text =
-	    "Authentication failed.";
+	int unavailable = rc == SASL_NOMEM || rc == SASL_FAIL ||
+	    rc == SASL_TRYAGAIN || rc == SASL_UNAVAIL;
 
-	if (rc == SASL_NOAUTHZ) {
-		code = "AUTHORIZATIONFAILED";
-		text = "Authorization identity not allowed.";
-	} else if (rc == SASL_NOMEM || rc == SASL_FAIL || rc == SASL_TRYAGAIN ||
-	    rc == SASL_UNAVAIL) {
-		code = "UNAVAILABLE";
-		text = "Authentication service unavailable, try again later.";
-	}
-	log_msg(code[0] == 'U' ? LOG_ERR : LOG_NOTICE, "event=login-failed%s%s%s "
+	log_msg(unavailable ? LOG_ERR : LOG_NOTICE, "event=login-failed%s%s%s "
 	    "method=%s reason=\"SASL: %s\"", s->user[0] ? " user=\"" : "",
 	    s->user, s->user[0] ? "\"" : "", method,
 	    sasl_errstring(rc, NULL, NULL));
-	login_failed(s, tag, code, text);
+	if (rc == SASL_NOAUTHZ)
+		login_failed(s, tag, "AUTHORIZATIONFAILED",
+		    "Authorization identity not allowed.");
+	else if (unavailable)
+		login_failed(s, tag, "UNAVAILABLE", "Authentication service "
+		    "unavailable, try again later.");
+	else
+		auth_failed(s, tag);
 }
 
 static void
@@ -1430,11 +1598,15 @@ cmd_login(struct session *s, const struct command *c)
 	}
 	if (plaintext_refused(s, c->tag))
 		return;
+	penalty_wait(s);
+	if (s->end != END_NONE)
+		return;
 	if (credentials_set(&s->cred, c->tok[0].s, c->tok[0].len,
 	    c->tok[1].s, c->tok[1].len) != 0) {
 		session_nomem(s);
 		return;
 	}
+	s->password_print = state_password_print(s->cfg->state, &s->cred);
 	if (s->cfg->auth == AUTH_PROXY) {
 		sanitize(s->user, sizeof(s->user), s->cred.user,
 		    s->cred.user_len);
@@ -1515,6 +1687,9 @@ cmd_authenticate(struct session *s, const struct command *c)
 		return;
 	}
 	if (auth_mech_plaintext(mech) && plaintext_refused(s, c->tag))
+		return;
+	penalty_wait(s);
+	if (s->end != END_NONE)
 		return;
 	if (s->cfg->auth == AUTH_PROXY)
 		s->user[0] = '\0';	/* the exchange names the user */
@@ -1623,6 +1798,23 @@ dispatch_prelogin(struct session *s, const struct command *c)
 		bad_command(s, c->tag, "Unknown command.");
 }
 
+/*
+ * Within max_sessions_per_ip?  Counted across the host's processes, and
+ * answered as RFC 5530 says a server that will not serve says it.
+ */
+static int
+session_admitted(struct session *s)
+{
+	if (state_session_begin(s->cfg->state, s->cfg, client_addr(s)) ==
+	    STATE_ADMITTED)
+		return 1;
+	log_msg(LOG_NOTICE, "event=refused client=%s reason=\"max_sessions_per_ip "
+	    "(%d) reached\"", s->ci.ip, s->cfg->max_sessions_per_ip);
+	session_bye(s, END_LIMIT, "[UNAVAILABLE] Too many connections from "
+	    "your address, try again later.");
+	return 0;
+}
+
 /* Greet, then read and answer commands until login or the end. */
 static void
 session_prelogin(struct session *s)
@@ -1638,6 +1830,10 @@ session_prelogin(struct session *s)
 	}
 	if (s->tls_ctx != NULL && s->cfg->tls_mode == TLS_IMPLICIT &&
 	    client_tls_start(s) != 0) {
+		free(cmd);
+		return;
+	}
+	if (!session_admitted(s)) {
 		free(cmd);
 		return;
 	}
@@ -1821,6 +2017,8 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 	else
 		snprintf(s.peer, sizeof(s.peer), "local");
 	s.peer_loopback = loopback_ok && ep.have_peer && is_loopback(&ep.peer);
+	s.peer_addr = ep.peer;
+	s.have_peer_addr = ep.have_peer;
 	client_info_init(&s.ci, &ep, id);
 	setsockopt(wfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	nonblocking(wfd);
@@ -1840,6 +2038,7 @@ session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 		    s.user);
 	if (s.logged_in)
 		backend_close(&s.backend);
+	state_session_end(cfg->state);
 	if (s.client.tls_why[0] != '\0')
 		log_msg(LOG_NOTICE, "event=tls-error side=client reason=\"%s\"",
 		    s.client.tls_why);
@@ -1969,6 +2168,10 @@ static int
 preload_list_tls(const struct config *cfg, struct route *list, int all,
     char *err, size_t errlen)
 {
+	for (struct route *r = list; r != NULL; r = r->next)
+		if (r->alt != NULL &&
+		    preload_list_tls(cfg, r->alt, all, err, errlen) != 0)
+			return -1;
 	for (struct route *r = list; r != NULL; r = r->next) {
 		char why[300];
 
@@ -2122,6 +2325,36 @@ startup_prepare(struct config *cfg, const struct options *opt, int check_all,
 }
 
 /*
+ * The shared state file, opened before privileges are dropped (a chroot
+ * may hide it) and kept by every session: the listener's children inherit
+ * it.  Made in a directory of its own when that is missing, and given to
+ * the run user when made here (every session writes to it).  Never
+ * fails: a file that cannot be used is logged, and imapfe goes on
+ * without it.
+ */
+static void
+shared_state_open(struct config *cfg)
+{
+	uid_t uid = (uid_t)-1;
+	gid_t gid = (gid_t)-1;
+	char dir[PATH_MAX], err[256], *slash;
+
+	if (strcmp(cfg->state_file, "none") == 0)
+		return;
+	if (geteuid() == 0 && cfg->run_user != NULL &&
+	    lookup_run_ids(cfg, &uid, &gid, err, sizeof(err)) != 0)
+		uid = (uid_t)-1;
+	snprintf(dir, sizeof(dir), "%s", cfg->state_file);
+	if ((slash = strrchr(dir, '/')) != NULL && slash != dir) {
+		*slash = '\0';
+		if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+			log_msg(LOG_WARNING, "event=warning reason=\"mkdir %s: "
+			    "%s\"", dir, strerror(errno));
+	}
+	cfg->state = state_open(cfg->state_file, uid, gid);
+}
+
+/*
  * Read the configuration file of opt and load everything it names; with
  * check_all, check it all as -t does (a listener's reload).  The log is
  * opened with the file's facility only by main(), and by a reload once
@@ -2139,6 +2372,7 @@ service_load(struct service *svc, const struct options *opt, int check_all,
 		service_free(svc);
 		return -1;
 	}
+	shared_state_open(&svc->cfg);
 	return 0;
 }
 
@@ -2250,8 +2484,10 @@ main(int argc, char *argv[])
 	else if (opt.test_only) {
 		printf("imapfe: %s: configuration OK\n", opt.config_path);
 		rc = 0;
-	} else
+	} else {
+		shared_state_open(&svc.cfg);
 		rc = run(&svc, &opt);
+	}
 	service_free(&svc);
 	log_close();
 	return rc;

@@ -21,6 +21,8 @@
  *   ldap.c     directory lookups: which server holds a user's mailbox
  *   imapurl.c  IMAP URLs in commands (CATENATE, URLAUTH): which mailbox,
  *              so which server
+ *   state.c    what the processes of a host share: failed-login
+ *              penalties, sessions per address and user, back-ends down
  */
 #ifndef IMAPFE_H
 #define IMAPFE_H
@@ -398,6 +400,8 @@ struct route {
 	char		*client_key;
 	SSL_CTX		*ssl_ctx;	/* preloaded, or NULL: load when used */
 	int		 from_directory;	/* "public PREFIX ldap" */
+	int		 hash_order;	/* order=hash: start from the user's */
+	struct route	*alt;		/* the line's next HOST:PORT, owned */
 	struct route	*next;
 };
 
@@ -494,6 +498,18 @@ struct config {
 	int		 ldap_starttls;
 	int		 ldap_timeout;		/* seconds, per server */
 	struct credentials *ldap_bind;		/* DN and password */
+	char		*state_file;		/* "none": no shared state */
+	int		 auth_penalty;		/* on by default */
+	int		 auth_penalty_first;	/* ms, after one failure */
+	int		 auth_penalty_max;	/* ms */
+	struct cidr	*auth_penalty_exempt;	/* NULL: loopback */
+	size_t		 auth_penalty_exempt_n;
+	int		 auth_penalty_exempt_set;	/* given, maybe "none" */
+	int		 client_ipv6_prefix;	/* bits counted as one client */
+	int		 max_sessions_per_ip;	/* 0: no limit */
+	int		 max_sessions_per_user;	/* 0: no limit */
+	int		 backend_down_time;	/* seconds; 0: never marked */
+	struct shared_state *state;		/* opened before serving */
 };
 
 int		 config_load(struct config *, const char *path, char *err,
@@ -541,6 +557,38 @@ int		 listen_on(const char *spec);
 int		 inherited_listener(void);
 int		 serve_listener(struct service *, const struct options *,
 		    int lfd);
+
+/* ------------------------------------------------------------------ */
+/* state.c: shared between the processes of a host; NULL or a file that
+ * cannot be used makes every call a no-op (fail open) */
+
+struct shared_state;
+enum state_admit { STATE_ADMITTED = 0, STATE_REFUSED };
+
+struct shared_state *state_open(const char *path, uid_t, gid_t);
+void		 state_close(struct shared_state *);
+int64_t		 state_penalty_ms(struct shared_state *, const struct config *,
+		    const struct sockaddr_storage *client);
+uint16_t	 state_password_print(struct shared_state *,
+		    const struct credentials *);
+int64_t		 state_login_failed(struct shared_state *,
+		    const struct config *, const struct sockaddr_storage *client,
+		    uint16_t print);
+void		 state_login_ok(struct shared_state *, const struct config *,
+		    const struct sockaddr_storage *client);
+enum state_admit state_session_begin(struct shared_state *,
+		    const struct config *, const struct sockaddr_storage *client);
+enum state_admit state_session_user(struct shared_state *,
+		    const struct config *, const char *user, size_t len);
+void		 state_session_end(struct shared_state *);
+int		 state_backend_may_try(struct shared_state *,
+		    const struct config *, const char *host, const char *port,
+		    int last_resort, int64_t *down_ms);
+void		 state_backend_failed(struct shared_state *,
+		    const struct config *, const char *host, const char *port,
+		    int timed_out);
+int		 state_backend_up(struct shared_state *, const struct config *,
+		    const char *host, const char *port);
 
 /* ------------------------------------------------------------------ */
 /* proxyproto.c */

@@ -13,6 +13,7 @@ usage: bench/bench.py [--rounds N] [--quick] [--json FILE] [--only NAME]
 """
 import argparse
 import json
+import re
 import os
 import shutil
 import signal
@@ -437,7 +438,8 @@ def imapfe_config(bed, tls):
     # Started as root, imapfe runs sessions only as a user of its own:
     # measured as it is deployed, after giving root up.
     conf = ("plaintext_auth yes\nlogin_timeout 60\n"
-            "user nobody\ngroup nogroup\n")
+            "user nobody\ngroup nogroup\n"
+            "state_file %s\n" % os.path.join(bed.dir, "imapfe-state"))
     if not tls:
         return conf + "route * 127.0.0.1:%d\n" % bed.dovecot.port
     return conf + ("route * 127.0.0.1:%d tls=implicit\n"
@@ -457,6 +459,14 @@ def forking_config(bed, tls):
     """The same without pre-forked children: the listener forks one
     after accepting each connection, as before the prefork directive."""
     return imapfe_config(bed, tls) + "prefork 0\n"
+
+
+def no_state_config(bed, tls):
+    """The same without the shared state file (state_file none): no
+    penalty look-up at login, no back-end mark checked at connect, for
+    the cost per login of the shared state, in the same rounds."""
+    return re.sub(r"(?m)^state_file .*$", "state_file none",
+                  imapfe_config(bed, tls))
 
 
 def write(path, text):
@@ -780,6 +790,7 @@ def installed(cmd, extra=None):
 # same rounds (ROUTED_VS_RELAYED).
 IMAPFE_CONFIGS = [
     ("", imapfe_config, True),
+    (" no state", no_state_config, True),
     (" routed", routed_config, False),
     (" prefork 0", forking_config, False),
 ]

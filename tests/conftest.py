@@ -579,6 +579,10 @@ def imapfe_factory(procs, tmp_path):
         if ROUTED and not re.search(r"^(public|server) ", config, re.M):
             config += "server 127.0.0.1:9\n"
         d = os.path.join(str(tmp_path), name)
+        # Each test's penalties, limits and back-ends found down are its
+        # own, not those of every imapfe on the host.
+        if not re.search(r"^state_file ", config, re.M):
+            config += "state_file %s\n" % os.path.join(d, "state")
         os.mkdir(d)
         fe = Imapfe(procs, d, config)
         made.append(fe)

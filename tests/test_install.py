@@ -107,7 +107,8 @@ def test_every_directive_is_documented_in_imapfe_conf_5():
     assert sorted(keys - set(entries)) == [], "accepted, not documented"
     assert sorted(set(entries) - keys) == [], "documented, not accepted"
     assert options == documented_options == {
-        "tls", "name", "ca_file", "ca_path", "client_cert", "client_key"}
+        "tls", "name", "ca_file", "ca_path", "client_cert", "client_key",
+        "order"}
 
 
 def test_every_number_directive_has_its_default_and_range_documented():

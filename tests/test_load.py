@@ -107,8 +107,9 @@ def message(phase, s, q):
 class Load:
     """The client side: one thread per session, and the tallies."""
 
-    def __init__(self, port):
+    def __init__(self, port, sessions=SESSIONS):
         self.port = port
+        self.sessions = sessions
         self.lock = threading.Lock()
         self.count = collections.Counter()
         self.acked = set()          # (phase, session, seq) with tagged OK
@@ -171,7 +172,7 @@ class Load:
         until = time.monotonic() + seconds
         threads = [threading.Thread(target=self.session,
                                     args=(phase, s, until), daemon=True)
-                   for s in range(SESSIONS)]
+                   for s in range(self.sessions)]
         for t in threads:
             t.start()
         try:
@@ -199,11 +200,11 @@ def children(pid):
     return out
 
 
-def stored_messages(dovecot):
+def stored_messages(dovecot, sessions=SESSIONS):
     """How often each (phase, session, seq) is on Dovecot."""
     import imaplib
     seen = collections.Counter()
-    for s in range(SESSIONS):
+    for s in range(sessions):
         m = imaplib.IMAP4("127.0.0.1", dovecot.port)
         m.login("u%d" % s, PASSWORD)
         typ, data = m.select("INBOX", readonly=True)
@@ -313,3 +314,75 @@ def test_load_and_backend_restart(imapfe_factory):
         m.logout()
     finally:
         dovecot.close()
+
+
+def kill_for_a_while(dovecot, after, away, took):
+    """SIGKILL Dovecot's process group after `after` seconds, start it
+    again `away` seconds later; took gets the seconds it was gone."""
+    time.sleep(after)
+    killed = time.monotonic()
+    os.killpg(dovecot.proc.pid, signal.SIGKILL)
+    dovecot.proc.wait()
+    dovecot.proc = None
+    time.sleep(away)
+    dovecot.start(timeout=90)
+    took.append(time.monotonic() - killed)
+
+
+def logins_on(log, dovecot):
+    return sum(1 for ln in log.splitlines() if "event=login " in ln and
+               "backend=127.0.0.1:%d" % dovecot.port in ln)
+
+
+# A fifth of the load test's sessions: enough to have logins in flight at
+# the kill and on both sides of it, at a fifth of the time.
+FAILOVER_SESSIONS = max(4, SESSIONS // 5)
+
+
+def test_load_with_failover_to_a_second_server(imapfe_factory):
+    """Two Dovecots on one route line (issue 15): the first is SIGKILLed
+    mid-run and started again.  Sessions on it end with a BYE; logins go
+    on on the second with no answer lost (a login in flight at the kill
+    at most); the first is used again once it is back; every acknowledged
+    message is on one of them exactly once."""
+    n = FAILOVER_SESSIONS
+    raise_fd_limit(8 * n + 1024)
+    first, second = dovecot_for(n), dovecot_for(n)
+    try:
+        f = imapfe_factory("route * 127.0.0.1:%d 127.0.0.1:%d\n"
+                           "max_sessions %d\nbackend_down_time 1\n"
+                           % (first.port, second.port, 3 * n))
+        port = f.start_listener()
+        load = Load(port, n)
+        took = []
+        load.run("failover", SECONDS * 2,
+                 during=lambda: kill_for_a_while(first, SECONDS * 0.4,
+                                                 SECONDS * 0.6, took))
+        # only the one pre-forked child (prefork's default) is left
+        wait_for(lambda: len(children(f.listener.pid)) == 1, 30,
+                 "the listener's children to be gone and reaped")
+        stored = stored_messages(first, n) + stored_messages(second, n)
+        log = f.log_text()
+        print("\nfailover: %d sessions, first away %.1f s; %s; logins on "
+              "the first %d, the second %d"
+              % (n, took[0], ", ".join(
+                  "%s %d" % kv for kv in sorted(load.count.items())),
+                 logins_on(log, first), logins_on(log, second)))
+        assert load.count["dropped without BYE"] == 0
+        assert load.count["no answer in time"] == 0
+        assert load.count["connect failed"] == 0
+        assert load.count["refused at max_sessions"] == 0
+        assert load.count["login NO"] <= n          # in flight at most
+        assert load.count["login OK"] > n
+        assert "event=failover" in log and logins_on(log, second) > 0
+        # back on the first once it answered again
+        up = log.index("event=backend-up backend=127.0.0.1:%d" % first.port)
+        assert logins_on(log[up:], first) > 0
+        lost = [k for k in load.acked if stored[k] != 1]
+        unasked = [k for k in stored if k not in load.tried]
+        doubled = [k for k in load.tried if stored[k] > 1]
+        assert not lost and not unasked and not doubled, \
+            (lost[:5], unasked[:5], doubled[:5])
+    finally:
+        first.close()
+        second.close()

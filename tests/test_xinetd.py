@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -44,6 +45,8 @@ def xinetd(tmp_path, config):
     """A real xinetd serving the shipped imap service on a free loopback
     port; yields (port, its log file)."""
     conf = tmp_path / "imapfe.conf"
+    if "state_file " not in config:         # the test's own, not the host's
+        config += "state_file %s\n" % (tmp_path / "state")
     conf.write_text(config + RUN_AS)
     port = free_port()
     log = tmp_path / "xinetd.log"
@@ -78,6 +81,31 @@ def test_sessions_through_xinetd(tmp_path, dovecot):
             m.logout()
         # the readiness probe and two sessions: a process each
         assert len(set(started_pids(log))) >= 3, log.read_text()
+
+
+@NOT_UNDER_VALGRIND
+def test_login_penalty_across_xinetd_processes(tmp_path, dovecot):
+    """Each connection is a process xinetd execs: the penalty a failure
+    sets is seen by the next process, and doubles (from answer to answer,
+    at least the delay)."""
+    config = ("route alice 127.0.0.1:%d\nplaintext_auth yes\n"
+              "auth_penalty_exempt none\nauth_penalty_first 150\n"
+              "auth_penalty_max 600\n" % dovecot.port)
+    with xinetd(tmp_path, config) as (port, log):
+        answered = []
+        for i in range(4):
+            m = imaplib.IMAP4("127.0.0.1", port)
+            with pytest.raises(imaplib.IMAP4.error):
+                m.login("mallory", "guess%d" % i)
+            answered.append(time.monotonic())
+            m.shutdown()
+        gaps = [b - a for a, b in zip(answered, answered[1:])]
+        for gap, delay in zip(gaps, (0.15, 0.3, 0.6)):
+            assert delay - 0.02 <= gap < delay + 0.5 * SLOW, gaps
+        m = imaplib.IMAP4("127.0.0.1", port)
+        assert m.login("alice", "secret")[0] == "OK"     # waits, then clears
+        assert time.monotonic() - answered[-1] >= 0.6 - 0.02
+        m.logout()
 
 
 def memory_kib(pid):

@@ -2,8 +2,10 @@
  * Unit tests for the pure parts of imapfe: the command parser, literal
  * announcements, IMAP string quoting, base64, SASL PLAIN, capability
  * filtering, the response scanner, the reader of client commands (over
- * pipes) and LDAP filter escaping.  Ends with "N passed, N failed".
+ * pipes), LDAP filter escaping and the shared state's tables.  Ends with "N passed, N failed".
  */
+#include <sys/wait.h>
+
 #include <arpa/inet.h>
 #include <netinet/in.h>
 
@@ -1091,6 +1093,201 @@ test_imapurl_commands(void)
 	CHECK(urlcmd_server("a URLFETCH ;UID=1", 1, bad, sizeof(bad)) == 1);
 	CHECK(urlcmd_server("a URLFETCH garbage", 1, bad, sizeof(bad)) == -1 &&
 	    strcmp(bad, "garbage") == 0);
+/* state.c: the shared tables, on a file of the test's own */
+
+static struct sockaddr_storage
+addr_of(const char *text)
+{
+	struct sockaddr_storage ss;
+
+	memset(&ss, 0, sizeof(ss));
+	if (strchr(text, ':') != NULL) {
+		ss.ss_family = AF_INET6;
+		inet_pton(AF_INET6, text,
+		    &((struct sockaddr_in6 *)(void *)&ss)->sin6_addr);
+	} else {
+		ss.ss_family = AF_INET;
+		inet_pton(AF_INET, text,
+		    &((struct sockaddr_in *)(void *)&ss)->sin_addr);
+	}
+	return ss;
+}
+
+static void
+state_test_config(struct config *cfg)
+{
+	memset(cfg, 0, sizeof(*cfg));
+	cfg->auth_penalty = 1;
+	cfg->auth_penalty_first = 100;
+	cfg->auth_penalty_max = 400;
+	cfg->client_ipv6_prefix = 64;
+	cfg->connect_timeout = 10;
+	cfg->backend_down_time = 10;
+}
+
+static void
+test_state_penalty(const char *path)
+{
+	struct config cfg;
+	struct shared_state *st = state_open(path, (uid_t)-1, (gid_t)-1);
+	struct sockaddr_storage a = addr_of("192.0.2.1"),
+	    b = addr_of("192.0.2.2"), v6 = addr_of("2001:db8:1:2::1"),
+	    v6same = addr_of("2001:db8:1:2:ffff::9"),
+	    v6other = addr_of("2001:db8:1:3::1"), mapped, v4;
+	struct credentials cr = { .user = "u", .user_len = 1, .pass = "p",
+	    .pass_len = 1 };
+	uint16_t p1 = state_password_print(st, &cr), p2;
+	int64_t w;
+
+	state_test_config(&cfg);
+	cr.pass = "q";
+	p2 = state_password_print(st, &cr);
+	CHECK(p1 != 0 && p2 != 0 && p1 != p2);
+	CHECK(state_penalty_ms(st, &cfg, &a) == 0);
+	CHECK(state_login_failed(st, &cfg, &a, p1) == 100);
+	w = state_penalty_ms(st, &cfg, &a);
+	CHECK(w > 90 && w <= 100);
+	CHECK(state_penalty_ms(st, &cfg, &b) == 0);
+	/* the same password again: no change; others double to the cap */
+	CHECK(state_login_failed(st, &cfg, &a, p1) == -1);
+	CHECK(state_login_failed(st, &cfg, &a, p2) == 200);
+	CHECK(state_login_failed(st, &cfg, &a, 0) == 400);
+	CHECK(state_login_failed(st, &cfg, &a, 0) == 400);
+	state_login_ok(st, &cfg, &a);
+	CHECK(state_penalty_ms(st, &cfg, &a) == 0);
+	/* IPv6 by its /64 */
+	CHECK(state_login_failed(st, &cfg, &v6, 0) == 100);
+	CHECK(state_penalty_ms(st, &cfg, &v6same) > 0);
+	CHECK(state_penalty_ms(st, &cfg, &v6other) == 0);
+	/* an IPv4 client on a dual-stack socket is the IPv4 address */
+	mapped = addr_of("::ffff:192.0.2.77");
+	v4 = addr_of("192.0.2.77");
+	CHECK(state_login_failed(st, &cfg, &mapped, 0) == 100);
+	CHECK(state_penalty_ms(st, &cfg, &v4) > 0);
+	/* off, or an exempt address */
+	cfg.auth_penalty = 0;
+	CHECK(state_penalty_ms(st, &cfg, &v6) == 0);
+	cfg.auth_penalty = 1;
+	/* a full table forgets its oldest: b first, then 4096 others */
+	CHECK(state_login_failed(st, &cfg, &b, 0) == 100);
+	usleep(5000);		/* b is older than the rest by a clock tick */
+	for (unsigned i = 0; i < 4096; i++) {
+		struct sockaddr_in *in = (struct sockaddr_in *)(void *)&a;
+
+		in->sin_addr.s_addr = htonl(0x0a000000u + i);
+		state_login_failed(st, &cfg, &a, 0);
+	}
+	CHECK(state_penalty_ms(st, &cfg, &b) == 0);
+	CHECK(state_penalty_ms(st, &cfg, &a) > 0);
+	state_close(st);
+}
+
+static void
+test_state_sessions(const char *path)
+{
+	struct config cfg;
+	struct shared_state *st = state_open(path, (uid_t)-1, (gid_t)-1);
+	struct sockaddr_storage a = addr_of("192.0.2.1");
+	pid_t child;
+	int status;
+
+	state_test_config(&cfg);
+	cfg.max_sessions_per_ip = 2;
+	cfg.max_sessions_per_user = 1;
+	/* a process that counted itself and died is not counted */
+	if ((child = fork()) == 0) {
+		struct shared_state *cs = state_open(path, (uid_t)-1,
+		    (gid_t)-1);
+
+		_exit(state_session_begin(cs, &cfg, &a) == STATE_ADMITTED ?
+		    0 : 1);
+	}
+	CHECK(child > 0 && waitpid(child, &status, 0) == child &&
+	    WIFEXITED(status) && WEXITSTATUS(status) == 0);
+	CHECK(state_session_begin(st, &cfg, &a) == STATE_ADMITTED);
+	CHECK(state_session_begin(st, &cfg, &a) == STATE_ADMITTED);
+	CHECK(state_session_begin(st, &cfg, &a) == STATE_REFUSED);
+	CHECK(state_session_user(st, &cfg, "alice", 5) == STATE_ADMITTED);
+	CHECK(state_session_user(st, &cfg, "alice", 5) == STATE_REFUSED);
+	CHECK(state_session_user(st, &cfg, "bob", 3) == STATE_ADMITTED);
+	state_session_end(st);
+	state_close(st);
+}
+
+static void
+test_state_servers(const char *path)
+{
+	struct config cfg;
+	struct shared_state *st = state_open(path, (uid_t)-1, (gid_t)-1);
+	int64_t since;
+
+	state_test_config(&cfg);
+	CHECK(state_backend_may_try(st, &cfg, "mx", "143", 0, &since) == 1);
+	state_backend_failed(st, &cfg, "mx", "143", 0);
+	/* a refusal: skipped while there is another, tried as the last */
+	CHECK(state_backend_may_try(st, &cfg, "mx", "143", 0, &since) == 0);
+	CHECK(state_backend_may_try(st, &cfg, "mx", "143", 1, &since) == 1);
+	CHECK(since >= 0 && since < 1000);
+	/* a timeout: skipped even as the last */
+	state_backend_failed(st, &cfg, "mx", "143", 1);
+	CHECK(state_backend_may_try(st, &cfg, "mx", "143", 1, &since) == 0);
+	CHECK(state_backend_may_try(st, &cfg, "mx", "993", 0, &since) == 1);
+	CHECK(state_backend_up(st, &cfg, "mx", "143") == 1);
+	CHECK(state_backend_may_try(st, &cfg, "mx", "143", 0, &since) == 1);
+	CHECK(state_backend_up(st, &cfg, "mx", "143") == 0);
+	state_close(st);
+}
+
+/* Whatever the file holds, every call answers as if nothing were known. */
+static void
+test_state_fail_open(const char *path)
+{
+	struct config cfg;
+	struct shared_state *st;
+	struct sockaddr_storage a = addr_of("192.0.2.1");
+	char junk[4096];
+	int64_t since;
+	int fd;
+
+	state_test_config(&cfg);
+	cfg.max_sessions_per_ip = 1;
+	memset(junk, 'x', sizeof(junk));
+	fd = open(path, O_WRONLY | O_TRUNC);
+	CHECK(fd >= 0 && write(fd, junk, sizeof(junk)) == sizeof(junk));
+	close(fd);
+	st = state_open(path, (uid_t)-1, (gid_t)-1);
+	CHECK(st != NULL);
+	CHECK(state_login_failed(st, &cfg, &a, 0) == -1);
+	CHECK(state_penalty_ms(st, &cfg, &a) == 0);
+	CHECK(state_session_begin(st, &cfg, &a) == STATE_ADMITTED);
+	CHECK(state_session_begin(st, &cfg, &a) == STATE_ADMITTED);
+	CHECK(state_backend_may_try(st, &cfg, "mx", "143", 0, &since) == 1);
+	state_close(st);
+	CHECK(state_penalty_ms(NULL, &cfg, &a) == 0);
+
+	/* made anew, then cut short while mapped: no fault, no penalty */
+	unlink(path);
+	st = state_open(path, (uid_t)-1, (gid_t)-1);
+	CHECK(state_login_failed(st, &cfg, &a, 0) == 100);
+	CHECK(truncate(path, 100) == 0);
+	CHECK(state_penalty_ms(st, &cfg, &a) == 0);
+	CHECK(state_login_failed(st, &cfg, &a, 0) == -1);
+	state_close(st);
+	unlink(path);
+}
+
+static void
+test_state(void)
+{
+	char path[] = "/tmp/imapfe-unit-state-XXXXXX";
+	int fd = mkstemp(path);
+
+	CHECK(fd >= 0);
+	close(fd);		/* empty: state_open makes it a state file */
+	test_state_penalty(path);
+	test_state_sessions(path);
+	test_state_servers(path);
+	test_state_fail_open(path);
 }
 
 int
@@ -1121,6 +1318,7 @@ main(void)
 	test_imapurl_parse();
 	test_imapurl_route();
 	test_imapurl_commands();
+	test_state();
 	printf("%d passed, %d failed\n", passed, failed);
 	return failed == 0 ? 0 : 1;
 }
