@@ -959,7 +959,7 @@ def run(rounds, quick, only=None, figures=None):
 ROWS = [
     ("login_c1", "logins/s, 1 client", "hi"),
     ("login_c16", "logins/s, 16 clients", "hi"),
-    ("cpu_login_ms", "CPU per login, ms", "lo"),
+    ("cpu_login_ms", "CPU per login, ms", "ms"),
     ("fetch_big", "FETCH 10 MiB, MB/s", "hi"),
     ("fetch_small", "FETCH 1,000 x 2 KiB, MB/s", "hi"),
     ("noop_median", "NOOP median, us", "lo"),
@@ -997,9 +997,9 @@ def flatten(results):
 def cell(value, direct, kind):
     if value is None:
         return "-"
-    text = ("%.2f" % value) if kind == "ratio" else (
+    text = ("%.2f" % value) if kind in ("ratio", "ms") else (
         "%.0f" % value if value >= 100 else "%.1f" % value)
-    if kind in ("hi", "lo") and direct:
+    if kind in ("hi", "lo", "ms") and direct:
         text += " (%.2fx)" % (value / direct)
     return text
 
