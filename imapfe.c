@@ -1921,7 +1921,7 @@ nonblocking(int fd)
 {
 	int fl = fcntl(fd, F_GETFL);
 
-	if (fl >= 0)
+	if (fl >= 0 && (fl & O_NONBLOCK) == 0)
 		fcntl(fd, F_SETFL, fl | O_NONBLOCK);
 }
 

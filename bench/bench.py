@@ -168,6 +168,36 @@ def logins_per_second(port, tls, concurrency, seconds):
     return sum(counts) / (time.monotonic() - start)
 
 
+def tree_cpu_seconds(pid):
+    """CPU time of a process and all its descendants, living and reaped:
+    its own utime + stime, its reaped children's (cutime + cstime), and
+    the same for each living child.  A reaped child counts once, in its
+    parent's cutime; a living one in its own fields."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = sum(int(x) for x in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK") + sum(
+        tree_cpu_seconds(c) for c in children(pid))
+
+
+def cpu_per_login(target, seconds):
+    """Milliseconds of CPU per login cycle (1 client) of the target's own
+    processes (for direct, Dovecot's), read from /proc before and after."""
+    pids = [p.pid for p in target.procs[:1]]
+    before = sum(tree_cpu_seconds(p) for p in pids)
+    deadline = time.monotonic() + seconds
+    count = 0
+    while time.monotonic() < deadline:
+        login_cycle(target.port, None)
+        count += 1
+    time.sleep(0.1)         # the last sessions' exit, and their reaping
+    after = sum(tree_cpu_seconds(p) for p in pids)
+    return (after - before) * 1000 / count
+
+
 def throughput(port, tls, mailbox, fetch, repeat):
     """MB/s of one FETCH's response, best of repeat on one session."""
     c = Conn(port, tls)
@@ -427,6 +457,7 @@ class Direct(Target):
         super().__init__()
         self.port, self.tls_port = bed.dovecot.port, bed.dovecot.imaps_port
         self.client_tls = bed.client_tls
+        self.procs = [bed.dovecot.proc]
 
     def session_pids(self):
         return []
@@ -833,6 +864,8 @@ def measures(quick):
          lambda t, b: logins_per_second(t.port, None, 1, s), plain_only),
         ("login_c16", "logins/s, 16 clients",
          lambda t, b: logins_per_second(t.port, None, 16, s), plain_only),
+        ("cpu_login_ms", "CPU per login, ms",
+         lambda t, b: cpu_per_login(t, 2 * s), plain_only),
         ("fetch_big", "FETCH 10 MiB, MB/s",
          lambda t, b: throughput(t.port, None, b"big", b"FETCH 1 BODY.PEEK[]",
                                  3), plain_only),
@@ -937,6 +970,7 @@ def run(rounds, quick, only=None, figures=None):
 ROWS = [
     ("login_c1", "logins/s, 1 client", "hi"),
     ("login_c16", "logins/s, 16 clients", "hi"),
+    ("cpu_login_ms", "CPU per login, ms", "ms"),
     ("fetch_big", "FETCH 10 MiB, MB/s", "hi"),
     ("fetch_small", "FETCH 1,000 x 2 KiB, MB/s", "hi"),
     ("noop_median", "NOOP median, us", "lo"),
@@ -974,9 +1008,9 @@ def flatten(results):
 def cell(value, direct, kind):
     if value is None:
         return "-"
-    text = ("%.2f" % value) if kind == "ratio" else (
+    text = ("%.2f" % value) if kind in ("ratio", "ms") else (
         "%.0f" % value if value >= 100 else "%.1f" % value)
-    if kind in ("hi", "lo") and direct:
+    if kind in ("hi", "lo", "ms") and direct:
         text += " (%.2fx)" % (value / direct)
     return text
 
