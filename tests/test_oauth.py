@@ -9,10 +9,12 @@ which tokens have expired, and answers {"active": false} for any other
 passdb, is the public-folder server of the routed tests.
 """
 import base64
+import itertools
 import json
 import os
 import re
 import secrets
+import socket
 import subprocess
 import threading
 import time
@@ -22,10 +24,13 @@ from urllib.parse import parse_qs
 import pytest
 
 from conftest import OPEN_CLIENTS as _clients
-from conftest import (SLOW, Dovecot, Raw, base_config, fill_inbox, free_port,
-                      wait_for)
+from fakebackend import FakeBackend, serve_commands
+from conftest import (SLOW, VALGRIND, Dovecot, Raw, base_config, fill_inbox,
+                      free_port, wait_for)
 from test_public import (PREFIX, home_conf, make_public_folder, public_conf,
                          public_config)
+from test_sasl import is_asan_binary, vmrss_kib
+from test_tls import client_ctx, fe_config, start_fe
 
 ALICE = secrets.token_urlsafe(48)
 BOB = secrets.token_urlsafe(48)
@@ -73,7 +78,8 @@ def introspection():
 
 def oauth_conf(port, more=None):
     """Dovecot's oauth2 passdb against the endpoint on port, besides its
-    passwd-file; refusals undelayed, so tests need not wait."""
+    passwd-file, with refusals undelayed; loopback is a trusted network,
+    as imapfe's address would be."""
     def conf(d):
         path = os.path.join(d, "oauth2.conf.ext")
         with open(path, "w") as f:
@@ -85,6 +91,7 @@ def oauth_conf(port, more=None):
                     "active_value = true\n" % port)
         return (("" if more is None else more(d)) +
                 "auth_failure_delay = 0\n"
+                "login_trusted_networks = 127.0.0.0/8\n"
                 "passdb {\n  driver = oauth2\n"
                 "  mechanisms = xoauth2 oauthbearer\n"
                 "  args = %s\n}\n" % path)
@@ -127,8 +134,26 @@ def b64(data):
     return base64.b64encode(data).decode()
 
 
+class Client(Raw):
+    """A Raw client from an address of its own in 127/8: Dovecot holds
+    back logins from an address that has failed some (its auth penalty,
+    up to 15 s each, whatever auth_failure_delay says), and imapfe passes
+    the client's address on with ID, so each client is judged alone."""
+
+    addresses = itertools.count(1)
+
+    def __init__(self, port, timeout=20):
+        n = next(self.addresses)
+        src = "127.1.%d.%d" % (n // 250 % 250, n % 250 + 1)
+        self.sock = socket.create_connection(("127.0.0.1", port),
+                                             timeout=timeout * SLOW,
+                                             source_address=(src, 0))
+        self.buf = b""
+        self.greeting = self.line()
+
+
 def raw(port):
-    c = Raw(port, timeout=20)
+    c = Client(port)
     _clients.append(c)
     return c
 
@@ -424,3 +449,113 @@ def test_public_server_refusing_token(imapfe_factory, home, introspection):
         assert "event=public-failed" in log
     finally:
         pub.close()
+
+
+# ---------------------------------------------------------------------------
+# many refused tokens in one session: memory stays flat
+#
+# Dovecot holds each failed login from an address back for longer (its
+# auth penalty, up to 15 s, whatever auth_failure_delay says), so a
+# thousand refusals go to a scripted back-end that answers as Dovecot does
+# above: error challenge, reply, NO.
+
+def bearer_server(conn):
+    def answer(conn, tag, cmd, rest):
+        if cmd != "AUTHENTICATE":
+            return False
+        parts = rest.split(" ")
+        data = parts[2] if len(parts) > 2 else None
+        if data is None:
+            conn.sendline("+ ")
+            data = conn.line()
+        if base64.b64decode(data).find(ALICE.encode()) >= 0:
+            conn.sendline(tag + " OK [CAPABILITY IMAP4rev1 IDLE] in")
+            return True
+        conn.sendline("+ eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0=")
+        conn.line()
+        conn.sendline(tag + " NO [AUTHENTICATIONFAILED] Authentication "
+                      "failed.")
+        return True
+    serve_commands(conn, "* OK [CAPABILITY IMAP4rev1 SASL-IR "
+                   "AUTH=OAUTHBEARER AUTH=XOAUTH2] fake ready", answer,
+                   "IMAP4rev1 SASL-IR AUTH=OAUTHBEARER AUTH=XOAUTH2")
+
+
+def test_thousand_refused_tokens_flat_memory(imapfe_factory, procs):
+    rounds = 100 if VALGRIND else 1000
+    fake = FakeBackend(bearer_server)
+    try:
+        f = imapfe_factory(base_config(fake.port, "oauth_bearer yes\n"
+                                       "max_login_failures 100000\n"
+                                       "login_timeout 3600\n"))
+        f.start_inetd()
+        before = len(procs.procs)
+        c = raw(f.port)
+        wait_for(lambda: len(procs.procs) == before + 1, 10,
+                 "the session's process")
+        pid = procs.procs[-1].pid
+        rss = {}
+        for i in range(1, rounds + 1):
+            mech = MECHS[i % 2]
+            tag = "t%d" % i
+            lines = authenticate(c, mech, message(mech, "alice", FORGED),
+                                 i % 4 != 0, tag)
+            assert lines[-2].startswith("+ ") and \
+                lines[-1] == tag + " NO [AUTHENTICATIONFAILED] " \
+                "Authentication failed.", (i, lines)
+            if i in (10, rounds):
+                rss[i] = vmrss_kib(pid)
+        lines = authenticate(c, "OAUTHBEARER", oauthbearer("alice", ALICE),
+                             True)
+        assert lines[-1].startswith("A OK"), lines
+        c.cmd("L", "LOGOUT")
+        f.wait_log("reason=logout")
+        assert f.log_text().count("event=login-failed") == rounds
+        # RSS means nothing under valgrind or ASan: they judge at exit.
+        if not VALGRIND and not is_asan_binary():
+            growth = rss[rounds] - rss[10]
+            assert growth <= 64, "VmRSS grew by %d KiB (%s)" % (growth, rss)
+    finally:
+        fake.close()
+
+
+# ---------------------------------------------------------------------------
+# TLS: a token only inside TLS, on both sides
+
+@pytest.fixture(scope="module")
+def backend_tls(introspection, certs):
+    d = Dovecot(mechs=MECH_LIST, extra_conf=oauth_conf(introspection),
+                ssl_cert=certs.dovecot, ssl_key=certs.dovecot_key)
+    fill_inbox(d)
+    yield d
+    d.close()
+
+
+@pytest.mark.parametrize("route_tls", ["starttls", "implicit"])
+@pytest.mark.parametrize("mode", ["starttls", "implicit-config"])
+def test_token_over_tls(imapfe_factory, backend_tls, certs, mode, route_tls):
+    port = backend_tls.port if route_tls == "starttls" else \
+        backend_tls.imaps_port
+    f = start_fe(imapfe_factory, fe_config(
+        port, certs, "tls=%s ca_file=%s" % (route_tls, certs.ca),
+        "oauth_bearer yes\n"), mode)
+    ctx = client_ctx(certs.ca)
+    if mode == "starttls":
+        c = raw(f.port)
+        assert "AUTH=OAUTHBEARER" not in c.greeting
+        assert c.cmd("s", "STARTTLS") == ["s OK Begin TLS negotiation now."]
+        c.starttls(ctx, "localhost")
+    else:
+        c = Raw(f.port, tls=ctx, server_hostname="localhost")
+        _clients.append(c)
+    caps = capabilities(c)
+    assert "AUTH=OAUTHBEARER" in caps and "AUTH=XOAUTH2" in caps
+    lines = authenticate(c, "XOAUTH2", xoauth2("alice", EXPIRED), False)
+    assert lines[-2].startswith("+ ") and \
+        lines[-1].startswith("A NO [AUTHENTICATIONFAILED]"), lines
+    lines = authenticate(c, "OAUTHBEARER", oauthbearer("alice", ALICE), True,
+                         "B")
+    assert lines[-1].startswith("B OK"), lines
+    assert "* 3 EXISTS" in c.cmd("S", "SELECT INBOX")
+    c.cmd("L", "LOGOUT")
+    f.wait_log("reason=logout")
