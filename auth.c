@@ -218,8 +218,9 @@ sasl_plain_split(const char *msg, size_t len, struct credentials *cr)
  * cannot route (no user, or one no source knows): Dovecot's, so that the
  * client hears the same as for a token the back-end refused.
  */
-const char bearer_refusal_oauthbearer[] = "{\"status\":\"invalid_token\"}";
-const char bearer_refusal_xoauth2[] =
+static const char bearer_refusal_oauthbearer[] =
+    "{\"status\":\"invalid_token\"}";
+static const char bearer_refusal_xoauth2[] =
     "{\"status\":\"401\",\"schemes\":\"bearer\",\"scope\":\"mail\"}";
 
 enum cred_kind
@@ -293,7 +294,7 @@ is_b64token(const char *s, size_t len)
 	size_t i = 0;
 
 	while (i < len && (isalnum((unsigned char)s[i]) ||
-	    strchr("-._~+/", s[i]) != NULL))
+	    (s[i] != '\0' && strchr("-._~+/", s[i]) != NULL)))
 		i++;
 	if (i == 0)
 		return 0;

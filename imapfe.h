@@ -533,8 +533,6 @@ int		 bearer_message(const struct credentials *, const char *host,
 		    const char *port, struct str *out);
 int		 bearer_response(const struct credentials *, const char *host,
 		    const char *port, struct str *out);
-extern const char bearer_refusal_oauthbearer[];
-extern const char bearer_refusal_xoauth2[];
 
 int		 credentials_set_authzid(struct credentials *, const char *);
 void		 credentials_drop_password(struct credentials *);
