@@ -18,6 +18,8 @@
 
 #include "imapfe.h"
 
+static int	add_base64(struct str *, const char *, unsigned, int);
+
 /*
  * A credential may not hold NUL, CR or LF: no back-end protocol carries
  * them intact, and refusing them here keeps them from ever reaching one.
@@ -208,6 +210,282 @@ sasl_plain_split(const char *msg, size_t len, struct credentials *cr)
 	return PLAIN_OK;
 }
 
+/* ------------------------------------------------------------------ */
+/* OAuth 2.0 bearer tokens: OAUTHBEARER (RFC 7628) and XOAUTH2 */
+
+/*
+ * The error challenges imapfe sends itself when it refuses a token it
+ * cannot route (no user, or one no source knows): Dovecot's, so that the
+ * client hears the same as for a token the back-end refused.
+ */
+static const char bearer_refusal_oauthbearer[] =
+    "{\"status\":\"invalid_token\"}";
+static const char bearer_refusal_xoauth2[] =
+    "{\"status\":\"401\",\"schemes\":\"bearer\",\"scope\":\"mail\"}";
+
+enum cred_kind
+bearer_kind(const char *mech)
+{
+	if (strcmp(mech, "OAUTHBEARER") == 0)
+		return CRED_OAUTHBEARER;
+	if (strcmp(mech, "XOAUTH2") == 0)
+		return CRED_XOAUTH2;
+	return CRED_PASSWORD;
+}
+
+const char *
+bearer_mech_name(enum cred_kind kind)
+{
+	return kind == CRED_XOAUTH2 ? "XOAUTH2" : "OAUTHBEARER";
+}
+
+/* One key=value pair of a bearer message, the kvsep (\x01) after it cut. */
+struct kvpair {
+	const char	*key;
+	size_t		 keylen;
+	const char	*value;
+	size_t		 valuelen;
+};
+
+/*
+ * The next pair from *p, moving *p past its \x01.  Returns 0 for a pair,
+ * 1 at the empty pair that ends the message (it must be its last byte),
+ * -1 for anything else.  Values are RFC 7628's: printable, space, tab,
+ * CR and LF; never NUL.
+ */
+static int
+next_kvpair(const char **p, const char *end, struct kvpair *kv)
+{
+	const char *sep, *eq;
+
+	if (*p >= end)
+		return -1;
+	if (**p == '\x01')
+		return *p + 1 == end ? 1 : -1;
+	if ((sep = memchr(*p, '\x01', (size_t)(end - *p))) == NULL ||
+	    (eq = memchr(*p, '=', (size_t)(sep - *p))) == NULL || eq == *p)
+		return -1;
+	for (const char *c = *p; c < eq; c++)
+		if (!isalpha((unsigned char)*c))
+			return -1;
+	for (const char *c = eq + 1; c < sep; c++)
+		if (*c == '\0' || ((unsigned char)*c < 0x20 && *c != '\t' &&
+		    *c != '\r' && *c != '\n') || *c == 0x7f)
+			return -1;
+	kv->key = *p;
+	kv->keylen = (size_t)(eq - *p);
+	kv->value = eq + 1;
+	kv->valuelen = (size_t)(sep - eq - 1);
+	*p = sep + 1;
+	return 0;
+}
+
+static int
+key_is(const struct kvpair *kv, const char *key)
+{
+	return kv->keylen == strlen(key) && memcmp(kv->key, key,
+	    kv->keylen) == 0;
+}
+
+/* RFC 6750's b64token: the token's characters. */
+static int
+is_b64token(const char *s, size_t len)
+{
+	size_t i = 0;
+
+	while (i < len && (isalnum((unsigned char)s[i]) ||
+	    (s[i] != '\0' && strchr("-._~+/", s[i]) != NULL)))
+		i++;
+	if (i == 0)
+		return 0;
+	while (i < len && s[i] == '=')
+		i++;
+	return i == len;
+}
+
+/*
+ * The token of an auth pair, "Bearer" (any case), spaces, b64token.
+ * Returns the token's start, or NULL.
+ */
+static const char *
+bearer_token(const struct kvpair *kv, size_t *len)
+{
+	const char *p = kv->value, *end = kv->value + kv->valuelen;
+
+	if (kv->valuelen < 7 || strncasecmp(p, "Bearer", 6) != 0 ||
+	    p[6] != ' ')
+		return NULL;
+	for (p += 6; p < end && *p == ' '; p++)
+		;
+	*len = (size_t)(end - p);
+	return is_b64token(p, *len) ? p : NULL;
+}
+
+/*
+ * The GS2 header's authorization identity (RFC 5801 saslname: "," and
+ * "=" written =2C and =3D), decoded into out (as long as the name).
+ * Returns its length, or -1 when it is not a saslname.
+ */
+static long
+saslname_decode(const char *s, size_t len, char *out)
+{
+	size_t o = 0;
+
+	for (size_t i = 0; i < len; i++) {
+		if (s[i] == '\0' || s[i] == ',')
+			return -1;
+		if (s[i] != '=')
+			out[o++] = s[i];
+		else if (i + 2 < len && s[i + 1] == '2' && s[i + 2] == 'C')
+			out[o++] = ',', i += 2;
+		else if (i + 2 < len && s[i + 1] == '3' && s[i + 2] == 'D')
+			out[o++] = '=', i += 2;
+		else
+			return -1;
+	}
+	return (long)o;
+}
+
+/*
+ * OAUTHBEARER's GS2 header, "n,a=user," or "n,,", up to the first \x01
+ * (channel binding, "p=", is not supported: RFC 7628 3.1).  The user,
+ * decoded, goes to user (len + 1 bytes); *ulen is 0 without one.
+ */
+static int
+gs2_header(const char *h, size_t len, char *user, size_t *ulen)
+{
+	long n;
+
+	*ulen = 0;
+	if (len < 3 || (h[0] != 'n' && h[0] != 'y') || h[1] != ',' ||
+	    h[len - 1] != ',')
+		return -1;
+	if (len == 3)
+		return 0;
+	if (len < 6 || h[2] != 'a' || h[3] != '=' ||
+	    (n = saslname_decode(h + 4, len - 5, user)) <= 0)
+		return -1;
+	*ulen = (size_t)n;
+	return 0;
+}
+
+/*
+ * Split a client's OAUTHBEARER or XOAUTH2 message into the user name and
+ * the token, kept in cr as kind (pass holds the token).  Host, port and
+ * unknown keys are passed over (RFC 7628 3.1).  why names the fault of a
+ * malformed message for the log; nothing of the message itself.
+ */
+enum bearer_status
+bearer_split(enum cred_kind kind, const char *msg, size_t len,
+    struct credentials *cr, const char **why)
+{
+	const char *end = msg + len, *p = msg, *token = NULL, *sep;
+	enum bearer_status st = BEARER_MALFORMED;
+	size_t ulen = 0, tlen = 0;
+	struct kvpair kv;
+	char *user;
+	int rc;
+
+	*why = "no \\x01 separator";
+	if ((sep = memchr(msg, '\x01', len)) == NULL)
+		return BEARER_MALFORMED;
+	*why = "out of memory";
+	if ((user = malloc(len + 1)) == NULL)
+		return BEARER_MALFORMED;
+	*why = "bad GS2 header";
+	if (kind == CRED_OAUTHBEARER) {
+		if (gs2_header(msg, (size_t)(sep - msg), user, &ulen) != 0)
+			goto out;
+		p = sep + 1;
+	}
+	*why = "bad key=value pair";
+	while ((rc = next_kvpair(&p, end, &kv)) == 0) {
+		if (key_is(&kv, "auth") && (token = bearer_token(&kv,
+		    &tlen)) == NULL) {
+			*why = "auth is not \"Bearer\" and a token";
+			goto out;
+		}
+		if (kind == CRED_XOAUTH2 && key_is(&kv, "user")) {
+			memcpy(user, kv.value, kv.valuelen);
+			ulen = kv.valuelen;
+		}
+	}
+	if (rc != 1)
+		goto out;
+	*why = "no auth=Bearer pair";
+	if (token == NULL)
+		goto out;
+	*why = "token too long";
+	st = BEARER_TOOLONG;
+	if (tlen > BEARER_TOKEN_MAX)
+		goto out;
+	*why = "no user name";
+	st = BEARER_NOUSER;
+	if (ulen == 0)
+		goto out;
+	*why = "out of memory";
+	st = BEARER_MALFORMED;
+	if (credentials_set(cr, user, ulen, token, tlen) == 0) {
+		cr->kind = kind;
+		st = BEARER_OK;
+	}
+out:
+	free(user);
+	return st;
+}
+
+/* Append a GS2 saslname: "," and "=" as =2C and =3D (RFC 5801). */
+static int
+add_saslname(struct str *out, const char *s, size_t len)
+{
+	for (size_t i = 0; i < len; i++) {
+		const char *esc = s[i] == ',' ? "=2C" : s[i] == '=' ? "=3D" :
+		    NULL;
+
+		if ((esc != NULL ? str_adds(out, esc) : str_add(out, s + i,
+		    1)) != 0)
+			return -1;
+	}
+	return 0;
+}
+
+/*
+ * The message imapfe sends a back-end for cr (a bearer credential), not
+ * yet in base64: the client's user and token, and for OAUTHBEARER the
+ * server's own host and port.  out is the caller's to wipe.
+ */
+int
+bearer_message(const struct credentials *cr, const char *host,
+    const char *port, struct str *out)
+{
+	if (cr->kind == CRED_XOAUTH2)
+		return str_adds(out, "user=") != 0 ||
+		    str_add(out, cr->user, cr->user_len) != 0 ||
+		    str_adds(out, "\x01" "auth=Bearer ") != 0 ||
+		    str_add(out, cr->pass, cr->pass_len) != 0 ||
+		    str_add(out, "\x01\x01", 2) != 0 ? -1 : 0;
+	return str_adds(out, "n,a=") != 0 ||
+	    add_saslname(out, cr->user, cr->user_len) != 0 ||
+	    str_printf(out, ",\x01host=%s\x01port=%s\x01" "auth=Bearer ",
+	    host, port) != 0 ||
+	    str_add(out, cr->pass, cr->pass_len) != 0 ||
+	    str_add(out, "\x01\x01", 2) != 0 ? -1 : 0;
+}
+
+/* bearer_message, in base64, appended to out (which the caller wipes). */
+int
+bearer_response(const struct credentials *cr, const char *host,
+    const char *port, struct str *out)
+{
+	struct str msg = { 0 };
+	int rc;
+
+	rc = bearer_message(cr, host, port, &msg) != 0 ||
+	    add_base64(out, msg.s, (unsigned)msg.len, 0) != 0 ? -1 : 0;
+	str_free(&msg);
+	return rc;
+}
+
 /*
  * The proxy identity's password: the first line of a file only the
  * service user should be able to read (a warning is logged otherwise).
@@ -327,6 +605,37 @@ sasl_server_conn(const struct config *cfg, int plaintext_ok)
 	return conn;
 }
 
+/*
+ * Append " AUTH=<mech>" for each mechanism of list (space-separated).
+ * A bearer token is a credential in the clear: OAUTHBEARER and XOAUTH2,
+ * should a plug-in provide them, go only where plaintext is allowed, and
+ * only when configured.
+ */
+static int
+add_mechs(const struct config *cfg, int plaintext_ok, const char *list,
+    size_t len, struct str *caps)
+{
+	const char *p = list, *end = list + len;
+	char mech[SASL_MECHNAMEMAX + 1];
+
+	while (p < end) {
+		size_t n = strcspn(p, " ");
+
+		if (n > (size_t)(end - p))
+			n = (size_t)(end - p);
+		if (n > 0 && n < sizeof(mech)) {
+			memcpy(mech, p, n);
+			mech[n] = '\0';
+			if ((bearer_kind(mech) == CRED_PASSWORD ||
+			    (cfg->oauth_bearer && plaintext_ok)) &&
+			    str_printf(caps, " AUTH=%s", mech) != 0)
+				return -1;
+		}
+		p += n + 1;
+	}
+	return 0;
+}
+
 /* Append " AUTH=<mech>" for every mechanism offered here. */
 int
 sasl_server_mechs(const struct config *cfg, int plaintext_ok,
@@ -339,9 +648,10 @@ sasl_server_mechs(const struct config *cfg, int plaintext_ok,
 
 	if (conn == NULL)
 		return -1;
-	if (sasl_listmech(conn, NULL, " AUTH=", " AUTH=", "", &list, &len,
-	    &count) == SASL_OK)
-		rc = count > 0 ? str_add(caps, list, len) : 0;
+	if (sasl_listmech(conn, NULL, "", " ", "", &list, &len, &count) ==
+	    SASL_OK)
+		rc = count > 0 ? add_mechs(cfg, plaintext_ok, list, len, caps) :
+		    0;
 	sasl_dispose(&conn);
 	return rc;
 }
@@ -509,6 +819,80 @@ auth_login(struct auth_client *ac, const struct token *ir,
 }
 
 /*
+ * OAUTHBEARER or XOAUTH2 in auth passthrough: the user and the token,
+ * which the back-end checks.  A malformed message is answered by the
+ * caller, with why (never the message) in the log.
+ */
+static enum auth_status
+auth_bearer(struct auth_client *ac, enum cred_kind kind,
+    const struct token *ir, struct credentials *cr)
+{
+	enum bearer_status bs;
+	enum auth_status st;
+	char *msg;
+	size_t len;
+
+	if ((st = client_response(ac, "", 0, ir, &msg, &len)) != AUTH_OK)
+		return st;
+	bs = bearer_split(kind, msg, len, cr, &ac->why);
+	free_secret(msg, len);
+	if (bs == BEARER_OK)
+		return AUTH_OK;
+	return bs == BEARER_NOUSER ? AUTH_BEARER_NOUSER : AUTH_BEARER_MALFORMED;
+}
+
+/*
+ * Refuse a bearer token as its mechanism refuses one (RFC 7628 3.2.2):
+ * the error challenge, which the client answers with a dummy response
+ * that is read and dropped.  The tagged NO is the caller's.
+ */
+enum auth_status
+auth_bearer_refusal(struct auth_client *ac, enum cred_kind kind)
+{
+	const char *json = kind == CRED_XOAUTH2 ? bearer_refusal_xoauth2 :
+	    bearer_refusal_oauthbearer;
+	enum auth_status st;
+	char *reply;
+	size_t len;
+
+	st = client_response(ac, json, strlen(json), NULL, &reply, &len);
+	free_secret(reply, len);
+	return st == AUTH_READ_END || st == AUTH_CLIENT_GONE ||
+	    st == AUTH_NOMEM ? st : AUTH_OK;
+}
+
+/*
+ * A back-end's challenge during a bearer login (base64, as it came after
+ * "+ "), put to the client, and the client's reply as the line to send
+ * back, CRLF included: the error exchange of RFC 7628 3.2.2 end to end,
+ * so that the client's token refresh works through imapfe.
+ * AUTH_BAD_BASE64 is the back-end's fault, AUTH_CANCELLED the client's
+ * "*"; either way the caller cancels the exchange.
+ */
+enum auth_status
+auth_client_relay(struct auth_client *ac, const char *chal, size_t len,
+    struct str *answer)
+{
+	size_t cap = len / 4 * 3 + 1, declen, outlen;
+	char *dec = malloc(cap), *out;
+	enum auth_status st;
+
+	if (dec == NULL)
+		return AUTH_NOMEM;
+	if (base64_decode(chal, len, dec, cap, &declen) != 0) {
+		free(dec);
+		return AUTH_BAD_BASE64;
+	}
+	st = client_response(ac, dec, declen, NULL, &out, &outlen);
+	free(dec);
+	if (st == AUTH_OK && (add_base64(answer, out, (unsigned)outlen, 0) !=
+	    0 || str_add(answer, "\r\n", 2) != 0))
+		st = AUTH_NOMEM;
+	free_secret(out, outlen);
+	return st;
+}
+
+/*
  * Run a SASL server exchange to its end, the library's verdict in *rc.
  * Each client response is wiped and freed as soon as the library has
  * taken it.
@@ -579,8 +963,8 @@ auth_sasl_server(struct auth_client *ac, const struct config *cfg,
 
 /*
  * The client's AUTHENTICATE with mech (upper-cased) and its initial
- * response ir, if any: PLAIN and LOGIN, checked by the back-end, when
- * passing through; whatever the SASL configuration offers in auth proxy
+ * response ir, if any: PLAIN and LOGIN, and OAUTHBEARER and XOAUTH2 when
+ * configured, checked by the back-end, when passing through; whatever the SASL configuration offers in auth proxy
  * mode.  AUTH_OK leaves the credentials in cr.
  */
 enum auth_status
@@ -588,8 +972,15 @@ auth_client_exchange(struct auth_client *ac, const struct config *cfg,
     int plaintext_ok, const char *mech, const struct token *ir,
     struct credentials *cr)
 {
+	enum cred_kind bearer = bearer_kind(mech);
+
+	/* SASL plug-ins may have them: offered only when configured. */
+	if (bearer != CRED_PASSWORD && !ac->oauth_bearer)
+		return AUTH_NOMECH;
 	if (cfg->auth == AUTH_PROXY)
 		return auth_sasl_server(ac, cfg, plaintext_ok, mech, ir, cr);
+	if (bearer != CRED_PASSWORD)
+		return auth_bearer(ac, bearer, ir, cr);
 	if (strcmp(mech, "PLAIN") == 0)
 		return auth_plain(ac, ir, cr);
 	if (strcmp(mech, "LOGIN") == 0)

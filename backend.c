@@ -982,17 +982,109 @@ authenticate_mech(struct backend *be, const struct config *cfg,
 	return 0;
 }
 
+/* What a bearer login's continuations need. */
+struct bearer_run {
+	const struct config	*cfg;
+	const struct credentials *cr;
+	struct str		*initial;	/* without SASL-IR: its line */
+	struct login_relay	*relay;
+	int			 challenged;	/* the error challenge came */
+};
+
+/*
+ * The back-end's "+": the message, where SASL-IR did not carry it; then
+ * the error challenge, answered by the client through the relay or with
+ * the mechanism's dummy reply (\x01 for OAUTHBEARER, empty for XOAUTH2);
+ * anything more is cancelled.
+ */
+static int
+bearer_continuation(void *ctx, struct backend *be, const char *line,
+    size_t len)
+{
+	struct bearer_run *run = ctx;
+	struct str answer = { 0 };
+	size_t skip = len > 1 ? 2 : 1;		/* "+ " */
+	enum io_status st;
+	int rc = 0;
+
+	if (run->initial != NULL) {
+		rc = str_add(&answer, run->initial->s, run->initial->len);
+		run->initial = NULL;
+	} else if (run->challenged)
+		rc = str_adds(&answer, "*\r\n");
+	else if (run->relay != NULL) {
+		run->challenged = 1;
+		if (run->relay->challenge(run->relay->ctx, line + skip,
+		    len - skip, &answer) != 0) {
+			str_wipe(&answer);
+			rc = str_adds(&answer, "*\r\n");
+		}
+	} else {
+		run->challenged = 1;
+		rc = str_adds(&answer, run->cr->kind == CRED_OAUTHBEARER ?
+		    "AQ==\r\n" : "\r\n");
+	}
+	be->io.deadline = deadline_in(run->cfg->backend_timeout);
+	st = rc == 0 ? iobuf_write(&be->io, answer.s, answer.len) : IO_NOMEM;
+	str_free(&answer);		/* wipes a message or a reply */
+	return st == IO_OK ? 0 : -1;
+}
+
+/*
+ * The client's bearer token, to the back-end with the client's mechanism:
+ * a token is good for no other, and the back-end alone can check it.
+ * With SASL-IR the message goes with the command, else after its "+".
+ */
+static enum login_result
+authenticate_bearer(struct backend *be, const struct config *cfg,
+    const struct credentials *cr, struct login_relay *relay,
+    struct reply *r, char *why, size_t whylen)
+{
+	const char *mech = bearer_mech_name(cr->kind), *tag;
+	struct str msg = { 0 }, cmd = { 0 };
+	struct bearer_run run = { .cfg = cfg, .cr = cr, .relay = relay };
+	struct resp_sink sink = { .continuation = bearer_continuation,
+	    .ctx = &run };
+	int sasl_ir = caps_has(be->caps, "SASL-IR");
+	char cap[32];
+
+	snprintf(cap, sizeof(cap), "AUTH=%s", mech);
+	if (!caps_has(be->caps, cap)) {
+		snprintf(why, whylen, "the back-end does not offer %s", cap);
+		return LOGIN_UNAVAILABLE;
+	}
+	tag = backend_next_tag(be);
+	if (str_printf(&cmd, "%s AUTHENTICATE %s%s", tag, mech,
+	    sasl_ir ? " " : "\r\n") != 0 ||
+	    bearer_response(cr, be->host, be->port, sasl_ir ? &cmd : &msg) !=
+	    0 || str_add(sasl_ir ? &cmd : &msg, "\r\n", 2) != 0) {
+		str_free(&msg);
+		str_free(&cmd);
+		snprintf(why, whylen, "out of memory");
+		return LOGIN_UNAVAILABLE;
+	}
+	run.initial = sasl_ir ? NULL : &msg;
+	backend_command(be, cfg, &cmd, tag, &sink, r);
+	str_free(&msg);		/* both wipe the token */
+	str_free(&cmd);
+	return login_outcome(r, why, whylen);
+}
+
 /*
  * Log in with the first mechanism of backend_mechanisms that the back-end
  * offers and libsasl2 has; with none, the LOGIN command, where allowed.
+ * A bearer token goes with its own mechanism.
  */
 static enum login_result
 authenticate_masked(struct backend *be, const struct config *cfg,
-    const struct credentials *cr, struct reply *r, char *why, size_t whylen)
+    const struct credentials *cr, struct login_relay *relay,
+    struct reply *r, char *why, size_t whylen)
 {
 	char *list, *mech, *save = NULL, cap[64];
 	enum login_result res;
 
+	if (cr->kind != CRED_PASSWORD)
+		return authenticate_bearer(be, cfg, cr, relay, r, why, whylen);
 	if ((list = strdup(cfg->backend_mechanisms)) == NULL) {
 		snprintf(why, whylen, "out of memory");
 		return LOGIN_UNAVAILABLE;
@@ -1023,12 +1115,13 @@ authenticate_masked(struct backend *be, const struct config *cfg,
 /* Log in; under -D the trace hides everything imapfe sends meanwhile. */
 static enum login_result
 authenticate(struct backend *be, const struct config *cfg,
-    const struct credentials *cr, struct reply *r, char *why, size_t whylen)
+    const struct credentials *cr, struct login_relay *relay, struct reply *r,
+    char *why, size_t whylen)
 {
 	enum login_result res;
 
 	be->io.trace_secret = 1;	/* until the login's answer is read */
-	res = authenticate_masked(be, cfg, cr, r, why, whylen);
+	res = authenticate_masked(be, cfg, cr, relay, r, why, whylen);
 	be->io.trace_secret = 0;
 	return res;
 }
@@ -1216,8 +1309,8 @@ backend_close(struct backend *be)
 static enum login_result
 backend_open(struct backend *be, const struct config *cfg,
     const struct route *r, const struct credentials *cr,
-    const struct client_info *ci, struct reply *rep, char *why,
-    size_t whylen)
+    const struct client_info *ci, struct login_relay *relay,
+    struct reply *rep, char *why, size_t whylen)
 {
 	enum login_result res = LOGIN_UNAVAILABLE;
 	unsigned seq;
@@ -1260,7 +1353,7 @@ backend_open(struct backend *be, const struct config *cfg,
 		res = send_id(be, cfg, ci, why, whylen);
 	seq = be->caps_seq;
 	if (res == LOGIN_OK)
-		res = authenticate(be, cfg, cr, rep, why, whylen);
+		res = authenticate(be, cfg, cr, relay, rep, why, whylen);
 	/* Servers may widen their capabilities after login; ask if unsaid. */
 	if (res == LOGIN_OK && be->caps_seq == seq) {
 		char text[160];
@@ -1300,14 +1393,15 @@ blame_proxy_identity(char *why, size_t whylen)
 static enum login_result
 backend_open_as(struct backend *be, const struct config *cfg,
     const struct route *r, const struct credentials *user,
-    const struct client_info *ci, struct reply *rep, char *why,
-    size_t whylen)
+    const struct client_info *ci, struct login_relay *relay,
+    struct reply *rep, char *why, size_t whylen)
 {
 	struct credentials proxy = { 0 };
 	enum login_result res;
 
 	if (cfg->auth != AUTH_PROXY)
-		return backend_open(be, cfg, r, user, ci, rep, why, whylen);
+		return backend_open(be, cfg, r, user, ci, relay, rep, why,
+		    whylen);
 	if (credentials_set(&proxy, cfg->proxy->user, cfg->proxy->user_len,
 	    cfg->proxy->pass, cfg->proxy->pass_len) != 0 ||
 	    credentials_set_authzid(&proxy, user->user) != 0) {
@@ -1315,7 +1409,7 @@ backend_open_as(struct backend *be, const struct config *cfg,
 		snprintf(why, whylen, "out of memory");
 		return LOGIN_UNAVAILABLE;
 	}
-	res = backend_open(be, cfg, r, &proxy, ci, rep, why, whylen);
+	res = backend_open(be, cfg, r, &proxy, ci, NULL, rep, why, whylen);
 	credentials_clear(&proxy);
 	if (res == LOGIN_BADCREDS || (res == LOGIN_UNAVAILABLE &&
 	    rep->code == CODE_AUTHORIZATIONFAILED))
@@ -1405,8 +1499,8 @@ name_hash(const char *s)
 static enum login_result
 backend_open_any(struct backend *be, const struct config *cfg,
     const struct route *first, const struct credentials *user,
-    const struct client_info *ci, struct reply *rep, const char *who,
-    char *why, size_t whylen)
+    const struct client_info *ci, struct login_relay *relay,
+    struct reply *rep, const char *who, char *why, size_t whylen)
 {
 	const struct route *r;
 	enum login_result res = LOGIN_UNAVAILABLE;
@@ -1429,8 +1523,8 @@ backend_open_any(struct backend *be, const struct config *cfg,
 			    (long long)down_ms);
 			res = LOGIN_UNAVAILABLE;
 		} else
-			res = backend_open_as(be, cfg, r, user, ci, rep, why,
-			    whylen);
+			res = backend_open_as(be, cfg, r, user, ci, relay, rep,
+			    why, whylen);
 		if (res != LOGIN_UNAVAILABLE || i + 1 == n)
 			break;
 		log_msg(LOG_WARNING, "event=failover user=\"%s\" from=%s:%s "
@@ -1451,6 +1545,37 @@ backend_login(struct backend *be, const struct config *cfg,
     const struct route *r, const struct credentials *user,
     const struct client_info *ci, const char *who, char *why, size_t whylen)
 {
+	return backend_login_relayed(be, cfg, r, user, ci, who, NULL, why,
+	    whylen);
+}
+
+/*
+ * The back-end's own refusal of a bearer token (its NO or BAD, a
+ * referral's excepted, which imapfe follows or refuses itself), kept for
+ * the client, which hears it as given.
+ */
+static void
+keep_refusal(struct login_relay *relay, const struct reply *rep,
+    enum login_result res)
+{
+	relay->refused = (res == LOGIN_BADCREDS || res == LOGIN_UNAVAILABLE) &&
+	    (rep->status == REPLY_NO || rep->status == REPLY_BAD) &&
+	    rep->code != CODE_REFERRAL && !rep->truncated &&
+	    rep->tag_len > 0 && rep->tag_len < rep->len && rep->line[0] != '*';
+	if (relay->refused)
+		relay->refusal = *rep;
+}
+
+/*
+ * backend_login, with the client on hand for a bearer login's error
+ * exchange (relay, when not NULL).
+ */
+enum login_result
+backend_login_relayed(struct backend *be, const struct config *cfg,
+    const struct route *r, const struct credentials *user,
+    const struct client_info *ci, const char *who, struct login_relay *relay,
+    char *why, size_t whylen)
+{
 	const struct route *tried[REFERRAL_HOPS_MAX + 1] = { r };
 	struct referral ref;
 	struct reply *rep = malloc(sizeof(*rep));
@@ -1464,8 +1589,8 @@ backend_login(struct backend *be, const struct config *cfg,
 	for (;;) {
 		const struct route *next;
 
-		res = backend_open_any(be, cfg, r, user, ci, rep, who, why,
-		    whylen);
+		res = backend_open_any(be, cfg, r, user, ci, relay, rep, who,
+		    why, whylen);
 		if (res != LOGIN_REFERRAL)
 			break;
 		/* why the referral was not followed is logged already */
@@ -1481,6 +1606,8 @@ backend_login(struct backend *be, const struct config *cfg,
 		    next->port);
 		tried[++hops] = r = next;
 	}
+	if (relay != NULL)
+		keep_refusal(relay, rep, res);
 	free(rep);
 	return res;
 }

@@ -699,6 +699,11 @@ config_line(struct config *cfg, char **w, int n, char *err, size_t errlen)
 			goto bad;
 		return 0;
 	}
+	if (strcmp(w[0], "oauth_bearer") == 0) {
+		if (parse_bool(w[1], &cfg->oauth_bearer) != 0)
+			goto bad;
+		return 0;
+	}
 	if (strcmp(w[0], "ldap_starttls") == 0) {
 		if (parse_bool(w[1], &cfg->ldap_starttls) != 0)
 			goto bad;
@@ -1199,8 +1204,9 @@ plaintext_allowed(const struct session *s)
 /*
  * What imapfe itself offers before login.  The AUTH= list is the SASL
  * configuration's in proxy mode, PLAIN and LOGIN in passthrough mode (the
- * back-end needs the password itself), and without plaintext mechanisms
- * wherever plaintext is not allowed.
+ * back-end needs the password itself), with OAUTHBEARER and XOAUTH2 when
+ * oauth_bearer says so, and without plaintext mechanisms (bearer tokens
+ * included) wherever plaintext is not allowed.
  */
 static const char *
 prelogin_caps(const struct session *s)
@@ -1212,7 +1218,8 @@ prelogin_caps(const struct session *s)
 	if (s->cfg->auth == AUTH_PROXY)
 		sasl_server_mechs(s->cfg, plain, &mechs);
 	else if (plain)
-		str_adds(&mechs, " AUTH=PLAIN AUTH=LOGIN");
+		str_adds(&mechs, s->cfg->oauth_bearer ? " AUTH=PLAIN AUTH=LOGIN"
+		    " AUTH=OAUTHBEARER AUTH=XOAUTH2" : " AUTH=PLAIN AUTH=LOGIN");
 	snprintf(caps, sizeof(caps), "IMAP4rev1 LITERAL- SASL-IR ID ENABLE%s%s%s",
 	    s->tls_ctx != NULL && !s->tls_active ? " STARTTLS" : "",
 	    mechs.s != NULL ? mechs.s : "", plain ? "" : " LOGINDISABLED");
@@ -1402,14 +1409,87 @@ ok:
 	client_send(s, "%s OK ID completed.", c->tag);
 }
 
+/* A failed login, answered with status, a response as it stands. */
+static void
+login_refused(struct session *s, const char *tag, const char *status)
+{
+	s->failures++;
+	client_send(s, "%s %s", tag, status);
+	if (s->failures >= s->cfg->max_login_failures && s->end == END_NONE)
+		session_bye(s, END_LIMIT, "Too many failed logins.");
+}
+
 static void
 login_failed(struct session *s, const char *tag, const char *code,
     const char *text)
 {
-	s->failures++;
-	client_send(s, "%s NO [%s] %s", tag, code, text);
-	if (s->failures >= s->cfg->max_login_failures && s->end == END_NONE)
-		session_bye(s, END_LIMIT, "Too many failed logins.");
+	char status[256];
+
+	snprintf(status, sizeof(status), "NO [%s] %s", code, text);
+	login_refused(s, tag, status);
+}
+
+static struct auth_client
+session_auth_client(struct session *s)
+{
+	return (struct auth_client){ .io = &s->client,
+	    .max_line = s->cfg->max_line_length,
+	    .idle_timeout = s->cfg->idle_timeout,
+	    .oauth_bearer = s->cfg->oauth_bearer };
+}
+
+/*
+ * When the session's exchange with the client cannot go on: how it ends.
+ * Returns -1 then, 0 when it can.
+ */
+static int
+auth_client_ended(struct session *s, const struct auth_client *ac,
+    enum auth_status st)
+{
+	if (st == AUTH_READ_END)
+		io_end(s, ac->io_status);
+	else if (st == AUTH_CLIENT_GONE)
+		s->end = END_CLIENT_GONE;
+	else if (st == AUTH_NOMEM)
+		session_nomem(s);
+	else
+		return 0;
+	return -1;
+}
+
+/*
+ * A bearer token refused by imapfe itself (no user to route by): the
+ * mechanism's error exchange, then the NO a refused token gets, so that
+ * the client cannot tell an unknown user from a bad token.
+ */
+static void
+bearer_refused(struct session *s, const char *tag, enum cred_kind kind)
+{
+	struct auth_client ac = session_auth_client(s);
+
+	if (auth_client_ended(s, &ac, auth_bearer_refusal(&ac, kind)) == 0)
+		login_failed(s, tag, "AUTHENTICATIONFAILED",
+		    "Authentication failed.");
+}
+
+/*
+ * The back-end's error challenge to a bearer login, put to the client;
+ * its reply goes back (a "*", or a reply that is no base64, cancels).
+ */
+static int
+relay_challenge(void *ctx, const char *chal, size_t len, struct str *answer)
+{
+	struct session *s = ctx;
+	struct auth_client ac = session_auth_client(s);
+	enum auth_status st = auth_client_relay(&ac, chal, len, answer);
+
+	if (auth_client_ended(s, &ac, st) != 0)
+		return -1;
+	if (st != AUTH_OK) {
+		str_wipe(answer);
+		return str_adds(answer, "*\r\n");
+	}
+	return 0;
 }
 
 static const struct sockaddr_storage *
@@ -1437,7 +1517,7 @@ penalty_wait(struct session *s)
 
 /* The credentials were wrong: the address's penalty may grow. */
 static void
-auth_failed(struct session *s, const char *tag)
+penalize(struct session *s)
 {
 	int64_t delay = state_login_failed(s->cfg->state, s->cfg,
 	    client_addr(s), s->password_print);
@@ -1445,6 +1525,12 @@ auth_failed(struct session *s, const char *tag)
 	if (delay >= 0)
 		log_msg(LOG_NOTICE, "event=penalty client=%s delay_ms=%lld",
 		    s->ci.ip, (long long)delay);
+}
+
+static void
+auth_failed(struct session *s, const char *tag)
+{
+	penalize(s);
 	login_failed(s, tag, "AUTHENTICATIONFAILED", "Authentication failed.");
 }
 
@@ -1472,7 +1558,9 @@ user_admitted(struct session *s, const char *tag)
 static void
 do_login(struct session *s, const char *tag, const char *method)
 {
+	struct login_relay *relay = NULL;
 	const struct route *r = NULL;
+	enum cred_kind kind = s->cred.kind;
 	enum route_status rs;
 	enum login_result res;
 	char why[256];
@@ -1498,7 +1586,10 @@ do_login(struct session *s, const char *tag, const char *method)
 		    "event=login-failed user=\"%s\" method=%s reason=\"%s\"",
 		    s->user, method, why);
 		credentials_clear(&s->cred);
-		if (rs == ROUTE_UNKNOWN)
+		if (rs == ROUTE_UNKNOWN && kind != CRED_PASSWORD) {
+			penalize(s);
+			bearer_refused(s, tag, kind);
+		} else if (rs == ROUTE_UNKNOWN)
 			auth_failed(s, tag);
 		else
 			login_failed(s, tag, "UNAVAILABLE", "Back-end server "
@@ -1513,10 +1604,22 @@ do_login(struct session *s, const char *tag, const char *method)
 		login_failed(s, tag, "UNAVAILABLE", "Proxy loop detected.");
 		return;
 	}
-	res = backend_login(&s->backend, s->cfg, r, &s->cred, &s->ci, s->user,
-	    why, sizeof(why));
-	if (res == LOGIN_OK && !user_admitted(s, tag))
+	if (kind != CRED_PASSWORD &&
+	    (relay = calloc(1, sizeof(*relay))) == NULL) {
+		credentials_clear(&s->cred);
+		session_nomem(s);
 		return;
+	}
+	if (relay != NULL) {
+		relay->challenge = relay_challenge;
+		relay->ctx = s;
+	}
+	res = backend_login_relayed(&s->backend, s->cfg, r, &s->cred, &s->ci,
+	    s->user, relay, why, sizeof(why));
+	if (res == LOGIN_OK && !user_admitted(s, tag)) {
+		free(relay);
+		return;
+	}
 	/*
 	 * Public-folder servers are logged in to later, as the user: with
 	 * the password in passthrough mode, by name alone in proxy mode.
@@ -1534,6 +1637,7 @@ do_login(struct session *s, const char *tag, const char *method)
 		    s->backend.port);
 		client_send(s, "%s OK [CAPABILITY %s] Logged in.", tag, caps);
 		free(caps);
+		free(relay);
 		return;
 	}
 	if (res == LOGIN_OK) {
@@ -1544,11 +1648,17 @@ do_login(struct session *s, const char *tag, const char *method)
 	log_msg(res == LOGIN_BADCREDS ? LOG_NOTICE : LOG_ERR,
 	    "event=login-failed user=\"%s\" method=%s backend=%s:%s "
 	    "reason=\"%s\"", s->user, method, r->host, r->port, why);
-	if (res == LOGIN_BADCREDS)
+	if (relay != NULL && relay->refused) {
+		if (res == LOGIN_BADCREDS)
+			penalize(s);
+		login_refused(s, tag, relay->refusal.line +
+		    relay->refusal.tag_len + 1);
+	} else if (res == LOGIN_BADCREDS)
 		auth_failed(s, tag);
 	else
 		login_failed(s, tag, "UNAVAILABLE",
 		    "Back-end server unavailable, try again later.");
+	free(relay);
 }
 
 static int
@@ -1638,6 +1748,19 @@ authenticate_answer(struct session *s, const char *tag, const char *mech,
 	case AUTH_PLAIN_MALFORMED:
 		bad_command(s, tag, "Malformed PLAIN message.");
 		break;
+	case AUTH_BEARER_MALFORMED:
+		log_msg(LOG_NOTICE, "event=login-failed method=%s "
+		    "reason=\"malformed %s message: %s\"", mech, mech,
+		    ac->why);
+		bad_command(s, tag, bearer_kind(mech) == CRED_XOAUTH2 ?
+		    "Malformed XOAUTH2 message." :
+		    "Malformed OAUTHBEARER message.");
+		break;
+	case AUTH_BEARER_NOUSER:
+		log_msg(LOG_NOTICE, "event=login-failed method=%s "
+		    "reason=\"no user name in the %s message\"", mech, mech);
+		bearer_refused(s, tag, bearer_kind(mech));
+		break;
 	case AUTH_PLAIN_AUTHZID:
 		log_msg(LOG_NOTICE, "event=login-failed method=PLAIN "
 		    "reason=\"authorization identity not allowed\"");
@@ -1666,9 +1789,7 @@ authenticate_answer(struct session *s, const char *tag, const char *mech,
 static void
 cmd_authenticate(struct session *s, const struct command *c)
 {
-	struct auth_client ac = { .io = &s->client,
-	    .max_line = s->cfg->max_line_length,
-	    .idle_timeout = s->cfg->idle_timeout };
+	struct auth_client ac = session_auth_client(s);
 	const struct token *ir;
 	char mech[SASL_MECHNAMEMAX + 1];
 	enum auth_status st;
@@ -1686,7 +1807,9 @@ cmd_authenticate(struct session *s, const struct command *c)
 		    c->tag);
 		return;
 	}
-	if (auth_mech_plaintext(mech) && plaintext_refused(s, c->tag))
+	if ((auth_mech_plaintext(mech) || (s->cfg->oauth_bearer &&
+	    bearer_kind(mech) != CRED_PASSWORD)) &&
+	    plaintext_refused(s, c->tag))
 		return;
 	penalty_wait(s);
 	if (s->end != END_NONE)

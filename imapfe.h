@@ -450,6 +450,7 @@ struct config {
 	char		*proxy_password_file;
 	struct credentials *proxy;		/* loaded from the two above */
 	enum plaintext_policy plaintext_auth;	/* LOGIN/PLAIN without TLS */
+	int		 oauth_bearer;	/* OAUTHBEARER, XOAUTH2 from clients */
 	char		*tls_cert;		/* client-side TLS */
 	char		*tls_key;
 	char		*tls_ciphers;
@@ -613,12 +614,19 @@ int		 proxy_header_read(int fd, int timeout_s, struct proxy_header *,
 /* ------------------------------------------------------------------ */
 /* auth.c: credentials */
 
+/*
+ * What a credential's secret is: a password, or an OAuth 2.0 bearer
+ * token (RFC 6750) that only its own mechanism may carry to a back-end.
+ */
+enum cred_kind { CRED_PASSWORD = 0, CRED_OAUTHBEARER, CRED_XOAUTH2 };
+
 struct credentials {
 	char	*user;		/* owned, NUL-terminated */
 	size_t	 user_len;
-	char	*pass;		/* owned, wiped before free */
+	char	*pass;		/* owned, wiped before free: password, token */
 	size_t	 pass_len;
 	char	*authzid;	/* owned; NULL: act as user itself */
+	enum cred_kind kind;
 };
 
 int		 credentials_set(struct credentials *, const char *user,
@@ -634,6 +642,28 @@ size_t		 base64_encode(const unsigned char *in, size_t inlen,
 enum plain_status { PLAIN_OK = 0, PLAIN_MALFORMED, PLAIN_AUTHZID };
 enum plain_status sasl_plain_split(const char *msg, size_t len,
 		    struct credentials *);
+
+/*
+ * OAUTHBEARER (RFC 7628) and XOAUTH2 messages: the user and the token of
+ * a client's, and the one imapfe sends a back-end.
+ */
+#define BEARER_TOKEN_MAX	16384	/* longer tokens are refused */
+
+enum bearer_status {
+	BEARER_OK = 0,
+	BEARER_NOUSER,		/* well formed, but no user name to route by */
+	BEARER_MALFORMED,	/* not the mechanism's grammar: why says */
+	BEARER_TOOLONG		/* the token is over BEARER_TOKEN_MAX */
+};
+
+enum cred_kind	 bearer_kind(const char *mech);
+const char	*bearer_mech_name(enum cred_kind);
+enum bearer_status bearer_split(enum cred_kind, const char *msg, size_t len,
+		    struct credentials *, const char **why);
+int		 bearer_message(const struct credentials *, const char *host,
+		    const char *port, struct str *out);
+int		 bearer_response(const struct credentials *, const char *host,
+		    const char *port, struct str *out);
 
 int		 credentials_set_authzid(struct credentials *, const char *);
 void		 credentials_drop_password(struct credentials *);
@@ -662,6 +692,8 @@ enum auth_status {
 	AUTH_BAD_BASE64,	/* a response was not base64 */
 	AUTH_PLAIN_MALFORMED,	/* not [authzid] NUL user NUL password */
 	AUTH_PLAIN_AUTHZID,	/* PLAIN would act as someone else */
+	AUTH_BEARER_MALFORMED,	/* not an OAUTHBEARER/XOAUTH2 message */
+	AUTH_BEARER_NOUSER,	/* a bearer message names no user */
 	AUTH_NOMECH,		/* no such mechanism here */
 	AUTH_SASL_REFUSED,	/* the SASL server said no: sasl_code */
 	AUTH_READ_END,		/* no response came: io_status says why */
@@ -675,6 +707,8 @@ struct auth_client {
 	int		 idle_timeout;	/* seconds, renewed by each challenge */
 	int		 sasl_code;	/* after AUTH_SASL_REFUSED */
 	enum io_status	 io_status;	/* after AUTH_READ_END */
+	const char	*why;		/* after AUTH_BEARER_MALFORMED */
+	int		 oauth_bearer;	/* OAUTHBEARER, XOAUTH2 offered */
 };
 
 int		 auth_mech_name(const char *, size_t, char *mech, size_t);
@@ -684,6 +718,9 @@ enum auth_status auth_client_exchange(struct auth_client *,
 		    const struct token *ir, struct credentials *);
 int		 auth_check_password(const struct config *, int plaintext_ok,
 		    const struct credentials *);
+enum auth_status auth_client_relay(struct auth_client *, const char *chal,
+		    size_t len, struct str *answer);
+enum auth_status auth_bearer_refusal(struct auth_client *, enum cred_kind);
 
 /* ------------------------------------------------------------------ */
 /* backend.c */
@@ -830,6 +867,29 @@ int		 referral_allowed(const struct config *,
 enum login_result backend_login(struct backend *, const struct config *,
 		    const struct route *, const struct credentials *,
 		    const struct client_info *, const char *who, char *why,
+		    size_t whylen);
+
+/*
+ * A bearer-token login may end in RFC 7628's error exchange: the
+ * back-end's challenge (a JSON error), the client's reply, the NO.  When
+ * a client waits for the login (its home server's), challenge puts the
+ * back-end's challenge to it and returns its reply as the line to send
+ * (0), or -1 when the client is gone; without a relay (a public server's
+ * login) imapfe sends the dummy reply itself.  The back-end's tagged
+ * refusal of the token is copied to refusal, for the client as given.
+ */
+struct login_relay {
+	int		(*challenge)(void *ctx, const char *chal, size_t len,
+			    struct str *answer);
+	void		*ctx;
+	struct reply	 refusal;
+	int		 refused;	/* refusal holds the back-end's answer */
+};
+
+enum login_result backend_login_relayed(struct backend *,
+		    const struct config *, const struct route *,
+		    const struct credentials *, const struct client_info *,
+		    const char *who, struct login_relay *, char *why,
 		    size_t whylen);
 void		 backend_close(struct backend *);
 void		 backend_note_caps(struct backend *, const char *line,

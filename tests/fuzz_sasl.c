@@ -1,8 +1,30 @@
 /*
  * Fuzz target: the SASL data imapfe decodes itself: base64 (strictly, and
- * back again) and the PLAIN message split into credentials.
+ * back again), the PLAIN message split into credentials, and OAUTHBEARER
+ * and XOAUTH2 messages, whose user and token must survive the message
+ * imapfe composes from them for a back-end.
  */
 #include "fuzz_common.h"
+
+static void
+bearer_round_trip(enum cred_kind kind, const char *msg, size_t len)
+{
+	struct credentials cr = { 0 }, again = { 0 };
+	struct str out = { 0 };
+	const char *why;
+
+	if (bearer_split(kind, msg, len, &cr, &why) == BEARER_OK) {
+		if (cr.user == NULL || cr.pass == NULL || cr.kind != kind ||
+		    bearer_message(&cr, "host", "143", &out) != 0 ||
+		    bearer_split(kind, out.s, out.len, &again, &why) !=
+		    BEARER_OK || strcmp(again.user, cr.user) != 0 ||
+		    strcmp(again.pass, cr.pass) != 0)
+			abort();
+	}
+	str_free(&out);
+	credentials_clear(&again);
+	credentials_clear(&cr);
+}
 
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -26,6 +48,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		    (cr.user == NULL || cr.pass == NULL))
 			abort();
 		credentials_clear(&cr);
+		bearer_round_trip(CRED_OAUTHBEARER, dec, len);
+		bearer_round_trip(CRED_XOAUTH2, dec, len);
 	}
 	(void)credentials_acceptable((const char *)data, size);
 	free(dec);

@@ -221,6 +221,68 @@ test_plain(void)
 	    !credentials_acceptable("a\0b", 3));
 }
 
+/* bearer_split of a C string literal (its length without the NUL). */
+#define BEARER(kind, lit, cr, why) bearer_split(kind, lit, sizeof(lit) - 1, \
+    cr, why)
+
+static void
+test_bearer(void)
+{
+	struct credentials cr = { 0 }, again = { 0 };
+	struct str msg = { 0 };
+	const char *why;
+
+	CHECK(BEARER(CRED_OAUTHBEARER, "n,a=al=2Cice=3D,\1host=h\1port=143\1"
+	    "auth=Bearer tok.en-_~+/==\1\1", &cr, &why) == BEARER_OK &&
+	    strcmp(cr.user, "al,ice=") == 0 &&
+	    strcmp(cr.pass, "tok.en-_~+/==") == 0 &&
+	    cr.kind == CRED_OAUTHBEARER);
+	/* what imapfe sends a back-end reads back the same */
+	CHECK(bearer_message(&cr, "mail", "993", &msg) == 0 &&
+	    memcmp(msg.s, "n,a=al=2Cice=3D,\1host=mail\1port=993\1", 35) == 0 &&
+	    bearer_split(CRED_OAUTHBEARER, msg.s, msg.len, &again, &why) ==
+	    BEARER_OK && strcmp(again.user, cr.user) == 0 &&
+	    strcmp(again.pass, cr.pass) == 0);
+	str_free(&msg);
+	credentials_clear(&again);
+	credentials_clear(&cr);
+	CHECK(BEARER(CRED_XOAUTH2, "user=bob\1auth=bearer  t\1\1", &cr, &why) ==
+	    BEARER_OK && strcmp(cr.user, "bob") == 0 &&
+	    strcmp(cr.pass, "t") == 0 && cr.kind == CRED_XOAUTH2);
+	CHECK(bearer_message(&cr, "h", "1", &msg) == 0 && msg.len == 24 &&
+	    memcmp(msg.s, "user=bob\1auth=Bearer t\1\1", 24) == 0);
+	str_free(&msg);
+	credentials_clear(&cr);
+	CHECK(BEARER(CRED_OAUTHBEARER, "n,,\1auth=Bearer t\1\1", &cr, &why) ==
+	    BEARER_NOUSER && cr.user == NULL);
+	CHECK(BEARER(CRED_XOAUTH2, "auth=Bearer t\1\1", &cr, &why) ==
+	    BEARER_NOUSER);
+	CHECK(BEARER(CRED_OAUTHBEARER, "n,a=x,auth=Bearer t", &cr, &why) ==
+	    BEARER_MALFORMED && strcmp(why, "no \\x01 separator") == 0);
+	CHECK(BEARER(CRED_OAUTHBEARER, "p=x,a=x,\1auth=Bearer t\1\1", &cr,
+	    &why) == BEARER_MALFORMED);
+	CHECK(BEARER(CRED_OAUTHBEARER, "n,a=x=4,\1auth=Bearer t\1\1", &cr,
+	    &why) == BEARER_MALFORMED);
+	CHECK(BEARER(CRED_OAUTHBEARER, "n,a=x\0y,\1auth=Bearer t\1\1", &cr,
+	    &why) == BEARER_MALFORMED);
+	CHECK(BEARER(CRED_XOAUTH2, "user=x\0y\1auth=Bearer t\1\1", &cr,
+	    &why) == BEARER_MALFORMED);
+	CHECK(BEARER(CRED_XOAUTH2, "user=x\1auth=Bearer t\1", &cr, &why) ==
+	    BEARER_MALFORMED);
+	CHECK(BEARER(CRED_XOAUTH2, "user=x\1auth=Bearer t\1\1\1", &cr, &why) ==
+	    BEARER_MALFORMED);
+	CHECK(BEARER(CRED_XOAUTH2, "user=x\1auth=Bearer t u\1\1", &cr,
+	    &why) == BEARER_MALFORMED);
+	CHECK(BEARER(CRED_XOAUTH2, "user=x\1auth=Basic dTpw\1\1", &cr,
+	    &why) == BEARER_MALFORMED);
+	CHECK(BEARER(CRED_XOAUTH2, "user=x\1\1", &cr, &why) ==
+	    BEARER_MALFORMED && strcmp(why, "no auth=Bearer pair") == 0);
+	CHECK(BEARER(CRED_OAUTHBEARER, "\1", &cr, &why) == BEARER_MALFORMED);
+	CHECK(bearer_kind("OAUTHBEARER") == CRED_OAUTHBEARER &&
+	    bearer_kind("XOAUTH2") == CRED_XOAUTH2 &&
+	    bearer_kind("PLAIN") == CRED_PASSWORD);
+}
+
 static void
 test_caps(void)
 {
@@ -1093,6 +1155,8 @@ test_imapurl_commands(void)
 	CHECK(urlcmd_server("a URLFETCH ;UID=1", 1, bad, sizeof(bad)) == 1);
 	CHECK(urlcmd_server("a URLFETCH garbage", 1, bad, sizeof(bad)) == -1 &&
 	    strcmp(bad, "garbage") == 0);
+}
+
 /* state.c: the shared tables, on a file of the test's own */
 
 static struct sockaddr_storage
@@ -1298,6 +1362,7 @@ main(void)
 	test_quoting();
 	test_base64();
 	test_plain();
+	test_bearer();
 	test_caps();
 	test_scanner();
 	test_resp_status();
