@@ -112,71 +112,6 @@ split_words(char *line, char **words, int max)
 	}
 }
 
-#define BAD_PORT	"the port must be a number from 1 to 65535"
-
-/* Why word is not HOST:PORT, hostport_parse having refused it. */
-static const char *
-hostport_fault(const char *word)
-{
-	const char *close, *port = NULL;
-
-	if (word[0] == '[') {
-		if ((close = strchr(word, ']')) == NULL)
-			return "no ']' after the IPv6 address";
-		if (close[1] != '\0' && close[1] != ':')
-			return "only :PORT may follow ']'";
-		if (close[1] == ':')
-			port = close + 2;
-	} else if ((port = strchr(word, ':')) != NULL &&
-	    strchr(port + 1, ':') == NULL)
-		port++;
-	else
-		port = NULL;
-	if (port != NULL && !port_is_valid(port, strlen(port)))
-		return BAD_PORT;
-	return "the host must be a name or an address";
-}
-
-/*
- * "host:port" or "[v6addr]:port", the port a number from 1 to 65535;
- * "*:port" too when wildcard_ok (any address, for -l).  The same parser
- * as for the servers that referrals and the directory name, but with
- * the port required.  On failure err says why.
- */
-int
-split_hostport(const char *word, int wildcard_ok, char **host, char **port,
-    char *err, size_t errlen)
-{
-	char h[256], p[8];
-	const char *why = NULL;
-
-	*host = *port = NULL;
-	if (wildcard_ok && strncmp(word, "*:", 2) == 0) {
-		snprintf(h, sizeof(h), "*");
-		if (!port_is_valid(word + 2, strlen(word + 2)))
-			why = BAD_PORT;
-		else
-			snprintf(p, sizeof(p), "%s", word + 2);
-	} else if (hostport_parse(word, word + strlen(word), h, sizeof(h), p,
-	    sizeof(p)) != 0)
-		why = hostport_fault(word);
-	else if (p[0] == '\0')
-		why = word[0] != '[' && strchr(word, ':') != NULL ?
-		    "an IPv6 address goes in brackets: [ADDRESS]:PORT" :
-		    "the port is missing: HOST:PORT";
-	if (why != NULL) {
-		snprintf(err, errlen, "%s", why);
-		return -1;
-	}
-	if ((*host = strdup(h)) == NULL || (*port = strdup(p)) == NULL) {
-		free(*host);
-		*host = NULL;
-		snprintf(err, errlen, "out of memory");
-		return -1;
-	}
-	return 0;
-}
-
 static int
 set_string(char **field, const char *val)
 {
@@ -2039,15 +1974,6 @@ check_pipelined(struct session *s)
 
 /* ------------------------------------------------------------------ */
 
-void
-nonblocking(int fd)
-{
-	int fl = fcntl(fd, F_GETFL);
-
-	if (fl >= 0 && (fl & O_NONBLOCK) == 0)
-		fcntl(fd, F_SETFL, fl | O_NONBLOCK);
-}
-
 static void
 session_log_end(struct session *s)
 {
@@ -2114,7 +2040,7 @@ cap_session_memory(const struct config *cfg)
 }
 
 /* Serve one client connection on rfd/wfd, to the end.  Returns exit code. */
-int
+static int
 session_run(const struct config *cfg, SSL_CTX *tls_ctx, int rfd, int wfd)
 {
 	struct session s;
@@ -2477,13 +2403,15 @@ shared_state_open(struct config *cfg)
 	cfg->state = state_open(cfg->state_file, uid, gid);
 }
 
+static void	service_free(struct service *);
+
 /*
  * Read the configuration file of opt and load everything it names; with
  * check_all, check it all as -t does (a listener's reload).  The log is
  * opened with the file's facility only by main(), and by a reload once
  * the new service is in force.
  */
-int
+static int
 service_load(struct service *svc, const struct options *opt, int check_all,
     char *err, size_t errlen)
 {
@@ -2499,7 +2427,7 @@ service_load(struct service *svc, const struct options *opt, int check_all,
 	return 0;
 }
 
-void
+static void
 service_free(struct service *svc)
 {
 	tls_server_ctx_free(svc->tls_ctx);
@@ -2508,7 +2436,7 @@ service_free(struct service *svc)
 }
 
 /* Once here, so that forked sessions do not each pay for it. */
-int
+static int
 service_sasl_setup(const struct config *cfg)
 {
 	char err[512];
@@ -2528,13 +2456,28 @@ service_sasl_setup(const struct config *cfg)
 	return 0;
 }
 
-void
+static void
 service_sasl_teardown(const struct config *cfg)
 {
 	sasl_client_teardown();
 	if (cfg->auth == AUTH_PROXY)
 		sasl_server_teardown();
 }
+
+/* One of the listener's connections, in its own process. */
+static int
+listener_session(const struct service *svc, int fd)
+{
+	return session_run(&svc->cfg, svc->tls_ctx, fd, fd);
+}
+
+static const struct listener_hooks listener_hooks = {
+	.session = listener_session,
+	.load = service_load,
+	.free = service_free,
+	.sasl_setup = service_sasl_setup,
+	.sasl_teardown = service_sasl_teardown
+};
 
 /*
  * As the run user: the listener's connections, one process each, or the
@@ -2554,7 +2497,7 @@ serve(struct service *svc, const struct options *opt, int lfd)
 		return 1;
 	}
 	if (lfd >= 0)
-		return serve_listener(svc, opt, lfd);
+		return serve_listener(svc, opt, &listener_hooks, lfd);
 	return session_run(&svc->cfg, svc->tls_ctx, 0, 1);
 }
 

@@ -123,6 +123,7 @@ enum io_status	 iobuf_vline(struct iobuf *, const char *fmt, va_list)
 void		 iobuf_discard(struct iobuf *);
 void		 iobuf_cork(struct iobuf *);
 int		 wait_readable(int fd, int64_t deadline);
+void		 nonblocking(int fd);
 
 /* How a session ended: its event=end line's reason. */
 enum session_end {
@@ -360,6 +361,8 @@ int		 url_iserver_parse(const char *p, const char *end, char *user,
 		    size_t usersize, char *host, size_t hostsize, char *port,
 		    size_t portsize);
 int		 port_is_valid(const char *, size_t);
+int		 split_hostport(const char *word, int wildcard_ok, char **host,
+		    char **port, char *err, size_t errlen);
 
 /* Tracks where lines start in a stream of IMAP responses, literals skipped. */
 struct resp_scanner {
@@ -516,13 +519,7 @@ struct config {
 int		 config_load(struct config *, const char *path, char *err,
 		    size_t errlen);
 void		 config_free(struct config *);
-int		 split_hostport(const char *word, int wildcard_ok, char **host,
-		    char **port, char *err, size_t errlen);
 
-/* The session (imapfe.c): one client connection, to the end. */
-int		 session_run(const struct config *, SSL_CTX *, int rfd,
-		    int wfd);
-void		 nonblocking(int fd);
 
 /* How imapfe was started: its command line. */
 struct options {
@@ -544,11 +541,6 @@ struct service {
 	SSL_CTX		*tls_ctx;	/* the clients'; NULL without tls_cert */
 };
 
-int		 service_load(struct service *, const struct options *,
-		    int check_all, char *err, size_t errlen);
-void		 service_free(struct service *);
-int		 service_sasl_setup(const struct config *);
-void		 service_sasl_teardown(const struct config *);
 
 /* ------------------------------------------------------------------ */
 /* listener.c: imapfe's own listener (-l) and its signals */
@@ -556,8 +548,24 @@ void		 service_sasl_teardown(const struct config *);
 void		 install_signals(void);
 int		 listen_on(const char *spec);
 int		 inherited_listener(void);
+
+/*
+ * What the listener asks of the program that runs it (imapfe.c), through
+ * these rather than by name, so that it never calls up: one connection's
+ * session, to the end; and, for a reload, a service loaded (checked as -t
+ * checks), freed, and the SASL libraries set up for one.
+ */
+struct listener_hooks {
+	int	(*session)(const struct service *, int fd);
+	int	(*load)(struct service *, const struct options *,
+		    int check_all, char *err, size_t errlen);
+	void	(*free)(struct service *);
+	int	(*sasl_setup)(const struct config *);
+	void	(*sasl_teardown)(const struct config *);
+};
+
 int		 serve_listener(struct service *, const struct options *,
-		    int lfd);
+		    const struct listener_hooks *, int lfd);
 
 /* ------------------------------------------------------------------ */
 /* state.c: shared between the processes of a host; NULL or a file that

@@ -122,6 +122,16 @@ wait_readable(int fd, int64_t deadline)
 	return wait_for(fd, POLLIN, deadline) == IO_OK;
 }
 
+/* A descriptor for poll(2): reads and writes that never block. */
+void
+nonblocking(int fd)
+{
+	int fl = fcntl(fd, F_GETFL);
+
+	if (fl >= 0 && (fl & O_NONBLOCK) == 0)
+		fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
 int
 iobuf_init(struct iobuf *io, int rfd, int wfd, size_t cap)
 {

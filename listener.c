@@ -2,7 +2,8 @@
  * imapfe's own listener (-l), or a listening socket handed over by systemd
  * or a super-server: accept, fork one session process per connection,
  * reap them, and end them all with "* BYE" on SIGTERM.  Each session
- * itself is imapfe.c's session_run().
+ * itself, and what a reload loads, are the caller's (struct
+ * listener_hooks): the listener calls nothing above it by name.
  */
 #include <sys/epoll.h>
 #include <sys/socket.h>
@@ -171,6 +172,7 @@ struct children {
 struct listener {
 	struct service		*svc;	/* replaced whole on reload */
 	const struct options	*opt;
+	const struct listener_hooks *hooks;	/* the program it serves */
 	int			 lfd;	/* -1 once closed for a drain */
 	struct children		 ch;
 	/*
@@ -303,12 +305,13 @@ reload_allowed(const struct config *now, const struct config *next,
 
 /* The SASL libraries set up for next, or again for now if next fails. */
 static int
-reload_sasl(const struct config *now, const struct config *next)
+reload_sasl(const struct listener_hooks *h, const struct config *now,
+    const struct config *next)
 {
-	service_sasl_teardown(now);
-	if (service_sasl_setup(next) == 0)
+	h->sasl_teardown(now);
+	if (h->sasl_setup(next) == 0)
 		return 0;
-	if (service_sasl_setup(now) != 0)
+	if (h->sasl_setup(now) != 0)
 		log_msg(LOG_CRIT, "event=error reason=\"SASL cannot be set up "
 		    "again: restart imapfe\"");
 	return -1;
@@ -343,11 +346,11 @@ child_detach(struct listener *l)
 
 /* One connection, to the end, in a child; never returns. */
 static void __attribute__((noreturn))
-child_serve(struct service *svc, int fd)
+child_serve(const struct listener *l, int fd)
 {
 	int rc;
 
-	rc = session_run(&svc->cfg, svc->tls_ctx, fd, fd);
+	rc = l->hooks->session(l->svc, fd);
 	close(fd);
 	session_exit(rc);
 }
@@ -429,7 +432,7 @@ prefork_child(struct listener *l)
 	close(taken);
 	close(retire);
 	close(l->lfd);
-	child_serve(l->svc, fd);
+	child_serve(l, fd);
 }
 
 /*
@@ -589,7 +592,7 @@ listener_accept(struct listener *l)
 		if (l->retire[0] >= 0)
 			close(l->retire[0]);
 		close(l->lfd);
-		child_serve(svc, fd);
+		child_serve(l, fd);
 	}
 	if (pid < 0)
 		log_msg(LOG_ERR, "event=error reason=\"fork: %s\"",
@@ -615,7 +618,7 @@ listener_reload(struct listener *l)
 	int was_prefork = l->svc->cfg.prefork > 0;
 
 	reload_requested = 0;
-	if (service_load(&next, l->opt, 1, err, sizeof(err)) != 0)
+	if (l->hooks->load(&next, l->opt, 1, err, sizeof(err)) != 0)
 		goto failed;
 	if (reload_allowed(&l->svc->cfg, &next.cfg, err, sizeof(err)) != 0)
 		goto unused;
@@ -623,11 +626,11 @@ listener_reload(struct listener *l)
 		snprintf(err, sizeof(err), "out of memory");
 		goto unused;
 	}
-	if (reload_sasl(&l->svc->cfg, &next.cfg) != 0) {
+	if (reload_sasl(l->hooks, &l->svc->cfg, &next.cfg) != 0) {
 		snprintf(err, sizeof(err), "the SASL set-up failed");
 		goto unused;
 	}
-	service_free(l->svc);
+	l->hooks->free(l->svc);
 	*l->svc = next;
 	log_open(l->svc->cfg.syslog_facility, l->opt->to_stderr);
 	if (was_prefork) {
@@ -651,7 +654,7 @@ listener_reload(struct listener *l)
 	    children_sessions(&l->ch));
 	return;
 unused:
-	service_free(&next);
+	l->hooks->free(&next);
 failed:
 	log_msg(LOG_ERR, "event=reload-failed reason=\"%s\"", err);
 }
@@ -720,9 +723,11 @@ listener_warm(void)
  * when none is left (max_sessions reached: the BYE).  Takes lfd over.
  */
 int
-serve_listener(struct service *svc, const struct options *opt, int lfd)
+serve_listener(struct service *svc, const struct options *opt,
+    const struct listener_hooks *hooks, int lfd)
 {
-	struct listener l = { .svc = svc, .opt = opt, .lfd = lfd };
+	struct listener l = { .svc = svc, .opt = opt, .hooks = hooks,
+	    .lfd = lfd };
 
 	if (children_reserve(&l.ch, svc->cfg.max_sessions) != 0) {
 		close(lfd);

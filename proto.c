@@ -968,6 +968,71 @@ hostport_parse(const char *p, const char *end, char *host, size_t hostsize,
 	return 0;
 }
 
+#define BAD_PORT	"the port must be a number from 1 to 65535"
+
+/* Why word is not HOST:PORT, hostport_parse having refused it. */
+static const char *
+hostport_fault(const char *word)
+{
+	const char *close, *port = NULL;
+
+	if (word[0] == '[') {
+		if ((close = strchr(word, ']')) == NULL)
+			return "no ']' after the IPv6 address";
+		if (close[1] != '\0' && close[1] != ':')
+			return "only :PORT may follow ']'";
+		if (close[1] == ':')
+			port = close + 2;
+	} else if ((port = strchr(word, ':')) != NULL &&
+	    strchr(port + 1, ':') == NULL)
+		port++;
+	else
+		port = NULL;
+	if (port != NULL && !port_is_valid(port, strlen(port)))
+		return BAD_PORT;
+	return "the host must be a name or an address";
+}
+
+/*
+ * "host:port" or "[v6addr]:port", the port a number from 1 to 65535;
+ * "*:port" too when wildcard_ok (any address, for -l).  The same parser
+ * as for the servers that referrals and the directory name, but with
+ * the port required.  On failure err says why.
+ */
+int
+split_hostport(const char *word, int wildcard_ok, char **host, char **port,
+    char *err, size_t errlen)
+{
+	char h[256], p[8];
+	const char *why = NULL;
+
+	*host = *port = NULL;
+	if (wildcard_ok && strncmp(word, "*:", 2) == 0) {
+		snprintf(h, sizeof(h), "*");
+		if (!port_is_valid(word + 2, strlen(word + 2)))
+			why = BAD_PORT;
+		else
+			snprintf(p, sizeof(p), "%s", word + 2);
+	} else if (hostport_parse(word, word + strlen(word), h, sizeof(h), p,
+	    sizeof(p)) != 0)
+		why = hostport_fault(word);
+	else if (p[0] == '\0')
+		why = word[0] != '[' && strchr(word, ':') != NULL ?
+		    "an IPv6 address goes in brackets: [ADDRESS]:PORT" :
+		    "the port is missing: HOST:PORT";
+	if (why != NULL) {
+		snprintf(err, errlen, "%s", why);
+		return -1;
+	}
+	if ((*host = strdup(h)) == NULL || (*port = strdup(p)) == NULL) {
+		free(*host);
+		*host = NULL;
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	return 0;
+}
+
 /*
  * The first "[REFERRAL imap://...]" in a response's text: server, user
  * and mailbox of its first URL.  Returns 0, -1 when there is no referral,
