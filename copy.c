@@ -201,23 +201,12 @@ meta_items(const struct command *c, size_t k, struct msg_meta *m)
 static int
 set_number(const char **p, const char *end, uint32_t *out)
 {
-	uint64_t v = 0;
-
 	if (*p < end && **p == '*') {
 		(*p)++;
 		*out = UINT32_MAX;
 		return 0;
 	}
-	if (*p == end || **p < '0' || **p > '9')
-		return -1;
-	while (*p < end && **p >= '0' && **p <= '9') {
-		v = v * 10 + (uint64_t)(**p - '0');
-		if (v > UINT32_MAX)
-			return -1;
-		(*p)++;
-	}
-	*out = (uint32_t)v;
-	return 0;
+	return nz_number_parse(p, end, out);
 }
 
 /*

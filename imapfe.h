@@ -361,6 +361,7 @@ int		 url_iserver_parse(const char *p, const char *end, char *user,
 		    size_t usersize, char *host, size_t hostsize, char *port,
 		    size_t portsize);
 int		 port_is_valid(const char *, size_t);
+int		 nz_number_parse(const char **p, const char *end, uint32_t *);
 int		 split_hostport(const char *word, int wildcard_ok, char **host,
 		    char **port, char *err, size_t errlen);
 

@@ -611,9 +611,9 @@ uid_list_free(struct uid_list *l)
 	*l = (struct uid_list){ 0 };
 }
 
-/* A non-zero uniqueid (RFC 3501 nz-number) at *p, which it passes. */
-static int
-uid_number(const char **p, const char *end, uint32_t *out)
+/* A non-zero number (RFC 9051 nz-number) at *p, which it passes. */
+int
+nz_number_parse(const char **p, const char *end, uint32_t *out)
 {
 	uint64_t v = 0;
 
@@ -641,12 +641,12 @@ uid_set_parse(const char *s, size_t len, size_t max, struct uid_list *l)
 	uint32_t lo, hi, t;
 
 	for (;;) {
-		if (uid_number(&p, end, &lo) != 0)
+		if (nz_number_parse(&p, end, &lo) != 0)
 			return -1;
 		hi = lo;
 		if (p < end && *p == ':') {
 			p++;
-			if (uid_number(&p, end, &hi) != 0)
+			if (nz_number_parse(&p, end, &hi) != 0)
 				return -1;
 			if (hi < lo) {
 				t = lo;
@@ -676,7 +676,7 @@ appenduid_parse(const struct status_resp *st, size_t max,
 	if (st->code != CODE_APPENDUID)
 		return -1;
 	end = p + st->code_arg_len;
-	if (uid_number(&p, end, uidvalidity) != 0 || p == end || *p++ != ' ')
+	if (nz_number_parse(&p, end, uidvalidity) != 0 || p == end || *p++ != ' ')
 		return -1;
 	return uid_set_parse(p, (size_t)(end - p), max, l);
 }

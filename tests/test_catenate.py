@@ -15,9 +15,9 @@ import re
 
 import pytest
 
-from conftest import Dovecot, sample_message
-from test_public import (NEWS, PREFIX, home_conf, login,  # noqa: F401
-                         make_public_folder, message, pfe, public_conf, q,
+from conftest import sample_message
+from test_public import (NEWS, PREFIX, home_server, login,  # noqa: F401
+                         make_public_folder, message, pfe, public_server, q,
                          raw_login, rawlog, tagged)
 
 NEWS_URL = "/Public%20Folders/News"
@@ -38,21 +38,16 @@ for _name in ("GENURLAUTH", "URLFETCH", "RESETKEY"):
 @pytest.fixture(scope="module")
 def home():
     """alice's home server, as test_public's, with URLAUTH."""
-    d = Dovecot(extra_conf=lambda dd: home_conf(dd) + URLAUTH_CONF)
-    m = d.imap("alice")
-    for i in range(1, 4):
-        m.append("INBOX", None, None, sample_message(i))
-    m.create("Drafts")
-    m.logout()
+    d = home_server(URLAUTH_CONF)
     yield d
     d.close()
 
 
 @pytest.fixture(scope="module")
 def public():
-    """The public-folder server, as test_public's, with URLAUTH."""
-    d = Dovecot(extra_conf=lambda dd: public_conf(dd) + URLAUTH_CONF)
-    make_public_folder(d, "News", ["news 1", "news 2", "news 3"])
+    """The public-folder server, as test_public's (News only), with
+    URLAUTH."""
+    d = public_server(extra=URLAUTH_CONF, folders=("News",))
     yield d
     d.close()
 

@@ -101,26 +101,35 @@ def make_public_folder(pub, name, subjects, user="alice"):
     return full
 
 
-def public_server(passwd=None):
-    """A public-folder server with News and Events; with passwd (the text
-    of its passwd-file), one that nobody has logged in to yet."""
-    d = Dovecot(extra_conf=public_conf, passwd=passwd)
-    if passwd is None:
+def public_server(passwd=None, extra="", folders=("News", "Events")):
+    """A public-folder server with News and Events (of folders); with
+    passwd (the text of its passwd-file), one that nobody has logged in to
+    yet; extra: more of its configuration."""
+    d = Dovecot(extra_conf=lambda dd: public_conf(dd) + extra,
+                passwd=passwd)
+    if passwd is None and "News" in folders:
         make_public_folder(d, "News", ["news 1", "news 2", "news 3"])
+    if passwd is None and "Events" in folders:
         make_public_folder(d, "Events", ["event 1", "event 2"])
     return d
 
 
-@pytest.fixture(scope="module")
-def home():
-    """alice's home server: INBOX with "test 1".."test 3" (never changed by
-    any test here) and a folder "Drafts"."""
-    d = Dovecot(extra_conf=home_conf)
+def home_server(extra=""):
+    """alice's home server: INBOX with "test 1".."test 3" and a folder
+    "Drafts"; extra: more of its configuration."""
+    d = Dovecot(extra_conf=lambda dd: home_conf(dd) + extra)
     m = d.imap("alice")
     for i in range(1, 4):
         m.append("INBOX", None, None, sample_message(i))
     m.create("Drafts")
     m.logout()
+    return d
+
+
+@pytest.fixture(scope="module")
+def home():
+    """The home server, its INBOX never changed by any test here."""
+    d = home_server()
     yield d
     d.close()
 
