@@ -154,22 +154,6 @@ meta_flags(const struct command *c, size_t k, struct msg_meta *m)
 	return k < c->ntok && c->tok[k].type == TOK_RPAREN ? 0 : -1;
 }
 
-/* The token after the value at tok[k], a parenthesized one whole. */
-static size_t
-skip_value(const struct command *c, size_t k)
-{
-	int depth = 0;
-
-	do {
-		if (c->tok[k].type == TOK_LPAREN)
-			depth++;
-		else if (c->tok[k].type == TOK_RPAREN)
-			depth--;
-		k++;
-	} while (depth > 0 && k < c->ntok);
-	return k;
-}
-
 /*
  * UID, FLAGS and INTERNALDATE of a FETCH response's items, from tok[k]
  * (other items, MODSEQ say, skipped; a server that gives no date gets
@@ -192,7 +176,7 @@ meta_items(const struct command *c, size_t k, struct msg_meta *m)
 		else if (token_is(t, "FLAGS") && v->type == TOK_LPAREN &&
 		    meta_flags(c, k + 1, m) != 0)
 			return -1;
-		k = skip_value(c, k + 1);
+		k = token_group_end(c, k + 1);
 	}
 	return m->uid != 0 ? 0 : 1;
 }

@@ -212,6 +212,7 @@ enum literal_kind {
 
 enum parse_status parse_command(char *buf, size_t len, struct command *,
 		    const char **why);
+size_t		 token_group_end(const struct command *, size_t i);
 enum literal_kind literal_at_end(const char *line, size_t len,
 		    uint64_t *size);
 int		 is_atom_char(unsigned char);

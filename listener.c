@@ -68,6 +68,18 @@ on_signal(int sig)
 	}
 }
 
+/* No SA_RESTART: a signal must interrupt poll() and accept(). */
+static void
+catch_signal(int sig)
+{
+	struct sigaction sa;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_signal;
+	sigemptyset(&sa.sa_mask);
+	sigaction(sig, &sa, NULL);
+}
+
 /*
  * Every process: SIGTERM and SIGINT end it (a session with "* BYE").
  * SIGHUP and SIGQUIT are the listener's (reload, drain): a session
@@ -76,15 +88,9 @@ on_signal(int sig)
 void
 install_signals(void)
 {
-	struct sigaction sa;
-
-	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = on_signal;
-	sigemptyset(&sa.sa_mask);
-	/* No SA_RESTART: a signal must interrupt poll() and accept(). */
-	sigaction(SIGTERM, &sa, NULL);
-	sigaction(SIGINT, &sa, NULL);
-	sigaction(SIGCHLD, &sa, NULL);
+	catch_signal(SIGTERM);
+	catch_signal(SIGINT);
+	catch_signal(SIGCHLD);
 	signal(SIGHUP, SIG_IGN);
 	signal(SIGQUIT, SIG_IGN);
 	signal(SIGPIPE, SIG_IGN);
@@ -95,13 +101,8 @@ install_signals(void)
 static void
 listener_signals(void)
 {
-	struct sigaction sa;
-
-	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = on_signal;
-	sigemptyset(&sa.sa_mask);
-	sigaction(SIGHUP, &sa, NULL);
-	sigaction(SIGQUIT, &sa, NULL);
+	catch_signal(SIGHUP);
+	catch_signal(SIGQUIT);
 }
 
 /* A forked session's, before it serves: the listener's are not its. */

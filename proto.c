@@ -311,6 +311,25 @@ bad:
  * one byte more than len.  Tokens point into buf, which is modified in
  * place: the tag, the name and quoted strings are NUL-terminated.
  */
+/*
+ * The index after the token at i of a parsed command, or, when it opens a
+ * parenthesized list, after the list: a value skipped whole.
+ */
+size_t
+token_group_end(const struct command *c, size_t i)
+{
+	int depth = 0;
+
+	do {
+		if (c->tok[i].type == TOK_LPAREN)
+			depth++;
+		else if (c->tok[i].type == TOK_RPAREN)
+			depth--;
+		i++;
+	} while (i < c->ntok && depth > 0);
+	return i;
+}
+
 enum parse_status
 parse_command(char *buf, size_t len, struct command *cmd, const char **why)
 {

@@ -852,22 +852,6 @@ append_tokens(struct str *out, const struct token *t, size_t from,
 	return 0;
 }
 
-/* The index after the token at i, or after the list it opens. */
-static size_t
-group_end(const struct command *c, size_t i)
-{
-	int depth = 0;
-
-	do {
-		if (c->tok[i].type == TOK_LPAREN)
-			depth++;
-		else if (c->tok[i].type == TOK_RPAREN)
-			depth--;
-		i++;
-	} while (i < c->ntok && depth > 0);
-	return i;
-}
-
 /*
  * The public link whose prefix a namespace description names: the same
  * prefix, or the same root with another delimiter ("Public Folders." for
@@ -922,7 +906,7 @@ append_shared_namespaces(struct engine *eng, const struct command *c,
 		goto out;
 	for (size_t j = at + 1; c->tok[at].type == TOK_LPAREN &&
 	    j < c->ntok && c->tok[j].type == TOK_LPAREN;) {
-		size_t next = group_end(c, j);
+		size_t next = token_group_end(c, j);
 		int owner = j + 1 < next && is_mailbox_token(&c->tok[j + 1]) ?
 		    namespace_owner(eng, &c->tok[j + 1]) : 0;
 
@@ -961,9 +945,9 @@ rewrite_namespace(struct engine *eng, const char *line, size_t len,
 
 	if (c == NULL || parse_untagged(line, len, &copy, c) != 0 ||
 	    strcmp(c->name, "NAMESPACE") != 0 || c->ntok == 0 ||
-	    (second = group_end(c, 0)) >= c->ntok ||
-	    (third = group_end(c, second)) >= c->ntok ||
-	    group_end(c, third) != c->ntok)
+	    (second = token_group_end(c, 0)) >= c->ntok ||
+	    (third = token_group_end(c, second)) >= c->ntok ||
+	    token_group_end(c, third) != c->ntok)
 		rc = str_add(out, line, len);
 	else
 		rc = str_adds(out, "* NAMESPACE ") != 0 ||
@@ -1093,7 +1077,7 @@ mailbox_argument(const struct command *c, const char *name, size_t first)
 	if (!names_mailbox(name) || c->ntok <= k)
 		return NULL;
 	if (strcmp(name, "GETMETADATA") == 0 && c->tok[k].type == TOK_LPAREN)
-		k = group_end(c, k);	/* (MAXSIZE n DEPTH d) */
+		k = token_group_end(c, k);	/* (MAXSIZE n DEPTH d) */
 	return k < c->ntok && is_mailbox_token(&c->tok[k]) ? &c->tok[k] :
 	    NULL;
 }
