@@ -981,7 +981,11 @@ run_whole(struct engine *eng, int i, const char *tag, const struct str *text,
 	rs = backend_command(l->be, eng->cfg, text, tag, sink_for(eng, l, 0,
 	    filter, &ctx, &sink), r);
 	if (rs == REPLY_PLUS) {
-		flight_add(eng, i, tag, filter, r, forward);
+		if (flight_add(eng, i, tag, filter, r, forward) != 0) {
+			engine_bye(eng, END_LIMIT, "Out of memory.");
+			r->status = REPLY_LOST;
+			return;
+		}
 		eng->raw_for = i;
 		if (client_reply(eng, r) != 0)
 			w = W_CLIENT_GONE;
