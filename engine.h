@@ -5,14 +5,16 @@
  *             command by command when routed), polls the links, and
  *             hands each routed command to the router;
  *   router.c  routing policy: which server a command goes to, and what
- *             LIST, NAMESPACE, CAPABILITY, RENAME, ENABLE, COPY and MOVE,
- *             and mailbox referrals become across several servers;
+ *             LIST, NAMESPACE, CAPABILITY, RENAME, ENABLE, REPLACE, IMAP
+ *             URLs and mailbox referrals become across several servers;
+ *             copy.c beside it carries COPY and MOVE between servers;
  *   link.c    the links to back-ends: opening one, the client commands
  *             in flight on it, streaming its answers to the client,
  *             waiting for an answer, and what imapfe itself may write to
  *             the client between the back-ends' responses.
  *
- * This header is theirs alone; imapfe.c sees engine_run() in imapfe.h.
+ * This header is theirs (and copy.c's) alone; imapfe.c sees engine_run()
+ * in imapfe.h.
  */
 #ifndef ENGINE_H
 #define ENGINE_H
