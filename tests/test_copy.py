@@ -18,9 +18,10 @@ import pytest
 from conftest import VALGRIND, Dovecot, read_greeting, wait_for
 from fakebackend import FakeBackend, command_loop, plain_server
 from test_public import (PREFIX, SANITIZED, big_message, home_conf,
-                         imapfe_pid, login, make_public_folder, proc_status,
-                         public_conf, public_config, public_server, q,
-                         raw_login, rawlog)
+                         imapfe_pid, login, make_public_folder, message,
+                         proc_status, public_conf, public_config,
+                         public_server, q, raw_login, rawlog)
+from test_transparency import Mbsync
 
 # Dovecot's own list, less MULTIAPPEND.
 CAPS_NO_MULTIAPPEND = (
@@ -678,3 +679,79 @@ def test_destination_killed_mid_copy(imapfe_factory, roomy_home, verb,
         assert [after[u] for u in named + extra] == order[:left + len(extra)]
     finally:
         pub.close()
+
+
+# --- mbsync over a folder whose messages moved between servers ------------
+
+def mbsync_for(tmp, port):
+    """mbsync (as test_transparency runs it) on alice's INBOX, her home
+    folder Filed and the public folder Shared only, expunging on both
+    sides what the other side no longer has."""
+    sync = Mbsync(tmp, "moved", port)
+    with open(sync.rc) as f:
+        rc = f.read()
+    rc = rc.replace("Patterns *\n", 'Patterns INBOX Filed "%sShared"\n'
+                    % PREFIX).replace("Expunge None\n", "Expunge Both\n")
+    with open(sync.rc, "w") as f:
+        f.write(rc)
+    return sync
+
+
+MESSAGE_ID = re.compile(rb"^Message-ID: (<[^>]*>)", re.M | re.I)
+
+
+def message_ids(msgs):
+    return sorted(MESSAGE_ID.search(m).group(1) for m in msgs)
+
+
+def test_mbsync_converges_after_a_move_between_servers(imapfe_factory,
+                                                      tmp_path):
+    """A local Maildir synced through imapfe with alice's home (INBOX,
+    Filed) and a public folder; 3 of Shared's 6 messages then moved home
+    into Filed through imapfe; mbsync run twice more: the second changes
+    nothing, and every Message-ID is once on the servers and once in the
+    Maildir, in the folder it was moved to."""
+    home = Dovecot(extra_conf=home_conf)
+    pub = public_server()
+    try:
+        h = home.imap("alice")
+        assert h.append("INBOX", None, None, message("inbox 1"))[0] == "OK"
+        assert h.create("Filed")[0] == "OK"
+        h.logout()
+        shared = make_public_folder(pub, "Shared",
+                                    ["shared %d" % i for i in range(1, 7)])
+        f = imapfe_factory(public_config(home, pub.port))
+        f.start_inetd()
+        sync = mbsync_for(str(tmp_path), f.port)
+        sync.run()
+        local = sync.folders()
+        assert {k: len(v) for k, v in local.items()} == {
+            "INBOX": 1, "Filed": 0, shared: 6}, local
+
+        m = login(f)
+        assert m.select(q(shared))[0] == "OK"
+        moved = [b"<shared-%d@example.org>" % i for i in (2, 4, 5)]
+        typ, data = m._simple_command("MOVE", "2,4,5", "Filed")
+        assert typ == "OK", data
+        m.logout()
+
+        def far():
+            return {"INBOX": messages(home, "INBOX"),
+                    "Filed": messages(home, "Filed"),
+                    shared: messages(pub, shared)}
+        sync.run()
+        first_far, first_local = far(), sync.folders()
+        sync.run()
+        assert far() == first_far, "the second run changed the servers"
+        assert sync.folders() == first_local, \
+            "the second run changed the Maildir"
+        for side in ({k: v.values() for k, v in first_far.items()},
+                     first_local):
+            ids = {k: message_ids(v) for k, v in side.items()}
+            assert ids["Filed"] == sorted(moved), ids
+            assert ids[shared] == sorted(
+                b"<shared-%d@example.org>" % i for i in (1, 3, 6)), ids
+            assert ids["INBOX"] == [b"<inbox-1@example.org>"], ids
+    finally:
+        pub.close()
+        home.close()
