@@ -905,6 +905,13 @@ static void
 copy_failed(struct copy_run *run, enum copy_result rc, const char *dtag)
 {
 	enum undo_result undo = UNDO_DONE;
+	int dest_lost = rc == COPY_DEST_LOST || run->dest_broken;
+	/*
+	 * Lost after an APPEND's whole message went out, before its answer:
+	 * whether the server stored it, nobody can tell.  (Broken inside its
+	 * literal, it cannot have.)
+	 */
+	int maybe_one_more = rc == COPY_DEST_LOST && !run->dest_broken;
 	const char *code;
 	int codelen;
 
@@ -918,12 +925,14 @@ copy_failed(struct copy_run *run, enum copy_result rc, const char *dtag)
 		    CROSS_COPY_MAX);
 		return;
 	}
-	if (rc == COPY_DEST_LOST || run->dest_broken)
+	if (dest_lost)
 		undo = run->stored > 0 ? UNDO_LOST : UNDO_DONE;
 	else
 		undo = undo_copies(run);
 	if (undo != UNDO_DONE)
-		log_left(run, undo == UNDO_LOST ? "the destination's "
+		log_left(run, undo == UNDO_LOST ? maybe_one_more ? "the "
+		    "destination's connection was lost awaiting an APPEND's "
+		    "answer, whose message may stay too" : "the destination's "
 		    "connection was lost" : run->uids_known ? "the destination "
 		    "would not expunge them" : "the destination gave no "
 		    "APPENDUID");
@@ -934,12 +943,22 @@ copy_failed(struct copy_run *run, enum copy_result rc, const char *dtag)
 	    rc == COPY_REFUSED ? run->dest->why : "",
 	    rc == COPY_REFUSED ? "\"" : "",
 	    undo != UNDO_DONE ? run->stored : 0);
-	/* a lost server's connection is answered as the router does */
+	/*
+	 * A lost server's connection is answered as the router does; but
+	 * when copies stay on the lost destination the client hears how many,
+	 * so that it does not retry into doubles.
+	 */
 	if (rc == COPY_DEST_LOST || run->dest_broken || undo == UNDO_LOST)
-		command_failed_on_link(run->eng, run->to, rc == COPY_SOURCE_LOST ?
-		    NULL : run->tag, W_LINK_DOWN);
+		command_failed_on_link(run->eng, run->to, rc == COPY_SOURCE_LOST ||
+		    undo == UNDO_LOST ? NULL : run->tag, W_LINK_DOWN);
 	if (rc == COPY_SOURCE_LOST)
 		command_failed_on_link(run->eng, run->from, run->tag, W_LINK_DOWN);
+	if (undo == UNDO_LOST && rc != COPY_SOURCE_LOST &&
+	    run->eng->end == END_NONE)
+		client_line(run->eng, "%s NO [UNAVAILABLE] %s between servers "
+		    "failed, the destination's server was lost; copies left in "
+		    "the destination: %zu%s.", run->tag, run->what, run->stored,
+		    maybe_one_more ? ", and perhaps the one being stored" : "");
 	if (rc == COPY_DEST_LOST || rc == COPY_SOURCE_LOST ||
 	    run->dest_broken || undo == UNDO_LOST)
 		return;

@@ -10,15 +10,18 @@ failure imapfe expunges the copies it stored, by their APPENDUID UIDs).
 """
 import os
 import re
+import signal
 import socket
 
 import pytest
 
-from conftest import VALGRIND, Dovecot
+from conftest import VALGRIND, Dovecot, read_greeting, wait_for
 from fakebackend import FakeBackend, command_loop, plain_server
-from test_public import (PREFIX, SANITIZED, home_conf, imapfe_pid, login,
-                         make_public_folder, proc_status, public_config,
+from test_public import (PREFIX, SANITIZED, big_message, home_conf,
+                         imapfe_pid, login, make_public_folder, message,
+                         proc_status, public_conf, public_config,
                          public_server, q, raw_login, rawlog)
+from test_transparency import Mbsync
 
 # Dovecot's own list, less MULTIAPPEND.
 CAPS_NO_MULTIAPPEND = (
@@ -478,6 +481,7 @@ def test_destination_lost_mid_copy_names_the_copies_left(imapfe_factory,
         m.select("Lost%d" % home.multiappend)
         typ, data = m.copy("1:2", q(PREFIX + "Dst"))
         assert typ == "NO" and data[0].startswith(b"[UNAVAILABLE]"), data
+        assert b"copies left in the destination: 1" in data[0], data
         # the session goes on, the source untouched
         assert m.noop()[0] == "OK"
         assert len(messages(home, "Lost%d" % home.multiappend)) == 2
@@ -553,3 +557,201 @@ def test_copies_that_cannot_be_removed_are_named(fe, home, public):
     assert b"copies left in the destination: 1." in data[0], data
     assert re.search(r'event=copy-undo-failed .*left=1 .*uids="%d"'
                      % list(held)[0], text), text
+
+
+# --- a real destination killed mid-copy -----------------------------------
+
+KILL_COUNT, KILL_SIZE = 300, 50000
+
+
+def public_dest(multiappend):
+    """A public-folder Dovecot of the test's own, to kill: as Dovecot
+    comes, or with MULTIAPPEND left out of its capabilities."""
+    def conf(d):
+        extra = public_conf(d)
+        if not multiappend:
+            extra += "imap_capability = %s\n" % CAPS_NO_MULTIAPPEND
+        return extra
+    return Dovecot(extra_conf=conf)
+
+
+def maildir_files(d, name):
+    """The files of public folder name on server d: in tmp (being
+    stored) and in new and cur (stored)."""
+    top = os.path.join(d.dir, "public", "." + name)
+    return sum(len(os.listdir(os.path.join(top, sub)))
+               for sub in ("tmp", "new", "cur"))
+
+
+def kill_dovecot(d):
+    """SIGKILL to the whole process group of Dovecot d (master, imap,
+    auth...): nothing of it gets to finish what it was doing."""
+    os.killpg(d.proc.pid, signal.SIGKILL)
+    d.proc.wait()
+    d.proc = None
+    wait_for(lambda: read_greeting(d.port, timeout=0.2) == b"", 10,
+             "the killed dovecot's port to close")
+
+
+@pytest.mark.parametrize("verb", ["COPY", "MOVE"])
+@pytest.mark.parametrize("multiappend", [True, False],
+                         ids=["multiappend", "one-by-one"])
+def test_destination_killed_mid_copy(imapfe_factory, roomy_home, verb,
+                                     multiappend):
+    """300 messages of 50 KB from home to a public folder, whose Dovecot
+    is killed (SIGKILL, every process of it) once the first messages of
+    the APPEND are on its disk.  The client gets NO [UNAVAILABLE] and the
+    session goes on; a MOVE removed no original and marked none
+    \\Deleted.  Restarted, the destination holds what it held before:
+    with MULTIAPPEND nothing of the APPEND was ever committed; one
+    APPEND per message, the copies stored before the kill cannot be taken
+    back on a dead server, so the NO says how many stay and
+    event=copy-undo-failed names exactly their UIDs."""
+    name = "Killed%s%d" % (verb, multiappend)
+    src = name
+    m = roomy_home.imap("alice")
+    assert m.create(src)[0] == "OK"
+    for i in range(KILL_COUNT):
+        assert m.append(src, None, None,
+                        big_message(KILL_SIZE, i))[0] == "OK"
+    m.logout()
+    before_src = messages(roomy_home, src)
+    pub = public_dest(multiappend)
+    try:
+        dst = make_public_folder(pub, name, ["was here 1", "was here 2"])
+        before_dst = messages(pub, dst)
+        files_before = maildir_files(pub, name)
+        f = imapfe_factory(public_config(roomy_home, pub.port))
+        f.start_inetd()
+        c = raw_login(f)
+        assert c.cmd("s", "SELECT %s" % src)[-1].startswith("s OK")
+        c.send("k UID %s 1:* %s\r\n" % (verb, q(dst)))
+        # under way: a few messages written, by far not all
+        wait_for(lambda: maildir_files(pub, name) >= files_before + 5, 30,
+                 "the APPEND to reach the destination's disk")
+        kill_dovecot(pub)
+        answer = c.until_tagged("k")
+        assert answer[-1].startswith("k NO [UNAVAILABLE] "), answer
+        assert not [ln for ln in answer if "EXPUNGE" in ln], answer
+        # the session goes on, on the home server
+        assert c.cmd("n", "NOOP")[-1].startswith("n OK")
+        got = c.cmd("d", "UID SEARCH DELETED")
+        assert got[-1].startswith("d OK") and "* SEARCH" in got[0], got
+        assert got[0].strip() == "* SEARCH", "marked \\Deleted: %r" % got
+        got = c.cmd("e", "STATUS %s (MESSAGES)" % src)
+        assert "(MESSAGES %d)" % KILL_COUNT in got[0], got
+        assert c.cmd("z", "LOGOUT")[-1].startswith("z OK")
+        c.close()
+        assert messages(roomy_home, src) == before_src
+        pub.start()
+        after = messages(pub, dst)
+        text = f.log_text()
+        failed = re.search(r"event=copy-failed .*command=%s messages=%d "
+                           r"reason=destination-lost left=(\d+)"
+                           % (verb, KILL_COUNT), text)
+        assert failed, text
+        left = int(failed.group(1))
+        if multiappend:
+            assert left == 0, text
+            assert after == before_dst
+            assert "event=copy-undo-failed" not in text, text
+            return
+        undo = re.search(r'event=copy-undo-failed .*command=%s left=%d '
+                         r'uidvalidity=(\d+) uids="([\d:,]+)"'
+                         % (verb, left), text)
+        assert undo and left >= 4, text
+        assert int(undo.group(1)) == uidvalidity(pub, dst)
+        named = uid_set(undo.group(2))
+        assert len(named) == left
+        assert {u: after[u] for u in before_dst} == before_dst
+        no = answer[-1]
+        assert ("copies left in the destination: %d." % left in no or
+                "copies left in the destination: %d, and perhaps the one "
+                "being stored." % left in no), answer
+        # the one whose APPEND was on its way may have been stored, its
+        # answer lost with the server: the NO says so, and then only
+        extra = sorted(set(after) - set(before_dst) - set(named))
+        assert len(extra) <= int("perhaps" in no), \
+            "left in the destination: %r, named: %r" % (
+                sorted(set(after) - set(before_dst)), named)
+        # the copies left are the first messages of the set, in order
+        order = [before_src[u] for u in sorted(before_src)]
+        assert [after[u] for u in named + extra] == order[:left + len(extra)]
+    finally:
+        pub.close()
+
+
+# --- mbsync over a folder whose messages moved between servers ------------
+
+def mbsync_for(tmp, port):
+    """mbsync (as test_transparency runs it) on alice's INBOX, her home
+    folder Filed and the public folder Shared only, expunging on both
+    sides what the other side no longer has."""
+    sync = Mbsync(tmp, "moved", port)
+    with open(sync.rc) as f:
+        rc = f.read()
+    rc = rc.replace("Patterns *\n", 'Patterns INBOX Filed "%sShared"\n'
+                    % PREFIX).replace("Expunge None\n", "Expunge Both\n")
+    with open(sync.rc, "w") as f:
+        f.write(rc)
+    return sync
+
+
+MESSAGE_ID = re.compile(rb"^Message-ID: (<[^>]*>)", re.M | re.I)
+
+
+def message_ids(msgs):
+    return sorted(MESSAGE_ID.search(m).group(1) for m in msgs)
+
+
+def test_mbsync_converges_after_a_move_between_servers(imapfe_factory,
+                                                      tmp_path):
+    """A local Maildir synced through imapfe with alice's home (INBOX,
+    Filed) and a public folder; 3 of Shared's 6 messages then moved home
+    into Filed through imapfe; mbsync run twice more: the second changes
+    nothing, and every Message-ID is once on the servers and once in the
+    Maildir, in the folder it was moved to."""
+    home = Dovecot(extra_conf=home_conf)
+    pub = public_server()
+    try:
+        h = home.imap("alice")
+        assert h.append("INBOX", None, None, message("inbox 1"))[0] == "OK"
+        assert h.create("Filed")[0] == "OK"
+        h.logout()
+        shared = make_public_folder(pub, "Shared",
+                                    ["shared %d" % i for i in range(1, 7)])
+        f = imapfe_factory(public_config(home, pub.port))
+        f.start_inetd()
+        sync = mbsync_for(str(tmp_path), f.port)
+        sync.run()
+        local = sync.folders()
+        assert {k: len(v) for k, v in local.items()} == {
+            "INBOX": 1, "Filed": 0, shared: 6}, local
+
+        m = login(f)
+        assert m.select(q(shared))[0] == "OK"
+        moved = [b"<shared-%d@example.org>" % i for i in (2, 4, 5)]
+        typ, data = m._simple_command("MOVE", "2,4,5", "Filed")
+        assert typ == "OK", data
+        m.logout()
+
+        def far():
+            return {"INBOX": messages(home, "INBOX"),
+                    "Filed": messages(home, "Filed"),
+                    shared: messages(pub, shared)}
+        sync.run()
+        first_far, first_local = far(), sync.folders()
+        sync.run()
+        assert far() == first_far, "the second run changed the servers"
+        assert sync.folders() == first_local, \
+            "the second run changed the Maildir"
+        for side in ({k: v.values() for k, v in first_far.items()},
+                     first_local):
+            ids = {k: message_ids(v) for k, v in side.items()}
+            assert ids["Filed"] == sorted(moved), ids
+            assert ids[shared] == sorted(
+                b"<shared-%d@example.org>" % i for i in (1, 3, 6)), ids
+            assert ids["INBOX"] == [b"<inbox-1@example.org>"], ids
+    finally:
+        pub.close()
+        home.close()
