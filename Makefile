@@ -98,7 +98,7 @@ unit: tests/unit
 check: deps imapfe tests/unit tests/unit-asan imapfe-asan
 	./tests/unit
 	./tests/unit-asan
-	$(MAKE) fuzz FUZZ_SECONDS=60
+	$(MAKE) fuzz FUZZ_SECONDS=30
 	mandoc -Tlint -Wwarning imapfe.8 imapfe.conf.5
 	$(PYTEST) tests
 	IMAPFE_BIN=$(CURDIR)/imapfe-asan $(PYTEST) tests
