@@ -242,12 +242,16 @@ def test_haproxy_balances_and_imapfe_logs_the_real_client(
             except OSError:
                 return False
         wait_for(ready, 20, "haproxy to forward")
-        client_ports = []
+        # All four open at once, so that each has a port of its own (one
+        # closed first could see its port taken again by the next).
+        clients = []
         for _ in range(4):
             m = IMAP4From("127.0.0.1", front)
-            client_ports.append(m.sock.getsockname()[1])
+            clients.append(m)
             assert m.login("alice", "secret")[0] == "OK"
             assert m.select("INBOX")[0] == "OK"
+        client_ports = [m.sock.getsockname()[1] for m in clients]
+        for m in clients:
             m.logout()
         for f in fes:
             f.wait_log("reason=logout")
