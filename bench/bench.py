@@ -15,6 +15,7 @@ import argparse
 import json
 import re
 import os
+import random
 import shutil
 import signal
 import socket
@@ -36,6 +37,8 @@ BIN = os.environ.get("IMAPFE_BIN", os.path.join(TOP, "imapfe"))
 USER, PASSWORD = "alice", USERS["alice"]
 BIG = 10 * 1024 * 1024
 SMALL_COUNT = 1000
+STRESS_COUNT = 30        # small messages in `stress`, for short sessions
+STRESS_CLIENTS = 16      # clients doing short sessions at once
 PIPELINED = 200          # commands in the pipelined figure, <= SMALL_COUNT
 MB = 1e6
 
@@ -143,8 +146,11 @@ def login_cycle(port, tls):
         c.close()
 
 
-def logins_per_second(port, tls, concurrency, seconds):
-    """Complete login cycles per second with `concurrency` clients."""
+def run_clients(concurrency, seconds, one_cycle):
+    """Cycles per second of `concurrency` client threads, each calling
+    one_cycle(i) (i its index) in a loop until `seconds` have passed.  A
+    cycle that raises ends its thread, and the figure fails with the
+    first errors: failures are reported, never counted."""
     deadline = time.monotonic() + seconds
     counts = [0] * concurrency
     errors = []
@@ -152,7 +158,7 @@ def logins_per_second(port, tls, concurrency, seconds):
     def worker(i):
         try:
             while time.monotonic() < deadline:
-                login_cycle(port, tls)
+                one_cycle(i)
                 counts[i] += 1
         except Exception as e:          # reported, not hidden
             errors.append(repr(e))
@@ -164,8 +170,50 @@ def logins_per_second(port, tls, concurrency, seconds):
     for t in threads:
         t.join()
     if errors:
-        raise RuntimeError("login errors: %s" % errors[:3])
+        raise RuntimeError("%d of %d clients failed: %s"
+                           % (len(errors), concurrency, errors[:3]))
     return sum(counts) / (time.monotonic() - start)
+
+
+def logins_per_second(port, tls, concurrency, seconds):
+    """Complete login cycles per second with `concurrency` clients."""
+    return run_clients(concurrency, seconds,
+                       lambda i: login_cycle(port, tls))
+
+
+# Tagged commands in one short session: LOGIN, SELECT, the six below,
+# LOGOUT.
+SHORT_COMMANDS = 9
+
+
+def short_session(port, rng):
+    """One short session as a mail client's quick sync makes it, on the
+    `stress` mailbox (STRESS_COUNT messages, UIDs 1..STRESS_COUNT): every
+    flag it sets it clears again, so the mailbox does not drift."""
+    c = Conn(port)
+    try:
+        c.login(b"stress")
+        seq = rng.randint(1, STRESS_COUNT)
+        c.cmd(b"c", b"FETCH 1:* (UID FLAGS)")
+        c.cmd(b"d", b"UID FETCH %d (BODY.PEEK[HEADER])"
+              % rng.randint(1, STRESS_COUNT))
+        c.cmd(b"e", b"FETCH %d (BODY.PEEK[])"
+              % rng.randint(1, STRESS_COUNT))
+        c.cmd(b"f", b"STORE %d +FLAGS (\\Seen)" % seq)
+        c.cmd(b"g", b"SEARCH UNSEEN")
+        c.cmd(b"h", b"STORE %d -FLAGS (\\Seen)" % seq)
+        c.cmd(b"z", b"LOGOUT")
+    finally:
+        c.close()
+
+
+def short_sessions(port, concurrency, seconds):
+    """Tagged commands completed per second by `concurrency` clients
+    doing short sessions, as Dovecot's imaptest counts them; each client
+    draws its numbers from its own fixed seed, so runs are comparable."""
+    rngs = [random.Random(i) for i in range(concurrency)]
+    return SHORT_COMMANDS * run_clients(
+        concurrency, seconds, lambda i: short_session(port, rngs[i]))
 
 
 def tree_cpu_seconds(pid):
@@ -788,6 +836,13 @@ class Bed:
         m.append("big", None, None, sample_message(0, body.decode()))
         for i in range(1, 4):
             m.append("INBOX", None, None, sample_message(i))
+        # The short sessions' mailbox: its UIDs are 1..STRESS_COUNT.
+        m.create("stress")
+        for i in range(1, STRESS_COUNT + 1):
+            m.append("stress", None, None, sample_message(i))
+        typ, data = m.status("stress", "(MESSAGES UIDNEXT)")
+        assert data[0].endswith(b"(MESSAGES %d UIDNEXT %d)"
+                                % (STRESS_COUNT, STRESS_COUNT + 1)), data
         m.logout()
         # 1,000 small messages: written as maildir files, then indexed.
         cur = os.path.join(self.dovecot.dir, "mail", USER, ".small", "cur")
@@ -866,6 +921,8 @@ def measures(quick):
          lambda t, b: logins_per_second(t.port, None, 16, s), plain_only),
         ("cpu_login_ms", "CPU per login, ms",
          lambda t, b: cpu_per_login(t, 2 * s), plain_only),
+        ("short_cmds", "short sessions, 16 clients, cmds/s",
+         lambda t, b: short_sessions(t.port, STRESS_CLIENTS, s), plain_only),
         ("fetch_big", "FETCH 10 MiB, MB/s",
          lambda t, b: throughput(t.port, None, b"big", b"FETCH 1 BODY.PEEK[]",
                                  3), plain_only),
@@ -971,6 +1028,7 @@ ROWS = [
     ("login_c1", "logins/s, 1 client", "hi"),
     ("login_c16", "logins/s, 16 clients", "hi"),
     ("cpu_login_ms", "CPU per login, ms", "ms"),
+    ("short_cmds", "short sessions, 16 clients, cmds/s", "hi"),
     ("fetch_big", "FETCH 10 MiB, MB/s", "hi"),
     ("fetch_small", "FETCH 1,000 x 2 KiB, MB/s", "hi"),
     ("noop_median", "NOOP median, us", "lo"),
