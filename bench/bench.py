@@ -1102,6 +1102,7 @@ AT_LEAST, AT_MOST, WITHIN = ">=", "<=", "within"
 ROUTED_VS_RELAYED = [
     ("login_c1", "logins/s, 1 client", "ratio", (AT_LEAST, 0.95)),
     ("login_c16", "logins/s, 16 clients", "ratio", (AT_LEAST, 0.95)),
+    ("short_cmds", "short sessions, 16 clients, cmds/s", "ratio", None),
     ("fetch_big", "FETCH 10 MiB, MB/s", "ratio", (AT_LEAST, 0.95)),
     ("fetch_small", "FETCH 1,000 x 2 KiB, MB/s", "ratio", (AT_LEAST, 0.95)),
     ("noop_ratio", "NOOP paired ratio, routed minus relayed", "minus",
@@ -1120,6 +1121,18 @@ ROUTED_VS_RELAYED = [
 ]
 
 
+# imapfe -l against nginx's mail proxy in the same rounds: issue 16's
+# targets for the listener, as imapfe -l / nginx mail.
+LISTENER, NGINX = "imapfe -l", "nginx mail"
+LISTENER_VS_NGINX = [
+    ("greeting_us", "connect to greeting, time", "ratio", (AT_MOST, 1.0)),
+    ("login_c1", "logins/s, 1 client", "ratio", (AT_LEAST, 1.0)),
+    ("login_c16", "logins/s, 16 clients", "ratio", (AT_LEAST, 0.6)),
+    ("short_cmds", "short sessions, 16 clients, cmds/s", "ratio",
+     (AT_LEAST, 0.8)),
+]
+
+
 def meets(value, criterion):
     op, bound = criterion
     if op == AT_LEAST:
@@ -1129,16 +1142,16 @@ def meets(value, criterion):
     return abs(value) <= bound
 
 
-def routed_vs_relayed(results):
-    """Per figure: the routed sample over (or minus) the relayed one of
-    the same round, for every round where both were measured, and their
-    median; None when either target is missing."""
-    if RELAYED not in results or ROUTED not in results:
+def same_rounds(results, ours, theirs, figures):
+    """Per figure: our sample over (or minus) theirs of the same round,
+    for every round where both were measured, and their median; None
+    when either target is missing."""
+    if ours not in results or theirs not in results:
         return None
     out = {}
-    for key, label, how, criterion in ROUTED_VS_RELAYED:
-        pairs = zip(results[ROUTED]["rounds"].get(key, []),
-                    results[RELAYED]["rounds"].get(key, []))
+    for key, label, how, criterion in figures:
+        pairs = zip(results[ours]["rounds"].get(key, []),
+                    results[theirs]["rounds"].get(key, []))
         per_round = [(a / b if how == "ratio" else a - b)
                      for a, b in pairs
                      if a is not None and b is not None
@@ -1151,9 +1164,16 @@ def routed_vs_relayed(results):
     return out
 
 
-def comparison_table(comparison):
-    head = ["routed vs relayed, imapfe -l, same rounds", "routed/relayed",
-            "each round", "issue's criterion"]
+def routed_vs_relayed(results):
+    return same_rounds(results, ROUTED, RELAYED, ROUTED_VS_RELAYED)
+
+
+def listener_vs_nginx(results):
+    return same_rounds(results, LISTENER, NGINX, LISTENER_VS_NGINX)
+
+
+def comparison_table(comparison, title, ratio):
+    head = [title, ratio, "each round", "issue's criterion"]
     rows = []
     for key, c in comparison.items():
         fmt = "%+.3f" if c["how"] == "minus" else "%.2f"
@@ -1206,13 +1226,20 @@ def main():
             "loadavg": os.getloadavg(), "seconds": time.monotonic() - t0,
             "not_installed": missing, "notes": notes}
     comparison = routed_vs_relayed(results)
+    against_nginx = listener_vs_nginx(results)
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "results": results,
-                   "routed_vs_relayed": comparison}, f, indent=1)
+                   "routed_vs_relayed": comparison,
+                   "listener_vs_nginx": against_nginx}, f, indent=1)
     print(table(results, missing))
     if comparison is not None:
         print()
-        print(comparison_table(comparison))
+        print(comparison_table(comparison, "routed vs relayed, imapfe -l, "
+                               "same rounds", "routed/relayed"))
+    if against_nginx is not None:
+        print()
+        print(comparison_table(against_nginx, "imapfe -l vs nginx mail, "
+                               "same rounds", "imapfe -l/nginx"))
     print("\n%s, %d CPUs%s, medians of %d rounds, load average %.1f, "
           "%.0f s" % (meta["date"], meta["cpus"],
                       " (servers CPU 0, client CPU 1)" if PINNED else "",
