@@ -15,6 +15,7 @@ import argparse
 import json
 import re
 import os
+import random
 import shutil
 import signal
 import socket
@@ -36,6 +37,8 @@ BIN = os.environ.get("IMAPFE_BIN", os.path.join(TOP, "imapfe"))
 USER, PASSWORD = "alice", USERS["alice"]
 BIG = 10 * 1024 * 1024
 SMALL_COUNT = 1000
+STRESS_COUNT = 30        # small messages in `stress`, for short sessions
+STRESS_CLIENTS = 16      # clients doing short sessions at once
 PIPELINED = 200          # commands in the pipelined figure, <= SMALL_COUNT
 MB = 1e6
 
@@ -143,8 +146,11 @@ def login_cycle(port, tls):
         c.close()
 
 
-def logins_per_second(port, tls, concurrency, seconds):
-    """Complete login cycles per second with `concurrency` clients."""
+def run_clients(concurrency, seconds, one_cycle):
+    """Cycles per second of `concurrency` client threads, each calling
+    one_cycle(i) (i its index) in a loop until `seconds` have passed.  A
+    cycle that raises ends its thread, and the figure fails with the
+    first errors: failures are reported, never counted."""
     deadline = time.monotonic() + seconds
     counts = [0] * concurrency
     errors = []
@@ -152,7 +158,7 @@ def logins_per_second(port, tls, concurrency, seconds):
     def worker(i):
         try:
             while time.monotonic() < deadline:
-                login_cycle(port, tls)
+                one_cycle(i)
                 counts[i] += 1
         except Exception as e:          # reported, not hidden
             errors.append(repr(e))
@@ -164,8 +170,50 @@ def logins_per_second(port, tls, concurrency, seconds):
     for t in threads:
         t.join()
     if errors:
-        raise RuntimeError("login errors: %s" % errors[:3])
+        raise RuntimeError("%d of %d clients failed: %s"
+                           % (len(errors), concurrency, errors[:3]))
     return sum(counts) / (time.monotonic() - start)
+
+
+def logins_per_second(port, tls, concurrency, seconds):
+    """Complete login cycles per second with `concurrency` clients."""
+    return run_clients(concurrency, seconds,
+                       lambda i: login_cycle(port, tls))
+
+
+# Tagged commands in one short session: LOGIN, SELECT, the six below,
+# LOGOUT.
+SHORT_COMMANDS = 9
+
+
+def short_session(port, rng):
+    """One short session as a mail client's quick sync makes it, on the
+    `stress` mailbox (STRESS_COUNT messages, UIDs 1..STRESS_COUNT): every
+    flag it sets it clears again, so the mailbox does not drift."""
+    c = Conn(port)
+    try:
+        c.login(b"stress")
+        seq = rng.randint(1, STRESS_COUNT)
+        c.cmd(b"c", b"FETCH 1:* (UID FLAGS)")
+        c.cmd(b"d", b"UID FETCH %d (BODY.PEEK[HEADER])"
+              % rng.randint(1, STRESS_COUNT))
+        c.cmd(b"e", b"FETCH %d (BODY.PEEK[])"
+              % rng.randint(1, STRESS_COUNT))
+        c.cmd(b"f", b"STORE %d +FLAGS (\\Seen)" % seq)
+        c.cmd(b"g", b"SEARCH UNSEEN")
+        c.cmd(b"h", b"STORE %d -FLAGS (\\Seen)" % seq)
+        c.cmd(b"z", b"LOGOUT")
+    finally:
+        c.close()
+
+
+def short_sessions(port, concurrency, seconds):
+    """Tagged commands completed per second by `concurrency` clients
+    doing short sessions, as Dovecot's imaptest counts them; each client
+    draws its numbers from its own fixed seed, so runs are comparable."""
+    rngs = [random.Random(i) for i in range(concurrency)]
+    return SHORT_COMMANDS * run_clients(
+        concurrency, seconds, lambda i: short_session(port, rngs[i]))
 
 
 def tree_cpu_seconds(pid):
@@ -788,6 +836,13 @@ class Bed:
         m.append("big", None, None, sample_message(0, body.decode()))
         for i in range(1, 4):
             m.append("INBOX", None, None, sample_message(i))
+        # The short sessions' mailbox: its UIDs are 1..STRESS_COUNT.
+        m.create("stress")
+        for i in range(1, STRESS_COUNT + 1):
+            m.append("stress", None, None, sample_message(i))
+        typ, data = m.status("stress", "(MESSAGES UIDNEXT)")
+        assert data[0].endswith(b"(MESSAGES %d UIDNEXT %d)"
+                                % (STRESS_COUNT, STRESS_COUNT + 1)), data
         m.logout()
         # 1,000 small messages: written as maildir files, then indexed.
         cur = os.path.join(self.dovecot.dir, "mail", USER, ".small", "cur")
@@ -866,6 +921,8 @@ def measures(quick):
          lambda t, b: logins_per_second(t.port, None, 16, s), plain_only),
         ("cpu_login_ms", "CPU per login, ms",
          lambda t, b: cpu_per_login(t, 2 * s), plain_only),
+        ("short_cmds", "short sessions, 16 clients, cmds/s",
+         lambda t, b: short_sessions(t.port, STRESS_CLIENTS, s), plain_only),
         ("fetch_big", "FETCH 10 MiB, MB/s",
          lambda t, b: throughput(t.port, None, b"big", b"FETCH 1 BODY.PEEK[]",
                                  3), plain_only),
@@ -971,6 +1028,7 @@ ROWS = [
     ("login_c1", "logins/s, 1 client", "hi"),
     ("login_c16", "logins/s, 16 clients", "hi"),
     ("cpu_login_ms", "CPU per login, ms", "ms"),
+    ("short_cmds", "short sessions, 16 clients, cmds/s", "hi"),
     ("fetch_big", "FETCH 10 MiB, MB/s", "hi"),
     ("fetch_small", "FETCH 1,000 x 2 KiB, MB/s", "hi"),
     ("noop_median", "NOOP median, us", "lo"),
@@ -1044,6 +1102,7 @@ AT_LEAST, AT_MOST, WITHIN = ">=", "<=", "within"
 ROUTED_VS_RELAYED = [
     ("login_c1", "logins/s, 1 client", "ratio", (AT_LEAST, 0.95)),
     ("login_c16", "logins/s, 16 clients", "ratio", (AT_LEAST, 0.95)),
+    ("short_cmds", "short sessions, 16 clients, cmds/s", "ratio", None),
     ("fetch_big", "FETCH 10 MiB, MB/s", "ratio", (AT_LEAST, 0.95)),
     ("fetch_small", "FETCH 1,000 x 2 KiB, MB/s", "ratio", (AT_LEAST, 0.95)),
     ("noop_ratio", "NOOP paired ratio, routed minus relayed", "minus",
@@ -1062,6 +1121,18 @@ ROUTED_VS_RELAYED = [
 ]
 
 
+# imapfe -l against nginx's mail proxy in the same rounds: issue 16's
+# targets for the listener, as imapfe -l / nginx mail.
+LISTENER, NGINX = "imapfe -l", "nginx mail"
+LISTENER_VS_NGINX = [
+    ("greeting_us", "connect to greeting, time", "ratio", (AT_MOST, 1.0)),
+    ("login_c1", "logins/s, 1 client", "ratio", (AT_LEAST, 1.0)),
+    ("login_c16", "logins/s, 16 clients", "ratio", (AT_LEAST, 0.6)),
+    ("short_cmds", "short sessions, 16 clients, cmds/s", "ratio",
+     (AT_LEAST, 0.8)),
+]
+
+
 def meets(value, criterion):
     op, bound = criterion
     if op == AT_LEAST:
@@ -1071,16 +1142,16 @@ def meets(value, criterion):
     return abs(value) <= bound
 
 
-def routed_vs_relayed(results):
-    """Per figure: the routed sample over (or minus) the relayed one of
-    the same round, for every round where both were measured, and their
-    median; None when either target is missing."""
-    if RELAYED not in results or ROUTED not in results:
+def same_rounds(results, ours, theirs, figures):
+    """Per figure: our sample over (or minus) theirs of the same round,
+    for every round where both were measured, and their median; None
+    when either target is missing."""
+    if ours not in results or theirs not in results:
         return None
     out = {}
-    for key, label, how, criterion in ROUTED_VS_RELAYED:
-        pairs = zip(results[ROUTED]["rounds"].get(key, []),
-                    results[RELAYED]["rounds"].get(key, []))
+    for key, label, how, criterion in figures:
+        pairs = zip(results[ours]["rounds"].get(key, []),
+                    results[theirs]["rounds"].get(key, []))
         per_round = [(a / b if how == "ratio" else a - b)
                      for a, b in pairs
                      if a is not None and b is not None
@@ -1093,9 +1164,16 @@ def routed_vs_relayed(results):
     return out
 
 
-def comparison_table(comparison):
-    head = ["routed vs relayed, imapfe -l, same rounds", "routed/relayed",
-            "each round", "issue's criterion"]
+def routed_vs_relayed(results):
+    return same_rounds(results, ROUTED, RELAYED, ROUTED_VS_RELAYED)
+
+
+def listener_vs_nginx(results):
+    return same_rounds(results, LISTENER, NGINX, LISTENER_VS_NGINX)
+
+
+def comparison_table(comparison, title, ratio):
+    head = [title, ratio, "each round", "issue's criterion"]
     rows = []
     for key, c in comparison.items():
         fmt = "%+.3f" if c["how"] == "minus" else "%.2f"
@@ -1148,13 +1226,20 @@ def main():
             "loadavg": os.getloadavg(), "seconds": time.monotonic() - t0,
             "not_installed": missing, "notes": notes}
     comparison = routed_vs_relayed(results)
+    against_nginx = listener_vs_nginx(results)
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "results": results,
-                   "routed_vs_relayed": comparison}, f, indent=1)
+                   "routed_vs_relayed": comparison,
+                   "listener_vs_nginx": against_nginx}, f, indent=1)
     print(table(results, missing))
     if comparison is not None:
         print()
-        print(comparison_table(comparison))
+        print(comparison_table(comparison, "routed vs relayed, imapfe -l, "
+                               "same rounds", "routed/relayed"))
+    if against_nginx is not None:
+        print()
+        print(comparison_table(against_nginx, "imapfe -l vs nginx mail, "
+                               "same rounds", "imapfe -l/nginx"))
     print("\n%s, %d CPUs%s, medians of %d rounds, load average %.1f, "
           "%.0f s" % (meta["date"], meta["cpus"],
                       " (servers CPU 0, client CPU 1)" if PINNED else "",
