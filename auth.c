@@ -487,6 +487,28 @@ bearer_response(const struct credentials *cr, const char *host,
 }
 
 /*
+ * The PLAIN message (RFC 4616) for cr, in base64, appended to out (which
+ * the caller wipes): the authorization identity (empty but when acting
+ * for a client, as the proxy user), the user and the password, each
+ * after a NUL.
+ */
+int
+plain_response(const struct credentials *cr, struct str *out)
+{
+	struct str msg = { 0 };
+	int rc;
+
+	rc = (cr->authzid != NULL && str_adds(&msg, cr->authzid) != 0) ||
+	    str_add(&msg, "", 1) != 0 ||
+	    str_add(&msg, cr->user, cr->user_len) != 0 ||
+	    str_add(&msg, "", 1) != 0 ||
+	    str_add(&msg, cr->pass, cr->pass_len) != 0 ||
+	    add_base64(out, msg.s, (unsigned)msg.len, 0) != 0 ? -1 : 0;
+	str_free(&msg);
+	return rc;
+}
+
+/*
  * The proxy identity's password: the first line of a file only the
  * service user should be able to read (a warning is logged otherwise).
  */
@@ -1000,6 +1022,19 @@ struct sasl_attempt {
 };
 
 /*
+ * PLAIN is built here (plain_response) rather than by libsasl2: the client
+ * set-up of libsasl2, sasl_client_new, looks up this host's canonical
+ * name on every login (gethostname, nsswitch, /etc/hosts), which cost a
+ * tenth of a login's CPU and page faults under -l, for a message of
+ * three fields.  Every other mechanism is libsasl2's.
+ */
+static int
+mech_is_plain(const char *mech)
+{
+	return strcasecmp(mech, "PLAIN") == 0;
+}
+
+/*
  * Whether a mechanism plugin's stem ("scram" of libscram.so) can provide
  * mechanism mech ("SCRAM-SHA-256"): one, lower-cased without dashes, is a
  * prefix of the other ("gssapiv2" serves GSSAPI, "gs2" GS2-KRB5).
@@ -1021,7 +1056,8 @@ plugin_serves(const char *stem, size_t stemlen, const char *mech)
 /*
  * libsasl2 would load every plugin in its directory (GSSAPI with Kerberos,
  * sasldb with Berkeley DB, ...) in every process: under inetd that was
- * half the start-up time.  Only plugins for backend_mechanisms are loaded.
+ * half the start-up time.  Only plugins for backend_mechanisms are loaded,
+ * and not PLAIN's, which imapfe speaks itself.
  */
 static int
 cb_verifyfile(void *context, const char *file, sasl_verify_type_t type)
@@ -1042,7 +1078,8 @@ cb_verifyfile(void *context, const char *file, sasl_verify_type_t type)
 		if (n > 0 && n < sizeof(mech)) {
 			memcpy(mech, mechs, n);
 			mech[n] = '\0';
-			if (plugin_serves(base, stemlen, mech))
+			if (!mech_is_plain(mech) &&
+			    plugin_serves(base, stemlen, mech))
 				return SASL_OK;
 		}
 		mechs += n;
@@ -1162,8 +1199,9 @@ attempt_start(struct sasl_attempt *at, const char *host,
  * sasl_client_end().
  */
 struct sasl_client {
-	struct sasl_attempt	 at;
-	int			 complete;	/* libsasl2 said SASL_OK */
+	struct sasl_attempt	 at;	/* no conn for PLAIN */
+	int			 plain;		/* PLAIN, built by imapfe */
+	int			 complete;	/* the last message is sent */
 };
 
 /* Append data as base64, "=" for an empty initial response. */
@@ -1204,6 +1242,18 @@ sasl_client_begin(struct sasl_client **out, const char *host,
 	*out = NULL;
 	if (sc == NULL)
 		return SASL_BEGIN_FAILED;
+	if (mech_is_plain(mech)) {
+		sc->plain = 1;
+		sc->at.cr = cr;
+		sc->complete = sasl_ir;
+		if (str_adds(args, "PLAIN") != 0 || (sasl_ir &&
+		    (str_adds(args, " ") != 0 || plain_response(cr, args) != 0))) {
+			sasl_client_end(sc);
+			return SASL_BEGIN_FAILED;
+		}
+		*out = sc;
+		return SASL_BEGIN_OK;
+	}
 	if (attempt_start(&sc->at, host, cr) != 0) {
 		sasl_client_end(sc);
 		return SASL_BEGIN_FAILED;
@@ -1226,6 +1276,27 @@ sasl_client_begin(struct sasl_client **out, const char *host,
 }
 
 /*
+ * PLAIN without SASL-IR: the server's one challenge, empty, is answered
+ * with the message; anything else is not PLAIN.
+ */
+static int
+plain_answer(struct sasl_client *sc, size_t chal_len, struct str *line,
+    char *why, size_t whylen)
+{
+	if (sc->complete || chal_len != 0) {
+		snprintf(why, whylen, "unexpected challenge to PLAIN");
+		return -1;
+	}
+	if (plain_response(sc->at.cr, line) != 0 ||
+	    str_add(line, "\r\n", 2) != 0) {
+		snprintf(why, whylen, "out of memory");
+		return -1;
+	}
+	sc->complete = 1;
+	return 0;
+}
+
+/*
  * The answer to a server challenge (base64, as it came after "+ "), as
  * the base64 line to send, CRLF included.  -1 with why set when the
  * challenge is malformed or libsasl2 refuses it: the caller cancels.
@@ -1240,6 +1311,10 @@ sasl_client_answer(struct sasl_client *sc, const char *chal, size_t len,
 	unsigned outlen = 0;
 	int rc = -1, st;
 
+	if (sc->plain) {
+		free(dec);
+		return plain_answer(sc, len, line, why, whylen);
+	}
 	if (dec == NULL || base64_decode(chal, len, dec, cap, &declen) != 0)
 		snprintf(why, whylen, "malformed base64 challenge");
 	else if ((st = sasl_client_step(sc->at.conn, dec, (unsigned)declen,

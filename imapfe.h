@@ -674,6 +674,7 @@ int		 bearer_message(const struct credentials *, const char *host,
 		    const char *port, struct str *out);
 int		 bearer_response(const struct credentials *, const char *host,
 		    const char *port, struct str *out);
+int		 plain_response(const struct credentials *, struct str *out);
 
 int		 credentials_set_authzid(struct credentials *, const char *);
 void		 credentials_drop_password(struct credentials *);

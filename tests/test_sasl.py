@@ -455,6 +455,85 @@ def test_backend_gets_proxy_identity_and_never_the_users_password(
         fake.close()
 
 
+def _mallory_to(fake, connect, imapfe_factory, dovecot):
+    """imapfe as inetd starts it, mallory routed to the fake back-end and
+    everyone else to Dovecot; and a client connected to it."""
+    f = imapfe_factory("route mallory 127.0.0.1:%d\n" % fake.port +
+                       base_config(dovecot.port))
+    f.start_inetd()
+    return f, connect(f.port)
+
+
+@pytest.mark.parametrize("caps", ["IMAP4rev1 SASL-IR AUTH=PLAIN",
+                                  "IMAP4rev1 AUTH=PLAIN"])
+def test_plain_with_and_without_sasl_ir(connect, imapfe_factory, dovecot,
+                                        caps):
+    """imapfe writes PLAIN itself: in the AUTHENTICATE line where the
+    back-end offers SASL-IR, else as the answer to its empty challenge;
+    either way the message of RFC 4616, with no authorization identity in
+    passthrough mode."""
+    rec = {}
+    fake = FakeBackend(lambda conn: _accepting_backend(conn, rec, caps))
+    try:
+        f, c = _mallory_to(fake, connect, imapfe_factory, dovecot)
+        lines = c.cmd("a", "LOGIN mallory " + PASSTHROUGH_PW)
+        assert lines[-1].startswith("a OK"), lines
+        c.cmd("z", "LOGOUT")
+        c.close()
+        wait_for(lambda: "plain" in rec, 10, "the PLAIN message")
+        assert rec["plain"] == b"\0mallory\0" + PASSTHROUGH_PW.encode()
+        auth = [cmd for cmd in rec["commands"] if " AUTHENTICATE " in cmd]
+        assert len(auth) == 1, rec
+        if "SASL-IR" in caps:
+            assert auth[0].split(" ")[1:3] == ["AUTHENTICATE", "PLAIN"] and \
+                len(auth[0].split(" ")) == 4, auth
+        else:
+            assert auth[0].split(" ", 1)[1] == "AUTHENTICATE PLAIN", auth
+    finally:
+        fake.close()
+
+
+def _challenging_backend(conn, rec):
+    """Send PLAIN a challenge with data, which PLAIN has none of, and keep
+    what comes back."""
+    def answer(conn, tag, cmd, rest):
+        if cmd != "AUTHENTICATE":
+            return False
+        conn.sendline("+ " + b64("what is this"))
+        rec["after"] = conn.line()
+        conn.sendline(tag + " BAD cancelled")
+        return True
+
+    serve_commands(conn, "* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake ready",
+                   answer, "IMAP4rev1 AUTH=PLAIN", other="OK done")
+
+
+def test_plain_challenge_with_data_is_cancelled(connect, imapfe_factory,
+                                                dovecot):
+    """A challenge PLAIN cannot have is cancelled ("*"), never answered
+    with the password; the client hears UNAVAILABLE, the log says why, and
+    the session goes on to log in elsewhere."""
+    rec = {}
+    fake = FakeBackend(lambda conn: _challenging_backend(conn, rec))
+    try:
+        f, c = _mallory_to(fake, connect, imapfe_factory, dovecot)
+        lines = c.cmd("a", "LOGIN mallory " + PASSTHROUGH_PW)
+        assert lines[-1].startswith("a NO [UNAVAILABLE]"), lines
+        wait_for(lambda: "after" in rec, 10, "the answer to the challenge")
+        assert rec["after"] == "*", rec
+        lines = c.cmd("b", "LOGIN alice secret")
+        assert lines[-1].startswith("b OK"), lines
+        c.cmd("z", "LOGOUT")
+        c.close()
+        log = f.wait_log("reason=logout")
+        assert "unexpected challenge to PLAIN" in log, log
+        sent = b"".join(bytes(r) for r in fake.received)
+        assert base64.b64encode(b"\0mallory\0" +
+                                PASSTHROUGH_PW.encode()) not in sent
+    finally:
+        fake.close()
+
+
 @pytest.mark.parametrize("caps", ["IMAP4rev1", "IMAP4rev1 AUTH=LOGIN",
                                   "IMAP4rev1 AUTH=CRAM-MD5 LOGINDISABLED"])
 def test_proxy_mode_never_logs_in_without_the_authzid(connect, proxy_fe,

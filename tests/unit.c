@@ -222,6 +222,32 @@ test_plain(void)
 }
 
 /* bearer_split of a C string literal (its length without the NUL). */
+/* What imapfe sends a back-end for PLAIN, and what a server reads in it. */
+static void
+test_plain_response(void)
+{
+	struct credentials cr = { 0 }, back = { 0 };
+	struct str b64 = { 0 };
+	char msg[64];
+	size_t len;
+
+	CHECK(credentials_set(&cr, "alice", 5, "secret", 6) == 0 &&
+	    plain_response(&cr, &b64) == 0 &&
+	    strcmp(b64.s, "AGFsaWNlAHNlY3JldA==") == 0);
+	CHECK(base64_decode(b64.s, b64.len, msg, sizeof(msg), &len) == 0 &&
+	    sasl_plain_split(msg, len, &back) == PLAIN_OK &&
+	    strcmp(back.user, "alice") == 0 && strcmp(back.pass, "secret") == 0);
+	credentials_clear(&back);
+	str_free(&b64);
+	/* as the proxy user, for alice: she is the authorization identity */
+	CHECK(credentials_set(&cr, "proxy", 5, "pw", 2) == 0 &&
+	    credentials_set_authzid(&cr, "alice") == 0 &&
+	    plain_response(&cr, &b64) == 0 &&
+	    strcmp(b64.s, "YWxpY2UAcHJveHkAcHc=") == 0);
+	str_free(&b64);
+	credentials_clear(&cr);
+}
+
 #define BEARER(kind, lit, cr, why) bearer_split(kind, lit, sizeof(lit) - 1, \
     cr, why)
 
@@ -1363,6 +1389,7 @@ main(void)
 	test_base64();
 	test_plain();
 	test_bearer();
+	test_plain_response();
 	test_caps();
 	test_scanner();
 	test_resp_status();
