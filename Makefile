@@ -47,6 +47,8 @@ SANFLAGS = -fno-omit-frame-pointer -fsanitize=address,undefined \
 
 PYTHON	?= /usr/bin/python3
 PYTEST	 = $(PYTHON) -m pytest -q -p no:cacheprovider
+# check lists each pass's slowest tests, to see where its time goes.
+DURATIONS = --durations=10
 
 all: imapfe
 
@@ -100,10 +102,10 @@ check: deps imapfe tests/unit tests/unit-asan imapfe-asan
 	./tests/unit-asan
 	$(MAKE) fuzz FUZZ_SECONDS=30
 	mandoc -Tlint -Wwarning imapfe.8 imapfe.conf.5
-	$(PYTEST) tests
-	IMAPFE_BIN=$(CURDIR)/imapfe-asan $(PYTEST) tests
-	IMAPFE_VALGRIND=1 $(PYTEST) tests
-	IMAPFE_ROUTED=1 $(PYTEST) tests
+	$(PYTEST) $(DURATIONS) tests
+	IMAPFE_BIN=$(CURDIR)/imapfe-asan $(PYTEST) $(DURATIONS) tests
+	IMAPFE_VALGRIND=1 $(PYTEST) $(DURATIONS) tests
+	IMAPFE_ROUTED=1 $(PYTEST) $(DURATIONS) tests
 
 check-quick: imapfe tests/unit
 	./tests/unit
