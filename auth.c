@@ -1306,16 +1306,15 @@ sasl_client_answer(struct sasl_client *sc, const char *chal, size_t len,
     struct str *line, char *why, size_t whylen)
 {
 	size_t cap = len / 4 * 3 + 1, declen;
-	char *dec = malloc(cap);
+	char *dec;
 	const char *out = NULL;
 	unsigned outlen = 0;
 	int rc = -1, st;
 
-	if (sc->plain) {
-		free(dec);
+	if (sc->plain)
 		return plain_answer(sc, len, line, why, whylen);
-	}
-	if (dec == NULL || base64_decode(chal, len, dec, cap, &declen) != 0)
+	if ((dec = malloc(cap)) == NULL ||
+	    base64_decode(chal, len, dec, cap, &declen) != 0)
 		snprintf(why, whylen, "malformed base64 challenge");
 	else if ((st = sasl_client_step(sc->at.conn, dec, (unsigned)declen,
 	    NULL, &out, &outlen)) != SASL_OK && st != SASL_CONTINUE)
@@ -1335,7 +1334,7 @@ sasl_client_answer(struct sasl_client *sc, const char *chal, size_t len,
 	return rc;
 }
 
-/* Has the client side of the exchange finished (SASL_OK)? */
+/* Has the client side of the exchange finished (its last message sent)? */
 int
 sasl_client_complete(const struct sasl_client *sc)
 {
