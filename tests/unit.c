@@ -221,7 +221,6 @@ test_plain(void)
 	    !credentials_acceptable("a\0b", 3));
 }
 
-/* bearer_split of a C string literal (its length without the NUL). */
 /* What imapfe sends a back-end for PLAIN, and what a server reads in it. */
 static void
 test_plain_response(void)
@@ -248,6 +247,7 @@ test_plain_response(void)
 	credentials_clear(&cr);
 }
 
+/* bearer_split of a C string literal (its length without the NUL). */
 #define BEARER(kind, lit, cr, why) bearer_split(kind, lit, sizeof(lit) - 1, \
     cr, why)
 
@@ -1388,8 +1388,8 @@ main(void)
 	test_quoting();
 	test_base64();
 	test_plain();
-	test_bearer();
 	test_plain_response();
+	test_bearer();
 	test_caps();
 	test_scanner();
 	test_resp_status();
